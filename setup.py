@@ -1,0 +1,25 @@
+from setuptools import setup
+
+with open("README.md", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="tcprelay",
+    version="0.1.0",
+    description="A TCP relay in pure Python, byte-compatible with Go's muxado v2",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=["tcprelay"],
+    python_requires=">=3.6",
+    entry_points={
+        "console_scripts": [
+            "tcprelay-relay = tcprelay.relay:main",
+            "tcprelay-echoserver = tcprelay.echoserver:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Operating System :: POSIX",
+    ],
+)
