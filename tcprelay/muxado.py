@@ -1,0 +1,1199 @@
+"""muxado v2 sessions and streams, byte-compatible with Go's ``muxado/v2``.
+
+A ``Session`` multiplexes many ``Stream`` objects over one socket. Streams
+behave like sockets (``recv``, ``sendall``, ``shutdown``, ``makefile``,
+timeouts, ``b""`` at EOF), so legacy code and ``socketserver`` handlers can
+be handed one.
+
+Threads and I/O:
+
+- One reader thread per session reads the socket in big chunks, decodes
+  frames with ``frames.FrameDecoder`` and appends payload to per-stream
+  buffers. It never blocks on anything but the socket: frames it must send
+  (RST and the like) go to a small writer thread, so two sessions whose
+  sockets are both full can never deadlock each other.
+- Everything else writes frames from the calling thread, whole, under one
+  session write lock, header and payload in one ``sendmsg``.
+- A write that cannot make progress for ``write_timeout`` seconds (the peer
+  stopped reading) ends the session with WRITE_TIMEOUT; the socket's
+  SO_SNDTIMEO enforces it without polling.
+
+Flow control: every stream has a receive window (``window_size``, at least
+the protocol's 256 KiB); a DATA frame longer than what is left of it is
+refused with RST FLOW_CONTROL_ERROR before its body is read, so buffered
+data per stream is bounded by its window. Window updates are batched: one
+WNDINC per half window consumed.
+
+Limits against hostile peers (each ends the session with GOAWAY):
+
+- ``max_streams`` peer-opened streams at once; more are refused with RST
+  STREAM_REFUSED. ``accept_backlog`` streams waiting for ``accept()``; more
+  are refused with RST ACCEPT_QUEUE_FULL.
+- ``flood_limit = (burst, per_second)``: a token bucket for frames that do
+  nothing (empty DATA frames without flags, frames of unknown type) and one
+  for streams the peer opens and then resets itself. A peer past either gets
+  GOAWAY ENHANCE_YOUR_CALM. The default (10,000 burst, 1,000 a second) is
+  far above what a healthy peer sends.
+"""
+
+import collections
+import errno
+import io
+import itertools
+import logging
+import socket
+import struct
+import sys
+import threading
+import time
+
+from .frames import (
+    DEFAULT_WINDOW, FIN, HEADER_SIZE, MAX_LENGTH, MAX_STREAM_ID, MAX_WINDOW, PAD_FRAME,
+    SYN, Data, ErrorCode, FrameDecoder, FrameHandler, GoAway, MuxadoError, ProtocolError,
+    Rst, Unknown, WndInc, decode_frames, encode_goaway, encode_rst, encode_wndinc,
+)
+
+__all__ = [
+    "Session", "Stream", "client", "server", "ErrorCode", "MuxadoError", "ProtocolError",
+    "StreamResetError", "SessionClosedError", "StreamClosedError", "RemoteGoneAwayError",
+    "Data", "Rst", "WndInc", "GoAway", "Unknown", "decode_frames",
+    "DEFAULT_WINDOW", "DEFAULT_WRITE_TIMEOUT", "DEFAULT_FLOOD_LIMIT",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WRITE_TIMEOUT = 30.0
+DEFAULT_FLOOD_LIMIT = (10000, 1000.0)
+GOAWAY_ON_CLOSE_TIMEOUT = 0.25    # as Go: a closing session tries this long to say GOAWAY
+_RECV_SIZE = 256 * 1024
+_DATA_HEADER = struct.Struct(">II")
+_DATA_TYPE = 1 << 4
+
+
+class _OSErrorFlavour(MuxadoError):
+    """A MuxadoError that is also the OSError callers already catch."""
+
+    errno_value = None
+
+    def __init__(self, code, message=None):
+        super(_OSErrorFlavour, self).__init__(code, message)
+        self.errno = self.errno_value
+        self.strerror = self.message
+
+
+class StreamResetError(_OSErrorFlavour, ConnectionResetError):
+    """The stream was reset: by the peer, or locally for a protocol fault."""
+
+    errno_value = errno.ECONNRESET
+
+
+class SessionClosedError(_OSErrorFlavour, ConnectionAbortedError):
+    """The session (or this stream) has ended; nothing more can be done with it."""
+
+    errno_value = errno.ECONNABORTED
+
+
+class StreamClosedError(_OSErrorFlavour, BrokenPipeError):
+    """Writing to a stream whose write side is closed (``close_write``)."""
+
+    errno_value = errno.EPIPE
+
+
+class RemoteGoneAwayError(_OSErrorFlavour, ConnectionRefusedError):
+    """``open()`` after the peer sent GOAWAY: it takes no new streams."""
+
+    errno_value = errno.ECONNREFUSED
+
+
+def _timeout_error(what):
+    return socket.timeout("%s timed out" % what)
+
+
+class _Deadline(object):
+    """Remaining time of a blocking call, for Condition.wait."""
+
+    __slots__ = ("_end",)
+
+    def __init__(self, timeout):
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self):
+        if self._end is None:
+            return None
+        return max(0.0, self._end - time.monotonic())
+
+
+class _TokenBucket(object):
+    __slots__ = ("_tokens", "_burst", "_rate", "_stamp")
+
+    def __init__(self, burst, rate):
+        self._tokens = float(burst)
+        self._burst = float(burst)
+        self._rate = float(rate)
+        self._stamp = time.monotonic()
+
+    def take(self):
+        """Spend a token; False once the bucket is empty."""
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        self._tokens -= 1.0
+        return self._tokens >= 0.0
+
+
+class Stream(object):
+    """One muxado stream: a socket-like, file-like byte pipe.
+
+    Get one from ``Session.open()`` or ``Session.accept()``.
+    """
+
+    def __init__(self, session, stream_id, window_size, announced):
+        self.id = stream_id
+        self.session = session
+        self._lock = threading.Lock()
+        self._readable = threading.Condition(self._lock)
+        self._writable = threading.Condition(self._lock)
+        self._timeout = None
+        # receive side
+        self._chunks = collections.deque()
+        self._offset = 0               # bytes already consumed from _chunks[0]
+        self._buffered = 0
+        self._recv_window = window_size   # what the peer may still send us
+        self._window_size = window_size
+        self._wndinc_threshold = max(1, window_size // 2)
+        self._unacked = 0              # consumed, not yet granted back
+        self._grant_pending = window_size - DEFAULT_WINDOW  # the early grant for a big window
+        self._fin_received = False
+        self._read_shut = False
+        # send side
+        self._send_window = DEFAULT_WINDOW
+        self._fin_sent = False
+        self._unannounced = not announced  # SYN goes out with the first frame (Go's lazy open)
+        # end states
+        self._closed = False           # close() was called
+        self._error = None             # a reset, or the session's end
+        self._io_refs = 0              # makefile() objects still open
+        self._io_lock = threading.Lock()   # guards _io_refs only; no allocation under it
+
+    def __repr__(self):
+        return "<muxado.Stream id=%d session=%r>" % (self.id, self.session.name)
+
+    # -- socket-like interface -------------------------------------------------
+
+    def settimeout(self, timeout):
+        if timeout is not None:
+            timeout = float(timeout)
+            if timeout < 0:
+                raise ValueError("Timeout value out of range")
+        self._timeout = timeout
+
+    def gettimeout(self):
+        return self._timeout
+
+    def setblocking(self, flag):
+        self.settimeout(None if flag else 0.0)
+
+    def getblocking(self):
+        return self._timeout != 0.0
+
+    def recv(self, bufsize, flags=0):
+        """Up to ``bufsize`` bytes; ``b""`` once the peer has half-closed."""
+        if flags:
+            raise ValueError("muxado streams take no recv flags")
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        if bufsize == 0:
+            return b""
+        with self._lock:
+            self._wait_readable()
+            if not self._buffered:
+                return b""
+            chunk = self._chunks[0]
+            offset = self._offset
+            if offset == 0 and len(chunk) <= bufsize:
+                self._chunks.popleft()
+                data = chunk
+            else:
+                data = bytearray()
+                while self._chunks and len(data) < bufsize:
+                    chunk = self._chunks[0]
+                    end = min(len(chunk), self._offset + bufsize - len(data))
+                    data += memoryview(chunk)[self._offset:end]
+                    if end == len(chunk):
+                        self._chunks.popleft()
+                        self._offset = 0
+                    else:
+                        self._offset = end
+                data = bytes(data)
+            n = len(data)
+            self._buffered -= n
+            grant = self._consumed(n)
+        if grant:
+            self.session._send_wndinc(self, grant)
+        return data if type(data) is bytes else bytes(data)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        """Read into ``buffer``; returns the count, 0 once the peer has half-closed."""
+        if flags:
+            raise ValueError("muxado streams take no recv flags")
+        view = memoryview(buffer)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes == 0 or nbytes > len(view):
+            nbytes = len(view)
+        if nbytes == 0:
+            return 0
+        with self._lock:
+            self._wait_readable()
+            n = 0
+            while self._chunks and n < nbytes:
+                chunk = self._chunks[0]
+                take = min(len(chunk) - self._offset, nbytes - n)
+                view[n:n + take] = memoryview(chunk)[self._offset:self._offset + take]
+                n += take
+                if self._offset + take == len(chunk):
+                    self._chunks.popleft()
+                    self._offset = 0
+                else:
+                    self._offset += take
+            self._buffered -= n
+            grant = self._consumed(n)
+        if grant:
+            self.session._send_wndinc(self, grant)
+        return n
+
+    def send(self, data, flags=0):
+        """Send what the peer's window allows now (at least one byte); returns the count."""
+        if flags:
+            raise ValueError("muxado streams take no send flags")
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if not len(view):
+            with self._lock:
+                self._check_writable()
+            return 0
+        with self._lock:
+            self._wait_writable(_Deadline(self._timeout))
+            n = min(len(view), self._send_window, self.session._max_frame)
+            self._send_window -= n
+            grant = self._take_grant()
+        self.session._send_data(self, view[:n], 0, grant)
+        return n
+
+    def sendall(self, data, flags=0):
+        """Send all of ``data``, waiting for window as needed; the timeout covers the call."""
+        if flags:
+            raise ValueError("muxado streams take no send flags")
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        deadline = _Deadline(self._timeout)
+        total = len(view)
+        sent = 0
+        session = self.session
+        while True:
+            with self._lock:
+                if sent == total:
+                    self._check_writable()
+                    return None
+                self._wait_writable(deadline)
+                n = min(total - sent, self._send_window, session._max_frame)
+                self._send_window -= n
+                grant = self._take_grant()
+            session._send_data(self, view[sent:sent + n], 0, grant)
+            sent += n
+            if sent == total:
+                return None
+
+    def close_write(self):
+        """Half-close: send FIN. The peer reads EOF; we can still read."""
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            if self._fin_sent or self._error is not None:
+                return
+            self._fin_sent = True
+            done = self._fin_received
+            grant = self._take_grant()
+        try:
+            self.session._send_data(self, b"", FIN, grant)
+        finally:
+            if done:
+                self.session._forget(self)
+
+    def shutdown(self, how):
+        """Like ``socket.shutdown``: SHUT_WR sends FIN, SHUT_RD drops further input."""
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise ValueError("invalid shutdown mode: %r" % (how,))
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            with self._lock:
+                if self._closed:
+                    raise self._closed_error()
+                self._read_shut = True
+                dropped = self._buffered
+                self._chunks.clear()
+                self._offset = 0
+                self._buffered = 0
+                grant = self._consumed(dropped)
+                self._readable.notify_all()
+            if grant:
+                self.session._send_wndinc(self, grant)
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self.close_write()
+
+    def reset(self, code=ErrorCode.STREAM_RESET):
+        """Abort the stream: RST to the peer, local calls fail with StreamResetError."""
+        if self._set_error(StreamResetError(code, "stream reset locally")):
+            self.session._send_rst(self, code)
+        self.session._forget(self)
+
+    def close(self):
+        """Close the stream: FIN if not sent yet, then forget it.
+
+        As with Go, data the peer sends after this is answered with RST
+        STREAM_CLOSED. makefile() objects keep the stream open until they
+        are closed too, as with sockets.
+        """
+        with self._io_lock:
+            if self._io_refs > 0:
+                self._closed = "pending"
+                return
+        with self._lock:
+            if self._closed is True:
+                return
+            self._finish_close_locked()
+            send_fin = not self._fin_sent and self._error is None
+            self._fin_sent = True
+            grant = self._take_grant() if send_fin else 0
+        if send_fin:
+            try:
+                self.session._send_data(self, b"", FIN, grant)
+            except (MuxadoError, OSError):
+                pass
+        self.session._forget(self)
+
+    def _finish_close_locked(self):
+        self._closed = True
+        self._chunks.clear()
+        self._offset = 0
+        self._buffered = 0
+        self._readable.notify_all()
+        self._writable.notify_all()
+
+    def _decref_socketios(self):
+        # May run from a file object's finaliser, in any thread, even one that
+        # holds self._lock: so no stream lock and no I/O here. The writer
+        # thread finishes a close that was waiting for the last file object.
+        with self._io_lock:
+            self._io_refs -= 1
+            final = self._io_refs <= 0 and self._closed == "pending"
+            if final:
+                self._closed = False
+        if final:
+            if self.session.closed:
+                self._closed = True   # nothing left to tell the peer
+            else:
+                self.session._defer(self.close)
+
+    @property
+    def closed(self):
+        return self._closed is True
+
+    def makefile(self, mode="r", buffering=None, encoding=None, errors=None, newline=None):
+        """A file object reading and/or writing this stream, as ``socket.makefile``."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError("invalid mode %r (only r, w, b allowed)" % (mode,))
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        assert reading or writing
+        binary = "b" in mode
+        rawmode = ""
+        if reading:
+            rawmode += "r"
+        if writing:
+            rawmode += "w"
+        raw = socket.SocketIO(self, rawmode)
+        with self._io_lock:
+            self._io_refs += 1
+        if buffering is None:
+            buffering = -1
+        if buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if not binary:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        if reading and writing:
+            buf = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buf = io.BufferedReader(raw, buffering)
+        else:
+            buf = io.BufferedWriter(raw, buffering)
+        if binary:
+            return buf
+        text = io.TextIOWrapper(buf, encoding, errors, newline)
+        text.mode = mode
+        return text
+
+    def getpeername(self):
+        return self.session.getpeername()
+
+    def getsockname(self):
+        return self.session.getsockname()
+
+    def setsockopt(self, level, optname, value, optlen=None):
+        """Accepts and ignores TCP_NODELAY (frames are always written at once)."""
+        if level == socket.IPPROTO_TCP and optname == socket.TCP_NODELAY:
+            return
+        raise OSError(errno.ENOPROTOOPT, "muxado streams do not support this socket option")
+
+    def getsockopt(self, level, optname, buflen=None):
+        if level == socket.IPPROTO_TCP and optname == socket.TCP_NODELAY:
+            return 1
+        raise OSError(errno.ENOPROTOOPT, "muxado streams do not support this socket option")
+
+    def fileno(self):
+        raise io.UnsupportedOperation("a muxado stream has no file descriptor")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- file-like interface (io.RawIOBase style) -------------------------------
+
+    def readable(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed stream")
+        return True
+
+    def writable(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed stream")
+        return True
+
+    def seekable(self):
+        return False
+
+    def isatty(self):
+        return False
+
+    def flush(self):
+        pass
+
+    def readinto(self, buffer):
+        return self.recv_into(buffer)
+
+    def read(self, size=-1):
+        """Up to ``size`` bytes (``b""`` at EOF); with no size, everything until EOF."""
+        if size is None or size < 0:
+            parts = []
+            while True:
+                data = self.recv(_RECV_SIZE)
+                if not data:
+                    return b"".join(parts)
+                parts.append(data)
+        return self.recv(size)
+
+    def readall(self):
+        return self.read()
+
+    def write(self, data):
+        return self.send(data)
+
+    # -- internals (callers hold self._lock where noted) ------------------------
+
+    def _closed_error(self):
+        return SessionClosedError(ErrorCode.STREAM_CLOSED, "stream is closed")
+
+    def _wait_readable(self):
+        """Wait until there is data, EOF or an error (lock held). Raises on error."""
+        if self._buffered:
+            return
+        deadline = None
+        while True:
+            if self._closed is True:
+                raise self._closed_error()
+            if self._buffered or self._fin_received or self._read_shut:
+                return
+            if self._error is not None:
+                raise self._error
+            if self._timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "no data ready on stream %d" % self.id)
+            if deadline is None:
+                deadline = _Deadline(self._timeout)
+            remaining = deadline.remaining()
+            if remaining == 0.0:
+                raise _timeout_error("recv")
+            self._readable.wait(remaining)
+
+    def _check_writable(self):
+        if self._closed is True:
+            raise self._closed_error()
+        if self._error is not None:
+            raise self._error
+        if self._fin_sent:
+            raise StreamClosedError(ErrorCode.STREAM_CLOSED, "stream is closed for writing")
+
+    def _wait_writable(self, deadline):
+        """Wait for send window (lock held). Raises on error or timeout."""
+        while True:
+            self._check_writable()
+            if self._send_window > 0:
+                return
+            if self._timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "no send window on stream %d" % self.id)
+            remaining = deadline.remaining()
+            if remaining == 0.0:
+                raise _timeout_error("send")
+            self._writable.wait(remaining)
+
+    def _consumed(self, n):
+        """Account for ``n`` bytes consumed (lock held); the WNDINC increment to send, or 0."""
+        if not n and not self._grant_pending:
+            return 0
+        self._unacked += n
+        if self._fin_received or self._error is not None:
+            return 0
+        if self._unacked >= self._wndinc_threshold or (self._grant_pending and self._unacked):
+            grant = self._unacked + self._grant_pending
+            self._recv_window += self._unacked
+            self._unacked = 0
+            self._grant_pending = 0
+            return grant
+        return 0
+
+    def _take_grant(self):
+        """The early window grant, if still owed, to ride along with a frame (lock held)."""
+        grant = self._grant_pending
+        if grant:
+            self._grant_pending = 0
+        return grant
+
+    def _set_error(self, error):
+        """Make ``error`` terminal; False if the stream had already ended."""
+        with self._lock:
+            if self._error is not None or self._closed is True:
+                return False
+            self._error = error
+            if isinstance(error, StreamResetError):
+                # A reset is abortive, as with TCP: unread data is dropped.
+                self._chunks.clear()
+                self._offset = 0
+                self._buffered = 0
+            self._readable.notify_all()
+            self._writable.notify_all()
+            return True
+
+    # -- called by the session's reader thread ------------------------------------
+
+    def _admit(self, length):
+        """Take a DATA frame of ``length`` against the window. 1 ok, 0 gone, -1 overrun."""
+        with self._lock:
+            if self._closed is True or self._error is not None:
+                return 0
+            if length > self._recv_window:
+                return -1
+            self._recv_window -= length
+            return 1
+
+    def _deliver(self, data):
+        with self._lock:
+            if self._read_shut or self._closed is True:
+                grant = self._consumed(len(data))
+            else:
+                self._chunks.append(data)
+                self._buffered += len(data)
+                self._readable.notify()
+                return
+        if grant:
+            self.session._queue_control(encode_wndinc(self.id, grant))
+
+    def _on_fin(self):
+        with self._lock:
+            self._fin_received = True
+            self._readable.notify_all()
+            return self._fin_sent
+
+    def _on_window(self, increment):
+        """Add to the send window; False if it would pass 2^31-1."""
+        with self._lock:
+            window = self._send_window + increment
+            if window > MAX_WINDOW:
+                return False
+            self._send_window = window
+            self._writable.notify_all()
+            return True
+
+
+class _FrameDispatch(FrameHandler):
+    """Applies decoded frames to a session (runs in its reader thread)."""
+
+    def __init__(self, session):
+        self._session = session
+        self._target = None    # stream taking the current DATA frame's payload
+        self._fin_target = None
+
+    def data_begin(self, stream_id, flags, length):
+        session = self._session
+        self._target = None
+        self._fin_target = None
+        if flags & SYN:
+            stream = session._on_syn(stream_id)
+            if stream is None:
+                return
+        else:
+            stream = session._streams.get(stream_id)
+            if stream is None:
+                if not (length == 0 and flags & FIN):
+                    session._queue_control(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+                return
+            if length == 0 and not flags:
+                session._pointless_frame("empty DATA frames")
+                return
+        if length:
+            admitted = stream._admit(length)
+            if admitted == 0:
+                session._queue_control(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+                return
+            if admitted < 0:
+                log.info("%s: stream %d overran its receive window; resetting it",
+                         session.name, stream_id)
+                session._abort_stream(stream, ErrorCode.FLOW_CONTROL_ERROR,
+                                      "flow control violated")
+                return
+            self._target = stream
+        self._fin_target = stream
+
+    def data_chunk(self, chunk):
+        target = self._target
+        if target is not None:
+            target._deliver(chunk.tobytes())
+
+    def data_end(self, stream_id, flags):
+        stream = self._fin_target
+        self._target = None
+        self._fin_target = None
+        if stream is not None and flags & FIN:
+            if stream._on_fin():
+                self._session._forget(stream)
+
+    def rst(self, stream_id, code):
+        self._session._on_rst(stream_id, code)
+
+    def wndinc(self, stream_id, increment):
+        session = self._session
+        stream = session._streams.get(stream_id)
+        if stream is not None and not stream._on_window(increment):
+            log.info("%s: WNDINC overflows stream %d's window; resetting it",
+                     session.name, stream_id)
+            session._abort_stream(stream, ErrorCode.FLOW_CONTROL_ERROR,
+                                  "send window overflow")
+
+    def goaway(self, last_stream_id, code, debug):
+        self._session._on_goaway(last_stream_id, code, debug)
+
+    def unknown(self, ftype, flags, stream_id, length, body):
+        self._session._pointless_frame("frames of unknown type")
+
+
+_session_ids = itertools.count(1)
+
+
+class Session(object):
+    """A muxado session over a connected socket, which it owns from now on.
+
+    ``client`` is True on the side that dialed. Options:
+
+    - ``window_size``: each stream's receive window (default and minimum
+      256 KiB; more is granted to the peer with an early WNDINC)
+    - ``accept_backlog``: streams waiting for ``accept()`` (default 128)
+    - ``max_streams``: peer-opened streams open at once (default 1024)
+    - ``write_timeout``: seconds a write may make no progress before the
+      session ends with WRITE_TIMEOUT (default 30; None for no limit)
+    - ``max_frame_size``: largest DATA payload we send (default 256 KiB)
+    - ``flood_limit``: (burst, per second) for pointless frames and
+      self-reset streams (default 10,000 and 1,000)
+    - ``name``: for logs and thread names
+    """
+
+    def __init__(self, sock, client=True, window_size=DEFAULT_WINDOW, accept_backlog=128,
+                 max_streams=1024, write_timeout=DEFAULT_WRITE_TIMEOUT,
+                 max_frame_size=DEFAULT_WINDOW, flood_limit=DEFAULT_FLOOD_LIMIT, name=None):
+        if not DEFAULT_WINDOW <= window_size <= MAX_WINDOW:
+            raise ValueError("window_size must be between %d and %d" % (DEFAULT_WINDOW, MAX_WINDOW))
+        if not 1 <= max_frame_size <= MAX_LENGTH:
+            raise ValueError("max_frame_size must be between 1 and %d" % MAX_LENGTH)
+        if accept_backlog < 1 or max_streams < 1:
+            raise ValueError("accept_backlog and max_streams must be at least 1")
+        self.client = bool(client)
+        self.name = name or "muxado-%s-%d" % ("client" if client else "server", next(_session_ids))
+        self._sock = sock
+        self._window_size = int(window_size)
+        self._accept_backlog = int(accept_backlog)
+        self._max_streams = int(max_streams)
+        self._max_frame = int(max_frame_size)
+        self._write_timeout = write_timeout
+        self._pointless = _TokenBucket(*flood_limit)
+        self._self_resets = _TokenBucket(*flood_limit)
+
+        self._lock = threading.Lock()            # streams, ids, accept queue, state
+        self._accept_ready = threading.Condition(self._lock)
+        self._write_lock = threading.Lock()      # one whole frame (or batch) at a time
+        self._control = collections.deque()      # frames from the reader, for the writer thread
+        self._control_ready = threading.Condition(threading.Lock())
+        self._streams = {}
+        self._accept_queue = collections.deque()
+        self._remote_streams = 0
+        self._next_id = 3 if client else 2       # as Go: the client's first stream is 3
+        self._last_remote_id = 0 if client else 1  # reported in GOAWAY, as Go does
+        self._local_parity = 1 if client else 0
+        self._local_goaway = False
+        self.remote_goaway = None                # (last_stream_id, code, debug) once received
+        self._dead = False
+        self.error = None                        # why the session ended, once it has
+        self._ended = threading.Event()
+
+        self._peername = self._sockname = None
+        try:
+            self._peername = sock.getpeername()
+            self._sockname = sock.getsockname()
+        except OSError:
+            pass
+        sock.settimeout(None)
+        self._use_sendmsg = not _is_tls(sock) and hasattr(sock, "sendmsg")
+        _tune_socket(sock, write_timeout)
+
+        self._reader = threading.Thread(target=self._read_loop, name=self.name)
+        self._reader.daemon = True
+        self._writer = threading.Thread(target=self._control_loop, name=self.name + "-writer")
+        self._writer.daemon = True
+        self._reader.start()
+        self._writer.start()
+        log.debug("%s: started on %s <-> %s", self.name, self._sockname, self._peername)
+
+    def __repr__(self):
+        return "<muxado.Session %s%s>" % (self.name, " closed" if self._dead else "")
+
+    # -- public interface ------------------------------------------------------------
+
+    @property
+    def closed(self):
+        return self._dead
+
+    def open(self, announce=True):
+        """Open a new stream.
+
+        With ``announce`` (the default) the peer learns of it at once, from an
+        empty DATA+SYN frame, so that protocols where the server speaks first
+        work. ``announce=False`` sends the SYN with the first frame, as Go does.
+        """
+        with self._lock:
+            if self._dead:
+                raise self._ended_error()
+            if self.remote_goaway is not None:
+                raise RemoteGoneAwayError(ErrorCode.REMOTE_GONE_AWAY, "remote gone away")
+            stream_id = self._next_id
+            if stream_id > MAX_STREAM_ID:
+                raise MuxadoError(ErrorCode.STREAMS_EXHAUSTED, "streams exhausted")
+            self._next_id += 2
+            stream = Stream(self, stream_id, self._window_size, announced=False)
+            self._streams[stream_id] = stream
+        if announce:
+            with stream._lock:
+                grant = stream._take_grant()
+            try:
+                self._send_data(stream, b"", 0, grant)
+            except MuxadoError:
+                self._forget(stream)
+                raise
+        return stream
+
+    def accept(self, timeout=None):
+        """The next stream the peer opened.
+
+        Raises ``socket.timeout`` after ``timeout`` seconds, and
+        ``SessionClosedError`` once the session has ended.
+        """
+        deadline = _Deadline(timeout)
+        with self._lock:
+            while not self._accept_queue:
+                if self._dead:
+                    raise self._ended_error()
+                remaining = deadline.remaining()
+                if remaining == 0.0:
+                    raise _timeout_error("accept")
+                self._accept_ready.wait(remaining)
+            return self._accept_queue.popleft()
+
+    def goaway(self, code=ErrorCode.NO_ERROR, debug=b""):
+        """Refuse new streams from the peer; open streams carry on (a drain)."""
+        with self._lock:
+            if self._dead:
+                raise self._ended_error()
+            self._local_goaway = True
+            last_id = self._last_remote_id
+        # The pad keeps a Go peer in step: its GOAWAY reader swallows 8 bytes too many.
+        self._write([encode_goaway(last_id, code, debug), PAD_FRAME])
+
+    def close(self):
+        """GOAWAY, then close the transport and end every stream. Idempotent.
+
+        Returns once the session's threads have ended and its socket is closed.
+        """
+        self._die(ErrorCode.SESSION_CLOSED, "session closed",
+                  goaway=(ErrorCode.NO_ERROR, b"no error"))
+        me = threading.current_thread()
+        for thread in (self._reader, self._writer):
+            if thread is not me:
+                thread.join()
+
+    def wait(self, timeout=None):
+        """Wait for the session to end; True once it has (threads done, socket closed)."""
+        return self._ended.wait(timeout)
+
+    def getpeername(self):
+        return self._peername
+
+    def getsockname(self):
+        return self._sockname
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _write(self, buffers):
+        """Write whole frames, in order, as one unit. Raises SessionClosedError."""
+        if not self._write_lock.acquire(True, -1 if self._write_timeout is None
+                                        else self._write_timeout):
+            self._die(ErrorCode.WRITE_TIMEOUT, "write timed out")
+            raise self._ended_error()
+        failure = None
+        try:
+            if self._dead:
+                raise self._ended_error()
+            self._sendv(buffers)
+        except MuxadoError:
+            raise
+        except OSError as exc:
+            failure = exc
+        finally:
+            self._write_lock.release()
+        if failure is not None:
+            self._write_failed(failure)
+
+    def _write_failed(self, exc):
+        if isinstance(exc, BlockingIOError) or isinstance(exc, socket.timeout):
+            log.warning("%s: peer stopped reading; write timed out after %ss",
+                        self.name, self._write_timeout)
+            self._die(ErrorCode.WRITE_TIMEOUT, "write timed out")
+        else:
+            self._die(ErrorCode.SESSION_CLOSED, "transport write failed: %s" % exc)
+        raise self._ended_error()
+
+    def _send_data(self, stream, payload, flags, grant):
+        """One DATA frame for ``stream`` (plus its early window grant, if owed)."""
+        header = _DATA_HEADER.pack(len(payload) << 8 | _DATA_TYPE | flags, stream.id)
+        if not self._write_lock.acquire(True, -1 if self._write_timeout is None
+                                        else self._write_timeout):
+            self._die(ErrorCode.WRITE_TIMEOUT, "write timed out")
+            raise self._ended_error()
+        failure = None
+        try:
+            if self._dead:
+                raise self._ended_error()
+            if stream._unannounced:
+                stream._unannounced = False
+                header = _DATA_HEADER.pack(len(payload) << 8 | _DATA_TYPE | flags | SYN,
+                                           stream.id)
+            if grant:
+                self._sendv((header, payload, encode_wndinc(stream.id, grant)))
+            elif payload:
+                self._sendv((header, payload))
+            else:
+                self._sendv((header,))
+        except MuxadoError:
+            raise
+        except OSError as exc:
+            failure = exc
+        finally:
+            self._write_lock.release()
+        if failure is not None:
+            self._write_failed(failure)
+
+    def _send_wndinc(self, stream, increment):
+        try:
+            self._write((encode_wndinc(stream.id, increment),))
+        except MuxadoError:
+            pass  # the session has ended; the stream's next call says so
+
+    def _send_rst(self, stream, code):
+        if stream._unannounced:
+            return  # the peer never heard of it
+        try:
+            self._write((encode_rst(stream.id, code),))
+        except MuxadoError:
+            pass
+
+    def _sendv(self, buffers):
+        sock = self._sock
+        if not self._use_sendmsg:
+            sock.sendall(b"".join(buffers))
+            return
+        remaining = 0
+        for buf in buffers:
+            remaining += len(buf)
+        sent = sock.sendmsg(buffers)
+        if sent == remaining:
+            return
+        pending = collections.deque(memoryview(b) for b in buffers)
+        while True:
+            remaining -= sent
+            if remaining <= 0:
+                return
+            while sent:
+                first = pending[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    pending.popleft()
+                else:
+                    pending[0] = first[sent:]
+                    sent = 0
+            sent = sock.sendmsg(list(pending))
+
+    def _queue_control(self, frame):
+        """Hand a frame to the writer thread: the reader must never block on the socket."""
+        with self._control_ready:
+            self._control.append(frame)
+            self._control_ready.notify()
+
+    def _defer(self, action):
+        """Run ``action()`` on the writer thread, which holds no stream lock."""
+        self._queue_control(action)
+
+    def _control_loop(self):
+        try:
+            while True:
+                with self._control_ready:
+                    while not self._control and not self._dead:
+                        self._control_ready.wait()
+                    if self._dead:
+                        return
+                    items = list(self._control)
+                    self._control.clear()
+                frames = []
+                for item in items:
+                    if callable(item):
+                        if frames:
+                            self._write(frames)
+                            frames = []
+                        item()
+                    else:
+                        frames.append(item)
+                if frames:
+                    self._write(frames)
+        except MuxadoError:
+            pass
+        except Exception:
+            log.exception("%s: writer thread failed", self.name)
+            self._die(ErrorCode.INTERNAL_ERROR, "writer thread failed")
+
+    # -- reading (reader thread) ------------------------------------------------------
+
+    def _read_loop(self):
+        sock = self._sock
+        buf = bytearray(_RECV_SIZE)
+        view = memoryview(buf)
+        decoder = FrameDecoder(_FrameDispatch(self))
+        try:
+            while True:
+                n = sock.recv_into(buf)
+                if not n:
+                    self._die(ErrorCode.PEER_EOF, "read EOF from remote peer",
+                              goaway=(ErrorCode.PEER_EOF, b"read EOF from remote peer"))
+                    return
+                decoder.feed(view[:n])
+        except ProtocolError as exc:
+            if not self._dead:
+                log.warning("%s: peer broke the protocol: %s; ending the session",
+                            self.name, exc.message)
+            self._die(exc.code, exc.message, goaway=(exc.code, exc.message.encode()))
+        except OSError as exc:
+            self._die(ErrorCode.SESSION_CLOSED, "transport read failed: %s" % exc)
+        except Exception:
+            log.exception("%s: reader thread failed", self.name)
+            self._die(ErrorCode.INTERNAL_ERROR, "reader thread failed",
+                      goaway=(ErrorCode.INTERNAL_ERROR, b"internal error"))
+        finally:
+            view.release()
+            self._die(ErrorCode.SESSION_CLOSED, "session closed")
+            # No writer can be inside a syscall on the socket while we hold this.
+            with self._write_lock:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            self._writer.join()
+            self._ended.set()
+            log.debug("%s: ended: %s", self.name, self.error)
+
+    def _on_syn(self, stream_id):
+        """A peer-opened stream; returns it, or None if refused (reader thread)."""
+        with self._lock:
+            if self._local_goaway:
+                refuse = ErrorCode.STREAM_REFUSED
+            elif stream_id & 1 == self._local_parity:
+                raise ProtocolError(
+                    ErrorCode.PROTOCOL_ERROR,
+                    "initiated stream id has wrong parity for remote endpoint: 0x%x" % stream_id)
+            elif stream_id in self._streams:
+                raise ProtocolError(
+                    ErrorCode.PROTOCOL_ERROR, "duplicate SYN for stream id 0x%x" % stream_id)
+            else:
+                self._last_remote_id = stream_id
+                if self._remote_streams >= self._max_streams:
+                    refuse = ErrorCode.STREAM_REFUSED
+                elif len(self._accept_queue) >= self._accept_backlog:
+                    refuse = ErrorCode.ACCEPT_QUEUE_FULL
+                else:
+                    stream = Stream(self, stream_id, self._window_size, announced=True)
+                    self._streams[stream_id] = stream
+                    self._remote_streams += 1
+                    self._accept_queue.append(stream)
+                    self._accept_ready.notify()
+                    return stream
+        self._queue_control(encode_rst(stream_id, refuse))
+        return None
+
+    def _on_rst(self, stream_id, code):
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        if stream_id & 1 != self._local_parity and not self._self_resets.take():
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM,
+                                "too many streams opened and reset by the peer")
+        stream._set_error(StreamResetError(code, "stream reset by peer"))
+        self._forget(stream)
+
+    def _on_goaway(self, last_stream_id, code, debug):
+        with self._lock:
+            self.remote_goaway = (last_stream_id, code, debug)
+            doomed = [s for sid, s in self._streams.items()
+                      if sid & 1 == self._local_parity and sid > last_stream_id]
+        log.debug("%s: peer sent GOAWAY (%s, last stream %d): %r",
+                  self.name, code, last_stream_id, debug[:200])
+        for stream in doomed:
+            stream._set_error(StreamResetError(ErrorCode.REMOTE_GONE_AWAY, "remote gone away"))
+            self._forget(stream)
+
+    def _pointless_frame(self, what):
+        if not self._pointless.take():
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too many %s" % what)
+
+    def _abort_stream(self, stream, code, message):
+        """Reset a stream from the reader thread (the RST goes via the writer)."""
+        stream._set_error(StreamResetError(code, message))
+        self._forget(stream)
+        self._queue_control(encode_rst(stream.id, code))
+
+    # -- shared ---------------------------------------------------------------------------
+
+    def _forget(self, stream):
+        with self._lock:
+            if self._streams.get(stream.id) is stream:
+                del self._streams[stream.id]
+                if stream.id & 1 != self._local_parity:
+                    self._remote_streams -= 1
+                    try:
+                        self._accept_queue.remove(stream)
+                    except ValueError:
+                        pass
+
+    def _ended_error(self):
+        error = self.error
+        if error is None:
+            return SessionClosedError(ErrorCode.SESSION_CLOSED, "session closed")
+        return SessionClosedError(error.code, error.message)
+
+    def _die(self, code, message, goaway=None):
+        """End the session once: GOAWAY if asked (briefly), shut the socket, end streams."""
+        with self._lock:
+            if self._dead:
+                return
+            self._dead = True
+            self.error = SessionClosedError(code, message)
+            streams = list(self._streams.values())
+            self._streams.clear()
+            self._accept_ready.notify_all()
+        if goaway is not None:
+            self._try_goaway(*goaway)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self._control_ready:
+            self._control_ready.notify_all()
+        ended = SessionClosedError(code, message)
+        for stream in streams:
+            stream._set_error(ended)
+        if code in (ErrorCode.SESSION_CLOSED, ErrorCode.PEER_EOF, ErrorCode.NO_ERROR):
+            log.debug("%s: closing: %s", self.name, message)
+        else:
+            log.info("%s: ending: %s (%s)", self.name, message, ErrorCode.of(code))
+
+    def _try_goaway(self, code, debug):
+        if not self._write_lock.acquire(True, GOAWAY_ON_CLOSE_TIMEOUT):
+            return
+        try:
+            frame = encode_goaway(self._last_remote_id, code, debug)
+            if self._use_sendmsg:
+                self._sock.send(frame, socket.MSG_DONTWAIT)
+            else:
+                _set_send_timeout(self._sock, GOAWAY_ON_CLOSE_TIMEOUT)
+                self._sock.sendall(frame)
+        except OSError:
+            pass
+        finally:
+            self._write_lock.release()
+
+
+def _is_tls(sock):
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+
+
+def _set_send_timeout(sock, seconds):
+    seconds = max(seconds, 0.001)
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+
+
+def _tune_socket(sock, write_timeout):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not TCP (a socketpair in tests, say)
+    if write_timeout is not None:
+        try:
+            _set_send_timeout(sock, write_timeout)
+        except (OSError, AttributeError, struct.error):
+            log.debug("SO_SNDTIMEO unavailable; writes are not time-limited")
+
+
+def client(sock, **options):
+    """A session on the side that dialed the connection."""
+    return Session(sock, client=True, **options)
+
+
+def server(sock, **options):
+    """A session on the side that accepted the connection."""
+    return Session(sock, client=False, **options)
