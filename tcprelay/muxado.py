@@ -165,6 +165,7 @@ class Stream(object):
         self._grant_pending = window_size - DEFAULT_WINDOW  # the early grant for a big window
         self._fin_received = False
         self._read_shut = False
+        self._receiver = None          # takes incoming data instead of the buffer (set_receiver)
         # send side
         self._send_window = DEFAULT_WINDOW
         self._fin_sent = False
@@ -349,6 +350,49 @@ class Stream(object):
         if self._set_error(StreamResetError(code, "stream reset locally")):
             self.session._send_rst(self, code)
         self.session._forget(self)
+
+    def set_receiver(self, receiver):
+        """Hand incoming data to ``receiver`` instead of buffering it for recv().
+
+        For forwarding without a thread per direction. The session's reader
+        thread calls, with this stream's lock held:
+
+        - ``receiver.stream_data(data)``: returns how many bytes it passed on
+          at once; it keeps the rest and reports them with ``consumed(n)``
+          once they are gone. Kept bytes count against the window, so they
+          stay bounded by it.
+        - ``receiver.stream_end(error)``: ``None`` for the peer's FIN, else
+          the exception that ended the stream (reset, session end).
+
+        Neither may block or call back into this stream. Data and an end that
+        arrived before this call are handed over at once, in order.
+        """
+        with self._lock:
+            if self._receiver is not None:
+                raise ValueError("stream %d already has a receiver" % self.id)
+            self._receiver = receiver
+            used = 0
+            while self._chunks:
+                chunk = self._chunks.popleft()
+                if self._offset:
+                    chunk = memoryview(chunk)[self._offset:]
+                    self._offset = 0
+                used += receiver.stream_data(chunk)
+            self._buffered = 0
+            grant = self._consumed(used)
+            if self._fin_received:
+                receiver.stream_end(None)
+            elif self._error is not None:
+                receiver.stream_end(self._error)
+        if grant:
+            self.session._queue_control(encode_wndinc(self.id, grant))
+
+    def consumed(self, nbytes):
+        """A receiver has passed on ``nbytes`` it had kept: give the window back."""
+        with self._lock:
+            grant = self._consumed(nbytes)
+        if grant:
+            self.session._queue_control(encode_wndinc(self.id, grant))
 
     def close(self):
         """Close the stream: FIN if not sent yet, then forget it.
@@ -587,6 +631,8 @@ class Stream(object):
                 self._buffered = 0
             self._readable.notify_all()
             self._writable.notify_all()
+            if self._receiver is not None:
+                self._receiver.stream_end(error)
             return True
 
     # -- called by the session's reader thread ------------------------------------
@@ -603,7 +649,9 @@ class Stream(object):
 
     def _deliver(self, data):
         with self._lock:
-            if self._read_shut or self._closed is True:
+            if self._receiver is not None and not self._read_shut:
+                grant = self._consumed(self._receiver.stream_data(data))
+            elif self._read_shut or self._closed is True:
                 grant = self._consumed(len(data))
             else:
                 self._chunks.append(data)
@@ -617,6 +665,8 @@ class Stream(object):
         with self._lock:
             self._fin_received = True
             self._readable.notify_all()
+            if self._receiver is not None:
+                self._receiver.stream_end(None)
             return self._fin_sent
 
     def _on_window(self, increment):
@@ -757,6 +807,7 @@ class Session(object):
         self._dead = False
         self.error = None                        # why the session ended, once it has
         self._ended = threading.Event()
+        self._done_callbacks = []
 
         self._peername = self._sockname = None
         try:
@@ -817,13 +868,17 @@ class Session(object):
         """The next stream the peer opened.
 
         Raises ``socket.timeout`` after ``timeout`` seconds, and
-        ``SessionClosedError`` once the session has ended.
+        ``SessionClosedError`` once the session has ended, or once this side
+        has sent GOAWAY and no opened stream is left to accept.
         """
         deadline = _Deadline(timeout)
         with self._lock:
             while not self._accept_queue:
                 if self._dead:
                     raise self._ended_error()
+                if self._local_goaway:
+                    raise SessionClosedError(ErrorCode.NO_ERROR,
+                                             "no new streams: this side sent GOAWAY")
                 remaining = deadline.remaining()
                 if remaining == 0.0:
                     raise _timeout_error("accept")
@@ -837,6 +892,7 @@ class Session(object):
                 raise self._ended_error()
             self._local_goaway = True
             last_id = self._last_remote_id
+            self._accept_ready.notify_all()
         # The pad keeps a Go peer in step: its GOAWAY reader swallows 8 bytes too many.
         self._write([encode_goaway(last_id, code, debug), PAD_FRAME])
 
@@ -855,6 +911,17 @@ class Session(object):
     def wait(self, timeout=None):
         """Wait for the session to end; True once it has (threads done, socket closed)."""
         return self._ended.wait(timeout)
+
+    def add_done_callback(self, callback):
+        """Call ``callback(session)`` once the session has ended (at once if it has).
+
+        It runs on the session's reader thread and must not block.
+        """
+        with self._lock:
+            if not self._ended.is_set():
+                self._done_callbacks.append(callback)
+                return
+        callback(self)
 
     def getpeername(self):
         return self._peername
@@ -1042,8 +1109,15 @@ class Session(object):
                 except OSError:
                     pass
             self._writer.join()
-            self._ended.set()
+            with self._lock:
+                self._ended.set()
+                callbacks, self._done_callbacks = self._done_callbacks, []
             log.debug("%s: ended: %s", self.name, self.error)
+            for callback in callbacks:
+                try:
+                    callback(self)
+                except Exception:
+                    log.exception("%s: done callback %r failed", self.name, callback)
 
     def _on_syn(self, stream_id):
         """A peer-opened stream; returns it, or None if refused (reader thread)."""

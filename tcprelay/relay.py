@@ -1,26 +1,610 @@
-"""The relay: services dial in over muxado, clients reach them on public ports.
+"""The relay: services dial in over muxado; each gets a public port, and every
+client of that port reaches the service as a new stream.
 
-Placeholder until the relay lands: it parses its command line so that
-``--help`` works, and refuses to run.
+    python3 -m tcprelay.relay 8080
+
+In-process, socketserver style::
+
+    with Relay(("0.0.0.0", 8080), ports=range(8081, 8131)) as relay:
+        relay.serve_forever()      # relay.shutdown() from another thread
+
+Threads: ``serve_forever`` accepts services; each service gets one thread
+(handshake, its wait in line, then its public port's accept loop); each
+client gets one pump thread (``bridge.Bridge``); one ``Flusher`` thread
+finishes writes to slow clients; each muxado session has its reader and
+writer threads.
 """
 
 import argparse
+import logging
+import signal
+import socket
 import sys
+import threading
+import time
+
+from . import muxado, registration
+from .bridge import Bridge, Flusher
+from .portpool import Cancelled, PoolError, PortPool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POOL_SIZE = 50
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_DRAIN_TIMEOUT = 10.0
+THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
+
+
+def _address(addr):
+    try:
+        return "%s:%d" % addr[:2]
+    except TypeError:
+        return str(addr)
+
+
+class ServiceLink(object):
+    """One service's connection: its session, registration, public port and clients."""
+
+    def __init__(self, relay, sock, address):
+        self.relay = relay
+        self.address = address
+        self.name = None
+        self.port = None
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._session = None
+        self._ticket = None
+        self._listener = None
+        self._ended = False
+        self._bridges = set()
+        self.clients_served = 0
+        self._thread = threading.Thread(target=self._run, name="service %s" % _address(address))
+        self._thread.daemon = True
+
+    def __repr__(self):
+        return "<ServiceLink %s%s>" % (self.name or _address(self.address),
+                                       " port %d" % self.port if self.port else "")
+
+    @property
+    def label(self):
+        if self.name:
+            return "service %r (%s)" % (self.name, _address(self.address))
+        return "service %s" % _address(self.address)
+
+    def start(self):
+        self._thread.start()
+
+    def join(self, timeout=None):
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def client_count(self):
+        with self._lock:
+            return len(self._bridges)
+
+    def goaway(self):
+        """Refuse new clients and tell the service we are leaving; clients carry on."""
+        self._stop_listening()
+        session = self._session
+        if session is not None:
+            try:
+                session.goaway(muxado.ErrorCode.NO_ERROR, b"relay shutting down")
+            except muxado.MuxadoError:
+                pass
+
+    def close(self):
+        """End the service's session: its clients are reset."""
+        self._stop_listening()
+        if self._session is not None:
+            self._session.close()
+        else:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- the service thread -----------------------------------------------------------
+
+    def _run(self):
+        relay = self.relay
+        granted = None
+        try:
+            session = muxado.server(self._sock, name="service %s" % _address(self.address),
+                                    window_size=relay.window_size)
+            with self._lock:
+                self._session = session
+            session.add_done_callback(self._session_ended)
+            request, stream = self._handshake(session)
+            if request is None:
+                return
+            granted = self._wait_for_port(request, stream)
+            if granted is None:
+                return
+            self._announce(request, stream, granted[0])
+            self._serve_clients(session)
+        except (muxado.MuxadoError, OSError) as exc:
+            log.info("%s: connection ended: %s", self.label, exc)
+        except Exception:
+            log.exception("%s: failed", self.label)
+        finally:
+            self._close_listener()
+            if self._session is not None:
+                self._session.close()
+            else:
+                self._sock.close()
+            with self._lock:
+                bridges = list(self._bridges)
+            for bridge in bridges:
+                bridge.join()
+            if granted is not None:
+                relay.pool.release(granted[0])
+                log.info("%s: left; port %d is free again (%d clients served)",
+                         self.label, granted[0], self.clients_served)
+            relay._forget_service(self)
+
+    def _handshake(self, session):
+        """Read the registration request: (request, stream), or (None, None) if refused."""
+        relay = self.relay
+        deadline = time.monotonic() + relay.handshake_timeout
+        try:
+            stream = session.accept(timeout=relay.handshake_timeout)
+        except socket.timeout:
+            log.warning("%s: opened no registration stream within %gs; dropping it",
+                        self.label, relay.handshake_timeout)
+            return None, None
+        data = bytearray()
+        try:
+            while b"\n" not in data:
+                stream.settimeout(max(0.0, deadline - time.monotonic()))
+                chunk = stream.recv(registration.MAX_REQUEST + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > registration.MAX_REQUEST:
+                    break
+        except socket.timeout:
+            log.warning("%s: sent no registration request within %gs; dropping it",
+                        self.label, relay.handshake_timeout)
+            self._refuse(stream, "no registration request within %gs" % relay.handshake_timeout)
+            return None, None
+        try:
+            request = registration.parse_request(bytes(data))
+        except registration.RegistrationError as exc:
+            log.warning("%s: bad registration request: %s", self.label, exc)
+            self._refuse(stream, "bad registration request: %s" % exc)
+            return None, None
+        stream.settimeout(None)
+        self.name = request.name
+        log.info("%s: registering (%s)", self.label,
+                 "minimal form" if request.minimal else request)
+        if request.port is not None and request.port not in relay.pool:
+            self._refuse(stream, "port %d is not in this relay's pool (%s)"
+                         % (request.port, relay.pool.describe()))
+            return None, None
+        return request, stream
+
+    def _refuse(self, stream, message):
+        try:
+            stream.sendall(registration.encode_reply("error", error=message))
+            stream.close()
+        except (muxado.MuxadoError, OSError):
+            pass
+
+    def _wait_for_port(self, request, stream):
+        """Wait in line for a port, reporting the place if asked; returns (port, listener)."""
+        relay = self.relay
+        ticket = relay.pool.request(request.port)
+        with self._lock:
+            self._ticket = ticket
+            ended = self._ended
+        if ended:
+            ticket.cancel()
+        end = None if request.max_wait is None else time.monotonic() + request.max_wait
+        reported = None
+        try:
+            granted = ticket.wait(0)   # a free port: no line to report
+            while granted is None:
+                position = ticket.position
+                if position and position != reported:
+                    if reported is None:
+                        log.info("%s: every port is taken; waiting in line at position %d",
+                                 self.label, position)
+                    if request.notices:
+                        stream.sendall(registration.encode_reply("waiting", position=position))
+                    reported = position
+                remaining = None if end is None else max(0.0, end - time.monotonic())
+                if remaining == 0.0:
+                    log.info("%s: no port became free within %gs", self.label, request.max_wait)
+                    self._refuse(stream, "no port became free within %gs" % request.max_wait)
+                    ticket.cancel()
+                    return None
+                granted = ticket.wait(remaining)
+        except Cancelled:
+            log.info("%s: left the line", self.label)
+            return None
+        except (muxado.MuxadoError, OSError):
+            ticket.cancel()
+            raise
+        port, listener = granted
+        self.port = port
+        with self._lock:
+            self._listener = listener
+            ended = self._ended
+        if ended:
+            self._stop_listening()   # the session ended as the port came: don't serve it
+        return granted
+
+    def _announce(self, request, stream, port):
+        """Tell the service its public address, in the form it registered with."""
+        address = "%s:%d" % (self.relay.public_host, port)
+        if request.minimal:
+            stream.sendall(address.encode("ascii"))
+        else:
+            stream.sendall(registration.encode_reply(
+                "ok", address=address, port=port, version=registration.PROTOCOL_VERSION))
+        stream.close()
+        log.info("%s: registered; public address %s", self.label, address)
+
+    def _serve_clients(self, session):
+        relay = self.relay
+        listener = self._listener
+        while True:
+            try:
+                conn, client_address = listener.accept()
+            except OSError:
+                return  # the listener was shut down: session ended, or the relay is leaving
+            try:
+                stream = session.open()
+            except muxado.MuxadoError as exc:
+                log.info("%s: cannot open a stream for client %s: %s",
+                         self.label, _address(client_address), exc)
+                _reset(conn)
+                return
+            bridge = Bridge(conn, stream, relay.flusher,
+                            name="client %s" % _address(client_address),
+                            on_close=self._client_closed)
+            with self._lock:
+                self._bridges.add(bridge)
+                self.clients_served += 1
+            relay._client_opened()
+            log.debug("%s: client %s on stream %d", self.label,
+                      _address(client_address), stream.id)
+            bridge.start()
+
+    def _client_closed(self, bridge):
+        with self._lock:
+            self._bridges.discard(bridge)
+        log.debug("%s: client on stream %d done (%d bytes in, %d out)", self.label,
+                  bridge.stream.id, bridge.bytes_up, bridge.bytes_down)
+        self.relay._client_closed()
+
+    def _session_ended(self, session):
+        # The session's reader thread: wake whatever the service thread waits on.
+        with self._lock:
+            self._ended = True
+            ticket = self._ticket
+        if ticket is not None:
+            ticket.cancel()
+        self._stop_listening()
+
+    def _stop_listening(self):
+        with self._lock:
+            listener = self._listener
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)   # wakes accept()
+            except OSError:
+                pass
+
+    def _close_listener(self):
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+
+def _reset(sock):
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
+
+
+class Relay(object):
+    """The relay server, socketserver style.
+
+    ``server_address``: where services connect. ``ports``: the public port
+    pool (default: the 50 ports after the service port). ``public_bind``:
+    the address public ports listen on. ``public_host``: the host name in
+    the address handed to services.
+    """
+
+    def __init__(self, server_address, ports=None, public_bind="", public_host="localhost",
+                 max_services=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, window_size=muxado.DEFAULT_WINDOW,
+                 bind_and_activate=True):
+        host, port = server_address[:2]
+        if ports is None:
+            if not port:
+                raise ValueError("give ports= when the service port is chosen by the system")
+            ports = range(port + 1, port + 1 + DEFAULT_POOL_SIZE)
+        self.public_bind = public_bind
+        self.public_host = public_host
+        self.handshake_timeout = handshake_timeout
+        self.drain_timeout = drain_timeout
+        self.window_size = window_size
+        self.pool = PortPool(ports, self._bind_public, limit=max_services)
+        self._lock = threading.Condition()
+        self._services = set()
+        self._clients = 0
+        self._accepting = True
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self.flusher = None
+        self.server_address = (host, port)
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    socket.SOCK_STREAM)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.socket.close()
+                raise
+        self.flusher = Flusher(name="relay-flusher")
+
+    # -- socketserver-style interface ------------------------------------------------
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self):
+        self.socket.listen(128)
+
+    def fileno(self):
+        return self.socket.fileno()
+
+    def serve_forever(self, poll_interval=None):
+        """Accept services until ``shutdown()``. ``poll_interval`` is ignored: no polling."""
+        self._stopped.clear()
+        self._serving.set()
+        try:
+            while True:
+                try:
+                    sock, address = self.socket.accept()
+                except OSError:
+                    if not self._accepting:
+                        return
+                    raise
+                with self._lock:
+                    if not self._accepting:
+                        sock.close()
+                        return
+                    link = ServiceLink(self, sock, address)
+                    self._services.add(link)
+                log.info("service connected from %s", _address(address))
+                link.start()
+        finally:
+            self._serving.clear()
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop ``serve_forever`` and wait for it to return. Services stay connected."""
+        self._stop_accepting()
+        self._stopped.wait()
+
+    def drain(self, timeout=None):
+        """Leave gracefully: no new services or clients, GOAWAY to every service, and
+        wait up to ``timeout`` (default ``drain_timeout``) for open clients to finish.
+        True if they all did."""
+        self._stop_accepting()
+        with self._lock:
+            services = list(self._services)
+        log.info("draining: %d services, %d clients open", len(services), self._clients)
+        for link in services:
+            link.goaway()
+        end = time.monotonic() + (self.drain_timeout if timeout is None else timeout)
+        with self._lock:
+            while self._clients:
+                left = end - time.monotonic()
+                if left <= 0:
+                    log.info("drain timed out with %d clients open; resetting them", self._clients)
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def server_close(self):
+        """Close everything: services (their clients are reset), listeners, threads."""
+        self._stop_accepting()
+        self._stopped.wait()
+        self.socket.close()
+        with self._lock:
+            services = list(self._services)
+        for link in services:
+            link.close()
+        for link in services:
+            link.join()
+        if self.flusher is not None:
+            self.flusher.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server_close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _stop_accepting(self):
+        with self._lock:
+            self._accepting = False
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)   # wakes accept()
+        except OSError:
+            pass
+
+    def _bind_public(self, port):
+        family = socket.AF_INET6 if ":" in self.public_bind else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.public_bind, port))
+            listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
+        return listener
+
+    def _forget_service(self, link):
+        with self._lock:
+            self._services.discard(link)
+            self._lock.notify_all()
+
+    def _client_opened(self):
+        with self._lock:
+            self._clients += 1
+
+    def _client_closed(self):
+        with self._lock:
+            self._clients -= 1
+            self._lock.notify_all()
+
+    @property
+    def services(self):
+        with self._lock:
+            return list(self._services)
+
+    @property
+    def client_count(self):
+        with self._lock:
+            return self._clients
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), as the CLI promises."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def _port_range(text):
+    try:
+        low, _, high = text.partition("-")
+        low = int(low)
+        high = int(high) if high else low
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port range like 8081-8130" % text)
+    if not 1 <= low <= high <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a port range within 1-65535" % text)
+    return range(low, high + 1)
+
+
+def _port(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a port number (1-65535)" % text)
+    return value
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("%r must be more than 0" % text)
+        return value
+    return parse
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python3 -m tcprelay.relay",
-        description="Relay TCP clients to services that dial in over muxado.",
+        description="Relay TCP clients to services that dial in over muxado. Each service "
+                    "gets a public port from a pool; each client of that port reaches the "
+                    "service as a new stream.",
     )
-    parser.add_argument("port", type=int, help="port where services connect")
+    parser.add_argument("port", type=_port, help="port where services connect")
+    parser.add_argument("--host", default="",
+                        help="address services connect to (default: all interfaces)")
+    parser.add_argument("--public-bind", default="", metavar="HOST",
+                        help="address the public ports listen on (default: all interfaces)")
+    parser.add_argument("--public-host", default="localhost", metavar="NAME",
+                        help="host name put in the address handed to services "
+                             "(default: localhost)")
+    parser.add_argument("--ports", type=_port_range, metavar="LOW-HIGH",
+                        help="the public port pool (default: PORT+1 to PORT+50)")
+    parser.add_argument("--max-services", type=_positive(int), default=DEFAULT_POOL_SIZE,
+                        metavar="N", help="services that may hold a port at once; "
+                                          "more wait in line (default: 50)")
+    parser.add_argument("--handshake-timeout", type=_positive(float),
+                        default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+                        help="drop a service that has not registered within this time "
+                             "(default: 10)")
+    parser.add_argument("--drain-timeout", type=_positive(float), default=DEFAULT_DRAIN_TIMEOUT,
+                        metavar="SECONDS",
+                        help="on SIGINT or SIGTERM, let open clients finish for this long "
+                             "(default: 10)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="how much to log to stderr (default: info)")
     return parser
 
 
+def configure_logging(level):
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv=None):
-    build_parser().parse_args(argv)
-    sys.stderr.write("tcprelay.relay: not implemented yet\n")
-    return 1
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ports = args.ports if args.ports is not None else range(args.port + 1, args.port + 51)
+    if ports[-1] > 65535:
+        parser.error("the default pool %d-%d passes 65535; give --ports" % (ports[0], ports[-1]))
+    if args.port in ports:
+        parser.error("the pool %d-%d includes the service port %d"
+                     % (ports[0], ports[-1], args.port))
+    configure_logging(args.log_level)
+    threading.stack_size(THREAD_STACK_SIZE)
+    try:
+        relay = Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,
+                      public_host=args.public_host, max_services=args.max_services,
+                      handshake_timeout=args.handshake_timeout,
+                      drain_timeout=args.drain_timeout)
+    except OSError as exc:
+        where = "%s:%d" % (args.host or "*", args.port)
+        sys.stderr.write("tcprelay.relay: cannot listen on %s: %s (is another relay running? "
+                         "choose another port)\n" % (where, exc.strerror or exc))
+        return 1
+
+    def stop(signum, frame):
+        log.info("%s received; shutting down", signal.Signals(signum).name)
+        threading.Thread(target=relay.shutdown, name="shutdown").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("listening for services on %s; public ports %s on %s", _address(relay.server_address),
+             relay.pool.describe(), args.public_bind or "all interfaces")
+    try:
+        relay.serve_forever()
+        relay.drain()
+    finally:
+        relay.server_close()
+    log.info("stopped")
+    return 0
 
 
 if __name__ == "__main__":

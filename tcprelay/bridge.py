@@ -1,0 +1,278 @@
+"""Joining a TCP socket and a muxado stream, both ways.
+
+The relay bridges each public client to a stream; the adapter bridges each
+stream to a connection to its local service. One ``Bridge`` per connection,
+with one pump thread:
+
+- socket -> stream: the pump thread reads the socket (blocking) and sends on
+  the stream. The socket's EOF becomes the stream's FIN; a reset becomes an
+  RST.
+- stream -> socket: the session's reader thread hands data straight to the
+  bridge (``Stream.set_receiver``), which sends it without blocking. What the
+  socket cannot take at once waits in the bridge, bounded by the stream's
+  window, and the ``Flusher`` thread writes it when the socket drains. So a
+  slow client never holds up the session reader or any other client, and no
+  thread handoff sits on this path. The stream's FIN becomes
+  ``shutdown(SHUT_WR)`` once everything before it is out; an RST or the
+  session's end closes the socket with a TCP reset (SO_LINGER 0).
+
+The pump thread owns the socket and closes it last.
+"""
+
+import collections
+import logging
+import selectors
+import socket
+import struct
+import threading
+
+from .muxado import ErrorCode, MuxadoError
+
+log = logging.getLogger(__name__)
+
+_LINGER_RESET = struct.pack("ii", 1, 0)   # close() sends RST, not FIN
+_SMALL_READ = 16 * 1024                   # idle connections stay cheap...
+_BIG_READ = 256 * 1024                    # ...bulk ones read big
+
+
+class Flusher(object):
+    """One thread that writes out what slow sockets could not take at once."""
+
+    def __init__(self, name="flusher"):
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name)
+        self._thread.daemon = True
+        self._thread.start()
+
+    def watch(self, bridge):
+        """Call ``bridge._flush()`` whenever its socket can take more."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._selector.register(bridge.sock, selectors.EVENT_WRITE, bridge)
+            except KeyError:
+                pass  # already watched
+
+    def unwatch(self, bridge):
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._selector.unregister(bridge.sock)
+            except (KeyError, ValueError):
+                pass
+
+    def _run(self):
+        while True:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    with self._lock:
+                        if self._closed:
+                            return
+                    continue
+                key.data._flush()
+
+    def close(self):
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake_w.send(b"x")
+        self._thread.join()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class Bridge(object):
+    """Pumps bytes between ``sock`` and ``stream`` until both directions end.
+
+    ``on_close(bridge)`` runs on the pump thread once the socket and the
+    stream are closed.
+    """
+
+    def __init__(self, sock, stream, flusher, name=None, on_close=None):
+        self.sock = sock
+        self.stream = stream
+        self._flusher = flusher
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._pending = collections.deque()   # stream data the socket has not taken yet
+        self._fin_pending = False             # the stream's FIN, to pass on after _pending
+        self._down_done = threading.Event()   # stream -> socket has ended
+        self._aborted = None                  # why, once the connection is being reset
+        self._reset_stream = False            # the pump must reset the stream too
+        self._closed = False
+        self.bytes_up = 0                     # socket -> stream
+        self.bytes_down = 0                   # stream -> socket
+        sock.settimeout(None)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self._thread = threading.Thread(target=self._pump, name=name or "bridge-%d" % stream.id)
+        self._thread.daemon = True
+
+    def start(self):
+        self.stream.set_receiver(self)
+        self._thread.start()
+
+    def join(self, timeout=None):
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def abort(self, reason="aborted"):
+        """Reset both sides now (the pump thread finishes the job)."""
+        with self._lock:
+            self._abort_locked(reason, reset_stream=True)
+
+    # -- stream -> socket: the session reader thread, stream lock held; never blocks --
+
+    def stream_data(self, data):
+        with self._lock:
+            if self._aborted is not None or self._closed:
+                return len(data)   # dropped; the window goes back
+            if self._pending:
+                self._pending.append(data)
+                return 0
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._abort_locked("socket write failed: %s" % exc, reset_stream=True)
+                return len(data)
+            self.bytes_down += sent
+            if sent < len(data):
+                self._pending.append(memoryview(data)[sent:])
+                self._flusher.watch(self)
+            return sent
+
+    def stream_end(self, error):
+        with self._lock:
+            if error is None:
+                if self._pending:
+                    self._fin_pending = True
+                else:
+                    self._shut_write_locked()
+            else:
+                self._abort_locked(str(error), reset_stream=False)
+
+    # -- the flusher thread ----------------------------------------------------------
+
+    def _flush(self):
+        sent_total = 0
+        with self._lock:
+            if self._aborted is not None or self._closed:
+                self._flusher.unwatch(self)
+                return
+            while self._pending:
+                chunk = self._pending[0]
+                try:
+                    sent = self.sock.send(chunk, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self._abort_locked("socket write failed: %s" % exc, reset_stream=True)
+                    return
+                sent_total += sent
+                if sent < len(chunk):
+                    self._pending[0] = memoryview(chunk)[sent:]
+                    break
+                self._pending.popleft()
+            self.bytes_down += sent_total
+            if not self._pending:
+                self._flusher.unwatch(self)
+                if self._fin_pending:
+                    self._shut_write_locked()
+        if sent_total:
+            self.stream.consumed(sent_total)
+
+    # -- shared (bridge lock held) ------------------------------------------------------
+
+    def _shut_write_locked(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._down_done.set()
+
+    def _abort_locked(self, reason, reset_stream):
+        if self._aborted is not None or self._closed:
+            return
+        self._aborted = reason
+        self._reset_stream = reset_stream
+        self._pending.clear()
+        self._flusher.unwatch(self)
+        try:
+            # RST on close, and wake the pump's recv (SHUT_RD sends nothing).
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        self._down_done.set()
+
+    # -- socket -> stream: the pump thread ---------------------------------------------
+
+    def _pump(self):
+        sock = self.sock
+        stream = self.stream
+        buf = bytearray(_SMALL_READ)
+        view = memoryview(buf)
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except OSError as exc:
+                    with self._lock:
+                        self._abort_locked("socket read failed: %s" % exc, reset_stream=True)
+                    break
+                if not n:
+                    break
+                try:
+                    stream.sendall(view[:n])
+                except (MuxadoError, OSError) as exc:
+                    with self._lock:
+                        self._abort_locked("stream write failed: %s" % exc, reset_stream=False)
+                    break
+                self.bytes_up += n
+                if n == len(buf) and len(buf) < _BIG_READ:
+                    view.release()
+                    buf = bytearray(_BIG_READ)
+                    view = memoryview(buf)
+            with self._lock:
+                aborted = self._aborted
+                reset_stream = self._reset_stream
+            if aborted is None:
+                try:
+                    stream.close_write()
+                except (MuxadoError, OSError) as exc:
+                    with self._lock:
+                        self._abort_locked("stream write failed: %s" % exc, reset_stream=False)
+            elif reset_stream:
+                stream.reset(ErrorCode.STREAM_RESET)
+            # The other direction may go on for as long as the peer likes.
+            self._down_done.wait()
+        except Exception:
+            log.exception("bridge for stream %d failed", stream.id)
+            with self._lock:
+                self._abort_locked("internal error", reset_stream=True)
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+        finally:
+            view.release()
+            with self._lock:
+                self._closed = True
+                self._pending.clear()
+                self._flusher.unwatch(self)
+            sock.close()
+            stream.close()
+            if self._aborted is not None:
+                log.debug("stream %d: reset: %s", stream.id, self._aborted)
+            if self._on_close is not None:
+                self._on_close(self)

@@ -1,0 +1,233 @@
+"""The relay's public ports: a counting semaphore with a first-come line.
+
+Services ask for a port (any, or one in particular) and wait in arrival order
+until one is free. A port that cannot be bound (another program holds it) is
+skipped and tried again later, never lost from the pool. A released port can
+be held back for a while for one holder of a lease token, so that a service
+that reconnects gets its old port back.
+"""
+
+import logging
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(Exception):
+    """A request the pool can never grant (a port outside it, say)."""
+
+
+class Cancelled(Exception):
+    """The ticket was cancelled while waiting (its service went away)."""
+
+
+class Ticket(object):
+    """One place in the line. Get one from ``PortPool.request``."""
+
+    def __init__(self, pool, port, lease):
+        self._pool = pool
+        self.port = port           # the port asked for, or None for any
+        self.lease = lease         # a lease token that may unlock a held-back port
+        self.cancelled = False
+        self.granted = None        # (port, listener) once granted
+
+    @property
+    def position(self):
+        """1 for the head of the line; 0 once out of it."""
+        return self._pool._position(self)
+
+    def wait(self, timeout=None):
+        """Wait for a port: ``(port, listener)`` once granted.
+
+        Returns None if ``timeout`` passed or this ticket's place in line
+        changed first (so the caller can report it). Raises ``Cancelled``.
+        """
+        return self._pool._wait(self, timeout)
+
+    def cancel(self):
+        """Leave the line at once (safe from any thread, any number of times)."""
+        self._pool._cancel(self)
+
+
+class PortPool(object):
+    """Hands out ``ports`` in arrival order, at most ``limit`` at a time.
+
+    ``bind(port)`` returns a listening socket or raises OSError; a port that
+    fails is skipped for ``retry_after`` seconds.
+    """
+
+    def __init__(self, ports, bind, limit=None, retry_after=5.0):
+        self._ports = sorted(set(int(p) for p in ports))
+        if not self._ports:
+            raise ValueError("the port pool is empty")
+        self._bind = bind
+        self._limit = len(self._ports) if limit is None else max(1, int(limit))
+        self._retry_after = retry_after
+        self._cond = threading.Condition()
+        self._free = set(self._ports)
+        self._cooldown = {}      # port -> monotonic time it may be tried again
+        self._held = {}          # port -> (lease token, monotonic expiry)
+        self._line = []          # tickets in arrival order
+        self._in_use = 0
+        self._binding = 0        # grants in progress (bind running outside the lock)
+
+    @property
+    def ports(self):
+        return list(self._ports)
+
+    def __contains__(self, port):
+        return port in self._free or port in self._ports
+
+    def request(self, port=None, lease=None):
+        """Join the line for ``port`` (None for any). Raises PoolError if impossible."""
+        if port is not None and port not in self._ports:
+            raise PoolError("port %d is not in this relay's pool (%s)" % (port, self.describe()))
+        ticket = Ticket(self, port, lease)
+        with self._cond:
+            self._line.append(ticket)
+            self._cond.notify_all()
+        return ticket
+
+    def release(self, port, hold_for=None, hold_seconds=0.0):
+        """Give ``port`` back; with ``hold_for`` only that lease token may take it for a while."""
+        with self._cond:
+            self._in_use -= 1
+            if hold_for is not None and hold_seconds > 0:
+                self._held[port] = (hold_for, time.monotonic() + hold_seconds)
+            self._free.add(port)
+            self._cond.notify_all()
+
+    def describe(self):
+        low, high = self._ports[0], self._ports[-1]
+        if high - low + 1 == len(self._ports):
+            return "%d-%d" % (low, high)
+        return ", ".join(str(p) for p in self._ports)
+
+    def stats(self):
+        with self._cond:
+            return {"free": len(self._free), "in_use": self._in_use, "waiting": len(self._line)}
+
+    @property
+    def waiting(self):
+        with self._cond:
+            return len(self._line)
+
+    # -- internals (self._cond held where noted) ------------------------------------
+
+    def _position(self, ticket):
+        with self._cond:
+            try:
+                return self._line.index(ticket) + 1
+            except ValueError:
+                return 0
+
+    def _cancel(self, ticket):
+        with self._cond:
+            ticket.cancelled = True
+            if ticket in self._line:
+                self._line.remove(ticket)
+                self._cond.notify_all()
+
+    def _usable(self, port, ticket, now):
+        """Whether ``ticket`` may take the free ``port`` now (lock held)."""
+        retry = self._cooldown.get(port)
+        if retry is not None:
+            if retry > now:
+                return False
+            del self._cooldown[port]
+        held = self._held.get(port)
+        if held is not None:
+            token, expiry = held
+            if expiry <= now:
+                del self._held[port]
+            elif ticket.lease != token:
+                return False
+        return True
+
+    def _assign(self, me, now):
+        """The port ``me`` gets if the line is served in order now, else None (lock held)."""
+        if self._in_use + self._binding >= self._limit:
+            return None
+        taken = set()
+        slots = self._limit - self._in_use - self._binding
+        for ticket in self._line:
+            if slots <= 0:
+                return None
+            if ticket.port is not None:
+                candidates = [ticket.port] if ticket.port in self._free else []
+            else:
+                # A lease's own held-back port first, then the lowest free one.
+                candidates = sorted(self._free, key=lambda p: (self._held.get(p, (None,))[0]
+                                                               != ticket.lease or ticket.lease is None, p))
+            port = None
+            for candidate in candidates:
+                if candidate not in taken and self._usable(candidate, ticket, now):
+                    port = candidate
+                    break
+            if port is not None:
+                if ticket is me:
+                    return port
+                taken.add(port)
+                slots -= 1
+        return None
+
+    def _next_change(self, now):
+        """Seconds until a cooled-down or held-back port may become usable (lock held)."""
+        times = list(self._cooldown.values()) + [expiry for _, expiry in self._held.values()]
+        future = [t - now for t in times if t > now]
+        return min(future) if future else None
+
+    def _wait(self, ticket, timeout):
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            start_position = self._position_locked(ticket)
+            while True:
+                if ticket.cancelled:
+                    raise Cancelled()
+                now = time.monotonic()
+                port = self._assign(ticket, now)
+                if port is not None:
+                    self._free.discard(port)
+                    self._held.pop(port, None)
+                    self._binding += 1
+                    self._cond.release()
+                    try:
+                        listener = self._bind(port)
+                    except OSError as exc:
+                        listener = None
+                        log.warning("public port %d cannot be bound (%s); skipping it for %gs",
+                                    port, exc, self._retry_after)
+                    finally:
+                        self._cond.acquire()
+                        self._binding -= 1
+                    if listener is None:
+                        self._free.add(port)
+                        self._cooldown[port] = time.monotonic() + self._retry_after
+                        self._cond.notify_all()
+                        continue
+                    if ticket.cancelled:
+                        listener.close()
+                        self._free.add(port)
+                        self._cond.notify_all()
+                        raise Cancelled()
+                    self._line.remove(ticket)
+                    self._in_use += 1
+                    ticket.granted = (port, listener)
+                    self._cond.notify_all()
+                    return ticket.granted
+                if self._position_locked(ticket) != start_position:
+                    return None
+                wait = self._next_change(now)
+                if end is not None:
+                    left = end - now
+                    if left <= 0:
+                        return None
+                    wait = left if wait is None else min(wait, left)
+                self._cond.wait(wait)
+
+    def _position_locked(self, ticket):
+        try:
+            return self._line.index(ticket) + 1
+        except ValueError:
+            return 0

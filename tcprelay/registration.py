@@ -1,0 +1,155 @@
+"""The registration handshake between a service and the relay (docs/PROTOCOL.md).
+
+A service's first muxado stream is its registration stream. Two forms:
+
+- minimal (the original Go tcp-relay contract): the service writes nothing
+  and half-closes; the relay answers ``host:port`` (ASCII, no newline) and
+  closes the stream.
+- extended: the service writes one JSON object on one line; the relay
+  answers with JSON lines: zero or more ``{"status": "waiting", ...}``,
+  then one ``{"status": "ok", ...}`` or ``{"status": "error", ...}``.
+
+This module only turns requests and replies into bytes and back.
+"""
+
+import json
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST = 4096          # bytes of request the relay reads at most
+MAX_REPLY = 64 * 1024       # bytes of one reply line a service reads at most
+MAX_NAME = 64
+
+
+class RegistrationError(Exception):
+    """A request or reply that does not follow the protocol."""
+
+
+class Request(object):
+    """What a service asks for. ``minimal`` is True for the empty request."""
+
+    FIELDS = ("version", "port", "name", "max_wait", "notices")
+
+    def __init__(self, port=None, name=None, max_wait=None, notices=False,
+                 version=PROTOCOL_VERSION, extra=None, minimal=False):
+        self.version = version
+        self.port = port
+        self.name = name
+        self.max_wait = max_wait
+        self.notices = notices
+        self.extra = dict(extra or {})   # fields later versions and extensions add
+        self.minimal = minimal
+
+    def __repr__(self):
+        if self.minimal:
+            return "<Request minimal>"
+        fields = ", ".join("%s=%r" % (k, getattr(self, k)) for k in self.FIELDS
+                           if getattr(self, k) is not None)
+        return "<Request %s>" % fields
+
+    def encode(self):
+        """The request line as bytes (empty for the minimal form)."""
+        if self.minimal:
+            return b""
+        body = {"version": self.version}
+        for key in ("port", "name", "max_wait"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        if self.notices:
+            body["notices"] = True
+        body.update(self.extra)
+        return (json.dumps(body, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _number(body, key, low, high, integer):
+    value = body.get(key)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        raise RegistrationError("%r must be %s from %s to %s" % (
+            key, "an integer" if integer else "a number", low, high))
+    return value
+
+
+def parse_request(data):
+    """The ``Request`` in ``data`` (the bytes before the first newline, or all)."""
+    if len(data) > MAX_REQUEST:
+        raise RegistrationError("request longer than %d bytes" % MAX_REQUEST)
+    line = data.split(b"\n", 1)[0].strip()
+    if not line:
+        return Request(minimal=True)
+    try:
+        body = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RegistrationError("request is not a JSON object on one line: %s" % exc)
+    if not isinstance(body, dict):
+        raise RegistrationError("request must be a JSON object")
+    version = body.get("version", PROTOCOL_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RegistrationError("'version' must be a positive integer")
+    if version > PROTOCOL_VERSION:
+        raise RegistrationError("protocol version %d is not supported; this relay speaks %d"
+                                % (version, PROTOCOL_VERSION))
+    name = body.get("name")
+    if name is not None:
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME \
+                or not name.isprintable():
+            raise RegistrationError("'name' must be printable text of 1 to %d characters"
+                                    % MAX_NAME)
+    notices = body.get("notices", False)
+    if not isinstance(notices, bool):
+        raise RegistrationError("'notices' must be true or false")
+    extra = dict((k, v) for k, v in body.items() if k not in Request.FIELDS)
+    return Request(
+        port=_number(body, "port", 1, 65535, integer=True),
+        name=name,
+        max_wait=_number(body, "max_wait", 0, 10 ** 9, integer=False),
+        notices=notices,
+        version=version,
+        extra=extra,
+    )
+
+
+def encode_reply(status, **fields):
+    """One reply line: ``{"status": status, ...}`` and a newline."""
+    body = {"status": status}
+    body.update(fields)
+    return (json.dumps(body, sort_keys=True) + "\n").encode("utf-8")
+
+
+def parse_reply(line):
+    """A reply line as a dict with at least ``status``."""
+    try:
+        body = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RegistrationError("relay reply is not JSON: %s" % exc)
+    if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+        raise RegistrationError("relay reply has no status")
+    return body
+
+
+class LineReader(object):
+    """Splits bytes into lines, refusing lines longer than ``limit``."""
+
+    def __init__(self, limit):
+        self._limit = limit
+        self._buffer = bytearray()
+
+    def feed(self, data):
+        """The complete lines (without newline) that ``data`` finishes."""
+        self._buffer += data
+        lines = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                break
+            lines.append(bytes(self._buffer[:end]))
+            del self._buffer[:end + 1]
+        if len(self._buffer) > self._limit:
+            raise RegistrationError("line longer than %d bytes" % self._limit)
+        return lines
+
+    @property
+    def pending(self):
+        return bytes(self._buffer)

@@ -1,0 +1,300 @@
+"""The service side: put a service behind a relay, for legacy synchronous code.
+
+    from tcprelay.service import connect, RelayServer
+
+    svc = connect(("relay.example", 8080))     # registered; svc.address == "relay.example:8081"
+    stream = svc.accept()                      # one muxado Stream per client
+
+    with RelayServer(("relay.example", 8080), Handler) as server:   # socketserver style
+        print(server.public_address)
+        server.serve_forever()
+
+Handlers get a ``muxado.Stream`` as ``request``; it behaves like a socket.
+"""
+
+import collections
+import logging
+import socket
+import sys
+import threading
+import time
+import traceback
+
+from . import muxado, registration
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class RegistrationRefused(Exception):
+    """The relay refused to register us; ``reason`` says why. Retrying will not help."""
+
+    def __init__(self, reason):
+        super(RegistrationRefused, self).__init__(reason)
+        self.reason = reason
+
+
+class RelayGone(ConnectionError):
+    """The connection to the relay ended."""
+
+
+class ServiceConnection(object):
+    """A registered service: one muxado session to the relay and a public address."""
+
+    def __init__(self, session, address, port, reply):
+        self.session = session
+        self.address = address     # "host:port", as the relay hands it out
+        self.port = port
+        self.reply = reply         # the relay's whole ok reply (extended form)
+
+    def accept(self, timeout=None):
+        """The next client's stream. Raises ``RelayGone`` once the relay is gone."""
+        try:
+            return self.session.accept(timeout)
+        except muxado.SessionClosedError as exc:
+            raise RelayGone("connection to the relay ended: %s" % exc.message)
+
+    def close(self):
+        self.session.close()
+
+    @property
+    def closed(self):
+        return self.session.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        return "<ServiceConnection %s>" % self.address
+
+
+class _ReplyReader(object):
+    """Reply lines from the relay's side of the registration stream."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._splitter = registration.LineReader(registration.MAX_REPLY)
+        self._lines = collections.deque()
+
+    def next(self, timeout):
+        self._stream.settimeout(timeout)
+        while not self._lines:
+            data = self._stream.recv(registration.MAX_REPLY)
+            if not data:
+                raise registration.RegistrationError(
+                    "the relay closed the registration stream without answering")
+            self._lines.extend(self._splitter.feed(data))
+        return registration.parse_reply(self._lines.popleft())
+
+
+def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
+             on_waiting=None):
+    """Register over an open session (extended form); returns the ok reply.
+
+    ``on_waiting(position)`` is called while we wait in line for a port.
+    Raises ``RegistrationRefused`` if the relay says no.
+    """
+    stream = session.open()
+    try:
+        request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True)
+        stream.settimeout(timeout)
+        stream.sendall(request.encode())
+        replies = _ReplyReader(stream)
+        while True:
+            # Waiting in line can take long: the relay reports each move in
+            # line, and only a relay silent for ``timeout`` is a failure.
+            reply = replies.next(timeout if max_wait is None else max_wait + timeout)
+            status = reply["status"]
+            if status == "waiting":
+                position = reply.get("position")
+                log.info("every public port is taken; waiting in line (position %s)", position)
+                if on_waiting is not None:
+                    on_waiting(position)
+            elif status == "ok":
+                return reply
+            elif status == "error":
+                raise RegistrationRefused(str(reply.get("error", "refused")))
+            else:
+                raise registration.RegistrationError("unexpected reply status %r" % status)
+    finally:
+        stream.close()
+
+
+def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wait=None,
+            on_waiting=None, **session_options):
+    """Dial the relay, register, and return a ``ServiceConnection``.
+
+    ``port`` asks for a particular public port, ``name`` labels us in the
+    relay's logs, ``max_wait`` bounds the wait for a free port. ``timeout``
+    bounds connecting and each answer from the relay.
+    """
+    sock = socket.create_connection(relay_address, timeout=timeout)
+    session = muxado.client(sock, name="relay %s:%d" % tuple(relay_address[:2]),
+                            **session_options)
+    try:
+        reply = register(session, port=port, name=name, max_wait=max_wait, timeout=timeout,
+                         on_waiting=on_waiting)
+    except socket.timeout:
+        session.close()
+        raise socket.timeout("the relay at %s:%d did not answer within %gs"
+                             % (relay_address[0], relay_address[1], timeout))
+    except BaseException:
+        session.close()
+        raise
+    return ServiceConnection(session, reply.get("address"), reply.get("port"), reply)
+
+
+class RelayServer(object):
+    """A socketserver-style server whose clients arrive through a relay.
+
+    Like ``socketserver.ThreadingTCPServer``: one thread per client, the
+    handler gets a stream as ``request``. ``server_address`` and
+    ``public_address`` are the address clients use.
+    """
+
+    daemon_threads = False
+    block_on_close = True
+    timeout = None
+
+    def __init__(self, relay_address, RequestHandlerClass, port=None, name=None,
+                 timeout=DEFAULT_TIMEOUT, bind_and_activate=True, **session_options):
+        self.relay_address = tuple(relay_address[:2])
+        self.RequestHandlerClass = RequestHandlerClass
+        self.requested_port = port
+        self.name = name
+        self.connect_timeout = timeout
+        self.session_options = session_options
+        self.connection = None
+        self.public_address = None
+        self.server_address = None
+        self._threads = set()
+        self._threads_lock = threading.Lock()
+        self._shutdown_requested = threading.Event()
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        if bind_and_activate:
+            self.server_activate()
+
+    def server_activate(self):
+        """Connect to the relay and register (socketserver's bind + listen)."""
+        self.connection = connect(self.relay_address, port=self.requested_port, name=self.name,
+                                  timeout=self.connect_timeout, **self.session_options)
+        self.public_address = self.connection.address
+        host, _, port = self.public_address.rpartition(":")
+        self.server_address = (host, int(port))
+        log.info("registered with the relay at %s:%d; public address %s",
+                 self.relay_address[0], self.relay_address[1], self.public_address)
+
+    def serve_forever(self, poll_interval=None):
+        """Handle clients until ``shutdown()``. Raises ``RelayGone`` if the relay goes away."""
+        self._shutdown_requested.clear()
+        self._stopped.clear()
+        self._serving.set()
+        try:
+            while not self._shutdown_requested.is_set():
+                try:
+                    stream = self.connection.accept()
+                except RelayGone:
+                    if self._shutdown_requested.is_set():
+                        return
+                    raise
+                client_address = self.client_address_of(stream)
+                if self.verify_request(stream, client_address):
+                    try:
+                        self.process_request(stream, client_address)
+                    except Exception:
+                        self.handle_error(stream, client_address)
+                        self.shutdown_request(stream)
+                else:
+                    self.shutdown_request(stream)
+                self.service_actions()
+        finally:
+            self._serving.clear()
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop ``serve_forever`` and wait for it; clients being served carry on."""
+        self._shutdown_requested.set()
+        if self.connection is not None and not self.connection.closed:
+            try:
+                self.connection.session.goaway()   # no new clients; wakes accept()
+            except muxado.MuxadoError:
+                pass
+        self._stopped.wait()
+
+    def server_close(self):
+        """Wait for clients being served (``block_on_close``), then leave the relay."""
+        self._shutdown_requested.set()
+        if self.connection is not None:
+            if self.block_on_close:
+                with self._threads_lock:
+                    threads = list(self._threads)
+                for thread in threads:
+                    thread.join()
+            self.connection.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server_close()
+
+    # -- the socketserver contract ------------------------------------------------------
+
+    def client_address_of(self, stream):
+        """The address handlers see as ``client_address``: the relay's, unless
+        the relay tells us the client's own."""
+        return self.connection.session.getpeername()
+
+    def service_actions(self):
+        pass
+
+    def verify_request(self, request, client_address):
+        return True
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address),
+                                  name="client stream %d" % request.id)
+        thread.daemon = self.daemon_threads
+        with self._threads_lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def process_request_thread(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self._threads_lock:
+                self._threads.discard(threading.current_thread())
+
+    def finish_request(self, request, client_address):
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request):
+        try:
+            request.shutdown(socket.SHUT_WR)
+        except (OSError, muxado.MuxadoError):
+            pass
+        self.close_request(request)
+
+    def close_request(self, request):
+        request.close()
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, muxado.MuxadoError)):
+            log.info("client %s: %s", client_address, sys.exc_info()[1])
+            return
+        log.error("exception while handling a client from %s:\n%s", client_address,
+                  traceback.format_exc().rstrip())
+
+    def fileno(self):
+        raise OSError("a RelayServer has no file descriptor to select on")
