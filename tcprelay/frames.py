@@ -143,12 +143,19 @@ class Unknown(namedtuple("Unknown", "type flags stream_id body")):
 
 # Encoding.
 
+def _check_code(code):
+    if not 0 <= int(code) <= 0xFFFFFFFF:
+        raise ValueError("error code %r does not fit in 32 bits" % (code,))
+
+
 def encode_header(ftype, flags, stream_id, length):
+    if not 0 <= ftype <= 15 or not 0 <= flags <= 15:
+        raise ValueError("frame type and flags are 4 bits each, not %r, %r" % (ftype, flags))
     if not 0 <= length <= MAX_LENGTH:
         raise ValueError("frame length %d does not fit in 24 bits" % length)
     if not 0 <= stream_id <= MAX_STREAM_ID:
         raise ValueError("invalid stream id: %d" % stream_id)
-    return _HEADER.pack(length << 8 | (ftype & 0xF) << 4 | (flags & 0xF), stream_id)
+    return _HEADER.pack(length << 8 | ftype << 4 | flags, stream_id)
 
 
 def encode_data(stream_id, payload=b"", flags=0):
@@ -156,6 +163,7 @@ def encode_data(stream_id, payload=b"", flags=0):
 
 
 def encode_rst(stream_id, code):
+    _check_code(code)
     return encode_header(FrameType.RST, 0, stream_id, 4) + _U32.pack(int(code))
 
 
@@ -166,6 +174,9 @@ def encode_wndinc(stream_id, increment):
 
 
 def encode_goaway(last_stream_id, code, debug=b""):
+    _check_code(code)
+    if not 0 <= last_stream_id <= MAX_STREAM_ID:
+        raise ValueError("invalid last stream id: %r" % (last_stream_id,))
     body = _U32X2.pack(last_stream_id, int(code)) + bytes(debug)
     return encode_header(FrameType.GOAWAY, 0, 0, len(body)) + body
 
@@ -200,6 +211,16 @@ class FrameHandler(object):
 
     def data_end(self, stream_id, flags):
         pass
+
+    def data(self, stream_id, flags, payload):
+        """A whole DATA frame at once (its payload was all in one buffer).
+
+        The decoder's fast path; by default the same as the three calls.
+        """
+        self.data_begin(stream_id, flags, len(payload))
+        if len(payload):
+            self.data_chunk(payload)
+        self.data_end(stream_id, flags)
 
     def rst(self, stream_id, code):
         pass
@@ -266,16 +287,14 @@ class FrameDecoder(object):
                 else:
                     word, stream_id = _HEADER.unpack_from(view, pos)
                     pos += HEADER_SIZE
+                    length = word >> 8
+                    if (word & 0xF0) == 0x10 and 0 < stream_id <= MAX_STREAM_ID \
+                            and end - pos >= length:
+                        # Fast path: a whole DATA frame in this buffer.
+                        handler.data(stream_id, word & 0xF, view[pos:pos + length])
+                        pos += length
+                        continue
                 self._begin(word >> 8, (word >> 4) & 0xF, word & 0xF, stream_id)
-                if self._state == _PAYLOAD and self._remaining and pos < end:
-                    # Fast path: a whole DATA payload in this buffer.
-                    n = self._remaining
-                    if end - pos >= n:
-                        handler.data_chunk(view[pos:pos + n])
-                        pos += n
-                        self._remaining = 0
-                        self._state = _HEAD
-                        handler.data_end(self._stream_id, self._flags)
             elif state == _PAYLOAD:
                 n = min(self._remaining, end - pos)
                 handler.data_chunk(view[pos:pos + n])
@@ -416,6 +435,9 @@ class _FrameCollector(FrameHandler):
 
     def data_end(self, stream_id, flags):
         self.frames.append(Data(stream_id, self._payload, bool(flags & FIN), bool(flags & SYN)))
+
+    def data(self, stream_id, flags, payload):
+        self.frames.append(Data(stream_id, payload, bool(flags & FIN), bool(flags & SYN)))
 
     def rst(self, stream_id, code):
         self.frames.append(Rst(stream_id, code))

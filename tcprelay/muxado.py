@@ -647,19 +647,47 @@ class Stream(object):
             self._recv_window -= length
             return 1
 
-    def _deliver(self, data):
+    def _receive(self, data, fin):
+        """A whole DATA frame: window check, payload and FIN under one lock.
+
+        Returns 1, 0 if the stream is gone, or -1 if the frame overran the window.
+        """
         with self._lock:
-            if self._receiver is not None and not self._read_shut:
-                grant = self._consumed(self._receiver.stream_data(data))
-            elif self._read_shut or self._closed is True:
-                grant = self._consumed(len(data))
-            else:
-                self._chunks.append(data)
-                self._buffered += len(data)
-                self._readable.notify()
-                return
+            if self._closed is True or self._error is not None:
+                return 0
+            if len(data) > self._recv_window:
+                return -1
+            self._recv_window -= len(data)
+            grant = self._deliver_locked(data)
+            done = False
+            if fin:
+                self._fin_received = True
+                self._readable.notify_all()
+                if self._receiver is not None:
+                    self._receiver.stream_end(None)
+                done = self._fin_sent
         if grant:
             self.session._queue_control(encode_wndinc(self.id, grant))
+        if done:
+            self.session._forget(self)
+        return 1
+
+    def _deliver(self, data):
+        with self._lock:
+            grant = self._deliver_locked(data)
+        if grant:
+            self.session._queue_control(encode_wndinc(self.id, grant))
+
+    def _deliver_locked(self, data):
+        """Buffer ``data`` or hand it on; the WNDINC increment owed now, or 0."""
+        if self._receiver is not None and not self._read_shut:
+            return self._consumed(self._receiver.stream_data(data))
+        if self._read_shut or self._closed is True:
+            return self._consumed(len(data))
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._readable.notify()
+        return 0
 
     def _on_fin(self):
         with self._lock:
@@ -688,6 +716,24 @@ class _FrameDispatch(FrameHandler):
         self._target = None    # stream taking the current DATA frame's payload
         self._fin_target = None
 
+    def data(self, stream_id, flags, payload):
+        # The hot path: one lookup and one lock round-trip per frame.
+        stream = self._session._streams.get(stream_id)
+        if stream is None or flags & SYN or not len(payload):
+            FrameHandler.data(self, stream_id, flags, payload)
+            return
+        status = stream._receive(payload.tobytes(), flags & FIN)
+        if status < 0:
+            self._overrun(stream)
+        elif status == 0:
+            self._session._queue_control(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+
+    def _overrun(self, stream):
+        session = self._session
+        log.info("%s: stream %d overran its receive window; resetting it",
+                 session.name, stream.id)
+        session._abort_stream(stream, ErrorCode.FLOW_CONTROL_ERROR, "flow control violated")
+
     def data_begin(self, stream_id, flags, length):
         session = self._session
         self._target = None
@@ -711,10 +757,7 @@ class _FrameDispatch(FrameHandler):
                 session._queue_control(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
                 return
             if admitted < 0:
-                log.info("%s: stream %d overran its receive window; resetting it",
-                         session.name, stream_id)
-                session._abort_stream(stream, ErrorCode.FLOW_CONTROL_ERROR,
-                                      "flow control violated")
+                self._overrun(stream)
                 return
             self._target = stream
         self._fin_target = stream
@@ -1173,23 +1216,28 @@ class Session(object):
             raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too many %s" % what)
 
     def _abort_stream(self, stream, code, message):
-        """Reset a stream from the reader thread (the RST goes via the writer)."""
+        """Reset a stream from the reader thread (the RST goes via the writer).
+
+        A stream still waiting in the accept queue stays there, so that the
+        application learns of the reset from the stream itself.
+        """
         stream._set_error(StreamResetError(code, message))
-        self._forget(stream)
+        self._forget(stream, keep_queued=True)
         self._queue_control(encode_rst(stream.id, code))
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _forget(self, stream):
+    def _forget(self, stream, keep_queued=False):
         with self._lock:
             if self._streams.get(stream.id) is stream:
                 del self._streams[stream.id]
                 if stream.id & 1 != self._local_parity:
                     self._remote_streams -= 1
-                    try:
-                        self._accept_queue.remove(stream)
-                    except ValueError:
-                        pass
+                    if not keep_queued:
+                        try:
+                            self._accept_queue.remove(stream)
+                        except ValueError:
+                            pass
 
     def _ended_error(self):
         error = self.error
