@@ -81,8 +81,10 @@ def parse_request(data):
         return Request(minimal=True)
     try:
         body = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RegistrationError("request is not a JSON object on one line: %s" % exc)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: deeply nested input; it is still just a bad request.
+        raise RegistrationError("request is not a JSON object on one line: %s"
+                                % (exc if not isinstance(exc, RecursionError) else "nested too deeply"))
     if not isinstance(body, dict):
         raise RegistrationError("request must be a JSON object")
     version = body.get("version", PROTOCOL_VERSION)
@@ -122,8 +124,8 @@ def parse_reply(line):
     """A reply line as a dict with at least ``status``."""
     try:
         body = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RegistrationError("relay reply is not JSON: %s" % exc)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RegistrationError("relay reply is not a JSON object")
     if not isinstance(body, dict) or not isinstance(body.get("status"), str):
         raise RegistrationError("relay reply has no status")
     return body

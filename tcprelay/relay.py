@@ -56,7 +56,9 @@ class ServiceLink(object):
         self._ticket = None
         self._listener = None
         self._ended = False
+        self._draining = False
         self._bridges = set()
+        self._idle = threading.Condition(self._lock)   # a client left, or the session ended
         self.clients_served = 0
         self._thread = threading.Thread(target=self._run, name="service %s" % _address(address))
         self._thread.daemon = True
@@ -85,6 +87,8 @@ class ServiceLink(object):
 
     def goaway(self):
         """Refuse new clients and tell the service we are leaving; clients carry on."""
+        with self._lock:
+            self._draining = True
         self._stop_listening()
         session = self._session
         if session is not None:
@@ -123,6 +127,10 @@ class ServiceLink(object):
                 return
             self._announce(request, stream, granted[0])
             self._serve_clients(session)
+            # Draining: open clients finish before the session goes (close() cuts it short).
+            with self._lock:
+                while self._draining and self._bridges and not self._ended:
+                    self._idle.wait()
         except (muxado.MuxadoError, OSError) as exc:
             log.info("%s: connection ended: %s", self.label, exc)
         except Exception:
@@ -275,6 +283,7 @@ class ServiceLink(object):
     def _client_closed(self, bridge):
         with self._lock:
             self._bridges.discard(bridge)
+            self._idle.notify_all()
         log.debug("%s: client on stream %d done (%d bytes in, %d out)", self.label,
                   bridge.stream.id, bridge.bytes_up, bridge.bytes_down)
         self.relay._client_closed()
@@ -284,6 +293,7 @@ class ServiceLink(object):
         with self._lock:
             self._ended = True
             ticket = self._ticket
+            self._idle.notify_all()
         if ticket is not None:
             ticket.cancel()
         self._stop_listening()

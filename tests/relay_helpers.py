@@ -1,0 +1,427 @@
+"""Helpers shared by the relay's end-to-end tests (test_relay*.py).
+
+- free public port ranges (ports below 32768 are never handed out by the
+  kernel here, so a random range in 20000-32000 that binds is ours to use),
+- ``wait_until`` for state that can only be seen by polling (another process's
+  /proc, its log file), always with a deadline,
+- ``Process``: a ``python -m tcprelay...`` child whose first stdout line can be
+  read with a timeout and whose stderr goes to a file (no pipe to fill up),
+- ``Service``: a service stand-in that speaks muxado directly, and
+  ``Registration`` to read the relay's JSON-line replies,
+- small socket/stream helpers that always time out.
+
+Everything binds to 127.0.0.1 only, and every blocking call has a timeout.
+"""
+
+import json
+import os
+import random
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from conftest import TIMEOUT
+from tcprelay import muxado
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOPBACK = "127.0.0.1"
+MIB = 1 << 20
+RESET_ERRORS = (ConnectionResetError, BrokenPipeError)
+
+
+# -- ports and polling -------------------------------------------------------------------
+
+def port_is_free(port):
+    """True if nothing holds ``port`` on 127.0.0.1 (not even a TIME_WAIT connection)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, port))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def free_port_range(count, low=20000, high=32000, attempts=500):
+    """``count`` contiguous free ports in [low, high), picked at random."""
+    rng = random.SystemRandom()
+    for _ in range(attempts):
+        start = rng.randrange(low, high - count)
+        ports = list(range(start, start + count))
+        if all(port_is_free(port) for port in ports):
+            return ports
+    raise RuntimeError("no %d free contiguous ports in %d-%d" % (count, low, high))
+
+
+def wait_until(predicate, timeout=TIMEOUT, interval=0.02, what=None):
+    """Poll ``predicate`` until it is true (returns its value) or fail after ``timeout``.
+
+    Only for state nothing can be joined on: another process's /proc entries
+    or log file, the kernel's socket table.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %gs waiting for %s"
+                                 % (timeout, what or getattr(predicate, "__name__", predicate)))
+        time.sleep(interval)
+
+
+def listeners(port):
+    """The local addresses of TCP sockets in LISTEN state on ``port`` (from /proc/net)."""
+    found = []
+    for path, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            with open(path) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "0A":
+                continue
+            address, _, hexport = fields[1].partition(":")
+            if int(hexport, 16) != port:
+                continue
+            if v6:
+                found.append("[%s]" % address)
+            else:
+                found.append(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
+    return found
+
+
+# -- sockets and streams --------------------------------------------------------------
+
+def connect_client(port, timeout=TIMEOUT):
+    """A TCP client of a public port on 127.0.0.1."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def abort(sock):
+    """Close ``sock`` with a TCP reset (SO_LINGER 0)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def recv_exact(conn, size):
+    """Exactly ``size`` bytes from a socket or stream (AssertionError at an early EOF)."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(min(size - len(data), 256 * 1024))
+        if not chunk:
+            raise AssertionError("EOF after %d of %d bytes" % (len(data), size))
+        data += chunk
+    return bytes(data)
+
+
+def recv_to_eof(conn):
+    """Everything up to EOF from a socket or stream."""
+    data = bytearray()
+    while True:
+        chunk = conn.recv(256 * 1024)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def read_until_end(conn):
+    """(data, how) where how is "eof" or the exception that ended the reading."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = conn.recv(256 * 1024)
+        except (OSError, muxado.MuxadoError) as exc:
+            return bytes(data), exc
+        if not chunk:
+            return bytes(data), "eof"
+        data += chunk
+
+
+class Worker(threading.Thread):
+    """Runs ``fn(*args)`` in a thread; ``finish()`` joins it and returns or re-raises."""
+
+    def __init__(self, fn, *args, **kwargs):
+        super(Worker, self).__init__(name=kwargs.pop("name", "test-worker"))
+        self.daemon = True
+        self.fn = fn
+        self.args = args
+        self.result = None
+        self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:   # handed to finish()
+            self.error = exc
+
+    def finish(self, timeout=TIMEOUT):
+        self.join(timeout)
+        assert not self.is_alive(), "worker %r still running after %gs" % (self.fn, timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def sendall_then(conn, data, after):
+    """Send ``data`` then call ``after()`` (close_write or a socket shutdown)."""
+    conn.sendall(data)
+    after()
+
+
+def echo_roundtrip(sock, data, half_close=True):
+    """Send ``data`` from a thread while reading the same amount back; returns what came."""
+    if half_close:
+        writer = Worker(sendall_then, sock, data, lambda: sock.shutdown(socket.SHUT_WR))
+    else:
+        writer = Worker(sock.sendall, data)
+    try:
+        received = recv_exact(sock, len(data))
+    finally:
+        writer.finish()
+    return received
+
+
+def echo_handler(stream):
+    """An echo service's handler: echo until EOF, then half-close (by closing)."""
+    try:
+        while True:
+            data = stream.recv(256 * 1024)
+            if not data:
+                break
+            stream.sendall(data)
+    except (OSError, muxado.MuxadoError):
+        pass
+    finally:
+        stream.close()
+
+
+# -- a service stand-in speaking muxado directly ------------------------------------------
+
+class Registration(object):
+    """The service's side of an extended-form registration stream: sends the request
+    line, then reads the relay's JSON-line replies with timeouts."""
+
+    def __init__(self, stream, request_bytes):
+        self.stream = stream
+        stream.settimeout(TIMEOUT)
+        self._buffer = bytearray()
+        self.eof = False
+        if request_bytes:
+            stream.sendall(request_bytes)
+
+    def reply(self, timeout=TIMEOUT):
+        """The next reply as a dict, or None at EOF."""
+        self.stream.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            if self.eof:
+                assert not self._buffer, "reply without a newline: %r" % bytes(self._buffer)
+                return None
+            chunk = self.stream.recv(65536)
+            if not chunk:
+                self.eof = True
+                continue
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        reply = json.loads(line.decode("utf-8"))
+        assert isinstance(reply, dict), reply
+        return reply
+
+    def final(self, timeout=TIMEOUT):
+        """(waiting notices, final reply), then checks the relay closed the stream."""
+        waiting = []
+        while True:
+            reply = self.reply(timeout)
+            assert reply is not None, "the relay closed the stream without a final reply"
+            if reply.get("status") != "waiting":
+                break
+            waiting.append(reply)
+        assert self.reply(timeout) is None, "more after the final reply"
+        return waiting, reply
+
+    def close(self):
+        self.stream.close()
+
+
+class Service(object):
+    """A service stand-in: a muxado client session to the relay, driven by the test."""
+
+    def __init__(self, relay_address, **session_options):
+        sock = socket.create_connection(tuple(relay_address[:2]), timeout=TIMEOUT)
+        self.session = muxado.client(sock, **session_options)
+        self._threads = []
+        self._lock = threading.Lock()
+
+    def register_minimal(self, announce=False):
+        """The Go-style minimal form: open, write nothing, half-close, read to EOF."""
+        stream = self.session.open(announce=announce)
+        stream.settimeout(TIMEOUT)
+        try:
+            stream.close_write()
+            return recv_to_eof(stream)
+        finally:
+            stream.close()
+
+    def register(self, body=None, raw=None):
+        """Start an extended-form registration with ``body`` (a dict) or ``raw`` bytes."""
+        if raw is None:
+            raw = (json.dumps(body if body is not None else {}) + "\n").encode("utf-8")
+        return Registration(self.session.open(), raw)
+
+    def register_ok(self, body=None):
+        """Register (extended form) and expect an immediate ok; returns the port."""
+        registration = self.register(body)
+        try:
+            waiting, reply = registration.final()
+        finally:
+            registration.close()
+        assert waiting == [] and reply["status"] == "ok", (waiting, reply)
+        return reply["port"]
+
+    def accept(self, timeout=TIMEOUT):
+        stream = self.session.accept(timeout)
+        stream.settimeout(TIMEOUT)
+        return stream
+
+    def serve(self, handler=echo_handler):
+        """Accept streams until the session ends, each handled in its own thread."""
+        self._spawn(self._accept_loop, handler)
+
+    def _accept_loop(self, handler):
+        while True:
+            try:
+                stream = self.session.accept()
+            except (OSError, muxado.MuxadoError):
+                return
+            stream.settimeout(TIMEOUT)
+            self._spawn(handler, stream)
+
+    def _spawn(self, fn, *args):
+        thread = threading.Thread(target=fn, args=args, name="service stand-in")
+        thread.daemon = True
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def close(self):
+        self.session.close()
+        assert self.session.wait(TIMEOUT)
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(TIMEOUT)
+            assert not thread.is_alive(), "service stand-in thread still running"
+
+
+# -- child processes ----------------------------------------------------------------------
+
+class Process(object):
+    """``python -m module args...`` from the repository root.
+
+    stdout is a pipe read with timeouts (``readline``); stderr goes to a
+    temporary file (``stderr_text``), so a chatty child can never block.
+    """
+
+    def __init__(self, module, args):
+        self.argv = [sys.executable, "-m", module] + [str(a) for a in args]
+        self._stderr = tempfile.TemporaryFile()
+        self._out = bytearray()
+        self.popen = subprocess.Popen(self.argv, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=self._stderr)
+        self.pid = self.popen.pid
+
+    def __repr__(self):
+        return "<Process %d %s>" % (self.pid, " ".join(self.argv[2:]))
+
+    def readline(self, timeout=TIMEOUT):
+        """The next stdout line (no newline), which must come within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        fd = self.popen.stdout.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._out:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("%r wrote no line on stdout within %gs; stderr:\n%s"
+                                         % (self, timeout, self.stderr_text()))
+                if selector.select(left):
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        raise AssertionError("%r closed stdout (exit %r) before a line; "
+                                             "stdout %r; stderr:\n%s"
+                                             % (self, self.popen.poll(), bytes(self._out),
+                                                self.stderr_text()))
+                    self._out += chunk
+        line, _, rest = bytes(self._out).partition(b"\n")
+        self._out = bytearray(rest)
+        return line.decode("utf-8")
+
+    def stdout_rest(self):
+        """What is left on stdout; only once the process has exited."""
+        assert self.popen.poll() is not None
+        fd = self.popen.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._out += chunk
+        rest, self._out = bytes(self._out), bytearray()
+        return rest.decode("utf-8", "replace")
+
+    def stderr_text(self):
+        self._stderr.flush()
+        with open("/proc/self/fd/%d" % self._stderr.fileno(), "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stderr_lines(self):
+        return [line for line in self.stderr_text().splitlines() if line.strip()]
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def wait(self, timeout=TIMEOUT):
+        """The exit code, which must come within ``timeout``."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("%r still running after %gs; stderr:\n%s"
+                                 % (self, timeout, self.stderr_text()))
+
+    def send_signal(self, signum):
+        self.popen.send_signal(signum)
+
+    def kill(self):
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(TIMEOUT)
+
+    def close(self):
+        try:
+            self.kill()
+        finally:
+            self.popen.stdout.close()
+            self._stderr.close()
+
+    # -- /proc ------------------------------------------------------------------------
+
+    def threads(self):
+        with open("/proc/%d/status" % self.pid) as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+        raise AssertionError("no Threads line in /proc/%d/status" % self.pid)
+
+    def open_files(self):
+        return len(os.listdir("/proc/%d/fd" % self.pid))

@@ -1,0 +1,680 @@
+"""The relay end to end, in process: a ``Relay`` served from a thread, services
+that speak muxado directly (stand-ins the test drives), and plain TCP clients of
+the public ports, all on 127.0.0.1.
+
+Every test runs under ``no_leaks`` (threads and files back to where they
+were), fails if the relay logs an error (a crash), and bounds every blocking
+call with ``TIMEOUT``.
+"""
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import TIMEOUT
+from relay_helpers import (
+    LOOPBACK, MIB, Service, Worker, abort, connect_client, echo_handler,
+    echo_roundtrip, free_port_range, read_until_end, recv_exact, recv_to_eof, sendall_then,
+)
+from tcprelay import muxado
+from tcprelay.muxado import ErrorCode
+from tcprelay.relay import Relay
+
+
+class Env(object):
+    """Builds relays, services and clients for one test and tears them down, newest first."""
+
+    def __init__(self):
+        self._cleanups = []
+
+    def defer(self, fn, *args):
+        self._cleanups.append((fn, args))
+
+    def relay(self, ports=1, **options):
+        """A started relay on 127.0.0.1 with ``ports`` free public ports (or that list)."""
+        if isinstance(ports, int):
+            ports = free_port_range(ports)
+        options.setdefault("public_bind", LOOPBACK)
+        options.setdefault("handshake_timeout", 5.0)
+        relay = Relay((LOOPBACK, 0), ports=ports, **options)
+        thread = threading.Thread(target=relay.serve_forever, name="relay serve_forever")
+        thread.start()
+        self.defer(self._stop_relay, relay, thread)
+        return relay
+
+    @staticmethod
+    def _stop_relay(relay, thread):
+        relay.shutdown()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), "serve_forever did not return after shutdown()"
+        relay.server_close()
+
+    def service(self, relay):
+        service = Service(relay.server_address)
+        self.defer(service.close)
+        return service
+
+    def client(self, port):
+        sock = connect_client(port)
+        self.defer(sock.close)
+        return sock
+
+    def close(self):
+        errors = []
+        while self._cleanups:
+            fn, args = self._cleanups.pop()
+            try:
+                fn(*args)
+            except Exception as exc:   # run every cleanup, report the first failure
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def env(no_leaks, caplog):
+    caplog.set_level(logging.INFO, logger="tcprelay")
+    environment = Env()
+    yield environment
+    environment.close()
+    crashes = [r for r in caplog.records
+               if r.name.startswith("tcprelay") and r.levelno >= logging.ERROR]
+    assert not crashes, "the relay logged errors: %s" % [r.getMessage() for r in crashes]
+
+
+def address(port):
+    return "localhost:%d" % port
+
+
+def link_of(relay, port):
+    """The relay's ServiceLink holding ``port`` (to join its thread)."""
+    links = [link for link in relay.services if link.port == port]
+    assert len(links) == 1, relay.services
+    return links[0]
+
+
+# -- registration -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("announce", [False, True], ids=["go-style-lazy-syn", "announced"])
+def test_minimal_registration_answers_host_port_and_serves_clients(env, announce):
+    relay = env.relay(ports=2)
+    first = relay.pool.ports[0]
+    service = env.service(relay)
+    # Go's contract: open a stream, write nothing, half-close, read to EOF.
+    assert service.register_minimal(announce=announce) == address(first).encode("ascii")
+    client = env.client(first)
+    stream = service.accept()   # each client is a new stream
+    client.sendall(b"ping")
+    assert recv_exact(stream, 4) == b"ping"
+    stream.sendall(b"pong")
+    assert recv_exact(client, 4) == b"pong"
+
+
+def test_minimal_registration_uses_public_host(env):
+    relay = env.relay(ports=1, public_host="relay.example.test")
+    service = env.service(relay)
+    reply = service.register_minimal()
+    assert reply == ("relay.example.test:%d" % relay.pool.ports[0]).encode("ascii")
+
+
+@pytest.mark.parametrize("body", [
+    {},
+    {"version": 1},
+    {"version": 1, "name": "svc-1"},
+    {"notices": True},
+    {"max_wait": 0},
+    {"version": 1, "name": "svc", "notices": False, "max_wait": 5, "future_field": [1]},
+], ids=["empty-object", "version", "name", "notices", "max-wait-0", "all-fields"])
+def test_extended_registration_ok_reply(env, body):
+    relay = env.relay(ports=2)
+    first = relay.pool.ports[0]
+    service = env.service(relay)
+    registration = service.register(body)
+    waiting, reply = registration.final()
+    registration.close()
+    assert waiting == []   # a port was free: no line to report
+    assert reply["status"] == "ok"
+    assert reply["address"] == address(first)
+    assert reply["port"] == first
+    # And the port really serves that service.
+    client = env.client(first)
+    stream = service.accept()
+    client.sendall(b"x")
+    assert recv_exact(stream, 1) == b"x"
+
+
+def test_requested_port_in_pool_is_granted(env):
+    relay = env.relay(ports=4)
+    wanted = relay.pool.ports[2]
+    service = env.service(relay)
+    registration = service.register({"port": wanted, "notices": True})
+    waiting, reply = registration.final()
+    assert waiting == []
+    assert (reply["status"], reply["port"], reply["address"]) == ("ok", wanted, address(wanted))
+    env.client(wanted)
+    assert service.accept().id > 0
+
+
+def expect_refusal(service, body=None, raw=None):
+    """Register and expect exactly one error reply, then the stream's end."""
+    registration = service.register(body, raw=raw)
+    waiting, reply = registration.final()
+    registration.close()
+    assert waiting == []
+    assert reply["status"] == "error", reply
+    assert isinstance(reply.get("error"), str) and reply["error"].strip(), reply
+    assert "port" not in reply and "address" not in reply
+    return reply["error"]
+
+
+def assert_relay_still_serves(env, relay, port):
+    """A new service still registers and gets ``port``: the relay did not crash."""
+    service = env.service(relay)
+    assert service.register_minimal() == address(port).encode("ascii")
+
+
+@pytest.mark.parametrize("where", ["below", "above", "far"])
+def test_requested_port_outside_pool_is_refused(env, where):
+    relay = env.relay(ports=2)
+    low, high = relay.pool.ports[0], relay.pool.ports[-1]
+    port = {"below": low - 1, "above": high + 1, "far": 65535}[where]
+    error = expect_refusal(env.service(relay), {"port": port})
+    assert str(port) in error
+    assert_relay_still_serves(env, relay, low)
+
+
+def test_unsupported_version_is_refused(env):
+    relay = env.relay(ports=1)
+    error = expect_refusal(env.service(relay), {"version": 99, "name": "from-the-future"})
+    assert "version" in error
+    assert_relay_still_serves(env, relay, relay.pool.ports[0])
+
+
+@pytest.mark.parametrize("raw", [
+    b"{not json\n",
+    b"[1, 2, 3]\n",
+    b"\"just a string\"\n",
+    b"\xff\xfe\xfd\n",
+    b"{\"port\": \"eighty\"}\n",
+    b"{\"port\": 0}\n",
+    b"{\"notices\": 1}\n",
+    b"{\"max_wait\": -1}\n",
+    b"{\"name\": \"\"}\n",
+    b"{\"name\": 12}\n",
+    b"{\"version\": 0}\n",
+    b"{\"version\": \"1\"}\n",
+    b"{\"port\": 1.5e3}\n",
+    b"{\"port\": true}\n",
+    b"[" * 4000 + b"\n",
+], ids=["bad-json", "array", "string", "not-utf8", "port-text", "port-0", "notices-int",
+        "max-wait-negative", "name-empty", "name-number", "version-0", "version-text",
+        "port-float", "port-bool", "deep-nesting"])
+def test_malformed_request_gets_error_reply(env, raw):
+    relay = env.relay(ports=1)
+    expect_refusal(env.service(relay), raw=raw)
+    assert_relay_still_serves(env, relay, relay.pool.ports[0])
+
+
+def test_request_over_4kib_is_capped_with_error_reply(env):
+    # 64 KiB with no newline and no FIN: the relay must stop reading at 4 KiB and
+    # answer at once, not wait for a newline until the (long) handshake timeout.
+    relay = env.relay(ports=1, handshake_timeout=6 * TIMEOUT)
+    expect_refusal(env.service(relay), raw=b"{\"name\": \"" + b"a" * (64 * 1024))
+    assert_relay_still_serves(env, relay, relay.pool.ports[0])
+
+
+def test_request_of_exactly_4kib_is_read(env):
+    relay = env.relay(ports=1)
+    line = json.dumps({"version": 1, "pad": ""}).encode()
+    line = json.dumps({"version": 1, "pad": "p" * (4096 - len(line) - 1)}).encode() + b"\n"
+    assert len(line) == 4096
+    service = env.service(relay)
+    registration = service.register(raw=line)
+    waiting, reply = registration.final()
+    registration.close()
+    assert (reply["status"], reply["port"]) == ("ok", relay.pool.ports[0])
+
+
+@pytest.mark.parametrize("silence", ["no-stream", "empty-stream", "partial-line"])
+def test_silent_service_is_dropped_after_handshake_timeout(env, silence):
+    timeout = 0.5
+    relay = env.relay(ports=1, handshake_timeout=timeout)
+    started = time.monotonic()
+    service = env.service(relay)
+    if silence == "empty-stream":
+        service.session.open()   # announced, but no request and no FIN
+    elif silence == "partial-line":
+        service.session.open().sendall(b"{\"name\": \"sl")
+    assert service.session.wait(TIMEOUT), "the relay kept a silent service"
+    elapsed = time.monotonic() - started
+    assert elapsed >= timeout * 0.8, "dropped after %.2fs, before the handshake timeout" % elapsed
+    # It never took the port.
+    assert_relay_still_serves(env, relay, relay.pool.ports[0])
+
+
+# -- the port pool ---------------------------------------------------------------------------
+
+def test_waiting_services_are_served_in_arrival_order(env):
+    relay = env.relay(ports=1)
+    port = relay.pool.ports[0]
+    holder = env.service(relay)
+    assert holder.register_ok() == port
+    waiters = []
+    for expected in (1, 2, 3):
+        service = env.service(relay)
+        registration = service.register({"notices": True, "name": "waiter-%d" % expected})
+        assert registration.reply() == {"status": "waiting", "position": expected}
+        waiters.append((service, registration))
+    # The holder leaves: the port goes to the head of the line at once,
+    # and everyone behind moves up one place.
+    holder.close()
+    for turn in range(3):
+        service, registration = waiters[turn]
+        reply = registration.reply()
+        assert reply["status"] == "ok", reply
+        assert (reply["port"], reply["address"]) == (port, address(port))
+        assert registration.reply() is None
+        for place, (_, behind) in enumerate(waiters[turn + 1:], 1):
+            assert behind.reply() == {"status": "waiting", "position": place}
+        # The new holder really serves the port...
+        client = env.client(port)
+        stream = service.accept()
+        client.sendall(b"turn %d" % turn)
+        assert recv_exact(stream, 6) == b"turn %d" % turn
+        client.close()
+        registration.close()
+        # ...until it leaves in turn.
+        service.close()
+
+
+def test_service_that_leaves_the_line_is_out_of_it_at_once(env):
+    relay = env.relay(ports=1)
+    port = relay.pool.ports[0]
+    holder = env.service(relay)
+    assert holder.register_ok() == port
+    leaver = env.service(relay)
+    leaving = leaver.register({"notices": True})
+    assert leaving.reply() == {"status": "waiting", "position": 1}
+    stayer = env.service(relay)
+    staying = stayer.register({"notices": True})
+    assert staying.reply() == {"status": "waiting", "position": 2}
+    leaver.close()   # disconnects while waiting
+    # The one behind moves up while the port is still held.
+    assert staying.reply() == {"status": "waiting", "position": 1}
+    holder.close()
+    waiting, reply = staying.final()
+    assert waiting == []
+    assert (reply["status"], reply["port"]) == ("ok", port)
+
+
+def test_max_wait_ends_the_wait_with_an_error(env):
+    relay = env.relay(ports=1)
+    port = relay.pool.ports[0]
+    holder = env.service(relay)
+    assert holder.register_ok() == port
+    impatient = env.service(relay)
+    started = time.monotonic()
+    registration = impatient.register({"notices": True, "max_wait": 0.4})
+    waiting, reply = registration.final()
+    elapsed = time.monotonic() - started
+    assert waiting == [{"status": "waiting", "position": 1}]
+    assert reply["status"] == "error" and reply["error"], reply
+    assert 0.3 <= elapsed < TIMEOUT
+    # It is out of the line: the next one is first, and gets the port.
+    patient = env.service(relay)
+    line = patient.register({"notices": True})
+    assert line.reply() == {"status": "waiting", "position": 1}
+    holder.close()
+    waiting, reply = line.final()
+    assert (reply["status"], reply["port"]) == ("ok", port)
+
+
+def test_requested_port_is_granted_when_it_becomes_free(env):
+    relay = env.relay(ports=2)
+    wanted, other = relay.pool.ports
+    holder = env.service(relay)
+    assert holder.register_ok({"port": wanted}) == wanted
+    asker = env.service(relay)
+    asking = asker.register({"port": wanted, "notices": True})
+    assert asking.reply() == {"status": "waiting", "position": 1}
+    # Anyone else still gets the other free port meanwhile.
+    assert env.service(relay).register_ok() == other
+    holder.close()
+    waiting, reply = asking.final()
+    assert waiting == []
+    assert (reply["status"], reply["port"]) == ("ok", wanted)
+
+
+def test_max_services_makes_services_wait_with_ports_free(env):
+    relay = env.relay(ports=3, max_services=1)
+    first = relay.pool.ports[0]
+    holder = env.service(relay)
+    assert holder.register_ok() == first
+    waiter = env.service(relay)
+    registration = waiter.register({"notices": True})
+    assert registration.reply() == {"status": "waiting", "position": 1}
+    holder.close()
+    waiting, reply = registration.final()
+    assert (reply["status"], reply["port"]) == ("ok", first)
+
+
+def test_session_end_resets_clients_stops_listening_and_frees_the_port(env):
+    relay = env.relay(ports=1)
+    port = relay.pool.ports[0]
+    service = env.service(relay)
+    assert service.register_ok() == port
+    idle = env.client(port)
+    idle_stream = service.accept()
+    busy = env.client(port)
+    busy_stream = service.accept()
+    # The busy client is mid-transfer: part of its data has reached the service.
+    busy.sendall(b"b" * 100000)
+    recv_exact(busy_stream, 50000)
+    idle.sendall(b"hi")
+    assert recv_exact(idle_stream, 2) == b"hi"
+    link = link_of(relay, port)
+    service.close()
+    for client in (idle, busy):
+        data, how = read_until_end(client)
+        assert isinstance(how, ConnectionResetError), "client saw %r, not a reset" % (how,)
+    assert link.join(TIMEOUT), "the service's thread did not end"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOOPBACK, port), timeout=TIMEOUT).close()
+    # Back in the pool: the next service gets it.
+    assert_relay_still_serves(env, relay, port)
+
+
+def test_unbindable_port_is_skipped_logged_and_retried(env, caplog):
+    relay = env.relay(ports=2)
+    blocked, free = relay.pool.ports
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    env.defer(blocker.close)
+    blocker.bind((LOOPBACK, blocked))
+    blocker.listen(1)
+    first = env.service(relay)
+    assert first.register_ok() == free   # skipped the port it could not bind
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name.startswith("tcprelay") and r.levelno >= logging.WARNING
+                and str(blocked) in r.getMessage()]
+    assert warnings, "the relay did not log the port it could not bind"
+    second = env.service(relay)
+    registration = second.register({"notices": True})
+    assert registration.reply() == {"status": "waiting", "position": 1}
+    blocker.close()   # the other program lets go: the port must come back
+    waiting, reply = registration.final()
+    assert waiting == []
+    assert (reply["status"], reply["port"]) == ("ok", blocked)
+    client = env.client(blocked)
+    stream = second.accept()
+    client.sendall(b"back")
+    assert recv_exact(stream, 4) == b"back"
+
+
+# -- forwarding ----------------------------------------------------------------------------
+
+def registered(env, ports=1, **relay_options):
+    """(relay, service, public port): one service registered on a fresh relay."""
+    relay = env.relay(ports=ports, **relay_options)
+    service = env.service(relay)
+    port = service.register_ok()
+    return relay, service, port
+
+
+def test_banner_service_speaks_first(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    # The client sends nothing: the stream must exist at once for the service.
+    stream = service.accept()
+    stream.sendall(b"220 banner ready\r\n")
+    assert recv_exact(client, 18) == b"220 banner ready\r\n"
+    client.sendall(b"QUIT\r\n")
+    assert recv_exact(stream, 6) == b"QUIT\r\n"
+
+
+def test_each_client_is_its_own_stream_bytes_exact_both_ways(env):
+    relay, service, port = registered(env)
+    service.serve(echo_handler)
+    payloads = [os.urandom(MIB + i * 1001) for i in range(3)]
+    clients = [env.client(port) for _ in payloads]
+    workers = [Worker(echo_roundtrip, client, data) for client, data in zip(clients, payloads)]
+    for worker, data, client in zip(workers, payloads, clients):
+        assert worker.finish() == data
+        assert recv_to_eof(client) == b""   # and nothing more: not padded
+
+
+def test_client_half_close_keeps_the_other_direction_flowing(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    stream = service.accept()
+    client.sendall(b"request")
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(stream) == b"request"   # the client's EOF became FIN
+    reply = os.urandom(512 * 1024)
+    writer = Worker(sendall_then, stream, reply, stream.close_write)
+    assert recv_to_eof(client) == reply
+    writer.finish()
+
+
+def test_service_half_close_keeps_the_other_direction_flowing(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    stream = service.accept()
+    stream.sendall(b"greeting")
+    stream.close_write()
+    assert recv_to_eof(client) == b"greeting"   # FIN became shutdown(SHUT_WR)
+    upload = os.urandom(512 * 1024)
+    writer = Worker(sendall_then, client, upload, lambda: client.shutdown(socket.SHUT_WR))
+    assert recv_to_eof(stream) == upload
+    writer.finish()
+
+
+def test_client_reset_resets_the_stream(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    stream = service.accept()
+    client.sendall(b"abc")
+    assert recv_exact(stream, 3) == b"abc"
+    abort(client)
+    data, how = read_until_end(stream)
+    assert data == b""
+    assert isinstance(how, muxado.StreamResetError), "the stream saw %r, not a reset" % (how,)
+    assert isinstance(how, ConnectionResetError)
+
+
+def test_stream_reset_resets_the_client(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    stream = service.accept()
+    stream.sendall(b"partial")
+    assert recv_exact(client, 7) == b"partial"
+    stream.reset()
+    with pytest.raises(ConnectionResetError):
+        client.recv(100)
+
+
+def test_stalled_client_does_not_delay_another_client(env):
+    relay, service, port = registered(env)
+    stalled = env.client(port)
+    stalled_stream = service.accept()
+    lively = env.client(port)
+    lively_stream = service.accept()
+    echo = Worker(echo_handler, lively_stream)
+    # Push to the client that never reads until nothing more goes anywhere.
+    sent = bytearray()
+    block = os.urandom(64 * 1024)
+    stalled_stream.settimeout(0.5)
+    while True:
+        try:
+            n = stalled_stream.send(block)
+        except socket.timeout:
+            break
+        sent += block[:n]
+        assert len(sent) < 256 * MIB, "the stalled client never pushed back"
+    # The other client of the same service goes on at full speed.
+    data = os.urandom(2 * MIB)
+    assert echo_roundtrip(lively, data) == data
+    echo.finish()
+    # Nothing was lost for the slow one either.
+    stalled_stream.settimeout(TIMEOUT)
+    stalled_stream.close_write()
+    assert recv_to_eof(stalled) == bytes(sent)
+
+
+def test_service_not_reading_one_stream_does_not_delay_another_client(env):
+    relay, service, port = registered(env)
+    pushing = env.client(port)
+    unread = service.accept()   # never read until the end
+    lively = env.client(port)
+    lively_stream = service.accept()
+    echo = Worker(echo_handler, lively_stream)
+    sent = bytearray()
+    block = os.urandom(64 * 1024)
+    pushing.settimeout(0.5)
+    while True:
+        try:
+            n = pushing.send(block)
+        except socket.timeout:
+            break
+        sent += block[:n]
+        assert len(sent) < 256 * MIB, "the relay never pushed back"
+    data = os.urandom(2 * MIB)
+    assert echo_roundtrip(lively, data) == data
+    echo.finish()
+    pushing.settimeout(TIMEOUT)
+    pushing.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(unread) == bytes(sent)
+
+
+def _write_until_full_then_all(send, data, full, deadline):
+    """Send all of ``data`` with short timeouts; set ``full`` at the first time-out."""
+    view = memoryview(data)
+    offset = 0
+    while offset < len(view):
+        try:
+            offset += send(view[offset:offset + 256 * 1024])
+        except socket.timeout:
+            full.set()
+            assert time.monotonic() < deadline, "writing stalled for good"
+
+
+def _read_exactly_with_retries(recv, size, deadline):
+    data = bytearray()
+    while len(data) < size:
+        try:
+            chunk = recv(256 * 1024)
+        except socket.timeout:
+            assert time.monotonic() < deadline, "reading stalled for good"
+            continue
+        assert chunk, "EOF after %d of %d bytes" % (len(data), size)
+        data += chunk
+    return bytes(data)
+
+
+def test_both_directions_full_at_once_no_deadlock(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    stream = service.accept()
+    up, down = os.urandom(10 * MIB), os.urandom(10 * MIB)
+    client.settimeout(0.5)
+    stream.settimeout(0.5)
+    deadline = time.monotonic() + 4 * TIMEOUT
+    client_full, service_full = threading.Event(), threading.Event()
+    writers = [Worker(_write_until_full_then_all, client.send, up, client_full, deadline),
+               Worker(_write_until_full_then_all, stream.send, down, service_full, deadline)]
+    # Both sides write before either reads, until both directions are full.
+    assert client_full.wait(TIMEOUT), "the client's writes never filled up"
+    assert service_full.wait(TIMEOUT), "the service's writes never filled up"
+    readers = [Worker(_read_exactly_with_retries, stream.recv, len(up), deadline),
+               Worker(_read_exactly_with_retries, client.recv, len(down), deadline)]
+    for worker in writers:
+        worker.finish(4 * TIMEOUT)
+    got_up, got_down = [worker.finish(4 * TIMEOUT) for worker in readers]
+    assert got_up == up
+    assert got_down == down
+
+
+# -- draining and the in-process interface ---------------------------------------------------
+
+def test_drain_sends_goaway_refuses_new_clients_and_lets_open_ones_finish(env):
+    relay = env.relay(ports=2)
+    services = []
+    for _ in range(2):
+        service = env.service(relay)
+        port = service.register_ok()
+        service.serve(echo_handler)
+        # A stream the relay has not heard of (lazy SYN): the relay's GOAWAY resets
+        # it, which tells the test, without polling, that the GOAWAY has arrived.
+        probe = service.session.open(announce=False)
+        probe.settimeout(TIMEOUT)
+        services.append((service, port, probe))
+    client = env.client(services[0][1])
+    assert echo_roundtrip(client, b"before", half_close=False) == b"before"
+    relay.shutdown()
+    started = time.monotonic()
+    drain = Worker(relay.drain, TIMEOUT)
+    for service, port, probe in services:   # GOAWAY to every service
+        with pytest.raises(ConnectionResetError):
+            probe.recv(1)
+        assert service.session.remote_goaway is not None
+        assert service.session.remote_goaway[1] == ErrorCode.NO_ERROR
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((LOOPBACK, port), timeout=TIMEOUT).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(relay.server_address, timeout=TIMEOUT).close()
+    assert drain.is_alive(), "drain() returned while a client was still open"
+    # The open client carries on, then finishes.
+    assert echo_roundtrip(client, b"during the drain") == b"during the drain"
+    assert recv_to_eof(client) == b""
+    client.close()
+    assert drain.finish() is True
+    assert time.monotonic() - started < TIMEOUT
+
+
+def test_drain_timeout_then_server_close_resets_open_clients(env):
+    relay, service, port = registered(env)
+    service.serve(echo_handler)
+    client = env.client(port)
+    assert echo_roundtrip(client, b"hello", half_close=False) == b"hello"
+    relay.shutdown()
+    started = time.monotonic()
+    assert relay.drain(0.3) is False
+    assert time.monotonic() - started >= 0.25
+    relay.server_close()
+    data, how = read_until_end(client)
+    assert isinstance(how, ConnectionResetError), "client saw %r, not a reset" % (how,)
+    assert service.session.wait(TIMEOUT), "the service's session outlived server_close()"
+
+
+def test_relay_in_process_interface(no_leaks):
+    ports = free_port_range(2)
+    service = None
+    with Relay((LOOPBACK, 0), public_bind=LOOPBACK, ports=ports) as relay:
+        host, service_port = relay.server_address[:2]
+        assert (host, service_port != 0) == (LOOPBACK, True)
+        serving = threading.Thread(target=relay.serve_forever, name="serve_forever")
+        serving.start()
+        try:
+            service = Service(relay.server_address)
+            assert service.register_minimal() == address(ports[0]).encode("ascii")
+            service.serve(echo_handler)
+            client = connect_client(ports[0])
+            try:
+                assert echo_roundtrip(client, b"in process") == b"in process"
+                assert recv_to_eof(client) == b""
+            finally:
+                client.close()
+        finally:
+            relay.shutdown()
+            serving.join(TIMEOUT)
+        assert not serving.is_alive()
+        assert relay.drain(TIMEOUT) is True   # nothing open: returns at once
+    # Leaving the with block closed everything: the service's session ended.
+    try:
+        assert service.session.wait(TIMEOUT)
+    finally:
+        service.close()
