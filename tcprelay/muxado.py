@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_FLOOD_LIMIT = (10000, 1000.0)
 GOAWAY_ON_CLOSE_TIMEOUT = 0.25    # as Go: a closing session tries this long to say GOAWAY
+MAX_QUEUED_REPLIES = 10000        # frames the reader may owe the peer before it calls a flood
+_MAX_IOV = 64                     # more buffers than this are joined (IOV_MAX is 1024)
 _RECV_SIZE = 256 * 1024
 _DATA_HEADER = struct.Struct(">II")
 _DATA_TYPE = 1 << 4
@@ -726,7 +728,7 @@ class _FrameDispatch(FrameHandler):
         if status < 0:
             self._overrun(stream)
         elif status == 0:
-            self._session._queue_control(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+            self._session._reply(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
 
     def _overrun(self, stream):
         session = self._session
@@ -746,7 +748,7 @@ class _FrameDispatch(FrameHandler):
             stream = session._streams.get(stream_id)
             if stream is None:
                 if not (length == 0 and flags & FIN):
-                    session._queue_control(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+                    session._reply(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
                 return
             if length == 0 and not flags:
                 session._pointless_frame("empty DATA frames")
@@ -754,7 +756,7 @@ class _FrameDispatch(FrameHandler):
         if length:
             admitted = stream._admit(length)
             if admitted == 0:
-                session._queue_control(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+                session._reply(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
                 return
             if admitted < 0:
                 self._overrun(stream)
@@ -1055,7 +1057,7 @@ class Session(object):
 
     def _sendv(self, buffers):
         sock = self._sock
-        if not self._use_sendmsg:
+        if not self._use_sendmsg or len(buffers) > _MAX_IOV:
             sock.sendall(b"".join(buffers))
             return
         remaining = 0
@@ -1078,6 +1080,17 @@ class Session(object):
                     pending[0] = first[sent:]
                     sent = 0
             sent = sock.sendmsg(list(pending))
+
+    def _reply(self, frame):
+        """A frame the reader thread owes the peer (an RST, say), via the writer.
+
+        The queue is bounded: a peer that keeps sending frames that need an
+        answer while it does not read ours is flooding us.
+        """
+        if len(self._control) >= MAX_QUEUED_REPLIES:
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM,
+                                "too many replies queued: the peer does not read them")
+        self._queue_control(frame)
 
     def _queue_control(self, frame):
         """Hand a frame to the writer thread: the reader must never block on the socket."""
@@ -1187,7 +1200,7 @@ class Session(object):
                     self._accept_queue.append(stream)
                     self._accept_ready.notify()
                     return stream
-        self._queue_control(encode_rst(stream_id, refuse))
+        self._reply(encode_rst(stream_id, refuse))
         return None
 
     def _on_rst(self, stream_id, code):
@@ -1223,7 +1236,7 @@ class Session(object):
         """
         stream._set_error(StreamResetError(code, message))
         self._forget(stream, keep_queued=True)
-        self._queue_control(encode_rst(stream.id, code))
+        self._reply(encode_rst(stream.id, code))
 
     # -- shared ---------------------------------------------------------------------------
 
