@@ -191,6 +191,36 @@ def round_trips(connect, rounds, size=64):
     return times
 
 
+def interleaved_round_trips(connectors, rounds, size=64, batch=250):
+    """Round-trip times (us) for each connector, measured in alternating batches.
+
+    The machine's idle-state polling adapts to recent load (this is a VM with
+    the haltpoll cpuidle driver), so wake-up latency drifts; alternating keeps
+    every subject under the same conditions.
+    """
+    conns = [connect() for connect in connectors]
+    message = b"x" * size
+    views = [memoryview(bytearray(size)) for _ in conns]
+    times = [[] for _ in conns]
+    try:
+        for conn, view in zip(conns, views):
+            for _ in range(50):   # warm up
+                _ping(conn, message, view, size)
+        done = 0
+        while done < rounds:
+            n = min(batch, rounds - done)
+            for conn, view, out in zip(conns, views, times):
+                for _ in range(n):
+                    start = time.perf_counter()
+                    _ping(conn, message, view, size)
+                    out.append((time.perf_counter() - start) * 1e6)
+            done += n
+    finally:
+        for conn in conns:
+            conn.close()
+    return times
+
+
 def _ping(conn, message, view, size):
     conn.sendall(message)
     got = 0

@@ -41,6 +41,8 @@ import errno
 import io
 import itertools
 import logging
+import math
+import select
 import socket
 import struct
 import sys
@@ -67,6 +69,9 @@ DEFAULT_FLOOD_LIMIT = (10000, 1000.0)
 GOAWAY_ON_CLOSE_TIMEOUT = 0.25    # as Go: a closing session tries this long to say GOAWAY
 MAX_QUEUED_REPLIES = 10000        # frames the reader may owe the peer before it calls a flood
 _MAX_IOV = 64                     # more buffers than this are joined (IOV_MAX is 1024)
+LEAD_GRACE = 0.001                # how long the reader thread leaves the lead to a consumer
+_BACKGROUND = "reader thread"
+_CONSUMER = "consumer"
 _RECV_SIZE = 256 * 1024
 _DATA_HEADER = struct.Struct(">II")
 _DATA_TYPE = 1 << 4
@@ -167,6 +172,7 @@ class Stream(object):
         self._grant_pending = window_size - DEFAULT_WINDOW  # the early grant for a big window
         self._fin_received = False
         self._read_shut = False
+        self._readers_waiting = 0      # threads parked in recv on this stream
         self._receiver = None          # takes incoming data instead of the buffer (set_receiver)
         # send side
         self._send_window = DEFAULT_WINDOW
@@ -575,7 +581,40 @@ class Stream(object):
             remaining = deadline.remaining()
             if remaining == 0.0:
                 raise _timeout_error("recv")
-            self._readable.wait(remaining)
+            self._wait_on(self._readable, self._input_ready, deadline, remaining, True)
+
+    def _input_ready(self):
+        return (self._buffered or self._fin_received or self._read_shut
+                or self._error is not None or self._closed is True)
+
+    def _window_ready(self):
+        return (self._send_window > 0 or self._error is not None or self._fin_sent
+                or self._closed is True)
+
+    def _wait_on(self, condition, ready, deadline, remaining, reading):
+        """Block until ``ready()`` may have changed (lock held, released while waiting).
+
+        If nobody is reading the session's socket, read it ourselves (see
+        Session._lead_until): the data we wait for then wakes this very
+        thread, with no handoff from the reader thread.
+        """
+        session = self.session
+        if session._try_lead():
+            self._lock.release()
+            try:
+                session._lead_until(ready, deadline)
+            finally:
+                self._lock.acquire()
+            return
+        if reading:
+            self._readers_waiting += 1
+        session._park(1)
+        try:
+            condition.wait(remaining)
+        finally:
+            session._park(-1)
+            if reading:
+                self._readers_waiting -= 1
 
     def _check_writable(self):
         if self._closed is True:
@@ -596,7 +635,7 @@ class Stream(object):
             remaining = deadline.remaining()
             if remaining == 0.0:
                 raise _timeout_error("send")
-            self._writable.wait(remaining)
+            self._wait_on(self._writable, self._window_ready, deadline, remaining, False)
 
     def _consumed(self, n):
         """Account for ``n`` bytes consumed (lock held); the WNDINC increment to send, or 0."""
@@ -688,7 +727,9 @@ class Stream(object):
             return self._consumed(len(data))
         self._chunks.append(data)
         self._buffered += len(data)
-        self._readable.notify()
+        if self._readers_waiting:
+            self.session._handoffs += 1   # a parked reader will come back for more
+            self._readable.notify()
         return 0
 
     def _on_fin(self):
@@ -854,6 +895,19 @@ class Session(object):
         self._ended = threading.Event()
         self._done_callbacks = []
 
+        # Reading: whoever holds the lead reads the socket (see _lead_until).
+        self._lead = threading.Condition(threading.Lock())
+        self._leader = None          # _BACKGROUND, _CONSUMER, or None
+        self._lead_urgent = False    # someone is parked: the reader thread must read now
+        self._lead_released = 0.0    # when a consumer last let go of the lead
+        self._reader_idle = False    # the reader thread waits with no timeout
+        self._parked = 0             # threads blocked on a stream's data or window
+        self._handoffs = 0           # parked readers woken by the current leader
+        self._recv_buffer = bytearray(_RECV_SIZE)
+        self._recv_view = memoryview(self._recv_buffer)
+        self._decoder = FrameDecoder(_FrameDispatch(self))
+        self._poller = None
+
         self._peername = self._sockname = None
         try:
             self._peername = sock.getpeername()
@@ -927,6 +981,7 @@ class Session(object):
                 remaining = deadline.remaining()
                 if remaining == 0.0:
                     raise _timeout_error("accept")
+                # Not counted as parked: a new stream can wait out LEAD_GRACE.
                 self._accept_ready.wait(remaining)
             return self._accept_queue.popleft()
 
@@ -1131,37 +1186,41 @@ class Session(object):
 
     # -- reading (reader thread) ------------------------------------------------------
 
+    # Reading is leader/follower. Exactly one thread at a time, the leader,
+    # reads the socket and applies frames. A thread about to block on a
+    # stream takes the lead if it is free, so that in request/response
+    # traffic the reply wakes the very thread waiting for it: a thread
+    # handoff costs tens of microseconds, more than the whole round trip.
+    # The reader thread leads whenever no consumer does: at once if anyone
+    # is parked waiting, else after LEAD_GRACE, giving a consumer that just
+    # got its data the chance to come back and lead again.
+
     def _read_loop(self):
-        sock = self._sock
-        buf = bytearray(_RECV_SIZE)
-        view = memoryview(buf)
-        decoder = FrameDecoder(_FrameDispatch(self))
         try:
-            while True:
-                n = sock.recv_into(buf)
-                if not n:
-                    self._die(ErrorCode.PEER_EOF, "read EOF from remote peer",
-                              goaway=(ErrorCode.PEER_EOF, b"read EOF from remote peer"))
-                    return
-                decoder.feed(view[:n])
-        except ProtocolError as exc:
-            if not self._dead:
-                log.warning("%s: peer broke the protocol: %s; ending the session",
-                            self.name, exc.message)
-            self._die(exc.code, exc.message, goaway=(exc.code, exc.message.encode()))
-        except OSError as exc:
-            self._die(ErrorCode.SESSION_CLOSED, "transport read failed: %s" % exc)
+            while self._wait_to_lead():
+                try:
+                    alive = self._read_once()
+                finally:
+                    self._release_lead(background=True)
+                if not alive:
+                    break
         except Exception:
             log.exception("%s: reader thread failed", self.name)
             self._die(ErrorCode.INTERNAL_ERROR, "reader thread failed",
                       goaway=(ErrorCode.INTERNAL_ERROR, b"internal error"))
         finally:
-            view.release()
             self._die(ErrorCode.SESSION_CLOSED, "session closed")
+            with self._lead:
+                # A consumer may still be leading; the shut socket ends its read soon.
+                self._reader_idle = True
+                while self._leader is not None:
+                    self._lead.wait()
+                self._leader = _BACKGROUND   # for good: nobody reads a closed socket
+            self._recv_view.release()
             # No writer can be inside a syscall on the socket while we hold this.
             with self._write_lock:
                 try:
-                    sock.close()
+                    self._sock.close()
                 except OSError:
                     pass
             self._writer.join()
@@ -1174,6 +1233,113 @@ class Session(object):
                     callback(self)
                 except Exception:
                     log.exception("%s: done callback %r failed", self.name, callback)
+
+    def _read_once(self, timeout=None):
+        """Read what the socket has and apply it (the leader only).
+
+        With a timeout, waits at most that long for input. Returns False once
+        the session has ended.
+        """
+        if timeout is not None and not self._input_within(timeout):
+            return not self._dead
+        try:
+            n = self._sock.recv_into(self._recv_buffer)
+        except OSError as exc:
+            self._die(ErrorCode.SESSION_CLOSED, "transport read failed: %s" % exc)
+            return False
+        if not n:
+            self._die(ErrorCode.PEER_EOF, "read EOF from remote peer",
+                      goaway=(ErrorCode.PEER_EOF, b"read EOF from remote peer"))
+            return False
+        try:
+            self._decoder.feed(self._recv_view[:n])
+        except ProtocolError as exc:
+            if not self._dead:
+                log.warning("%s: peer broke the protocol: %s; ending the session",
+                            self.name, exc.message)
+            self._die(exc.code, exc.message, goaway=(exc.code, exc.message.encode()))
+            return False
+        except BaseException:
+            # The decoder may be mid-frame: the session cannot go on.
+            log.exception("%s: failed while reading", self.name)
+            self._die(ErrorCode.INTERNAL_ERROR, "failed while reading",
+                      goaway=(ErrorCode.INTERNAL_ERROR, b"internal error"))
+            raise
+        return not self._dead
+
+    def _input_within(self, timeout):
+        if _is_tls(self._sock) and self._sock.pending():
+            return True
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._sock, select.POLLIN)
+        return bool(self._poller.poll(max(1, int(math.ceil(timeout * 1000)))))
+
+    def _try_lead(self):
+        """Take the lead if nobody reads the socket now (a consumer about to block)."""
+        with self._lead:
+            if self._leader is None and not self._dead:
+                self._leader = _CONSUMER
+                return True
+            return False
+
+    def _lead_until(self, ready, deadline):
+        """Read the socket until ``ready()``, the deadline, or the session's end."""
+        try:
+            while not ready() and not self._dead:
+                timeout = deadline.remaining()
+                if timeout == 0.0:
+                    break
+                if not self._read_once(timeout):
+                    break
+        finally:
+            self._release_lead(background=False)
+
+    def _release_lead(self, background):
+        with self._lead:
+            self._leader = None
+            woken, self._handoffs = self._handoffs, 0
+            waiting = self._parked - woken
+            if background:
+                if woken and waiting <= 0:
+                    # The reader we woke will likely be back soon: let it lead.
+                    self._lead_released = time.monotonic()
+                return
+            if waiting > 0 or self._dead:
+                self._lead_urgent = True
+            else:
+                self._lead_released = time.monotonic()
+            if self._reader_idle:
+                self._lead.notify_all()
+
+    def _wait_to_lead(self):
+        """The reader thread: wait until it should read; False once the session ended."""
+        with self._lead:
+            while True:
+                if self._dead:
+                    return False
+                if self._leader is None:
+                    if self._lead_urgent:
+                        break
+                    idle = time.monotonic() - self._lead_released
+                    if idle >= LEAD_GRACE:
+                        break
+                    self._lead.wait(LEAD_GRACE - idle)
+                else:
+                    self._reader_idle = True
+                    self._lead.wait()
+                    self._reader_idle = False
+            self._leader = _BACKGROUND
+            self._lead_urgent = False
+            return True
+
+    def _park(self, delta):
+        with self._lead:
+            self._parked += delta
+            if delta > 0 and self._leader is None:
+                # Nobody reads, and someone now waits: the reader thread must.
+                self._lead_urgent = True
+                self._lead.notify_all()
 
     def _on_syn(self, stream_id):
         """A peer-opened stream; returns it, or None if refused (reader thread)."""
@@ -1276,6 +1442,8 @@ class Session(object):
             pass
         with self._control_ready:
             self._control_ready.notify_all()
+        with self._lead:
+            self._lead.notify_all()
         ended = SessionClosedError(code, message)
         for stream in streams:
             stream._set_error(ended)
