@@ -212,10 +212,12 @@ def main():
             for index, connect in ((0, relay), (1, direct)):
                 samples["throughput_1"][index].append(benchkit.throughput(connect, size1, 1))
                 samples["throughput_8"][index].append(benchkit.throughput(connect, size8, 8))
-                times = benchkit.round_trips(connect, rounds)
+                samples["connect_rate"][index].append(benchkit.connect_rate(connect, short, 8))
+            # Round trips alternate between the two in small batches, so that
+            # both see the same machine state (see benchkit).
+            for index, times in enumerate(benchkit.interleaved_round_trips([relay, direct], rounds)):
                 samples["rtt"][index].append(benchkit.percentile(times, 0.5))
                 p99[index].append(benchkit.percentile(times, 0.99))
-                samples["connect_rate"][index].append(benchkit.connect_rate(connect, short, 8))
             if run == runs - 1 and not args.skip_hold:
                 hold_result = run_hold(setup, hold_conns, hold_seconds)
         finally:

@@ -93,7 +93,8 @@ def main():
             for index, connect in ((0, mux_connect), (1, direct_connect)):
                 results["throughput_1"][index].append(benchkit.throughput(connect, size, 1))
                 results["throughput_8"][index].append(benchkit.throughput(connect, size8, 8))
-                times = benchkit.round_trips(connect, rounds)
+            both = benchkit.interleaved_round_trips([mux_connect, direct_connect], rounds)
+            for index, times in enumerate(both):
                 results["rtt"][index].append(benchkit.percentile(times, 0.5))
                 p99[index].append(benchkit.percentile(times, 0.99))
         finally:

@@ -50,23 +50,23 @@ class Flusher(object):
         self._thread.start()
 
     def watch(self, bridge):
-        """Call ``bridge._flush()`` whenever its socket can take more."""
+        """Call ``bridge._flush()`` whenever its socket can take more (bridge lock held)."""
+        if bridge._watched:
+            return
         with self._lock:
             if self._closed:
                 return
-            try:
-                self._selector.register(bridge.sock, selectors.EVENT_WRITE, bridge)
-            except KeyError:
-                pass  # already watched
+            self._selector.register(bridge.sock, selectors.EVENT_WRITE, bridge)
+            bridge._watched = True
 
     def unwatch(self, bridge):
+        """Stop watching ``bridge`` (bridge lock held)."""
+        if not bridge._watched:
+            return
         with self._lock:
-            if self._closed:
-                return
-            try:
+            bridge._watched = False
+            if not self._closed:
                 self._selector.unregister(bridge.sock)
-            except (KeyError, ValueError):
-                pass
 
     def _run(self):
         while True:
@@ -94,14 +94,18 @@ class Bridge(object):
     """Pumps bytes between ``sock`` and ``stream`` until both directions end.
 
     ``on_close(bridge)`` runs on the pump thread once the socket and the
-    stream are closed.
+    stream are closed. With ``workers`` (a ``WorkerPool``) the pump runs on
+    a pooled thread instead of a thread of its own.
     """
 
-    def __init__(self, sock, stream, flusher, name=None, on_close=None):
+    def __init__(self, sock, stream, flusher, name=None, on_close=None, workers=None):
         self.sock = sock
         self.stream = stream
+        self.name = name or "bridge-%d" % stream.id
         self._flusher = flusher
         self._on_close = on_close
+        self._workers = workers
+        self._finished = threading.Event()
         self._lock = threading.Lock()
         self._pending = collections.deque()   # stream data the socket has not taken yet
         self._fin_pending = False             # the stream's FIN, to pass on after _pending
@@ -109,6 +113,7 @@ class Bridge(object):
         self._aborted = None                  # why, once the connection is being reset
         self._reset_stream = False            # the pump must reset the stream too
         self._closed = False
+        self._watched = False                 # the flusher watches our socket
         self.bytes_up = 0                     # socket -> stream
         self.bytes_down = 0                   # stream -> socket
         sock.settimeout(None)
@@ -116,16 +121,19 @@ class Bridge(object):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        self._thread = threading.Thread(target=self._pump, name=name or "bridge-%d" % stream.id)
-        self._thread.daemon = True
 
     def start(self):
         self.stream.set_receiver(self)
-        self._thread.start()
+        if self._workers is not None:
+            self._workers.submit(self._pump)
+        else:
+            thread = threading.Thread(target=self._pump, name=self.name)
+            thread.daemon = True
+            thread.start()
 
     def join(self, timeout=None):
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Wait for the pump to finish; True once it has."""
+        return self._finished.wait(timeout)
 
     def abort(self, reason="aborted"):
         """Reset both sides now (the pump thread finishes the job)."""
@@ -221,6 +229,7 @@ class Bridge(object):
     # -- socket -> stream: the pump thread ---------------------------------------------
 
     def _pump(self):
+        threading.current_thread().name = self.name
         sock = self.sock
         stream = self.stream
         buf = bytearray(_SMALL_READ)
@@ -276,3 +285,4 @@ class Bridge(object):
                 log.debug("stream %d: reset: %s", stream.id, self._aborted)
             if self._on_close is not None:
                 self._on_close(self)
+            self._finished.set()

@@ -38,6 +38,12 @@ class EchoHandler(socketserver.BaseRequestHandler):
             self.request.sendall(data)
 
 
+class EchoServer(RelayServer):
+    # The handler keeps no per-thread state, so threads can be reused
+    # between clients: starting a thread per client costs more than an echo.
+    reuse_threads = True
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
@@ -66,7 +72,7 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     relay = "%s:%d" % (args.relay_host, args.relay_port)
     try:
-        server = RelayServer((args.relay_host, args.relay_port), EchoHandler,
+        server = EchoServer((args.relay_host, args.relay_port), EchoHandler,
                              port=args.port, name=args.name)
     except RegistrationRefused as exc:
         sys.stderr.write("tcprelay.echoserver: the relay at %s refused us: %s\n"

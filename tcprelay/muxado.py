@@ -70,9 +70,10 @@ GOAWAY_ON_CLOSE_TIMEOUT = 0.25    # as Go: a closing session tries this long to 
 MAX_QUEUED_REPLIES = 10000        # frames the reader may owe the peer before it calls a flood
 _MAX_IOV = 64                     # more buffers than this are joined (IOV_MAX is 1024)
 LEAD_GRACE = 0.001                # how long the reader thread leaves the lead to a consumer
+LEAD_WATCH_MAX = 0.064            # the longest the reader thread goes without a look
 _BACKGROUND = "reader thread"
 _CONSUMER = "consumer"
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = 1 << 20             # one recv_into; holds several whole 256 KiB frames
 _DATA_HEADER = struct.Struct(">II")
 _DATA_TYPE = 1 << 4
 
@@ -900,7 +901,7 @@ class Session(object):
         self._leader = None          # _BACKGROUND, _CONSUMER, or None
         self._lead_urgent = False    # someone is parked: the reader thread must read now
         self._lead_released = 0.0    # when a consumer last let go of the lead
-        self._reader_idle = False    # the reader thread waits with no timeout
+        self._lead_epoch = 0         # counts consumer leads, to see activity
         self._parked = 0             # threads blocked on a stream's data or window
         self._handoffs = 0           # parked readers woken by the current leader
         self._recv_buffer = bytearray(_RECV_SIZE)
@@ -981,9 +982,20 @@ class Session(object):
                 remaining = deadline.remaining()
                 if remaining == 0.0:
                     raise _timeout_error("accept")
+                if self._try_lead():
+                    # Read the socket ourselves: the SYN then wakes this thread.
+                    self._lock.release()
+                    try:
+                        self._lead_until(self._accept_ready_now, deadline)
+                    finally:
+                        self._lock.acquire()
+                    continue
                 # Not counted as parked: a new stream can wait out LEAD_GRACE.
                 self._accept_ready.wait(remaining)
             return self._accept_queue.popleft()
+
+    def _accept_ready_now(self):
+        return self._accept_queue or self._dead or self._local_goaway
 
     def goaway(self, code=ErrorCode.NO_ERROR, debug=b""):
         """Refuse new streams from the peer; open streams carry on (a drain)."""
@@ -1148,14 +1160,53 @@ class Session(object):
         self._queue_control(frame)
 
     def _queue_control(self, frame):
-        """Hand a frame to the writer thread: the reader must never block on the socket."""
+        """Send a small frame without ever blocking: the reader must not block.
+
+        Waking the writer thread costs more than the frame, so first try to
+        send it at once: if nobody is writing and the socket has room, it
+        goes out now. Otherwise the writer thread sends it.
+        """
+        if self._use_sendmsg and self._write_lock.acquire(False):
+            failure = None
+            sent = 0
+            try:
+                if not self._control and not self._dead:
+                    try:
+                        sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:
+                        pass   # the writer thread meets the error and ends the session
+                    if 0 < sent < len(frame):
+                        # A partial frame must be finished before anything
+                        # else: a few bytes, only when the socket was all
+                        # but full, and bounded by write_timeout.
+                        try:
+                            self._sendv((memoryview(frame)[sent:],))
+                        except OSError as exc:
+                            failure = exc
+            finally:
+                self._write_lock.release()
+            if failure is not None:
+                self._write_failed_quietly(failure)
+            if sent:
+                return
+        self._hand_to_writer(frame)
+
+    def _hand_to_writer(self, item):
         with self._control_ready:
-            self._control.append(frame)
+            self._control.append(item)
             self._control_ready.notify()
+
+    def _write_failed_quietly(self, exc):
+        try:
+            self._write_failed(exc)
+        except MuxadoError:
+            pass
 
     def _defer(self, action):
         """Run ``action()`` on the writer thread, which holds no stream lock."""
-        self._queue_control(action)
+        self._hand_to_writer(action)
 
     def _control_loop(self):
         try:
@@ -1212,7 +1263,6 @@ class Session(object):
             self._die(ErrorCode.SESSION_CLOSED, "session closed")
             with self._lead:
                 # A consumer may still be leading; the shut socket ends its read soon.
-                self._reader_idle = True
                 while self._leader is not None:
                     self._lead.wait()
                 self._leader = _BACKGROUND   # for good: nobody reads a closed socket
@@ -1280,6 +1330,7 @@ class Session(object):
         with self._lead:
             if self._leader is None and not self._dead:
                 self._leader = _CONSUMER
+                self._lead_epoch += 1
                 return True
             return False
 
@@ -1306,15 +1357,19 @@ class Session(object):
                     self._lead_released = time.monotonic()
                 return
             if waiting > 0 or self._dead:
+                # Someone parked needs the socket read now: no grace.
                 self._lead_urgent = True
-            else:
-                self._lead_released = time.monotonic()
-            if self._reader_idle:
                 self._lead.notify_all()
+            else:
+                # The reader thread notices on its own (see _wait_to_lead);
+                # waking it here would cost more than the read we save.
+                self._lead_released = time.monotonic()
 
     def _wait_to_lead(self):
         """The reader thread: wait until it should read; False once the session ended."""
         with self._lead:
+            watch = LEAD_GRACE
+            seen = None
             while True:
                 if self._dead:
                     return False
@@ -1325,10 +1380,15 @@ class Session(object):
                     if idle >= LEAD_GRACE:
                         break
                     self._lead.wait(LEAD_GRACE - idle)
+                    continue
+                # A consumer leads. Look again later, and less often while the
+                # same one keeps the lead (an idle session costs little).
+                if self._lead_epoch == seen:
+                    watch = min(watch * 2, LEAD_WATCH_MAX)
                 else:
-                    self._reader_idle = True
-                    self._lead.wait()
-                    self._reader_idle = False
+                    seen = self._lead_epoch
+                    watch = LEAD_GRACE
+                self._lead.wait(watch)
             self._leader = _BACKGROUND
             self._lead_urgent = False
             return True

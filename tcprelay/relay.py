@@ -26,13 +26,16 @@ import time
 from . import muxado, registration
 from .bridge import Bridge, Flusher
 from .portpool import Cancelled, PoolError, PortPool
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL_SIZE = 50
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_WINDOW = 1 << 20         # per stream; 256 KiB stalls a fast stream on window updates
 THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
+LISTEN_BACKLOG = 1024            # bursts of new clients queue in the kernel, not fail
 
 
 def _address(addr):
@@ -271,7 +274,7 @@ class ServiceLink(object):
                 return
             bridge = Bridge(conn, stream, relay.flusher,
                             name="client %s" % _address(client_address),
-                            on_close=self._client_closed)
+                            on_close=self._client_closed, workers=relay.workers)
             with self._lock:
                 self._bridges.add(bridge)
                 self.clients_served += 1
@@ -333,7 +336,7 @@ class Relay(object):
 
     def __init__(self, server_address, ports=None, public_bind="", public_host="localhost",
                  max_services=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, window_size=muxado.DEFAULT_WINDOW,
+                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, window_size=DEFAULT_WINDOW,
                  bind_and_activate=True):
         host, port = server_address[:2]
         if ports is None:
@@ -365,6 +368,7 @@ class Relay(object):
                 self.socket.close()
                 raise
         self.flusher = Flusher(name="relay-flusher")
+        self.workers = WorkerPool(name="relay-pump")
 
     # -- socketserver-style interface ------------------------------------------------
 
@@ -374,7 +378,7 @@ class Relay(object):
         self.server_address = self.socket.getsockname()
 
     def server_activate(self):
-        self.socket.listen(128)
+        self.socket.listen(LISTEN_BACKLOG)
 
     def fileno(self):
         return self.socket.fileno()
@@ -440,6 +444,7 @@ class Relay(object):
         for link in services:
             link.join()
         if self.flusher is not None:
+            self.workers.close()
             self.flusher.close()
 
     def __enter__(self):
@@ -464,7 +469,7 @@ class Relay(object):
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((self.public_bind, port))
-            listener.listen(128)
+            listener.listen(LISTEN_BACKLOG)
         except OSError:
             listener.close()
             raise

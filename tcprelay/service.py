@@ -21,10 +21,16 @@ import time
 import traceback
 
 from . import muxado, registration
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_WINDOW = 1 << 20   # per stream; 256 KiB stalls a fast stream on window updates
+# The relay opens one stream per client and caps clients itself, so a
+# service takes far more streams than muxado's defaults for unknown peers.
+DEFAULT_MAX_STREAMS = 65536
+DEFAULT_ACCEPT_BACKLOG = 4096
 
 
 class RegistrationRefused(Exception):
@@ -133,6 +139,9 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     bounds connecting and each answer from the relay.
     """
     sock = socket.create_connection(relay_address, timeout=timeout)
+    session_options.setdefault("window_size", DEFAULT_WINDOW)
+    session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
+    session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
     session = muxado.client(sock, name="relay %s:%d" % tuple(relay_address[:2]),
                             **session_options)
     try:
@@ -159,6 +168,9 @@ class RelayServer(object):
     daemon_threads = False
     block_on_close = True
     timeout = None
+    # True runs handlers on reused threads: cheaper per client, but a
+    # handler then must not rely on fresh threading.local state.
+    reuse_threads = False
 
     def __init__(self, relay_address, RequestHandlerClass, port=None, name=None,
                  timeout=DEFAULT_TIMEOUT, bind_and_activate=True, **session_options):
@@ -172,7 +184,9 @@ class RelayServer(object):
         self.public_address = None
         self.server_address = None
         self._threads = set()
-        self._threads_lock = threading.Lock()
+        self._threads_lock = threading.Condition()
+        self._pooled_active = 0
+        self._workers = None
         self._shutdown_requested = threading.Event()
         self._serving = threading.Event()
         self._stopped = threading.Event()
@@ -234,9 +248,13 @@ class RelayServer(object):
             if self.block_on_close:
                 with self._threads_lock:
                     threads = list(self._threads)
+                    while self._pooled_active:
+                        self._threads_lock.wait()
                 for thread in threads:
                     thread.join()
             self.connection.close()
+        if self._workers is not None:
+            self._workers.close()
 
     def __enter__(self):
         return self
@@ -258,6 +276,13 @@ class RelayServer(object):
         return True
 
     def process_request(self, request, client_address):
+        if self.reuse_threads:
+            with self._threads_lock:
+                if self._workers is None:
+                    self._workers = WorkerPool(name="relay-server")
+                self._pooled_active += 1
+            self._workers.submit(self._process_pooled, request, client_address)
+            return
         thread = threading.Thread(target=self.process_request_thread,
                                   args=(request, client_address),
                                   name="client stream %d" % request.id)
@@ -275,6 +300,15 @@ class RelayServer(object):
             self.shutdown_request(request)
             with self._threads_lock:
                 self._threads.discard(threading.current_thread())
+
+    def _process_pooled(self, request, client_address):
+        threading.current_thread().name = "client stream %d" % request.id
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._threads_lock:
+                self._pooled_active -= 1
+                self._threads_lock.notify_all()
 
     def finish_request(self, request, client_address):
         self.RequestHandlerClass(request, client_address, self)
