@@ -75,6 +75,7 @@ _BACKGROUND = "reader thread"
 _CONSUMER = "consumer"
 _RECV_SIZE = 1 << 20             # one recv_into; holds several whole 256 KiB frames
 _DATA_HEADER = struct.Struct(">II")
+_RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
 _DATA_TYPE = 1 << 4
 
 
@@ -207,17 +208,23 @@ class Stream(object):
         return self._timeout != 0.0
 
     def recv(self, bufsize, flags=0):
-        """Up to ``bufsize`` bytes; ``b""`` once the peer has half-closed."""
-        if flags:
-            raise ValueError("muxado streams take no recv flags")
+        """Up to ``bufsize`` bytes; ``b""`` once the peer has half-closed.
+
+        As with sockets, ``MSG_PEEK`` leaves the data to be read again and
+        ``MSG_WAITALL`` waits for all ``bufsize`` bytes (or EOF).
+        """
+        if flags & ~_RECV_FLAGS:
+            raise ValueError("muxado streams take only MSG_PEEK and MSG_WAITALL")
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
         if bufsize == 0:
             return b""
         with self._lock:
-            self._wait_readable()
+            self._wait_readable(bufsize if flags & socket.MSG_WAITALL else 1)
             if not self._buffered:
                 return b""
+            if flags & socket.MSG_PEEK:
+                return self._peek(bufsize)
             chunk = self._chunks[0]
             offset = self._offset
             if offset == 0 and len(chunk) <= bufsize:
@@ -563,17 +570,33 @@ class Stream(object):
     def _closed_error(self):
         return SessionClosedError(ErrorCode.STREAM_CLOSED, "stream is closed")
 
-    def _wait_readable(self):
-        """Wait until there is data, EOF or an error (lock held). Raises on error."""
-        if self._buffered:
+    def _peek(self, bufsize):
+        """Up to ``bufsize`` buffered bytes, left in place (lock held)."""
+        data = bytearray()
+        offset = self._offset
+        for chunk in self._chunks:
+            data += memoryview(chunk)[offset:offset + bufsize - len(data)]
+            offset = 0
+            if len(data) >= bufsize:
+                break
+        return bytes(data)
+
+    def _wait_readable(self, want=1):
+        """Wait until ``want`` bytes are buffered, or EOF, or an error (lock held).
+
+        Buffered data is returned before an error is raised.
+        """
+        if self._buffered >= want:
             return
         deadline = None
         while True:
             if self._closed is True:
                 raise self._closed_error()
-            if self._buffered or self._fin_received or self._read_shut:
+            if self._buffered >= want or self._fin_received or self._read_shut:
                 return
             if self._error is not None:
+                if self._buffered:
+                    return
                 raise self._error
             if self._timeout == 0.0:
                 raise BlockingIOError(errno.EAGAIN, "no data ready on stream %d" % self.id)
@@ -582,7 +605,13 @@ class Stream(object):
             remaining = deadline.remaining()
             if remaining == 0.0:
                 raise _timeout_error("recv")
-            self._wait_on(self._readable, self._input_ready, deadline, remaining, True)
+            if want == 1:
+                ready = self._input_ready
+            else:
+                def ready():
+                    return (self._buffered >= want or self._fin_received or self._read_shut
+                            or self._error is not None or self._closed is True)
+            self._wait_on(self._readable, ready, deadline, remaining, True)
 
     def _input_ready(self):
         return (self._buffered or self._fin_received or self._read_shut

@@ -25,10 +25,11 @@ class Cancelled(Exception):
 class Ticket(object):
     """One place in the line. Get one from ``PortPool.request``."""
 
-    def __init__(self, pool, port, lease):
+    def __init__(self, pool, port, lease, prefer):
         self._pool = pool
         self.port = port           # the port asked for, or None for any
         self.lease = lease         # a lease token that may unlock a held-back port
+        self.prefer = prefer       # taken if free, else any port
         self.cancelled = False
         self.granted = None        # (port, listener) once granted
 
@@ -79,11 +80,15 @@ class PortPool(object):
     def __contains__(self, port):
         return port in self._free or port in self._ports
 
-    def request(self, port=None, lease=None):
-        """Join the line for ``port`` (None for any). Raises PoolError if impossible."""
+    def request(self, port=None, lease=None, prefer=None):
+        """Join the line for ``port`` (None for any). Raises PoolError if impossible.
+
+        ``lease`` unlocks a port held back for that token; ``prefer`` is a
+        port to take if it is free, with any other port as good otherwise.
+        """
         if port is not None and port not in self._ports:
             raise PoolError("port %d is not in this relay's pool (%s)" % (port, self.describe()))
-        ticket = Ticket(self, port, lease)
+        ticket = Ticket(self, port, lease, prefer)
         with self._cond:
             self._line.append(ticket)
             self._cond.notify_all()
@@ -157,9 +162,12 @@ class PortPool(object):
             if ticket.port is not None:
                 candidates = [ticket.port] if ticket.port in self._free else []
             else:
-                # A lease's own held-back port first, then the lowest free one.
-                candidates = sorted(self._free, key=lambda p: (self._held.get(p, (None,))[0]
-                                                               != ticket.lease or ticket.lease is None, p))
+                # A lease's own held-back port first, then the preferred one,
+                # then the lowest free one.
+                def rank(p, ticket=ticket):
+                    mine = ticket.lease is not None and self._held.get(p, (None,))[0] == ticket.lease
+                    return (not mine, p != ticket.prefer, p)
+                candidates = sorted(self._free, key=rank)
             port = None
             for candidate in candidates:
                 if candidate not in taken and self._usable(candidate, ticket, now):

@@ -18,6 +18,7 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST = 4096          # bytes of request the relay reads at most
 MAX_REPLY = 64 * 1024       # bytes of one reply line a service reads at most
 MAX_NAME = 64
+MAX_LEASE = 128
 
 
 class RegistrationError(Exception):
@@ -27,23 +28,28 @@ class RegistrationError(Exception):
 class Request(object):
     """What a service asks for. ``minimal`` is True for the empty request."""
 
-    FIELDS = ("version", "port", "name", "max_wait", "notices")
+    FIELDS = ("version", "port", "name", "max_wait", "notices", "lease", "heartbeat",
+              "proxy_protocol")
 
-    def __init__(self, port=None, name=None, max_wait=None, notices=False,
-                 version=PROTOCOL_VERSION, extra=None, minimal=False):
+    def __init__(self, port=None, name=None, max_wait=None, notices=False, lease=None,
+                 heartbeat=False, proxy_protocol=None, version=PROTOCOL_VERSION, extra=None,
+                 minimal=False):
         self.version = version
         self.port = port
         self.name = name
         self.max_wait = max_wait
         self.notices = notices
+        self.lease = lease                    # a token from an earlier registration
+        self.heartbeat = heartbeat            # keep the stream open for pings
+        self.proxy_protocol = proxy_protocol  # "v1" or "v2": start each stream with a header
         self.extra = dict(extra or {})   # fields later versions and extensions add
         self.minimal = minimal
 
     def __repr__(self):
         if self.minimal:
             return "<Request minimal>"
-        fields = ", ".join("%s=%r" % (k, getattr(self, k)) for k in self.FIELDS
-                           if getattr(self, k) is not None)
+        fields = ", ".join("%s=%r" % (k, getattr(self, k) if k != "lease" else "...")
+                           for k in self.FIELDS if getattr(self, k) not in (None, False))
         return "<Request %s>" % fields
 
     def encode(self):
@@ -51,12 +57,13 @@ class Request(object):
         if self.minimal:
             return b""
         body = {"version": self.version}
-        for key in ("port", "name", "max_wait"):
+        for key in ("port", "name", "max_wait", "lease", "proxy_protocol"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
-        if self.notices:
-            body["notices"] = True
+        for key in ("notices", "heartbeat"):
+            if getattr(self, key):
+                body[key] = True
         body.update(self.extra)
         return (json.dumps(body, sort_keys=True) + "\n").encode("utf-8")
 
@@ -99,15 +106,25 @@ def parse_request(data):
                 or not name.isprintable():
             raise RegistrationError("'name' must be printable text of 1 to %d characters"
                                     % MAX_NAME)
-    notices = body.get("notices", False)
-    if not isinstance(notices, bool):
-        raise RegistrationError("'notices' must be true or false")
+    for flag in ("notices", "heartbeat"):
+        if not isinstance(body.get(flag, False), bool):
+            raise RegistrationError("%r must be true or false" % flag)
+    lease = body.get("lease")
+    if lease is not None and (not isinstance(lease, str) or not 0 < len(lease) <= MAX_LEASE
+                              or not lease.isprintable()):
+        raise RegistrationError("'lease' must be the token a relay handed out")
+    proxy_protocol = body.get("proxy_protocol")
+    if proxy_protocol not in (None, "v1", "v2"):
+        raise RegistrationError("'proxy_protocol' must be \"v1\" or \"v2\"")
     extra = dict((k, v) for k, v in body.items() if k not in Request.FIELDS)
     return Request(
         port=_number(body, "port", 1, 65535, integer=True),
         name=name,
         max_wait=_number(body, "max_wait", 0, 10 ** 9, integer=False),
-        notices=notices,
+        notices=body.get("notices", False),
+        lease=lease,
+        heartbeat=body.get("heartbeat", False),
+        proxy_protocol=proxy_protocol,
         version=version,
         extra=extra,
     )

@@ -17,14 +17,16 @@ writer threads.
 
 import argparse
 import logging
+import secrets
 import signal
 import socket
 import sys
 import threading
 import time
 
-from . import muxado, registration
+from . import muxado, proxyproto, registration
 from .bridge import Bridge, Flusher
+from .heartbeat import HeartbeatResponder, enable_tcp_keepalive
 from .portpool import Cancelled, PoolError, PortPool
 from .workers import WorkerPool
 
@@ -34,6 +36,8 @@ DEFAULT_POOL_SIZE = 50
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_WINDOW = 1 << 20         # per stream; 256 KiB stalls a fast stream on window updates
+DEFAULT_LEASE_TIME = 30.0
+DEFAULT_KEEPALIVE = 30.0
 THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
 LISTEN_BACKLOG = 1024            # bursts of new clients queue in the kernel, not fail
 
@@ -62,6 +66,9 @@ class ServiceLink(object):
         self._draining = False
         self._bridges = set()
         self._idle = threading.Condition(self._lock)   # a client left, or the session ended
+        self._heartbeat = None
+        self.request = None
+        self.lease = None           # the token we handed out, once registered
         self.clients_served = 0
         self._thread = threading.Thread(target=self._run, name="service %s" % _address(address))
         self._thread.daemon = True
@@ -87,6 +94,12 @@ class ServiceLink(object):
     def client_count(self):
         with self._lock:
             return len(self._bridges)
+
+    @property
+    def said_goodbye(self):
+        """True if the service ended its session on purpose (GOAWAY NO_ERROR)."""
+        goaway = self._session.remote_goaway if self._session is not None else None
+        return goaway is not None and goaway[1] == muxado.ErrorCode.NO_ERROR
 
     def goaway(self):
         """Refuse new clients and tell the service we are leaving; clients carry on."""
@@ -117,6 +130,7 @@ class ServiceLink(object):
         relay = self.relay
         granted = None
         try:
+            enable_tcp_keepalive(self._sock, relay.keepalive)
             session = muxado.server(self._sock, name="service %s" % _address(self.address),
                                     window_size=relay.window_size)
             with self._lock:
@@ -125,6 +139,7 @@ class ServiceLink(object):
             request, stream = self._handshake(session)
             if request is None:
                 return
+            self.request = request
             granted = self._wait_for_port(request, stream)
             if granted is None:
                 return
@@ -148,10 +163,14 @@ class ServiceLink(object):
                 bridges = list(self._bridges)
             for bridge in bridges:
                 bridge.join()
+            if self._heartbeat is not None:
+                self._heartbeat.join()
             if granted is not None:
-                relay.pool.release(granted[0])
-                log.info("%s: left; port %d is free again (%d clients served)",
-                         self.label, granted[0], self.clients_served)
+                held = relay._release_port(self, granted[0])
+                log.info("%s: left; port %d is free again%s (%d clients served)",
+                         self.label, granted[0],
+                         " once its lease ends in %gs" % relay.lease_time if held else "",
+                         self.clients_served)
             relay._forget_service(self)
 
     def _handshake(self, session):
@@ -205,7 +224,10 @@ class ServiceLink(object):
     def _wait_for_port(self, request, stream):
         """Wait in line for a port, reporting the place if asked; returns (port, listener)."""
         relay = self.relay
-        ticket = relay.pool.request(request.port)
+        lease = prefer = None
+        if request.lease is not None:
+            lease, prefer = relay._claim_lease(request.lease, self)
+        ticket = relay.pool.request(request.port, lease=lease, prefer=prefer)
         with self._lock:
             self._ticket = ticket
             ended = self._ended
@@ -248,14 +270,29 @@ class ServiceLink(object):
 
     def _announce(self, request, stream, port):
         """Tell the service its public address, in the form it registered with."""
-        address = "%s:%d" % (self.relay.public_host, port)
+        relay = self.relay
+        address = "%s:%d" % (relay.public_host, port)
         if request.minimal:
             stream.sendall(address.encode("ascii"))
+            stream.close()
+            log.info("%s: registered; public address %s", self.label, address)
+            return
+        reply = {"address": address, "port": port, "version": registration.PROTOCOL_VERSION}
+        if relay.lease_time > 0:
+            self.lease = relay._issue_lease(self, port)
+            reply.update(lease=self.lease, lease_seconds=relay.lease_time)
+        if request.heartbeat:
+            reply["heartbeat"] = {"interval": relay.keepalive / 3.0, "timeout": relay.keepalive}
+        stream.sendall(registration.encode_reply("ok", **reply))
+        if request.heartbeat:
+            # The registration stream carries the heartbeat from now on.
+            self._heartbeat = HeartbeatResponder(self._session, stream, relay.keepalive,
+                                                 self.label)
+            self._heartbeat.start()
         else:
-            stream.sendall(registration.encode_reply(
-                "ok", address=address, port=port, version=registration.PROTOCOL_VERSION))
-        stream.close()
-        log.info("%s: registered; public address %s", self.label, address)
+            stream.close()
+        log.info("%s: registered; public address %s%s", self.label, address,
+                 " (PROXY %s headers)" % request.proxy_protocol if request.proxy_protocol else "")
 
     def _serve_clients(self, session):
         relay = self.relay
@@ -267,7 +304,10 @@ class ServiceLink(object):
                 return  # the listener was shut down: session ended, or the relay is leaving
             try:
                 stream = session.open()
-            except muxado.MuxadoError as exc:
+                if self.request.proxy_protocol:
+                    stream.sendall(proxyproto.encode(self.request.proxy_protocol,
+                                                     client_address[:2], conn.getsockname()[:2]))
+            except (muxado.MuxadoError, OSError) as exc:
                 log.info("%s: cannot open a stream for client %s: %s",
                          self.label, _address(client_address), exc)
                 _reset(conn)
@@ -337,6 +377,7 @@ class Relay(object):
     def __init__(self, server_address, ports=None, public_bind="", public_host="localhost",
                  max_services=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
                  drain_timeout=DEFAULT_DRAIN_TIMEOUT, window_size=DEFAULT_WINDOW,
+                 lease_time=DEFAULT_LEASE_TIME, keepalive=DEFAULT_KEEPALIVE,
                  bind_and_activate=True):
         host, port = server_address[:2]
         if ports is None:
@@ -348,7 +389,10 @@ class Relay(object):
         self.handshake_timeout = handshake_timeout
         self.drain_timeout = drain_timeout
         self.window_size = window_size
+        self.lease_time = lease_time
+        self.keepalive = keepalive
         self.pool = PortPool(ports, self._bind_public, limit=max_services)
+        self._leases = {}   # token -> [port, holding ServiceLink or None, expiry]
         self._lock = threading.Condition()
         self._services = set()
         self._clients = 0
@@ -475,6 +519,63 @@ class Relay(object):
             raise
         return listener
 
+    # Leases: a token handed to a service at registration. Re-registering with
+    # it within lease_time gets the same port back; while the lease holds, the
+    # port goes to no one else. A token this relay does not know (it restarted,
+    # or the lease ran out) still names its port: taken if free, as a preference.
+
+    def _issue_lease(self, link, port):
+        token = "%d-%s" % (port, secrets.token_hex(16))
+        with self._lock:
+            for old in [t for t, entry in self._leases.items() if entry[0] == port]:
+                del self._leases[old]
+            self._leases[token] = [port, link, None]
+        return token
+
+    def _claim_lease(self, token, link):
+        """(lease token to wait with, preferred port) for a re-registering service."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._leases.get(token)
+            if entry is not None and entry[2] is not None and entry[2] <= now:
+                del self._leases[token]
+                entry = None
+            holder = entry[1] if entry is not None else None
+        if entry is None:
+            port = token.split("-", 1)[0]
+            return None, int(port) if port.isdigit() else None
+        if holder is not None and holder is not link:
+            # The service came back before we noticed it had gone: its old
+            # connection gives way, and its port waits for this one.
+            log.info("%s: presents the lease of %s; closing the old connection",
+                     link.label, holder.label)
+            holder.close()
+        return token, entry[0]
+
+    def _release_port(self, link, port):
+        """Give ``link``'s port back; True if it is held for the service's lease.
+
+        A service that said goodbye (GOAWAY NO_ERROR, as muxado's close does)
+        left on purpose: its port is free at once. One whose connection was
+        lost keeps its port for lease_time, to come back to.
+        """
+        with self._lock:
+            entry = self._leases.get(link.lease) if link.lease else None
+            if entry is not None and entry[1] is link:
+                if link.said_goodbye:
+                    del self._leases[link.lease]
+                    entry = None
+                else:
+                    entry[1] = None
+                    entry[2] = time.monotonic() + self.lease_time
+            else:
+                entry = None
+        if entry is not None and self._accepting:
+            self.pool.release(port, hold_for=link.lease, hold_seconds=self.lease_time)
+            return True
+        self.pool.release(port)
+        return False
+
     def _forget_service(self, link):
         with self._lock:
             self._services.discard(link)
@@ -544,6 +645,16 @@ def _positive(kind):
     return parse
 
 
+def _non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r must not be negative" % text)
+    return value
+
+
 def build_parser():
     parser = _Parser(
         prog="python3 -m tcprelay.relay",
@@ -572,6 +683,14 @@ def build_parser():
                         metavar="SECONDS",
                         help="on SIGINT or SIGTERM, let open clients finish for this long "
                              "(default: 10)")
+    parser.add_argument("--lease-time", type=_non_negative, default=DEFAULT_LEASE_TIME,
+                        metavar="SECONDS",
+                        help="a service that reconnects within this time with its lease "
+                             "token gets its port back; 0 disables leases (default: 30)")
+    parser.add_argument("--keepalive", type=_positive(float), default=DEFAULT_KEEPALIVE,
+                        metavar="SECONDS",
+                        help="notice a service that vanished (TCP keepalive, and the "
+                             "heartbeat for services that ask) within this time (default: 30)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log to stderr (default: info)")
@@ -598,7 +717,8 @@ def main(argv=None):
         relay = Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,
                       public_host=args.public_host, max_services=args.max_services,
                       handshake_timeout=args.handshake_timeout,
-                      drain_timeout=args.drain_timeout)
+                      drain_timeout=args.drain_timeout, lease_time=args.lease_time,
+                      keepalive=args.keepalive)
     except OSError as exc:
         where = "%s:%d" % (args.host or "*", args.port)
         sys.stderr.write("tcprelay.relay: cannot listen on %s: %s (is another relay running? "

@@ -997,3 +997,29 @@ def test_two_hundred_concurrent_streams_from_eight_threads(make_pair):
     assert len(results) == total
     assert len(set(sid for sid, _ in results)) == total
     assert all(ok for _, ok in results)
+
+
+def test_recv_peek_leaves_the_data_and_waitall_waits_for_all(sessions):
+    opened, accepted = sessions.stream_pair()
+    opened.sendall(b"PROXY hello")
+    assert accepted.recv(5, socket.MSG_PEEK) == b"PROXY"
+    assert accepted.recv(100, socket.MSG_PEEK) == b"PROXY hello"
+    assert accepted.recv(6) == b"PROXY "
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(
+        accepted.recv(10, socket.MSG_WAITALL)))
+    waiter.start()
+    # Five of the ten bytes are there; the rest comes in two more frames.
+    opened.sendall(b"12")
+    opened.sendall(b"345")
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive()
+    assert got == [b"hello12345"]
+    # At EOF, MSG_WAITALL returns what there is.
+    opened.sendall(b"tail")
+    opened.close_write()
+    assert accepted.recv(100, socket.MSG_WAITALL | socket.MSG_PEEK) == b"tail"
+    assert accepted.recv(100, socket.MSG_WAITALL) == b"tail"
+    assert accepted.recv(100) == b""
+    with pytest.raises(ValueError):
+        accepted.recv(1, socket.MSG_OOB)

@@ -217,7 +217,9 @@ def test_ports_and_public_host_options(procs):
 
 def test_max_services_option(procs):
     ports = free_port_range(3)
-    relay = procs.relay(ports[0], *quick("--max-services", "1", *pool_args(ports[1:])))
+    # No leases: a killed service's port must go straight to the one in line.
+    relay = procs.relay(ports[0], *quick("--max-services", "1", "--lease-time", "0",
+                                         *pool_args(ports[1:])))
     first, first_port = procs.echo(ports[0])
     assert first_port == ports[1]
     second = procs.start("tcprelay.echoserver", LOOPBACK, ports[0])
@@ -396,7 +398,9 @@ class Streamer(object):
 def test_resources_return_to_baseline_after_services_killed_mid_transfer(procs):
     ports = free_port_range(7)
     relay_port, pool = ports[0], ports[1:]
-    relay = procs.relay(relay_port, *quick(*pool_args(pool)), ready="listening for services")
+    # No leases: killed services' ports must come straight back to the pool.
+    relay = procs.relay(relay_port, *quick("--lease-time", "0", *pool_args(pool)),
+                        ready="listening for services")
     base_threads, base_files = relay.threads(), relay.open_files()
 
     echoes = [procs.echo(relay_port) for _ in range(5)]
