@@ -15,6 +15,7 @@ setup(
         "console_scripts": [
             "tcprelay-relay = tcprelay.relay:main",
             "tcprelay-echoserver = tcprelay.echoserver:main",
+            "tcprelay-adapter = tcprelay.adapter:main",
         ],
     },
     classifiers=[

@@ -122,7 +122,13 @@ class Bridge(object):
         except OSError:
             pass
 
+    def run(self):
+        """Pump in the calling thread until both directions end."""
+        self.stream.set_receiver(self)
+        self._pump()
+
     def start(self):
+        """Pump on a thread of ``workers``, or a thread of its own."""
         self.stream.set_receiver(self)
         if self._workers is not None:
             self._workers.submit(self._pump)

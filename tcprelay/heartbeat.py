@@ -20,6 +20,8 @@ from . import muxado, registration
 
 log = logging.getLogger(__name__)
 
+DEFAULT_KEEPALIVE = 30.0   # seconds to notice a vanished peer
+
 
 def enable_tcp_keepalive(sock, seconds):
     """Have the kernel notice a dead peer within about ``seconds``."""

@@ -24,9 +24,9 @@ import sys
 import threading
 import time
 
-from . import muxado, proxyproto, registration
+from . import cli, muxado, proxyproto, registration
 from .bridge import Bridge, Flusher
-from .heartbeat import HeartbeatResponder, enable_tcp_keepalive
+from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
 from .portpool import Cancelled, PoolError, PortPool
 from .workers import WorkerPool
 
@@ -37,7 +37,6 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_WINDOW = 1 << 20         # per stream; 256 KiB stalls a fast stream on window updates
 DEFAULT_LEASE_TIME = 30.0
-DEFAULT_KEEPALIVE = 30.0
 THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
 LISTEN_BACKLOG = 1024            # bursts of new clients queue in the kernel, not fail
 
@@ -604,13 +603,6 @@ class Relay(object):
 # --- command line ---------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2), as the CLI promises."""
-
-    def error(self, message):
-        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
-
-
 def _port_range(text):
     try:
         low, _, high = text.partition("-")
@@ -621,28 +613,6 @@ def _port_range(text):
     if not 1 <= low <= high <= 65535:
         raise argparse.ArgumentTypeError("%r is not a port range within 1-65535" % text)
     return range(low, high + 1)
-
-
-def _port(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a port number" % text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError("%r is not a port number (1-65535)" % text)
-    return value
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a number" % text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError("%r must be more than 0" % text)
-        return value
-    return parse
 
 
 def _non_negative(text):
@@ -656,13 +626,13 @@ def _non_negative(text):
 
 
 def build_parser():
-    parser = _Parser(
+    parser = cli.Parser(
         prog="python3 -m tcprelay.relay",
         description="Relay TCP clients to services that dial in over muxado. Each service "
                     "gets a public port from a pool; each client of that port reaches the "
                     "service as a new stream.",
     )
-    parser.add_argument("port", type=_port, help="port where services connect")
+    parser.add_argument("port", type=cli.port_number, help="port where services connect")
     parser.add_argument("--host", default="",
                         help="address services connect to (default: all interfaces)")
     parser.add_argument("--public-bind", default="", metavar="HOST",
@@ -672,14 +642,14 @@ def build_parser():
                              "(default: localhost)")
     parser.add_argument("--ports", type=_port_range, metavar="LOW-HIGH",
                         help="the public port pool (default: PORT+1 to PORT+50)")
-    parser.add_argument("--max-services", type=_positive(int), default=DEFAULT_POOL_SIZE,
+    parser.add_argument("--max-services", type=cli.positive(int), default=DEFAULT_POOL_SIZE,
                         metavar="N", help="services that may hold a port at once; "
                                           "more wait in line (default: 50)")
-    parser.add_argument("--handshake-timeout", type=_positive(float),
+    parser.add_argument("--handshake-timeout", type=cli.positive(float),
                         default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
                         help="drop a service that has not registered within this time "
                              "(default: 10)")
-    parser.add_argument("--drain-timeout", type=_positive(float), default=DEFAULT_DRAIN_TIMEOUT,
+    parser.add_argument("--drain-timeout", type=cli.positive(float), default=DEFAULT_DRAIN_TIMEOUT,
                         metavar="SECONDS",
                         help="on SIGINT or SIGTERM, let open clients finish for this long "
                              "(default: 10)")
@@ -687,19 +657,13 @@ def build_parser():
                         metavar="SECONDS",
                         help="a service that reconnects within this time with its lease "
                              "token gets its port back; 0 disables leases (default: 30)")
-    parser.add_argument("--keepalive", type=_positive(float), default=DEFAULT_KEEPALIVE,
+    parser.add_argument("--keepalive", type=cli.positive(float), default=DEFAULT_KEEPALIVE,
                         metavar="SECONDS",
                         help="notice a service that vanished (TCP keepalive, and the "
                              "heartbeat for services that ask) within this time (default: 30)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"],
+    parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
     return parser
-
-
-def configure_logging(level):
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv=None):
@@ -711,7 +675,7 @@ def main(argv=None):
     if args.port in ports:
         parser.error("the pool %d-%d includes the service port %d"
                      % (ports[0], ports[-1], args.port))
-    configure_logging(args.log_level)
+    cli.configure_logging(args.log_level)
     threading.stack_size(THREAD_STACK_SIZE)
     try:
         relay = Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,

@@ -14,13 +14,15 @@ Handlers get a ``muxado.Stream`` as ``request``; it behaves like a socket.
 
 import collections
 import logging
+import random
 import socket
 import sys
 import threading
 import time
 import traceback
 
-from . import muxado, registration
+from . import muxado, proxyproto, registration
+from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,14 @@ class RelayGone(ConnectionError):
 class ServiceConnection(object):
     """A registered service: one muxado session to the relay and a public address."""
 
-    def __init__(self, session, address, port, reply):
+    def __init__(self, session, reply, heartbeat=None, proxy_protocol=None):
         self.session = session
-        self.address = address     # "host:port", as the relay hands it out
-        self.port = port
-        self.reply = reply         # the relay's whole ok reply (extended form)
+        self.reply = reply                    # the relay's whole ok reply (extended form)
+        self.address = reply.get("address")   # "host:port", as the relay hands it out
+        self.port = reply.get("port")
+        self.lease = reply.get("lease")       # the token to get this port back
+        self.proxy_protocol = proxy_protocol  # each stream starts with a PROXY header
+        self._heartbeat = heartbeat
 
     def accept(self, timeout=None):
         """The next client's stream. Raises ``RelayGone`` once the relay is gone."""
@@ -62,7 +67,11 @@ class ServiceConnection(object):
             raise RelayGone("connection to the relay ended: %s" % exc.message)
 
     def close(self):
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         self.session.close()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
 
     @property
     def closed(self):
@@ -98,15 +107,20 @@ class _ReplyReader(object):
 
 
 def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
-             on_waiting=None):
-    """Register over an open session (extended form); returns the ok reply.
+             on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None):
+    """Register over an open session (extended form).
 
+    Returns ``(reply, stream)``: the relay's ok reply, and the registration
+    stream if it now carries the heartbeat (else None: it is closed).
     ``on_waiting(position)`` is called while we wait in line for a port.
     Raises ``RegistrationRefused`` if the relay says no.
     """
     stream = session.open()
+    keep = False
     try:
-        request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True)
+        request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True,
+                                       lease=lease, heartbeat=heartbeat,
+                                       proxy_protocol=proxy_protocol)
         stream.settimeout(timeout)
         stream.sendall(request.encode())
         replies = _ReplyReader(stream)
@@ -121,40 +135,69 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                 if on_waiting is not None:
                     on_waiting(position)
             elif status == "ok":
-                return reply
+                if not isinstance(reply.get("address"), str):
+                    raise registration.RegistrationError("the relay's ok has no address")
+                keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
+                return reply, (stream if keep else None)
             elif status == "error":
                 raise RegistrationRefused(str(reply.get("error", "refused")))
             else:
                 raise registration.RegistrationError("unexpected reply status %r" % status)
     finally:
-        stream.close()
+        if not keep:
+            stream.close()
 
 
 def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wait=None,
-            on_waiting=None, **session_options):
+            on_waiting=None, lease=None, heartbeat=True, proxy_protocol=None,
+            keepalive=DEFAULT_KEEPALIVE, **session_options):
     """Dial the relay, register, and return a ``ServiceConnection``.
 
     ``port`` asks for a particular public port, ``name`` labels us in the
-    relay's logs, ``max_wait`` bounds the wait for a free port. ``timeout``
-    bounds connecting and each answer from the relay.
+    relay's logs, ``max_wait`` bounds the wait for a free port, ``lease``
+    (a token from an earlier connection) asks for the same port back.
+    ``heartbeat`` pings the relay to notice it vanishing; ``proxy_protocol``
+    ("v1" or "v2") asks for each stream to start with the client's address.
+    ``timeout`` bounds connecting and each answer from the relay.
     """
+    where = "%s:%d" % tuple(relay_address[:2])
     sock = socket.create_connection(relay_address, timeout=timeout)
+    enable_tcp_keepalive(sock, keepalive)
     session_options.setdefault("window_size", DEFAULT_WINDOW)
     session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
     session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
-    session = muxado.client(sock, name="relay %s:%d" % tuple(relay_address[:2]),
-                            **session_options)
+    session = muxado.client(sock, name="relay %s" % where, **session_options)
     try:
-        reply = register(session, port=port, name=name, max_wait=max_wait, timeout=timeout,
-                         on_waiting=on_waiting)
+        reply, stream = register(session, port=port, name=name, max_wait=max_wait,
+                                 timeout=timeout, on_waiting=on_waiting, lease=lease,
+                                 heartbeat=heartbeat, proxy_protocol=proxy_protocol)
     except socket.timeout:
         session.close()
-        raise socket.timeout("the relay at %s:%d did not answer within %gs"
-                             % (relay_address[0], relay_address[1], timeout))
+        raise socket.timeout("the relay at %s did not answer within %gs" % (where, timeout))
     except BaseException:
         session.close()
         raise
-    return ServiceConnection(session, reply.get("address"), reply.get("port"), reply)
+    sender = None
+    if stream is not None:
+        beat = reply["heartbeat"]
+        sender = HeartbeatSender(session, stream, float(beat.get("interval", keepalive / 3.0)),
+                                 float(beat.get("timeout", keepalive)), "relay %s" % where)
+        sender.start()
+    return ServiceConnection(session, reply, heartbeat=sender, proxy_protocol=proxy_protocol)
+
+
+class Backoff(object):
+    """Delays between attempts: exponential with jitter, from ``first`` up to ``cap``."""
+
+    def __init__(self, first=0.5, cap=30.0):
+        self._first = first
+        self._cap = cap
+        self._attempt = 0
+
+    def next(self):
+        base = min(self._cap, self._first * 2 ** self._attempt)
+        self._attempt += 1
+        return min(self._cap, base * random.uniform(0.75, 1.25))
 
 
 class RelayServer(object):
@@ -163,6 +206,12 @@ class RelayServer(object):
     Like ``socketserver.ThreadingTCPServer``: one thread per client, the
     handler gets a stream as ``request``. ``server_address`` and
     ``public_address`` are the address clients use.
+
+    ``serve_forever(reconnect=True)`` dials the relay again when it goes
+    away, with backoff, and gets the same port back while its lease holds.
+    ``retry=True`` retries the first connection too; without it a relay
+    that cannot be reached is an error at once. A relay that refuses us
+    (``RegistrationRefused``) is final either way.
     """
 
     daemon_threads = False
@@ -171,18 +220,26 @@ class RelayServer(object):
     # True runs handlers on reused threads: cheaper per client, but a
     # handler then must not rely on fresh threading.local state.
     reuse_threads = False
+    # With proxy_protocol, take the PROXY header off each stream (False
+    # passes it on to the handler, for backends that read it themselves).
+    consume_proxy_header = True
 
     def __init__(self, relay_address, RequestHandlerClass, port=None, name=None,
-                 timeout=DEFAULT_TIMEOUT, bind_and_activate=True, **session_options):
+                 timeout=DEFAULT_TIMEOUT, bind_and_activate=True, retry=False,
+                 proxy_protocol=None, heartbeat=True, **connect_options):
         self.relay_address = tuple(relay_address[:2])
         self.RequestHandlerClass = RequestHandlerClass
         self.requested_port = port
         self.name = name
         self.connect_timeout = timeout
-        self.session_options = session_options
+        self.retry = retry
+        self.proxy_protocol = proxy_protocol
+        self.heartbeat = heartbeat
+        self.connect_options = connect_options
         self.connection = None
         self.public_address = None
         self.server_address = None
+        self._lease = None
         self._threads = set()
         self._threads_lock = threading.Condition()
         self._pooled_active = 0
@@ -194,30 +251,80 @@ class RelayServer(object):
         if bind_and_activate:
             self.server_activate()
 
+    @property
+    def relay_label(self):
+        return "%s:%d" % self.relay_address
+
     def server_activate(self):
         """Connect to the relay and register (socketserver's bind + listen)."""
-        self.connection = connect(self.relay_address, port=self.requested_port, name=self.name,
-                                  timeout=self.connect_timeout, **self.session_options)
-        self.public_address = self.connection.address
+        self._register(retry=self.retry)
+
+    def _register(self, retry):
+        backoff = Backoff()
+        while True:
+            try:
+                connection = connect(self.relay_address, port=self.requested_port,
+                                     name=self.name, timeout=self.connect_timeout,
+                                     lease=self._lease, heartbeat=self.heartbeat,
+                                     proxy_protocol=self.proxy_protocol, **self.connect_options)
+                break
+            except RegistrationRefused:
+                raise
+            except (OSError, registration.RegistrationError, muxado.MuxadoError) as exc:
+                if not retry:
+                    raise
+                delay = backoff.next()
+                log.warning("cannot register with the relay at %s: %s; trying again in %.1fs",
+                            self.relay_label, getattr(exc, "strerror", None) or exc, delay)
+                if self._shutdown_requested.wait(delay):
+                    raise RelayGone("shut down while reconnecting to the relay")
+        previous = self.public_address
+        self.connection = connection
+        self._lease = connection.lease
+        self.public_address = connection.address
         host, _, port = self.public_address.rpartition(":")
         self.server_address = (host, int(port))
-        log.info("registered with the relay at %s:%d; public address %s",
-                 self.relay_address[0], self.relay_address[1], self.public_address)
+        log.info("registered with the relay at %s; public address %s",
+                 self.relay_label, self.public_address)
+        self.registered(previous, connection)
 
-    def serve_forever(self, poll_interval=None):
-        """Handle clients until ``shutdown()``. Raises ``RelayGone`` if the relay goes away."""
-        self._shutdown_requested.clear()
+    def registered(self, previous_address, connection):
+        """Called after each registration (the first, and every reconnect)."""
+        if previous_address is not None and previous_address != connection.address:
+            log.warning("the public address changed from %s to %s",
+                        previous_address, connection.address)
+
+    def serve_forever(self, poll_interval=None, reconnect=False):
+        """Handle clients until ``shutdown()``.
+
+        If the relay goes away: with ``reconnect`` dial it again (see the
+        class docstring), else raise ``RelayGone``.
+        """
         self._stopped.clear()
         self._serving.set()
         try:
             while not self._shutdown_requested.is_set():
                 try:
                     stream = self.connection.accept()
-                except RelayGone:
+                except RelayGone as exc:
                     if self._shutdown_requested.is_set():
                         return
-                    raise
-                client_address = self.client_address_of(stream)
+                    if not reconnect:
+                        raise
+                    log.warning("lost the relay at %s (%s); reconnecting",
+                                self.relay_label, exc)
+                    self.connection.close()
+                    try:
+                        self._register(retry=True)
+                    except RelayGone:
+                        return   # shut down while reconnecting
+                    continue
+                try:
+                    client_address = self.client_address_of(stream)
+                except (proxyproto.ProxyHeaderError, OSError, muxado.MuxadoError) as exc:
+                    log.warning("dropping a client stream: %s", exc)
+                    stream.reset()
+                    continue
                 if self.verify_request(stream, client_address):
                     try:
                         self.process_request(stream, client_address)
@@ -228,8 +335,13 @@ class RelayServer(object):
                     self.shutdown_request(stream)
                 self.service_actions()
         finally:
+            self._shutdown_requested.clear()   # as socketserver: serve_forever can run again
             self._serving.clear()
             self._stopped.set()
+
+    @property
+    def shutdown_requested(self):
+        return self._shutdown_requested.is_set()
 
     def shutdown(self):
         """Stop ``serve_forever`` and wait for it; clients being served carry on."""
@@ -265,8 +377,17 @@ class RelayServer(object):
     # -- the socketserver contract ------------------------------------------------------
 
     def client_address_of(self, stream):
-        """The address handlers see as ``client_address``: the relay's, unless
-        the relay tells us the client's own."""
+        """The address handlers see as ``client_address``.
+
+        With ``proxy_protocol`` it is the client's own, from the PROXY header
+        the relay put first on the stream; else it is the relay's.
+        """
+        if self.proxy_protocol and self.consume_proxy_header:
+            stream.settimeout(self.connect_timeout)
+            source, _ = proxyproto.read_header(stream)
+            stream.settimeout(None)
+            if source is not None:
+                return source
         return self.connection.session.getpeername()
 
     def service_actions(self):

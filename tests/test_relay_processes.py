@@ -276,7 +276,8 @@ def test_sigterm_drains_open_clients_then_exits_0(procs):
     ports = free_port_range(2)
     relay = procs.relay(ports[0], "--handshake-timeout", "1", "--drain-timeout", "10",
                         *pool_args(ports[1:]))
-    echo, public = procs.echo(ports[0])
+    # --no-reconnect: an echo server that exits when the relay leaves (not the default).
+    echo, public = procs.echo(ports[0], "--no-reconnect")
     client = connect_client(public)
     try:
         assert echo_roundtrip(client, b"before", half_close=False) == b"before"
@@ -295,7 +296,7 @@ def test_sigterm_drains_open_clients_then_exits_0(procs):
     # The last client is done: exit 0 well before the drain timeout.
     assert relay.wait(timeout=5) == 0
     assert_no_traceback(relay)
-    # The relay went away: the echo server says so on one line and exits non-zero.
+    # The relay went away: this echo server says so on one line and exits non-zero.
     assert echo.wait() > 0
     assert echo.stderr_lines()[-1].startswith("tcprelay.echoserver: ")
     assert_no_traceback(echo)
@@ -337,7 +338,9 @@ def test_echo_server_exits_when_the_relay_is_unreachable(procs):
 def test_echo_server_exits_when_the_relay_is_killed(procs):
     ports = free_port_range(2)
     relay = procs.relay(ports[0], *quick(*pool_args(ports[1:])))
-    echo = procs.start("tcprelay.echoserver", LOOPBACK, ports[0], "--log-level", "warning")
+    # Reconnecting is the default (see the service tests); this is the other choice.
+    echo = procs.start("tcprelay.echoserver", LOOPBACK, ports[0], "--log-level", "warning",
+                       "--no-reconnect")
     assert echo.readline() == "localhost:%d" % ports[1]
     relay.kill()   # SIGKILL: no GOAWAY, just gone
     assert echo.wait() > 0

@@ -1,0 +1,108 @@
+"""The adapter: put an unmodified TCP service (a database, sshd, an HTTP
+server) behind a relay.
+
+    $ python3 -m tcprelay.adapter relay.example 8080 127.0.0.1:5432
+    relay.example:8081        <- first line on stdout: the public address
+
+Every client's stream from the relay is joined to a new connection to the
+local service, both ways, with half-close and resets carried across. It
+reconnects to the relay when it goes away and keeps its port while the
+lease holds. With --proxy-protocol the relay starts each stream with the
+client's address, and the adapter passes that header on to the backend
+(nginx, HAProxy and others read it).
+"""
+
+import argparse
+import logging
+import socket
+import sys
+
+from . import cli
+from .bridge import Bridge, Flusher
+from .workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+class Adapter(cli.AnnouncingServer):
+    """A RelayServer whose clients are joined to a local TCP service."""
+
+    consume_proxy_header = False   # the backend reads it, not us
+
+    def __init__(self, relay_address, local_address, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+                 **options):
+        self.local_address = tuple(local_address)
+        self.local_label = "%s:%d" % self.local_address
+        self.local_connect_timeout = connect_timeout
+        self.flusher = Flusher(name="adapter-flusher")
+        self.workers = WorkerPool(name="adapter-pump")
+        try:
+            cli.AnnouncingServer.__init__(self, relay_address, None, **options)
+        except BaseException:
+            self._close_pumps()
+            raise
+
+    def process_request(self, request, client_address):
+        self.workers.submit(self._join, request, client_address)
+
+    def _join(self, stream, client_address):
+        """Connect to the local service and pump until both directions end."""
+        try:
+            sock = socket.create_connection(self.local_address, self.local_connect_timeout)
+        except OSError as exc:
+            log.warning("cannot reach the local service at %s (%s); resetting the client's "
+                        "stream", self.local_label, getattr(exc, "strerror", None) or exc)
+            stream.reset()
+            return
+        log.debug("client %s joined to %s on stream %d", client_address,
+                  self.local_label, stream.id)
+        Bridge(sock, stream, self.flusher, name="client stream %d" % stream.id).run()
+
+    def server_close(self):
+        cli.AnnouncingServer.server_close(self)
+        self._close_pumps()
+
+    def _close_pumps(self):
+        self.workers.close()
+        self.flusher.close()
+
+
+def _host_port(text):
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError("%r is not HOST:PORT, like 127.0.0.1:5432" % text)
+    return host.strip("[]"), int(port)
+
+
+def build_parser():
+    parser = cli.service_parser(
+        "python3 -m tcprelay.adapter",
+        "Expose a local TCP service through a relay. The first line on stdout is the "
+        "public address clients connect to.")
+    parser.add_argument("local", type=_host_port, metavar="LOCAL_HOST:LOCAL_PORT",
+                        help="the service to expose, for example 127.0.0.1:5432")
+    parser.add_argument("--proxy-protocol", choices=["none", "v1", "v2"], default="none",
+                        help="start each connection to the local service with a PROXY "
+                             "protocol header carrying the client's address, for backends "
+                             "that read it (nginx, HAProxy) (default: none)")
+    parser.add_argument("--connect-timeout", type=cli.positive(float),
+                        default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+                        help="give up on connecting to the local service after this long; "
+                             "the client is reset (default: 5)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cli.configure_logging(args.log_level)
+    proxy = None if args.proxy_protocol == "none" else args.proxy_protocol
+    return cli.run_service(
+        "tcprelay.adapter", args,
+        lambda **kw: Adapter((args.relay_host, args.relay_port), args.local,
+                             connect_timeout=args.connect_timeout, proxy_protocol=proxy, **kw))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

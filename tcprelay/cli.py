@@ -1,0 +1,111 @@
+"""What the command-line programs share: argument errors, logging, and the
+life of a service process (register, print the address, serve, stop)."""
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from .service import RegistrationRefused, RelayGone, RelayServer
+
+log = logging.getLogger(__name__)
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), as the CLIs promise."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def configure_logging(level):
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def port_number(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a port number (1-65535)" % text)
+    return value
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("%r must be more than 0" % text)
+        return value
+    return parse
+
+
+def service_parser(prog, description):
+    """The options every service program takes."""
+    parser = Parser(prog=prog, description=description)
+    parser.add_argument("relay_host", help="host name or address of the relay")
+    parser.add_argument("relay_port", type=port_number, help="the relay's service port")
+    parser.add_argument("--port", type=port_number, default=None,
+                        help="ask the relay for this public port (wait until it is free)")
+    parser.add_argument("--name", default=None, help="our name in the relay's logs")
+    parser.add_argument("--retry", action="store_true",
+                        help="keep trying if the relay cannot be reached at first "
+                             "(by default that is an error at once)")
+    parser.add_argument("--no-reconnect", action="store_true",
+                        help="exit when the relay goes away, instead of reconnecting "
+                             "(with backoff, keeping the port while the lease holds)")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                        help="how much to log to stderr (default: info)")
+    return parser
+
+
+class AnnouncingServer(RelayServer):
+    """Prints the public address on stdout: first, and again if it changes."""
+
+    def registered(self, previous_address, connection):
+        RelayServer.registered(self, previous_address, connection)
+        if connection.address != previous_address:
+            sys.stdout.write(connection.address + "\n")
+            sys.stdout.flush()
+
+
+def run_service(prog, args, make_server, **server_options):
+    """Register, serve until a signal or (without reconnecting) the relay goes; exit code."""
+    relay = "%s:%d" % (args.relay_host, args.relay_port)
+    server = make_server(port=args.port, name=args.name, retry=args.retry,
+                         bind_and_activate=False, **server_options)
+
+    def stop(signum, frame):
+        log.info("%s received; stopping", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, name="shutdown").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    try:
+        server.server_activate()
+        server.serve_forever(reconnect=not args.no_reconnect)
+    except RegistrationRefused as exc:
+        sys.stderr.write("%s: the relay at %s refused us: %s\n" % (prog, relay, exc.reason))
+        status = 1
+    except RelayGone as exc:
+        if server.connection is not None and not server.shutdown_requested:
+            sys.stderr.write("%s: lost the relay at %s: %s\n" % (prog, relay, exc))
+            status = 1
+    except (OSError, ValueError) as exc:
+        sys.stderr.write("%s: cannot register with the relay at %s: %s\n"
+                         % (prog, relay, getattr(exc, "strerror", None) or exc))
+        status = 1
+    finally:
+        if server.connection is not None:
+            server.connection.close()   # ends clients still connected
+        server.server_close()
+    return status
