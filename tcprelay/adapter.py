@@ -95,13 +95,16 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cli.configure_logging(args.log_level)
+    security = cli.security_options(parser, args)
     proxy = None if args.proxy_protocol == "none" else args.proxy_protocol
     return cli.run_service(
         "tcprelay.adapter", args,
         lambda **kw: Adapter((args.relay_host, args.relay_port), args.local,
-                             connect_timeout=args.connect_timeout, proxy_protocol=proxy, **kw))
+                             connect_timeout=args.connect_timeout, proxy_protocol=proxy, **kw),
+        **security)
 
 
 if __name__ == "__main__":

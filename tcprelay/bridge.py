@@ -25,6 +25,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 
 from .muxado import ErrorCode, MuxadoError
 
@@ -98,13 +99,16 @@ class Bridge(object):
     a pooled thread instead of a thread of its own.
     """
 
-    def __init__(self, sock, stream, flusher, name=None, on_close=None, workers=None):
+    def __init__(self, sock, stream, flusher, name=None, on_close=None, workers=None,
+                 idle_timeout=None):
         self.sock = sock
         self.stream = stream
         self.name = name or "bridge-%d" % stream.id
         self._flusher = flusher
         self._on_close = on_close
         self._workers = workers
+        self._idle_timeout = idle_timeout
+        self._last_down = time.monotonic()    # when data last went stream -> socket
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._pending = collections.deque()   # stream data the socket has not taken yet
@@ -163,6 +167,8 @@ class Bridge(object):
                 self._abort_locked("socket write failed: %s" % exc, reset_stream=True)
                 return len(data)
             self.bytes_down += sent
+            if self._idle_timeout is not None:
+                self._last_down = time.monotonic()
             if sent < len(data):
                 self._pending.append(memoryview(data)[sent:])
                 self._flusher.watch(self)
@@ -234,22 +240,41 @@ class Bridge(object):
 
     # -- socket -> stream: the pump thread ---------------------------------------------
 
+    def _idle(self, sock):
+        """After a read timed out: True if nothing moved either way for idle_timeout."""
+        quiet = time.monotonic() - self._last_down
+        if quiet >= self._idle_timeout:
+            return True
+        sock.settimeout(self._idle_timeout - quiet)   # the other direction was busy
+        return False
+
     def _pump(self):
         threading.current_thread().name = self.name
         sock = self.sock
         stream = self.stream
         buf = bytearray(_SMALL_READ)
         view = memoryview(buf)
+        if self._idle_timeout is not None:
+            sock.settimeout(self._idle_timeout)
         try:
             while True:
                 try:
                     n = sock.recv_into(buf)
+                except socket.timeout:
+                    if not self._idle(sock):
+                        continue
+                    with self._lock:
+                        self._abort_locked("idle for %gs" % self._idle_timeout,
+                                           reset_stream=True)
+                    break
                 except OSError as exc:
                     with self._lock:
                         self._abort_locked("socket read failed: %s" % exc, reset_stream=True)
                     break
                 if not n:
                     break
+                if self._idle_timeout is not None and sock.gettimeout() != self._idle_timeout:
+                    sock.settimeout(self._idle_timeout)   # after a shortened wait
                 try:
                     stream.sendall(view[:n])
                 except (MuxadoError, OSError) as exc:

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 
+from . import auth, tls
 from .service import RegistrationRefused, RelayGone, RelayServer
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,34 @@ def service_parser(prog, description):
     parser.add_argument("--no-reconnect", action="store_true",
                         help="exit when the relay goes away, instead of reconnecting "
                              "(with backoff, keeping the port while the lease holds)")
+    parser.add_argument("--secret-file", metavar="PATH",
+                        help="the relay's shared secret, to answer its challenge "
+                             "(or set $TCPRELAY_SECRET)")
+    parser.add_argument("--tls", action="store_true", help="connect to the relay with TLS")
+    parser.add_argument("--tls-ca", metavar="FILE",
+                        help="trust the relay's certificate if this CA signed it "
+                             "(default: the system's store)")
+    parser.add_argument("--tls-insecure", action="store_true",
+                        help="do not verify the relay's certificate (logs a warning; for "
+                             "testing only)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
     return parser
+
+
+def security_options(parser, args):
+    """``secret=`` and ``tls=`` for connect(), from the parsed options (exits on error)."""
+    try:
+        secret = auth.load_secret(args.secret_file)
+    except auth.SecretError as exc:
+        parser.error(str(exc))
+    context = None
+    if args.tls or args.tls_ca or args.tls_insecure:
+        try:
+            context = tls.client_context(args.tls_ca, insecure=args.tls_insecure)
+        except (OSError, ValueError) as exc:
+            parser.error("cannot load the TLS CA file: %s" % exc)
+    return {"secret": secret, "tls": context}
 
 
 class AnnouncingServer(RelayServer):

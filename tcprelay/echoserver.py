@@ -51,11 +51,13 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cli.configure_logging(args.log_level)
+    security = cli.security_options(parser, args)
     return cli.run_service("tcprelay.echoserver", args,
                            lambda **kw: EchoServer((args.relay_host, args.relay_port),
-                                                   EchoHandler, **kw))
+                                                   EchoHandler, **kw), **security)
 
 
 if __name__ == "__main__":

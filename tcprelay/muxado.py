@@ -74,6 +74,7 @@ LEAD_WATCH_MAX = 0.064            # the longest the reader thread goes without a
 _BACKGROUND = "reader thread"
 _CONSUMER = "consumer"
 _RECV_SIZE = 1 << 20             # one recv_into; holds several whole 256 KiB frames
+_FIRST_RECV_SIZE = 64 * 1024
 _DATA_HEADER = struct.Struct(">II")
 _RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
 _DATA_TYPE = 1 << 4
@@ -933,7 +934,9 @@ class Session(object):
         self._lead_epoch = 0         # counts consumer leads, to see activity
         self._parked = 0             # threads blocked on a stream's data or window
         self._handoffs = 0           # parked readers woken by the current leader
-        self._recv_buffer = bytearray(_RECV_SIZE)
+        # Starts small (idle and half-open sessions stay cheap); the first
+        # read that fills it grows it to _RECV_SIZE.
+        self._recv_buffer = bytearray(_FIRST_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
         self._decoder = FrameDecoder(_FrameDispatch(self))
         self._poller = None
@@ -1330,8 +1333,13 @@ class Session(object):
             self._die(ErrorCode.PEER_EOF, "read EOF from remote peer",
                       goaway=(ErrorCode.PEER_EOF, b"read EOF from remote peer"))
             return False
+        view = self._recv_view
+        if n == len(view) and n < _RECV_SIZE:
+            # Busy: read bigger from now on (the decoder keeps no reference).
+            self._recv_buffer = bytearray(_RECV_SIZE)
+            self._recv_view = memoryview(self._recv_buffer)
         try:
-            self._decoder.feed(self._recv_view[:n])
+            self._decoder.feed(view[:n])
         except ProtocolError as exc:
             if not self._dead:
                 log.warning("%s: peer broke the protocol: %s; ending the session",
@@ -1347,8 +1355,9 @@ class Session(object):
         return not self._dead
 
     def _input_within(self, timeout):
-        if _is_tls(self._sock) and self._sock.pending():
-            return True
+        pending = getattr(self._sock, "pending", None)
+        if pending is not None and pending():
+            return True   # TLS: decrypted bytes wait inside, not on the socket
         if self._poller is None:
             self._poller = select.poll()
             self._poller.register(self._sock, select.POLLIN)
@@ -1563,6 +1572,11 @@ def _is_tls(sock):
 
 
 def _set_send_timeout(sock, seconds):
+    """Bound how long a write may make no progress (SO_SNDTIMEO, or the
+    transport's own set_write_timeout, as tls.TLSTransport has)."""
+    if hasattr(sock, "set_write_timeout"):
+        sock.set_write_timeout(seconds)
+        return
     seconds = max(seconds, 0.001)
     whole = int(seconds)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,

@@ -29,11 +29,11 @@ class Request(object):
     """What a service asks for. ``minimal`` is True for the empty request."""
 
     FIELDS = ("version", "port", "name", "max_wait", "notices", "lease", "heartbeat",
-              "proxy_protocol")
+              "proxy_protocol", "auth")
 
     def __init__(self, port=None, name=None, max_wait=None, notices=False, lease=None,
-                 heartbeat=False, proxy_protocol=None, version=PROTOCOL_VERSION, extra=None,
-                 minimal=False):
+                 heartbeat=False, proxy_protocol=None, auth=None, version=PROTOCOL_VERSION,
+                 extra=None, minimal=False):
         self.version = version
         self.port = port
         self.name = name
@@ -42,6 +42,7 @@ class Request(object):
         self.lease = lease                    # a token from an earlier registration
         self.heartbeat = heartbeat            # keep the stream open for pings
         self.proxy_protocol = proxy_protocol  # "v1" or "v2": start each stream with a header
+        self.auth = auth                      # "hmac-sha256": we will answer a challenge
         self.extra = dict(extra or {})   # fields later versions and extensions add
         self.minimal = minimal
 
@@ -57,7 +58,7 @@ class Request(object):
         if self.minimal:
             return b""
         body = {"version": self.version}
-        for key in ("port", "name", "max_wait", "lease", "proxy_protocol"):
+        for key in ("port", "name", "max_wait", "lease", "proxy_protocol", "auth"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
@@ -116,6 +117,9 @@ def parse_request(data):
     proxy_protocol = body.get("proxy_protocol")
     if proxy_protocol not in (None, "v1", "v2"):
         raise RegistrationError("'proxy_protocol' must be \"v1\" or \"v2\"")
+    auth = body.get("auth")
+    if auth is not None and not isinstance(auth, str):
+        raise RegistrationError("'auth' must name a method, such as \"hmac-sha256\"")
     extra = dict((k, v) for k, v in body.items() if k not in Request.FIELDS)
     return Request(
         port=_number(body, "port", 1, 65535, integer=True),
@@ -125,6 +129,7 @@ def parse_request(data):
         lease=lease,
         heartbeat=body.get("heartbeat", False),
         proxy_protocol=proxy_protocol,
+        auth=auth,
         version=version,
         extra=extra,
     )
@@ -137,13 +142,21 @@ def encode_reply(status, **fields):
     return (json.dumps(body, sort_keys=True) + "\n").encode("utf-8")
 
 
-def parse_reply(line):
-    """A reply line as a dict with at least ``status``."""
+def parse_object(line):
+    """One line holding a JSON object, as a dict."""
     try:
         body = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise RegistrationError("relay reply is not a JSON object")
-    if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+        raise RegistrationError("not a JSON object on one line")
+    if not isinstance(body, dict):
+        raise RegistrationError("not a JSON object on one line")
+    return body
+
+
+def parse_reply(line):
+    """A reply line as a dict with at least ``status``."""
+    body = parse_object(line)
+    if not isinstance(body.get("status"), str):
         raise RegistrationError("relay reply has no status")
     return body
 

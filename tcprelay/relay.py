@@ -16,6 +16,7 @@ writer threads.
 """
 
 import argparse
+import binascii
 import logging
 import secrets
 import signal
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 
-from . import cli, muxado, proxyproto, registration
+from . import auth, cli, limits, muxado, proxyproto, registration, tls
 from .bridge import Bridge, Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
 from .portpool import Cancelled, PoolError, PortPool
@@ -37,6 +38,9 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_WINDOW = 1 << 20         # per stream; 256 KiB stalls a fast stream on window updates
 DEFAULT_LEASE_TIME = 30.0
+DEFAULT_MAX_WAITING = 100          # services waiting in line for a port
+DEFAULT_MAX_CLIENTS = 1000         # clients at once per service
+DEFAULT_REGISTRATION_RATE = 60     # new service connections per minute per address
 THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
 LISTEN_BACKLOG = 1024            # bursts of new clients queue in the kernel, not fail
 
@@ -46,6 +50,50 @@ def _address(addr):
         return "%s:%d" % addr[:2]
     except TypeError:
         return str(addr)
+
+
+class _RequestLines(object):
+    """Lines from a registration stream, all within one deadline, each capped."""
+
+    def __init__(self, stream, deadline):
+        self._stream = stream
+        self._deadline = deadline
+        self._buffer = bytearray()
+        self._eof = False
+
+    def _fill(self):
+        self._stream.settimeout(max(0.0, self._deadline - time.monotonic()))
+        chunk = self._stream.recv(registration.MAX_REQUEST + 1)
+        if not chunk:
+            self._eof = True
+        self._buffer += chunk
+
+    def first(self):
+        """The request: up to the first newline, or everything until EOF (minimal form)."""
+        while b"\n" not in self._buffer and not self._eof:
+            if len(self._buffer) > registration.MAX_REQUEST:
+                raise registration.RegistrationError(
+                    "request longer than %d bytes" % registration.MAX_REQUEST)
+            self._fill()
+        return self._take()
+
+    def next(self):
+        """The next line (a challenge's answer)."""
+        while b"\n" not in self._buffer:
+            if self._eof:
+                raise registration.RegistrationError("the service closed the stream mid-handshake")
+            if len(self._buffer) > registration.MAX_REQUEST:
+                raise registration.RegistrationError(
+                    "line longer than %d bytes" % registration.MAX_REQUEST)
+            self._fill()
+        return self._take()
+
+    def _take(self):
+        end = self._buffer.find(b"\n")
+        end = len(self._buffer) if end < 0 else end + 1
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end]
+        return line
 
 
 class ServiceLink(object):
@@ -130,8 +178,16 @@ class ServiceLink(object):
         granted = None
         try:
             enable_tcp_keepalive(self._sock, relay.keepalive)
-            session = muxado.server(self._sock, name="service %s" % _address(self.address),
-                                    window_size=relay.window_size)
+            transport = self._sock
+            if relay.tls_context is not None:
+                transport = self._tls_handshake()
+                if transport is None:
+                    return
+            # A service opens its registration stream and little else: small
+            # limits bound what a hostile one can make us hold.
+            session = muxado.server(transport, name="service %s" % _address(self.address),
+                                    window_size=relay.window_size, max_streams=16,
+                                    accept_backlog=8)
             with self._lock:
                 self._session = session
             session.add_done_callback(self._session_ended)
@@ -172,6 +228,24 @@ class ServiceLink(object):
                          self.clients_served)
             relay._forget_service(self)
 
+    def _tls_handshake(self):
+        """The TLS handshake, within the handshake timeout; the transport, or None."""
+        relay = self.relay
+        try:
+            sslsock = relay.tls_context.wrap_socket(self._sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+        except OSError as exc:
+            log.warning("%s: TLS failed: %s", self.label, exc)
+            return None
+        self._sock = sslsock   # closed by _run's cleanup from now on
+        try:
+            sslsock.settimeout(relay.handshake_timeout)
+            sslsock.do_handshake()
+        except (OSError, ValueError) as exc:
+            log.warning("%s: TLS handshake failed: %s", self.label, exc)
+            return None
+        return tls.TLSTransport(sslsock)
+
     def _handshake(self, session):
         """Read the registration request: (request, stream), or (None, None) if refused."""
         relay = self.relay
@@ -182,29 +256,22 @@ class ServiceLink(object):
             log.warning("%s: opened no registration stream within %gs; dropping it",
                         self.label, relay.handshake_timeout)
             return None, None
-        data = bytearray()
+        lines = _RequestLines(stream, deadline)
         try:
-            while b"\n" not in data:
-                stream.settimeout(max(0.0, deadline - time.monotonic()))
-                chunk = stream.recv(registration.MAX_REQUEST + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-                if len(data) > registration.MAX_REQUEST:
-                    break
+            request = registration.parse_request(lines.first())
+            self.name = request.name
+            if relay.secret is not None and not self._authenticate(request, stream, lines):
+                return None, None
         except socket.timeout:
-            log.warning("%s: sent no registration request within %gs; dropping it",
+            log.warning("%s: did not finish registering within %gs; dropping it",
                         self.label, relay.handshake_timeout)
-            self._refuse(stream, "no registration request within %gs" % relay.handshake_timeout)
+            self._refuse(stream, "registration not finished within %gs" % relay.handshake_timeout)
             return None, None
-        try:
-            request = registration.parse_request(bytes(data))
         except registration.RegistrationError as exc:
             log.warning("%s: bad registration request: %s", self.label, exc)
             self._refuse(stream, "bad registration request: %s" % exc)
             return None, None
         stream.settimeout(None)
-        self.name = request.name
         log.info("%s: registering (%s)", self.label,
                  "minimal form" if request.minimal else request)
         if request.port is not None and request.port not in relay.pool:
@@ -212,6 +279,33 @@ class ServiceLink(object):
                          % (request.port, relay.pool.describe()))
             return None, None
         return request, stream
+
+    def _authenticate(self, request, stream, lines):
+        """The challenge-response (docs/PROTOCOL.md, 2.6); False if refused."""
+        if request.auth != auth.METHOD:
+            if request.auth is None:
+                reason = "this relay requires a secret"
+            else:
+                reason = "unknown authentication method %r (this relay uses %s)" % (
+                    request.auth, auth.METHOD)
+            self._auth_failed(stream, reason)
+            return False
+        nonce = auth.new_nonce()
+        stream.sendall(registration.encode_reply("challenge", method=auth.METHOD,
+                                                 nonce=binascii.hexlify(nonce).decode("ascii")))
+        answer = registration.parse_object(lines.next())
+        if not auth.check(self.relay.secret, nonce, answer.get("hmac")):
+            self._auth_failed(stream, "authentication failed")
+            return False
+        log.info("%s: authenticated", self.label)
+        return True
+
+    def _auth_failed(self, stream, reason):
+        host = self.address[0]
+        banned = self.relay.auth_failures.failed(host)
+        log.warning("%s: %s%s", self.label, reason,
+                    "; too many failures, refusing %s for a minute" % host if banned else "")
+        self._refuse(stream, reason)
 
     def _refuse(self, stream, message):
         try:
@@ -236,6 +330,14 @@ class ServiceLink(object):
         reported = None
         try:
             granted = ticket.wait(0)   # a free port: no line to report
+            if granted is None and relay.max_waiting is not None \
+                    and relay.pool.waiting > relay.max_waiting:
+                ticket.cancel()
+                log.warning("%s: refused: %d services already wait for a port (--max-waiting)",
+                            self.label, relay.max_waiting)
+                self._refuse(stream, "too many services are waiting for a port (%d); try "
+                             "again later" % relay.max_waiting)
+                return None
             while granted is None:
                 position = ticket.position
                 if position and position != reported:
@@ -301,6 +403,12 @@ class ServiceLink(object):
                 conn, client_address = listener.accept()
             except OSError:
                 return  # the listener was shut down: session ended, or the relay is leaving
+            if relay.max_clients is not None and self.client_count >= relay.max_clients:
+                _reset(conn)
+                relay._log_refusal("%s: refused a client from %s: %d clients already "
+                                   "(--max-clients)", self.label, client_address[0],
+                                   relay.max_clients)
+                continue
             try:
                 stream = session.open()
                 if self.request.proxy_protocol:
@@ -313,7 +421,8 @@ class ServiceLink(object):
                 return
             bridge = Bridge(conn, stream, relay.flusher,
                             name="client %s" % _address(client_address),
-                            on_close=self._client_closed, workers=relay.workers)
+                            on_close=self._client_closed, workers=relay.workers,
+                            idle_timeout=relay.idle_timeout)
             with self._lock:
                 self._bridges.add(bridge)
                 self.clients_served += 1
@@ -377,7 +486,9 @@ class Relay(object):
                  max_services=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
                  drain_timeout=DEFAULT_DRAIN_TIMEOUT, window_size=DEFAULT_WINDOW,
                  lease_time=DEFAULT_LEASE_TIME, keepalive=DEFAULT_KEEPALIVE,
-                 bind_and_activate=True):
+                 secret=None, allow_from=(), tls_context=None, max_waiting=DEFAULT_MAX_WAITING,
+                 max_clients=DEFAULT_MAX_CLIENTS, idle_timeout=None,
+                 registration_rate=DEFAULT_REGISTRATION_RATE, bind_and_activate=True):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -390,6 +501,16 @@ class Relay(object):
         self.window_size = window_size
         self.lease_time = lease_time
         self.keepalive = keepalive
+        self.secret = secret
+        self.allow_from = limits.Networks(allow_from)
+        self.tls_context = tls_context
+        self.max_waiting = max_waiting
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        self.auth_failures = limits.FailureBans(limit=5, window=60.0, ban=60.0)
+        self.registration_rate = limits.RateLimit(per_minute=registration_rate,
+                                                  burst=max(1, registration_rate // 3))
+        self._refusal_log = limits.EveryOnce(1.0)
         self.pool = PortPool(ports, self._bind_public, limit=max_services)
         self._leases = {}   # token -> [port, holding ServiceLink or None, expiry]
         self._lock = threading.Condition()
@@ -438,6 +559,12 @@ class Relay(object):
                     if not self._accepting:
                         return
                     raise
+                refusal = self._admission(address[0])
+                if refusal is not None:
+                    _reset(sock)
+                    self._log_refusal("refused a service connection from %s: %s",
+                                      address[0], refusal)
+                    continue
                 with self._lock:
                     if not self._accepting:
                         sock.close()
@@ -497,6 +624,24 @@ class Relay(object):
         self.server_close()
 
     # -- internals ---------------------------------------------------------------------
+
+    def _admission(self, host):
+        """Why a connection from ``host`` may not even try to register, or None.
+
+        Checked before any handshake work, so refusals cost almost nothing.
+        """
+        if self.allow_from and host not in self.allow_from:
+            return "not in --allow-from (%s)" % self.allow_from
+        if self.auth_failures.banned(host):
+            return "too many failed authentications; refused for a minute"
+        if not self.registration_rate.allow(host):
+            return "too many registrations from this address (--registration-rate)"
+        return None
+
+    def _log_refusal(self, message, *args):
+        ready, skipped = self._refusal_log.ready()
+        if ready:
+            log.warning(message + (" (and %d more refusals)" % skipped if skipped else ""), *args)
 
     def _stop_accepting(self):
         with self._lock:
@@ -661,9 +806,42 @@ def build_parser():
                         metavar="SECONDS",
                         help="notice a service that vanished (TCP keepalive, and the "
                              "heartbeat for services that ask) within this time (default: 30)")
+    security = parser.add_argument_group("who may register (docs/SECURITY.md)")
+    security.add_argument("--secret-file", metavar="PATH",
+                          help="services must prove they know the secret in this file "
+                               "(HMAC challenge; the secret never crosses the wire). "
+                               "Or set $TCPRELAY_SECRET")
+    security.add_argument("--allow-from", action="append", default=[], metavar="CIDR",
+                          type=_network, help="only networks like this may register "
+                                              "services; repeatable (default: any)")
+    security.add_argument("--tls-cert", metavar="FILE",
+                          help="put TLS on the service port with this certificate (PEM)")
+    security.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    security.add_argument("--registration-rate", type=cli.positive(int),
+                          default=DEFAULT_REGISTRATION_RATE, metavar="N",
+                          help="new service connections a minute from one address "
+                               "(default: %d)" % DEFAULT_REGISTRATION_RATE)
+    capacity = parser.add_argument_group("limits")
+    capacity.add_argument("--max-waiting", type=cli.positive(int), default=DEFAULT_MAX_WAITING,
+                          metavar="N", help="services that may wait in line for a port; "
+                                            "more are refused (default: %d)" % DEFAULT_MAX_WAITING)
+    capacity.add_argument("--max-clients", type=cli.positive(int), default=DEFAULT_MAX_CLIENTS,
+                          metavar="N", help="clients at once per service; more are refused "
+                                            "(default: %d)" % DEFAULT_MAX_CLIENTS)
+    capacity.add_argument("--idle-timeout", type=cli.positive(float), default=None,
+                          metavar="SECONDS", help="close a public client after this long with "
+                                                  "no bytes either way (default: never)")
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
     return parser
+
+
+def _network(text):
+    try:
+        limits.Networks([text])
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a network like 10.0.0.0/8" % text)
+    return text
 
 
 def main(argv=None):
@@ -675,14 +853,29 @@ def main(argv=None):
     if args.port in ports:
         parser.error("the pool %d-%d includes the service port %d"
                      % (ports[0], ports[-1], args.port))
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     cli.configure_logging(args.log_level)
+    try:
+        secret = auth.load_secret(args.secret_file)
+    except auth.SecretError as exc:
+        parser.error(str(exc))
+    tls_context = None
+    if args.tls_cert:
+        try:
+            tls_context = tls.server_context(args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as exc:
+            parser.error("cannot load the TLS certificate and key: %s" % exc)
     threading.stack_size(THREAD_STACK_SIZE)
     try:
         relay = Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,
                       public_host=args.public_host, max_services=args.max_services,
                       handshake_timeout=args.handshake_timeout,
                       drain_timeout=args.drain_timeout, lease_time=args.lease_time,
-                      keepalive=args.keepalive)
+                      keepalive=args.keepalive, secret=secret, allow_from=args.allow_from,
+                      tls_context=tls_context, max_waiting=args.max_waiting,
+                      max_clients=args.max_clients, idle_timeout=args.idle_timeout,
+                      registration_rate=args.registration_rate)
     except OSError as exc:
         where = "%s:%d" % (args.host or "*", args.port)
         sys.stderr.write("tcprelay.relay: cannot listen on %s: %s (is another relay running? "
@@ -695,8 +888,12 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("listening for services on %s; public ports %s on %s", _address(relay.server_address),
+    log.info("listening for services on %s%s; public ports %s on %s",
+             _address(relay.server_address), " (TLS)" if tls_context else "",
              relay.pool.describe(), args.public_bind or "all interfaces")
+    if secret is None:
+        log.warning("no secret (--secret-file or $TCPRELAY_SECRET): anyone who can reach "
+                    "port %d can register a service", args.port)
     try:
         relay.serve_forever()
         relay.drain()

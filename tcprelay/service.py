@@ -12,7 +12,9 @@
 Handlers get a ``muxado.Stream`` as ``request``; it behaves like a socket.
 """
 
+import binascii
 import collections
+import json
 import logging
 import random
 import socket
@@ -21,8 +23,9 @@ import threading
 import time
 import traceback
 
-from . import muxado, proxyproto, registration
+from . import auth, muxado, proxyproto, registration
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
+from .tls import TLSTransport
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -107,20 +110,22 @@ class _ReplyReader(object):
 
 
 def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
-             on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None):
+             on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None):
     """Register over an open session (extended form).
 
     Returns ``(reply, stream)``: the relay's ok reply, and the registration
     stream if it now carries the heartbeat (else None: it is closed).
     ``on_waiting(position)`` is called while we wait in line for a port.
-    Raises ``RegistrationRefused`` if the relay says no.
+    With ``secret`` (bytes) we answer the relay's challenge. Raises
+    ``RegistrationRefused`` if the relay says no.
     """
     stream = session.open()
     keep = False
     try:
         request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True,
                                        lease=lease, heartbeat=heartbeat,
-                                       proxy_protocol=proxy_protocol)
+                                       proxy_protocol=proxy_protocol,
+                                       auth=auth.METHOD if secret is not None else None)
         stream.settimeout(timeout)
         stream.sendall(request.encode())
         replies = _ReplyReader(stream)
@@ -139,6 +144,16 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                     raise registration.RegistrationError("the relay's ok has no address")
                 keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
                 return reply, (stream if keep else None)
+            elif status == "challenge":
+                if secret is None or reply.get("method") != auth.METHOD:
+                    raise RegistrationRefused("the relay asks for an authentication we cannot "
+                                              "give (%s)" % reply.get("method"))
+                try:
+                    nonce = binascii.unhexlify(reply.get("nonce", ""))
+                except (TypeError, ValueError, binascii.Error):
+                    raise registration.RegistrationError("the relay's challenge is malformed")
+                stream.sendall((json.dumps({"hmac": auth.answer(secret, nonce)}) + "\n")
+                               .encode("ascii"))
             elif status == "error":
                 raise RegistrationRefused(str(reply.get("error", "refused")))
             else:
@@ -150,7 +165,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
 
 def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wait=None,
             on_waiting=None, lease=None, heartbeat=True, proxy_protocol=None,
-            keepalive=DEFAULT_KEEPALIVE, **session_options):
+            keepalive=DEFAULT_KEEPALIVE, secret=None, tls=None, **session_options):
     """Dial the relay, register, and return a ``ServiceConnection``.
 
     ``port`` asks for a particular public port, ``name`` labels us in the
@@ -158,11 +173,20 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     (a token from an earlier connection) asks for the same port back.
     ``heartbeat`` pings the relay to notice it vanishing; ``proxy_protocol``
     ("v1" or "v2") asks for each stream to start with the client's address.
-    ``timeout`` bounds connecting and each answer from the relay.
+    ``secret`` (bytes) answers the relay's challenge; ``tls`` (an
+    ``ssl.SSLContext``, see ``tcprelay.tls.client_context``) puts TLS on the
+    connection. ``timeout`` bounds connecting and each answer from the relay.
     """
     where = "%s:%d" % tuple(relay_address[:2])
     sock = socket.create_connection(relay_address, timeout=timeout)
     enable_tcp_keepalive(sock, keepalive)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=relay_address[0])
+        except BaseException:
+            sock.close()
+            raise
+        sock = TLSTransport(sock)
     session_options.setdefault("window_size", DEFAULT_WINDOW)
     session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
     session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
@@ -170,7 +194,8 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     try:
         reply, stream = register(session, port=port, name=name, max_wait=max_wait,
                                  timeout=timeout, on_waiting=on_waiting, lease=lease,
-                                 heartbeat=heartbeat, proxy_protocol=proxy_protocol)
+                                 heartbeat=heartbeat, proxy_protocol=proxy_protocol,
+                                 secret=secret)
     except socket.timeout:
         session.close()
         raise socket.timeout("the relay at %s did not answer within %gs" % (where, timeout))

@@ -1,0 +1,125 @@
+"""Who may try, and how often: allowed networks, bans after failed
+authentication, per-address rate limits, and logging that does not flood."""
+
+import collections
+import ipaddress
+import threading
+import time
+
+
+class Networks(object):
+    """A list of CIDR networks an address may belong to (--allow-from)."""
+
+    def __init__(self, cidrs):
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+    def __bool__(self):
+        return bool(self._networks)
+
+    def __contains__(self, host):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks
+                   if network.version == address.version)
+
+    def __str__(self):
+        return ", ".join(str(n) for n in self._networks)
+
+
+class FailureBans(object):
+    """After ``limit`` failures from one address within ``window`` seconds, refuse
+    that address for ``ban`` seconds."""
+
+    def __init__(self, limit=5, window=60.0, ban=60.0, clock=time.monotonic):
+        self._limit = limit
+        self._window = window
+        self._ban = ban
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = {}    # host -> deque of failure times
+        self._banned = {}      # host -> until
+
+    def banned(self, host):
+        with self._lock:
+            until = self._banned.get(host)
+            if until is None:
+                return False
+            if until <= self._clock():
+                del self._banned[host]
+                return False
+            return True
+
+    def failed(self, host):
+        """Record a failure; True if ``host`` is now banned."""
+        now = self._clock()
+        with self._lock:
+            times = self._failures.setdefault(host, collections.deque())
+            times.append(now)
+            while times and times[0] <= now - self._window:
+                times.popleft()
+            if len(times) >= self._limit:
+                self._banned[host] = now + self._ban
+                del self._failures[host]
+                return True
+            self._prune(now)
+            return False
+
+    def _prune(self, now):
+        # Bounded memory under a spray of addresses: forget stale entries.
+        if len(self._failures) > 10000:
+            for host in [h for h, t in self._failures.items() if not t or t[-1] <= now - self._window]:
+                del self._failures[host]
+
+
+class RateLimit(object):
+    """At most ``per_minute`` events per address, with bursts of ``burst``."""
+
+    def __init__(self, per_minute, burst, clock=time.monotonic):
+        self._rate = per_minute / 60.0
+        self._burst = float(burst)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets = {}   # host -> [tokens, stamp]
+
+    def allow(self, host):
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get(host)
+            if bucket is None:
+                if len(self._buckets) > 10000:
+                    self._buckets = dict((h, b) for h, b in self._buckets.items()
+                                         if b[0] + (now - b[1]) * self._rate < self._burst)
+                bucket = self._buckets[host] = [self._burst, now]
+            bucket[0] = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+            bucket[1] = now
+            if bucket[0] < 1.0:
+                return False
+            bucket[0] -= 1.0
+            return True
+
+
+class EveryOnce(object):
+    """For logging at most once every ``seconds``: ``ready()`` says whether to log now,
+    and how many were skipped since."""
+
+    def __init__(self, seconds=1.0, clock=time.monotonic):
+        self._seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._skipped = 0
+
+    def ready(self):
+        """(log now?, number skipped since the last time)."""
+        now = self._clock()
+        with self._lock:
+            if now >= self._next:
+                self._next = now + self._seconds
+                skipped, self._skipped = self._skipped, 0
+                return True, skipped
+            self._skipped += 1
+            return False, 0
