@@ -35,6 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchkit  # noqa: E402
 
 TARGETS = {"throughput_1": 0.30, "throughput_8": 0.30, "rtt": 3.0, "connect_rate": 0.6}
+_DATA = os.path.join(benchkit.ROOT, "tests", "data")
+TEST_CERT = os.path.join(_DATA, "test-server.pem")   # TLS for --tls: the test certificate
+TEST_KEY = os.path.join(_DATA, "test-server.key")
+TEST_CA = os.path.join(_DATA, "test-ca.pem")
 HOLD_RSS_LIMIT_MIB = 300
 
 
@@ -62,14 +66,15 @@ def free_port_range(count, low=20000, high=32000):
 class Setup(object):
     """The processes under test for one run."""
 
-    def __init__(self, args):
+    def __init__(self, args, tls=False, direct=True):
         py = sys.executable
         self.children = []
         self.relay = None
         self.relay_pid = None
         try:
-            direct = self._child([py, os.path.abspath(__file__), "--serve-direct"])
-            self.direct = ("127.0.0.1", int(direct.line))
+            if direct:
+                direct = self._child([py, os.path.abspath(__file__), "--serve-direct"])
+                self.direct = ("127.0.0.1", int(direct.line))
             if args.target:
                 self.target = benchkit.parse_hostport(args.target)
                 return
@@ -78,13 +83,17 @@ class Setup(object):
             else:
                 base = free_port_range(3)
                 relay_address = ("127.0.0.1", base)
+                # --max-clients: hold opens 2,000 clients on one service.
                 self.relay = self._child(
                     [py, "-m", "tcprelay.relay", str(base), "--host", "127.0.0.1",
                      "--public-bind", "127.0.0.1", "--ports", "%d-%d" % (base + 1, base + 2),
-                     "--log-level", "warning"], wait_for_port=relay_address)
+                     "--max-clients", "4000", "--log-level", "warning"]
+                    + (["--tls-cert", TEST_CERT, "--tls-key", TEST_KEY] if tls else []),
+                    wait_for_port=relay_address)
                 self.relay_pid = self.relay.pid
             echo = self._child([py, "-m", "tcprelay.echoserver", relay_address[0],
-                                str(relay_address[1]), "--log-level", "warning"])
+                                str(relay_address[1]), "--log-level", "warning"]
+                               + (["--tls", "--tls-ca", TEST_CA] if tls else []))
             host, port = benchkit.parse_hostport(echo.line)
             self.target = ("127.0.0.1" if host == "localhost" else host, port)
         except BaseException:
@@ -156,8 +165,10 @@ def run_hold(setup, connections, seconds):
         # Threads and open files must come back once the clients are gone.
         end = time.monotonic() + 15
         while True:
+            # "<=": the start may still count pump threads from the figures
+            # before, which end on their own once idle.
             rss, threads, fds = benchkit.process_stats(pid)
-            returned = threads == start[1] and fds == start[2]
+            returned = threads <= start[1] and fds <= start[2]
             if returned or time.monotonic() > end:
                 break
             time.sleep(0.1)   # observing another process: nothing to join
@@ -188,6 +199,9 @@ def main():
                         help="load this public address (an echo service) instead of "
                              "starting a relay and a service")
     parser.add_argument("--skip-hold", action="store_true", help="skip the hold figure")
+    parser.add_argument("--tls", action="store_true",
+                        help="also measure throughput through a relay with TLS on its "
+                             "service port, against the plain relay (the cost of TLS)")
     parser.add_argument("--serve-direct", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_direct:
@@ -204,6 +218,7 @@ def main():
     samples = {name: ([], []) for name in ("throughput_1", "throughput_8", "rtt", "connect_rate")}
     p99 = ([], [])
     hold_result = None
+    tls_samples = {"throughput_1": [], "throughput_8": []}
     for run in range(runs):
         setup = Setup(args)
         try:
@@ -222,6 +237,14 @@ def main():
                 hold_result = run_hold(setup, hold_conns, hold_seconds)
         finally:
             setup.stop()
+        if args.tls and not (args.relay or args.target):
+            secure = Setup(args, tls=True, direct=False)
+            try:
+                connect = benchkit.tcp_connector(secure.target)
+                tls_samples["throughput_1"].append(benchkit.throughput(connect, size1, 1))
+                tls_samples["throughput_8"].append(benchkit.throughput(connect, size8, 8))
+            finally:
+                secure.stop()
 
     figures = {"runs": runs, "quick": quick}
     rows = []
@@ -243,6 +266,15 @@ def main():
             figures[name]["unit"] = unit
             rows.append(("%s (%s)" % (name, unit), "%.0f" % subject, "%.0f" % base,
                          "%.2f" % ratio, ">= %g" % TARGETS[name], ratio >= TARGETS[name]))
+    if tls_samples["throughput_1"]:
+        figures["tls"] = {}
+        for name in ("throughput_1", "throughput_8"):
+            plain = benchkit.median(samples[name][0])
+            secure = benchkit.median(tls_samples[name])
+            figures["tls"][name] = {"relay": round(plain, 1), "relay_tls": round(secure, 1),
+                                    "ratio": round(secure / plain, 3), "unit": "MiB/s"}
+            rows.append(("%s TLS (MiB/s)" % name, "%.0f" % secure, "plain relay %.0f" % plain,
+                         "%.2f" % (secure / plain), "(cost of TLS)", None))
     if hold_result is not None:
         figures["hold"] = hold_result
         met = (hold_result["failures"] == 0 and hold_result["returned_to_baseline"] is not False
