@@ -95,16 +95,11 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cli.configure_logging(args.log_level)
-    security = cli.security_options(parser, args)
-    proxy = None if args.proxy_protocol == "none" else args.proxy_protocol
-    return cli.run_service(
-        "tcprelay.adapter", args,
-        lambda **kw: Adapter((args.relay_host, args.relay_port), args.local,
-                             connect_timeout=args.connect_timeout, proxy_protocol=proxy, **kw),
-        **security)
+    def make(args, **options):
+        proxy = None if args.proxy_protocol == "none" else args.proxy_protocol
+        return Adapter((args.relay_host, args.relay_port), args.local,
+                       connect_timeout=args.connect_timeout, proxy_protocol=proxy, **options)
+    return cli.service_main("tcprelay.adapter", build_parser(), argv, make)
 
 
 if __name__ == "__main__":

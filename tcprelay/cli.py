@@ -103,6 +103,17 @@ class AnnouncingServer(RelayServer):
             sys.stdout.flush()
 
 
+def service_main(prog, parser, argv, make_server):
+    """A service program's main(): parse, set up logging and security, run.
+
+    ``make_server(args, **options)`` builds the RelayServer; returns the exit code.
+    """
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    security = security_options(parser, args)
+    return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
+
+
 def run_service(prog, args, make_server, **server_options):
     """Register, serve until a signal or (without reconnecting) the relay goes; exit code."""
     relay = "%s:%d" % (args.relay_host, args.relay_port)

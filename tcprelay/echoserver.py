@@ -51,13 +51,9 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cli.configure_logging(args.log_level)
-    security = cli.security_options(parser, args)
-    return cli.run_service("tcprelay.echoserver", args,
-                           lambda **kw: EchoServer((args.relay_host, args.relay_port),
-                                                   EchoHandler, **kw), **security)
+    return cli.service_main(
+        "tcprelay.echoserver", build_parser(), argv,
+        lambda args, **kw: EchoServer((args.relay_host, args.relay_port), EchoHandler, **kw))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,14 @@ class RemoteGoneAwayError(_OSErrorFlavour, ConnectionRefusedError):
     errno_value = errno.ECONNREFUSED
 
 
+def _byte_view(data):
+    """A flat memoryview of bytes over any buffer."""
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    return view
+
+
 def _timeout_error(what):
     return socket.timeout("%s timed out" % what)
 
@@ -254,9 +262,7 @@ class Stream(object):
         """Read into ``buffer``; returns the count, 0 once the peer has half-closed."""
         if flags:
             raise ValueError("muxado streams take no recv flags")
-        view = memoryview(buffer)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
+        view = _byte_view(buffer)
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
         if nbytes == 0 or nbytes > len(view):
@@ -286,45 +292,36 @@ class Stream(object):
         """Send what the peer's window allows now (at least one byte); returns the count."""
         if flags:
             raise ValueError("muxado streams take no send flags")
-        view = memoryview(data)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
+        view = _byte_view(data)
         if not len(view):
             with self._lock:
                 self._check_writable()
             return 0
-        with self._lock:
-            self._wait_writable(_Deadline(self._timeout))
-            n = min(len(view), self._send_window, self.session._max_frame)
-            self._send_window -= n
-            grant = self._take_grant()
-        self.session._send_data(self, view[:n], 0, grant)
-        return n
+        return self._send_some(view, _Deadline(self._timeout))
 
     def sendall(self, data, flags=0):
         """Send all of ``data``, waiting for window as needed; the timeout covers the call."""
         if flags:
             raise ValueError("muxado streams take no send flags")
-        view = memoryview(data)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        deadline = _Deadline(self._timeout)
-        total = len(view)
-        sent = 0
-        session = self.session
-        while True:
+        view = _byte_view(data)
+        if not len(view):
             with self._lock:
-                if sent == total:
-                    self._check_writable()
-                    return None
-                self._wait_writable(deadline)
-                n = min(total - sent, self._send_window, session._max_frame)
-                self._send_window -= n
-                grant = self._take_grant()
-            session._send_data(self, view[sent:sent + n], 0, grant)
-            sent += n
-            if sent == total:
-                return None
+                self._check_writable()
+            return None
+        deadline = _Deadline(self._timeout)
+        while view:
+            view = view[self._send_some(view, deadline):]
+        return None
+
+    def _send_some(self, view, deadline):
+        """One DATA frame of as much of ``view`` as the window allows; the count sent."""
+        with self._lock:
+            self._wait_writable(deadline)
+            n = min(len(view), self._send_window, self.session._max_frame)
+            self._send_window -= n
+            grant = self._take_grant()
+        self.session._send_data(self, view[:n], 0, grant)
+        return n
 
     def close_write(self):
         """Half-close: send FIN. The peer reads EOF; we can still read."""
