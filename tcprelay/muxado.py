@@ -921,6 +921,7 @@ class Session(object):
         self._dead = False
         self.error = None                        # why the session ended, once it has
         self._ended = threading.Event()
+        self._goodbye_done = threading.Event()   # _die has tried its GOAWAY and shut the socket
         self._done_callbacks = []
 
         # Reading: whoever holds the lead reads the socket (see _lead_until).
@@ -952,8 +953,8 @@ class Session(object):
         self._reader.daemon = True
         self._writer = threading.Thread(target=self._control_loop, name=self.name + "-writer")
         self._writer.daemon = True
+        self._writer.start()   # first: a reader that ends at once joins the writer
         self._reader.start()
-        self._writer.start()
         log.debug("%s: started on %s <-> %s", self.name, self._sockname, self._peername)
 
     def __repr__(self):
@@ -1296,6 +1297,9 @@ class Session(object):
                     self._lead.wait()
                 self._leader = _BACKGROUND   # for good: nobody reads a closed socket
             self._recv_view.release()
+            # The thread that ended the session may not have sent its GOAWAY yet:
+            # closing the socket under it would lose it.
+            self._goodbye_done.wait(2 * GOAWAY_ON_CLOSE_TIMEOUT)
             # No writer can be inside a syscall on the socket while we hold this.
             with self._write_lock:
                 try:
@@ -1529,12 +1533,15 @@ class Session(object):
             streams = list(self._streams.values())
             self._streams.clear()
             self._accept_ready.notify_all()
-        if goaway is not None:
-            self._try_goaway(*goaway)
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+            if goaway is not None:
+                self._try_goaway(*goaway)
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        finally:
+            self._goodbye_done.set()
         with self._control_ready:
             self._control_ready.notify_all()
         with self._lead:

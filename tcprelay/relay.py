@@ -687,7 +687,7 @@ class Relay(object):
             holder = entry[1] if entry is not None else None
         if entry is None:
             port = token.split("-", 1)[0]
-            return None, int(port) if port.isdigit() else None
+            return None, int(port) if port.isdecimal() else None   # exactly what int() takes
         if holder is not None and holder is not link:
             # The service came back before we noticed it had gone: its old
             # connection gives way, and its port waits for this one.

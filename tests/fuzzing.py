@@ -1,0 +1,2287 @@
+"""A fuzzer for tcprelay, standard library only (issue 7).
+
+Imported by ``tests/test_fuzz.py`` (a fixed seed in CI) and by
+``scripts/fuzz.py`` (any seed, any number of cases). Everything here is
+deterministic per seed: case ``n`` of kind ``k`` is built from
+``random.Random(hash(seed, k, n))`` alone, so one case can be replayed
+without the others.
+
+Two kinds of case:
+
+- **session**: a byte stream for a Python muxado *server* session, built from
+  the recorded Go traffic in ``tests/data/muxado-vectors.json`` by mutation
+  (bit flips, byte changes, truncation, splicing frames from different
+  vectors, duplicated and reordered frames, corrupted header fields, huge
+  lengths, unknown types, zero and huge WNDINC, GOAWAY with long debug text,
+  floods) or made up from random frames and bytes. The runner writes it from
+  a raw socket over loopback TCP and checks the outcome against a small
+  model of the wire rules (``analyse``): a stream with a fault must end the
+  session by itself with the code the rules name; a stream without one must
+  leave the session working, which the runner proves with a fresh stream
+  (accepted, echoed, closed); everything the session writes back must be
+  well-formed, and a GOAWAY, if any, must be the last frame and carry the
+  session's code.
+- **relay**: one live ``Relay`` per run, with a healthy service registered
+  through ``tcprelay.service.connect`` whose public port carries checksummed
+  echo traffic for the whole run. Cases send random bytes, mutated frame
+  streams, a valid SYN followed by garbage, or run a real muxado client whose
+  registration stream carries mutated JSON (and mutated answers to the
+  relay's challenge). A small oracle written from docs/PROTOCOL.md says which
+  answer each request must get; an ``ok`` is proven by a client on the
+  granted port.
+
+Never allowed: an uncaught exception in any thread (``threading.excepthook``
+on 3.8+), an ERROR log record from a ``tcprelay`` logger, a hang (every wait
+is bounded; a watchdog names a case that runs too long), a leaked thread or
+socket, or a single byte lost or changed on the healthy service.
+"""
+
+import binascii
+import collections
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tcprelay import limits, muxado, proxyproto  # noqa: E402
+from tcprelay import service as relay_service  # noqa: E402
+from tcprelay.muxado import ErrorCode  # noqa: E402
+from tcprelay.relay import Relay  # noqa: E402
+
+TIMEOUT = 10.0           # the bound on any single blocking call
+CASE_LIMIT = 60.0        # a case running longer than this is a hang
+QUIET = 0.3              # a bounded wait that must time out ("nothing more comes")
+LOOPBACK = "127.0.0.1"
+DEFAULT_SEED = 7000
+VECTORS_PATH = os.path.join(HERE, "data", "muxado-vectors.json")
+
+# -- the wire, written out here so the oracle does not lean on tcprelay.frames ----------
+
+RST, DATA, WNDINC, GOAWAY = 0, 1, 2, 3
+FIN, SYN = 0x1, 0x2
+MAX_ID = 0x7FFFFFFF
+RESERVED = 0x80000000
+WINDOW = 256 * 1024
+HEADER = struct.Struct(">II")
+U32 = struct.Struct(">I")
+MAX_QUEUED_REPLIES = 10000     # muxado's bound on replies the reader may owe
+DEFAULT_BURST = 10000          # muxado's default flood burst
+
+# RST codes a server session may send on its own (or for the runner's reset()).
+SESSION_RST_CODES = (ErrorCode.FLOW_CONTROL_ERROR, ErrorCode.STREAM_CLOSED,
+                     ErrorCode.STREAM_REFUSED, ErrorCode.ACCEPT_QUEUE_FULL,
+                     ErrorCode.STREAM_RESET, ErrorCode.STREAM_CANCELLED)
+
+Frame = collections.namedtuple("Frame", "type flags sid length body")
+
+
+def frame(ftype, flags, sid, body=b"", length=None):
+    """Any frame, valid or not: ``length`` may disagree with the body."""
+    if length is None:
+        length = len(body)
+    return HEADER.pack((length & 0xFFFFFF) << 8 | (ftype & 15) << 4 | (flags & 15),
+                       sid & 0xFFFFFFFF) + bytes(body)
+
+
+def data_frame(sid, payload=b"", flags=0):
+    return frame(DATA, flags, sid, payload)
+
+
+def parse_frames(data):
+    """Whole frames in ``data`` (cut on the length field alone) and the bytes left over."""
+    out = []
+    pos = 0
+    end = len(data)
+    while end - pos >= 8:
+        word, sid = HEADER.unpack_from(data, pos)
+        length = word >> 8
+        if end - pos - 8 < length:
+            break
+        out.append(Frame((word >> 4) & 15, word & 15, sid, length,
+                         bytes(data[pos + 8:pos + 8 + length])))
+        pos += 8 + length
+    return out, bytes(data[pos:])
+
+
+def split_raw(data):
+    """Raw frame byte strings, for mutation; a cut-off last frame stays as it is."""
+    frames, rest = parse_frames(data)
+    out = [frame(f.type, f.flags, f.sid, f.body) for f in frames]
+    if rest:
+        out.append(rest)
+    return out
+
+
+def code_name(code):
+    return code.name if isinstance(code, ErrorCode) else str(code)
+
+
+def rand_bytes(rng, n):
+    return rng.getrandbits(8 * n).to_bytes(n, "big") if n > 0 else b""
+
+
+def case_rng(seed, kind, number):
+    digest = hashlib.sha256(("tcprelay-fuzz/%d/%s/%d" % (seed, kind, number)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:16], "big"))
+
+
+def hexdump(data, limit=256):
+    data = bytes(data)
+    text = binascii.hexlify(data[:limit]).decode("ascii")
+    if len(data) > limit:
+        text += "... (%d bytes in all)" % len(data)
+    return text or "(empty)"
+
+
+# -- the model: what a server session must do with a byte stream --------------------------
+
+class Analysis(object):
+    """What the wire rules say about a client's byte stream to a server session.
+
+    ``fault``: (frame index, code) of the first frame that must end the session
+    (malformed, or a SYN of the wrong parity), or None. ``maybe``: codes the
+    session may end with before that (a SYN repeated on a stream it may still
+    know, floods past the bucket). ``need``: bytes that would complete a
+    cut-off last frame (0 if the stream ends on a frame boundary). ``ids``:
+    every stream id named; ``syns``: the ids opened, in order.
+    """
+
+    def __init__(self):
+        self.fault = None
+        self.maybe = set()
+        self.need = 0
+        self.partial_header = False
+        self.ids = set()
+        self.syns = []
+        self.frames = 0
+
+
+def analyse(data, burst=DEFAULT_BURST):
+    result = Analysis()
+    seen_syn = set()
+    pointless = resets = replies = 0
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if end - pos < 8:
+            result.need = 8 - (end - pos)
+            result.partial_header = True
+            break
+        word, sid = HEADER.unpack_from(data, pos)
+        length = word >> 8
+        ftype = (word >> 4) & 15
+        flags = word & 15
+        have = end - pos - 8
+        complete = have >= length
+        result.ids.add(sid & MAX_ID)
+        fault = None
+        if sid & RESERVED:
+            fault = ErrorCode.PROTOCOL_ERROR
+        elif ftype == DATA:
+            if sid == 0:
+                fault = ErrorCode.PROTOCOL_ERROR
+            elif flags & SYN:
+                if sid % 2 == 0:
+                    fault = ErrorCode.PROTOCOL_ERROR      # a client opens odd ids only
+                else:
+                    if sid in seen_syn:
+                        result.maybe.add(ErrorCode.PROTOCOL_ERROR)   # duplicate SYN
+                    seen_syn.add(sid)
+                    result.syns.append(sid)
+                    replies += 1
+            elif length == 0 and flags == 0:
+                pointless += 1
+            else:
+                replies += 1
+        elif ftype in (RST, WNDINC):
+            if length != 4:
+                fault = ErrorCode.FRAME_SIZE_ERROR
+            elif complete:
+                if sid == 0:
+                    fault = ErrorCode.PROTOCOL_ERROR
+                elif ftype == WNDINC and U32.unpack_from(data, pos + 8)[0] & MAX_ID == 0:
+                    fault = ErrorCode.PROTOCOL_ERROR
+                elif ftype == RST and sid % 2 == 1:
+                    resets += 1
+                else:
+                    replies += 1
+        elif ftype == GOAWAY:
+            if length < 8:
+                fault = ErrorCode.FRAME_SIZE_ERROR
+            elif have >= 8 and sid != 0:
+                fault = ErrorCode.PROTOCOL_ERROR
+        else:
+            pointless += 1
+        if pointless >= burst or resets >= burst or replies >= MAX_QUEUED_REPLIES:
+            result.maybe.add(ErrorCode.ENHANCE_YOUR_CALM)
+        if fault is not None:
+            result.fault = (result.frames, fault)
+            return result
+        if not complete:
+            result.need = length - have
+            break
+        pos += 8 + length
+        result.frames += 1
+    return result
+
+
+def completed(data, burst, limit=512 * 1024):
+    """``data`` with a cut-off last frame finished with zero bytes (if cheap), and its analysis."""
+    analysis = analyse(data, burst)
+    for _ in range(3):
+        if analysis.fault is not None or not analysis.need or analysis.need > limit:
+            break
+        data += bytes(analysis.need)
+        analysis = analyse(data, burst)
+    return data, analysis
+
+
+def unused_odd_ids(used, count):
+    """``count`` odd stream ids, highest first, none of them in ``used``."""
+    out = []
+    sid = MAX_ID
+    while len(out) < count:
+        if sid not in used:
+            out.append(sid)
+        sid -= 2
+    return out
+
+
+# -- the recorded traffic, as material ------------------------------------------------------
+
+_corpus = None
+_corpus_lock = threading.Lock()
+
+
+def load_json_vectors():
+    with open(VECTORS_PATH, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def vector_corpus():
+    """[(name, [raw frames])] from every recorded byte stream in the vectors file."""
+    global _corpus
+    with _corpus_lock:
+        if _corpus is None:
+            vectors = load_json_vectors()
+            corpus = []
+            for scenario in vectors["scenarios"]:
+                for key in ("client_to_server_hex", "server_to_client_hex"):
+                    data = binascii.unhexlify(scenario[key])
+                    if data:
+                        corpus.append(("%s/%s" % (scenario["name"], key[:16]), split_raw(data)))
+            for case in vectors["malformed"]:
+                corpus.append(("malformed/" + case["name"],
+                               split_raw(binascii.unhexlify(case["input_hex"]))))
+            _corpus = corpus
+        return _corpus
+
+
+# -- session cases ----------------------------------------------------------------------------
+
+SessionCase = collections.namedtuple("SessionCase",
+                                     "kind number data options tidy end presend choices label")
+
+INTERESTING_BYTES = (0x00, 0x01, 0x02, 0x03, 0x04, 0x0F, 0x10, 0x11, 0x12, 0x13, 0x20, 0x30,
+                     0x7F, 0x80, 0xFE, 0xFF)
+INTERESTING_LENGTHS = (0, 1, 3, 4, 5, 7, 8, 9, 0xFF, 0x100, WINDOW, WINDOW + 1, 0xFFFFFF)
+INTERESTING_IDS = (0, 1, 2, 3, 4, 5, 7, 0xFF, 0x100, MAX_ID - 2, MAX_ID, RESERVED | 1,
+                   RESERVED, 0xFFFFFFFF)
+INCREMENTS = (0, 1, 2, 4096, WINDOW, MAX_ID - 1, MAX_ID, RESERVED, 0xFFFFFFFF)
+
+
+def _odd_ids(frames):
+    ids = set()
+    for raw in frames:
+        if len(raw) >= 8:
+            sid = HEADER.unpack_from(raw, 0)[1] & MAX_ID
+            if sid % 2:
+                ids.add(sid)
+    return sorted(ids) or [1]
+
+
+def synthetic_frame(rng, ids, big=False):
+    """One frame a hostile or careless client might send (valid or not)."""
+    sid = rng.choice(ids)
+    pick = rng.randrange(14)
+    if pick == 0:                                   # open a new stream
+        new = max(ids) + 2 * rng.randint(1, 3)
+        ids.append(new)
+        flags = SYN | (FIN if rng.random() < 0.3 else 0)
+        return data_frame(new, rand_bytes(rng, rng.choice([0, 0, 5, 64, 300])), flags)
+    if pick == 1:                                   # data, maybe FIN
+        flags = FIN if rng.random() < 0.3 else 0
+        return data_frame(sid, rand_bytes(rng, rng.choice([0, 1, 16, 200, 1500])), flags)
+    if pick == 2:                                   # WNDINC, often extreme
+        return frame(WNDINC, 0, sid, U32.pack(rng.choice(INCREMENTS + (rng.getrandbits(32),))))
+    if pick == 3:                                   # RST with any code
+        code = rng.choice([rng.randint(0, 16), rng.getrandbits(32)])
+        return frame(RST, 0, rng.choice([sid, sid, 0, rng.getrandbits(31)]), U32.pack(code))
+    if pick == 4:                                   # GOAWAY, debug up to long
+        size = rng.choice([0, 8, 100, 4000, 20000])
+        if big and rng.random() < 0.5:
+            size = (1 << 20) + rng.randint(1, 4096)   # past Go's 1 MiB debug limit
+        body = U32.pack(rng.getrandbits(31)) + U32.pack(rng.randint(0, 16)) + rand_bytes(rng, size)
+        return frame(GOAWAY, 0, rng.choice([0, 0, 0, sid]), body)
+    if pick == 5:                                   # unknown type
+        return frame(rng.randint(4, 15), rng.randint(0, 15), rng.choice([0, sid]),
+                     rand_bytes(rng, rng.choice([0, 0, 3, 40, 1000])))
+    if pick == 6:                                   # a length that lies
+        body = rand_bytes(rng, rng.choice([0, 4, 16]))
+        return frame(rng.choice([DATA, DATA, RST, WNDINC, GOAWAY, 9]), rng.randint(0, 3), sid,
+                     body, length=rng.choice(INTERESTING_LENGTHS))
+    if pick == 7:                                   # empty DATA, no flags (pointless)
+        return data_frame(sid)
+    if pick == 8:                                   # FIN alone
+        return data_frame(sid, b"", FIN)
+    if pick == 9:                                   # a SYN again on a known id
+        return data_frame(sid, b"again", SYN)
+    if pick == 10:                                  # wrong-parity SYN
+        return data_frame(sid + 1, b"", SYN)
+    if pick == 11:                                  # RST/WNDINC with a bad body length
+        return frame(rng.choice([RST, WNDINC]), 0, sid, rand_bytes(rng, rng.choice([0, 3, 5, 8])))
+    if pick == 12:                                  # the 8-byte pad Go needs after GOAWAY
+        return frame(15, 0, 0)
+    if big and rng.random() < 0.5:                  # one window and one byte more
+        return data_frame(sid, bytes(WINDOW + rng.choice([0, 1])))
+    return data_frame(sid, rand_bytes(rng, rng.randint(0, 64)), rng.randint(0, 15))
+
+
+def random_frame(rng):
+    """A frame with a plausible header and random contents."""
+    ftype = rng.choice([0, 1, 1, 1, 2, 2, 3, rng.randint(4, 15)])
+    flags = rng.choice([0, 0, FIN, SYN, SYN | FIN, rng.randint(0, 15)])
+    sid = rng.choice([1, 1, 3, 5, 7, 2, 4, rng.randint(0, 40), rng.getrandbits(31),
+                      rng.getrandbits(32)])
+    if ftype in (0, 2):
+        length = 4 if rng.random() < 0.85 else rng.randint(0, 12)
+    elif ftype == 3:
+        sid = 0 if rng.random() < 0.85 else sid
+        length = rng.choice([8, 8, 12, rng.randint(0, 40)])
+    else:
+        length = rng.randint(0, 40)
+    return frame(ftype, flags, sid, rand_bytes(rng, length))
+
+
+def valid_frames(rng):
+    """A plausible client conversation, several streams interleaved."""
+    out = []
+    ids = []
+    sid = rng.choice([1, 3, 5])
+    for _ in range(rng.randint(1, 4)):
+        ids.append(sid)
+        out.append(data_frame(sid, rand_bytes(rng, rng.choice([0, 5, 100])), SYN))
+        sid += 2 * rng.randint(1, 3)
+    for _ in range(rng.randint(0, 8)):
+        s = rng.choice(ids)
+        kind = rng.randrange(5)
+        if kind == 0:
+            out.append(data_frame(s, rand_bytes(rng, rng.randint(1, 500))))
+        elif kind == 1:
+            out.append(frame(WNDINC, 0, s, U32.pack(rng.randint(1, 1 << 20))))
+        elif kind == 2:
+            out.append(data_frame(s, b"", FIN))
+        elif kind == 3:
+            out.append(frame(RST, 0, s, U32.pack(ErrorCode.STREAM_CANCELLED)))
+        else:
+            out.append(frame(rng.randint(4, 15), 0, 0, rand_bytes(rng, rng.randint(0, 10))))
+    return out
+
+
+def flood_frames(rng, burst):
+    """Pointless frames (or self-reset streams) around the flood bucket's size."""
+    count = max(1, int(burst * rng.choice([0.5, 0.9, 1.0, 1.1, 2.0])) + rng.randint(-1, 1))
+    kind = rng.randrange(3)
+    if kind == 0:
+        return [frame(rng.randint(4, 15), 0, 0) for _ in range(count)]
+    if kind == 1:
+        return [data_frame(1, b"", SYN)] + [data_frame(1) for _ in range(count)]
+    out = []
+    sid = 1
+    for _ in range(count):
+        out.append(data_frame(sid, b"", SYN))
+        out.append(frame(RST, 0, sid, U32.pack(ErrorCode.STREAM_CANCELLED)))
+        sid += 2
+    return out
+
+
+# Mutators over a list of raw frames.
+
+def m_duplicate(rng, frames):
+    i = rng.randrange(len(frames))
+    frames.insert(rng.randrange(len(frames) + 1), frames[i])
+    return frames
+
+
+def m_reorder(rng, frames):
+    if len(frames) > 1:
+        i, j = rng.randrange(len(frames)), rng.randrange(len(frames))
+        frames[i], frames[j] = frames[j], frames[i]
+    return frames
+
+
+def m_shuffle(rng, frames):
+    i = rng.randrange(len(frames))
+    part = frames[i:i + rng.randint(2, 6)]
+    rng.shuffle(part)
+    frames[i:i + len(part)] = part
+    return frames
+
+
+def m_delete(rng, frames):
+    if len(frames) > 1:
+        del frames[rng.randrange(len(frames))]
+    return frames
+
+
+def m_insert(rng, frames):
+    ids = _odd_ids(frames)
+    frames.insert(rng.randrange(len(frames) + 1), synthetic_frame(rng, ids, big=rng.random() < 0.01))
+    return frames
+
+
+def m_header(rng, frames):
+    """Corrupt one header field: length, type, flags, stream id, the reserved bit."""
+    candidates = [i for i, f in enumerate(frames) if len(f) >= 8]
+    if not candidates:
+        return frames
+    i = rng.choice(candidates)
+    word, sid = HEADER.unpack_from(frames[i], 0)
+    body = frames[i][8:]
+    length, ftype, flags = word >> 8, (word >> 4) & 15, word & 15
+    field = rng.randrange(5)
+    if field == 0:
+        length = rng.choice(INTERESTING_LENGTHS + (len(body) - 1, len(body) + 1,
+                                                   rng.getrandbits(24)))
+    elif field == 1:
+        ftype = rng.randint(0, 15)
+    elif field == 2:
+        flags = rng.randint(0, 15)
+    elif field == 3:
+        sid = rng.choice(INTERESTING_IDS + (sid ^ 1, sid + 2, rng.getrandbits(32)))
+    else:
+        sid |= RESERVED
+    frames[i] = frame(ftype, flags, sid, body, length=max(0, length))
+    return frames
+
+
+def m_wndinc(rng, frames):
+    """A WNDINC of zero or of a huge size, in place of a frame or added."""
+    ids = _odd_ids(frames)
+    new = frame(WNDINC, 0, rng.choice(ids + [0]), U32.pack(rng.choice(INCREMENTS)))
+    if rng.random() < 0.5:
+        frames[rng.randrange(len(frames))] = new
+    else:
+        frames.insert(rng.randrange(len(frames) + 1), new)
+    return frames
+
+
+def m_goaway(rng, frames):
+    """A GOAWAY with long (now and then past 1 MiB) debug text."""
+    size = rng.choice([0, 50, 5000, 60000])
+    if rng.random() < 0.01:
+        size = (1 << 20) + rng.randint(1, 10000)
+    body = U32.pack(rng.getrandbits(32)) + U32.pack(rng.getrandbits(32)) + rand_bytes(rng, size)
+    frames.insert(rng.randrange(len(frames) + 1), frame(GOAWAY, 0, 0, body))
+    return frames
+
+
+def m_splice(rng, frames):
+    name, other = rng.choice(vector_corpus())
+    i = rng.randrange(len(other))
+    part = list(other[i:i + rng.randint(1, 4)])
+    j = rng.randrange(len(frames) + 1)
+    frames[j:j] = part
+    return frames
+
+
+FRAME_MUTATORS = (m_duplicate, m_reorder, m_shuffle, m_delete, m_insert, m_insert, m_header,
+                  m_header, m_header, m_wndinc, m_goaway, m_splice)
+
+
+# Mutators over bytes.
+
+def b_flip(rng, data):
+    for _ in range(rng.randint(1, 8)):
+        i = rng.randrange(len(data))
+        data[i] ^= 1 << rng.randrange(8)
+    return data
+
+
+def b_set(rng, data):
+    for _ in range(rng.randint(1, 4)):
+        data[rng.randrange(len(data))] = rng.choice(INTERESTING_BYTES + (rng.getrandbits(8),))
+    return data
+
+
+def b_truncate(rng, data):
+    del data[rng.randrange(len(data)):]
+    return data
+
+
+def b_insert(rng, data):
+    i = rng.randrange(len(data) + 1)
+    data[i:i] = rand_bytes(rng, rng.randint(1, 16))
+    return data
+
+
+def b_delete(rng, data):
+    i = rng.randrange(len(data))
+    del data[i:i + rng.randint(1, 16)]
+    return data
+
+
+def b_repeat(rng, data):
+    i = rng.randrange(len(data))
+    part = data[i:i + rng.randint(1, 32)]
+    data[i:i] = part * rng.randint(1, 4)
+    return data
+
+
+BYTE_MUTATORS = (b_flip, b_flip, b_set, b_truncate, b_insert, b_delete, b_repeat)
+
+
+def gen_frames(rng, options, label):
+    """Raw frames: recorded, spliced, synthetic or random, then mutated."""
+    corpus = vector_corpus()
+    pick = rng.random()
+    if pick < 0.40:
+        name, frames = rng.choice(corpus)
+        frames = list(frames)
+        if len(frames) > 1 and rng.random() < 0.3:
+            i = rng.randrange(len(frames))
+            frames = frames[i:i + rng.randint(1, len(frames))]
+        label.append("vector:" + name)
+    elif pick < 0.58:
+        frames = []
+        for _ in range(rng.randint(2, 4)):
+            name, other = rng.choice(corpus)
+            i = rng.randrange(len(other))
+            frames.extend(other[i:i + rng.randint(1, 3)])
+        label.append("splice")
+    elif pick < 0.75:
+        frames = valid_frames(rng)
+        label.append("conversation")
+    elif pick < 0.85:
+        frames = [random_frame(rng) for _ in range(rng.randint(1, 10))]
+        label.append("random-frames")
+    elif pick < 0.92:
+        frames = [rand_bytes(rng, rng.randint(1, 200))]
+        label.append("random-bytes")
+    else:
+        burst = options.get("flood_limit", (DEFAULT_BURST,))[0]
+        if burst > 200:
+            burst = rng.randint(5, 60)
+            options["flood_limit"] = (burst, rng.choice([1.0, 10.0]))
+        frames = flood_frames(rng, burst)
+        label.append("flood")
+    if not frames:
+        frames = [random_frame(rng)]
+    for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4])):
+        mutator = rng.choice(FRAME_MUTATORS)
+        frames = mutator(rng, frames) or [random_frame(rng)]
+        label.append(mutator.__name__[2:])
+    data = bytearray(b"".join(frames))
+    # The 300 kB recorded stream is kept whole only now and then: cases stay cheap.
+    if len(data) > 64 * 1024 and rng.random() < 0.8:
+        del data[64 * 1024 + rng.randrange(4096):]
+        label.append("cut")
+    if data and rng.random() < 0.35:
+        for _ in range(rng.randint(1, 2)):
+            if not data:
+                break
+            mutator = rng.choice(BYTE_MUTATORS)
+            data = mutator(rng, data)
+            label.append(mutator.__name__[2:])
+    return bytes(data)
+
+
+def session_options(rng):
+    options = {"write_timeout": 5.0}
+    if rng.random() < 0.12:
+        options["flood_limit"] = (rng.randint(2, 64), rng.choice([1.0, 10.0, 100.0]))
+    if rng.random() < 0.08:
+        options["max_streams"] = rng.randint(1, 6)
+    if rng.random() < 0.08:
+        options["accept_backlog"] = rng.randint(1, 6)
+    if rng.random() < 0.08:
+        options["window_size"] = rng.choice([WINDOW + 1, 1 << 20])
+    return options
+
+
+def gen_session_case(seed, number):
+    rng = case_rng(seed, "session", number)
+    options = session_options(rng)
+    label = []
+    data = gen_frames(rng, options, label)
+    # Now and then the bytes are already waiting when the session starts (as on the
+    # relay, where a service's first frames race the session's threads).
+    presend = len(data) <= 64 * 1024 and rng.random() < 0.25
+    return SessionCase("session", number, data, options, tidy=rng.random() < 0.8,
+                       end=rng.choice(["eof", "eof", "close", "close", "race"]), presend=presend,
+                       choices=rng.getrandbits(32), label="+".join(label))
+
+
+# -- the harness: failures, logs, threads ---------------------------------------------------
+
+class CaseFailure(AssertionError):
+    """A case broke a rule; the message says which."""
+
+
+def check(condition, message, *args):
+    if not condition:
+        raise CaseFailure(message % args if args else message)
+
+
+class Outcome(object):
+    """A case's result: ``outcome`` (for the summary) or ``failure``."""
+
+    def __init__(self, case, outcome=None, failure=None):
+        self.case = case
+        self.outcome = outcome
+        self.failure = failure
+
+
+_NAME_PATTERN = re.compile(r"fuzz-([sr])(\d+)")
+_PORT_PATTERN = re.compile(r"127\.0\.0\.1:(\d+)")
+
+
+class Watch(object):
+    """Collects what must never happen: ERROR records from tcprelay loggers, and
+    exceptions no thread caught. Each is tied to a case when its text names one
+    (session names are ``fuzz-s<N>``/``fuzz-r<N>``; relay log lines name the
+    client's address, which the relay runner registers with ``port_is``)."""
+
+    class _Handler(logging.Handler):
+        def __init__(self, watch):
+            logging.Handler.__init__(self, logging.WARNING)
+            self.watch = watch
+
+        def emit(self, record):
+            self.watch._record(record)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.errors = []          # (case key or None, text)
+        self.warnings = 0
+        self._ports = {}
+        self._handler = self._Handler(self)
+        self._logger = logging.getLogger("tcprelay")
+        self._saved = None
+        self._previous_hook = None
+
+    def port_is(self, port, key):
+        with self._lock:
+            self._ports[port] = key
+
+    def _key_of(self, text):
+        match = _NAME_PATTERN.search(text)
+        if match:
+            return ("session" if match.group(1) == "s" else "relay", int(match.group(2)))
+        with self._lock:
+            for port in _PORT_PATTERN.findall(text):
+                key = self._ports.get(int(port))
+                if key is not None:
+                    return key
+        return None
+
+    def _record(self, record):
+        if record.levelno < logging.ERROR:
+            with self._lock:
+                self.warnings += 1
+            return
+        try:
+            text = "%s: %s %s" % (record.levelname, record.getMessage(),
+                                  "".join(traceback.format_exception(*record.exc_info))
+                                  if record.exc_info else "")
+        except Exception:   # a record that cannot even be formatted is a failure too
+            text = "%s: %r %r" % (record.levelname, record.msg, record.args)
+        text = "[%s] %s" % (record.threadName, text)
+        key = self._key_of(text)
+        with self._lock:
+            self.errors.append((key, text))
+
+    def _hook(self, args):
+        text = "[%s] uncaught %s" % (
+            args.thread.name if args.thread is not None else "?",
+            "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                               args.exc_traceback)))
+        key = self._key_of(text)
+        with self._lock:
+            self.errors.append((key, text))
+
+    def __enter__(self):
+        self._saved = (self._logger.level, self._logger.propagate)
+        self._logger.setLevel(logging.WARNING)
+        self._logger.propagate = False
+        self._logger.addHandler(self._handler)
+        if hasattr(threading, "excepthook"):
+            self._previous_hook = threading.excepthook
+            threading.excepthook = self._hook
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._previous_hook is not None:
+            threading.excepthook = self._previous_hook
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
+
+    def errors_for(self, key):
+        with self._lock:
+            return [text for k, text in self.errors if k == key]
+
+    def unattributed(self, keys):
+        with self._lock:
+            return [text for k, text in self.errors if k is None or k not in keys]
+
+
+def open_fds():
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+def join_threads(threads, timeout=TIMEOUT):
+    """Join each thread within one overall bound; the names of those still running."""
+    end = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, end - time.monotonic()))
+    return [t.name for t in threads if t.is_alive()]
+
+
+def threads_named(*names):
+    wanted = set(names)
+    return [t for t in threading.enumerate() if t.name in wanted]
+
+
+class Report(object):
+    """Cases run, outcomes by kind, failures (each with its replay command)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        self.outcomes = collections.Counter()
+        self.cases = collections.Counter()
+        self.failures = []          # (kind, number, text)
+        self.notes = []
+        self.elapsed = 0.0
+
+    def add(self, kind, number, outcome=None, failure=None):
+        self.cases[kind] += 1
+        if failure is not None:
+            self.failures.append((kind, number, failure))
+            self.outcomes[(kind, "FAILED")] += 1
+        else:
+            self.outcomes[(kind, outcome)] += 1
+
+    def fail_run(self, kind, text):
+        self.failures.append((kind, None, text))
+
+    def add_results(self, kind, numbers, results):
+        for n in sorted(results):
+            self.add(kind, n, results[n].outcome, results[n].failure)
+        skipped = len(numbers) - len(results)
+        if skipped:
+            self.notes.append("%s: %d cases not run (stopped after too many failures)"
+                              % (kind, skipped))
+
+    def replay_command(self, kind, number):
+        return "python3 scripts/fuzz.py --seed %d --kind %s --replay %d" % (self.seed, kind, number)
+
+    def describe_failures(self, limit=5):
+        parts = []
+        for kind, number, text in self.failures[:limit]:
+            if number is None:
+                parts.append("%s run (seed %d): %s" % (kind, self.seed, text))
+            else:
+                parts.append("%s case %d (seed %d): %s\n  replay: %s"
+                             % (kind, number, self.seed, text, self.replay_command(kind, number)))
+        if len(self.failures) > limit:
+            parts.append("... and %d more failures" % (len(self.failures) - limit))
+        return "\n\n".join(parts)
+
+    def summary(self):
+        lines = ["seed %d: %d cases in %.1fs" % (self.seed, sum(self.cases.values()), self.elapsed)]
+        for kind in sorted(self.cases):
+            lines.append("  %s: %d cases" % (kind, self.cases[kind]))
+            rows = sorted((o, n) for (k, o), n in self.outcomes.items() if k == kind)
+            for outcome, count in rows:
+                lines.append("    %-44s %6d" % (outcome, count))
+        for note in self.notes:
+            lines.append("  " + note)
+        lines.append("  failures: %d" % len(self.failures))
+        return "\n".join(lines)
+
+
+def run_pool(numbers, run_one, workers, progress=None, limit=CASE_LIMIT, max_failures=None):
+    """Run ``run_one(n)`` for every n on ``workers`` threads; returns {n: Outcome}.
+
+    A watchdog names any case that runs past ``limit`` seconds (a hang): its
+    worker is left behind (a daemon thread) and the case reported. After
+    ``max_failures`` failed cases no new case starts.
+    """
+    numbers = list(numbers)
+    todo = collections.deque(numbers)
+    lock = threading.Lock()
+    results = {}
+    running = {}
+    failed = [0]
+
+    def worker():
+        me = threading.current_thread()
+        while True:
+            with lock:
+                if not todo:
+                    return
+                n = todo.popleft()
+                running[me] = (n, time.monotonic())
+            try:
+                result = run_one(n)
+            except CaseFailure as exc:
+                result = Outcome(None, failure=str(exc))
+            except Exception:
+                result = Outcome(None, failure="the harness raised:\n" + traceback.format_exc())
+            with lock:
+                results[n] = result
+                del running[me]
+                done = len(results)
+                if result.failure is not None:
+                    failed[0] += 1
+                    if max_failures is not None and failed[0] >= max_failures:
+                        todo.clear()
+                failures = failed[0]
+            if progress is not None:
+                progress(done, len(numbers), failures)
+
+    threads = [threading.Thread(target=worker, name="fuzz-worker-%d" % i)
+               for i in range(max(1, min(workers, len(numbers))))]
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    hung = {}
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(1.0)
+            now = time.monotonic()
+            with lock:
+                late = [(n, now - t0) for n, t0 in running.values() if now - t0 > limit]
+            if late:
+                for n, took in late:
+                    hung[n] = Outcome(None, failure="hang: still running after %.0fs" % took)
+                with lock:
+                    todo.clear()
+                break
+        if hung:
+            break
+    with lock:
+        results.update(hung)
+    return results
+
+
+# -- the session runner ----------------------------------------------------------------------
+
+class Pairs(object):
+    """Connected TCP pairs on 127.0.0.1 from one listener (ephemeral port)."""
+
+    def __init__(self):
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((LOOPBACK, 0))
+        self._listener.listen(128)
+        self._listener.settimeout(TIMEOUT)
+        self._lock = threading.Lock()
+
+    def pair(self):
+        """(dialer, acceptor), both with TIMEOUT."""
+        with self._lock:
+            dialer = socket.create_connection(self._listener.getsockname(), timeout=TIMEOUT)
+            try:
+                acceptor, _ = self._listener.accept()
+            except BaseException:
+                dialer.close()
+                raise
+        acceptor.settimeout(TIMEOUT)
+        return dialer, acceptor
+
+    def close(self):
+        self._listener.close()
+
+
+class RawSide(object):
+    """The raw socket end: sends bytes, reads back and checks every frame."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.frames = []
+        self.eof = False
+        self.reset = False
+
+    def send(self, data):
+        """Send all of ``data``; False if the peer is gone (it may end a session early)."""
+        try:
+            self.sock.sendall(data)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        except socket.timeout:
+            raise CaseFailure("sending %d bytes took longer than %gs (nobody reads)"
+                              % (len(data), TIMEOUT))
+
+    def shutdown_write(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _read(self, timeout):
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(256 * 1024)
+        except ConnectionResetError:
+            self.reset = True
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buffer += data
+        frames, rest = parse_frames(self.buffer)
+        self.frames.extend(frames)
+        self.buffer = bytearray(rest)
+        return True
+
+    def read_until(self, predicate, what, timeout=TIMEOUT):
+        """Read until ``predicate(frames)``; False at EOF first. A hang fails the case."""
+        end = time.monotonic() + timeout
+        while not predicate(self.frames):
+            if self.eof:
+                return False
+            left = end - time.monotonic()
+            try:
+                if left <= 0:
+                    raise socket.timeout()
+                self._read(left)
+            except socket.timeout:
+                raise CaseFailure("hang: no %s within %gs; got %s" % (what, timeout,
+                                                                      describe(self.frames)))
+        return True
+
+    def read_to_eof(self, timeout=TIMEOUT):
+        self.read_until(lambda frames: False, "EOF", timeout)
+        check(not self.buffer, "the peer wrote a cut-off frame before closing: %s",
+              hexdump(self.buffer, 64))
+        return self.frames
+
+    def quiet(self, wait=QUIET):
+        """Read what comes within ``wait``; True if the connection stayed open."""
+        end = time.monotonic() + wait
+        while not self.eof:
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            try:
+                self._read(left)
+            except socket.timeout:
+                return True
+        return False
+
+    def close(self):
+        self.sock.close()
+
+
+def describe(frames, limit=6):
+    names = {RST: "RST", DATA: "DATA", WNDINC: "WNDINC", GOAWAY: "GOAWAY"}
+    parts = []
+    for f in frames[-limit:]:
+        if f.type == RST and f.length == 4:
+            parts.append("RST(%d, %s)" % (f.sid, code_name(ErrorCode.of(U32.unpack(f.body)[0]))))
+        elif f.type == GOAWAY and f.length >= 8:
+            last, code = struct.unpack_from(">II", f.body)
+            parts.append("GOAWAY(%d, %s, %r)" % (last, code_name(ErrorCode.of(code)),
+                                                 f.body[8:60]))
+        else:
+            parts.append("%s(flags %d, stream %d, %d bytes)"
+                         % (names.get(f.type, "type %d" % f.type), f.flags, f.sid, f.length))
+    more = "%d frames, last: " % len(frames) if len(frames) > limit else ""
+    return more + (", ".join(parts) or "nothing")
+
+
+def is_rst(frame_, sid, codes=None):
+    if frame_.type != RST or frame_.sid != sid or frame_.length != 4:
+        return False
+    return codes is None or U32.unpack(frame_.body)[0] in codes
+
+
+def goaway_of(frames):
+    return [f for f in frames if f.type == GOAWAY]
+
+
+def check_goaway_last(frames, who="the session"):
+    """At most one GOAWAY, and nothing after it; returns its code or None."""
+    goaways = [i for i, f in enumerate(frames) if f.type == GOAWAY]
+    if not goaways:
+        return None
+    check(len(goaways) == 1, "%s sent %d GOAWAY frames: %s", who, len(goaways), describe(frames))
+    check(goaways[0] == len(frames) - 1, "%s sent frames after its GOAWAY: %s",
+          who, describe(frames[goaways[0]:]))
+    g = frames[goaways[0]]
+    check(g.length >= 8 and g.sid == 0 and g.flags == 0, "malformed GOAWAY: %s", describe([g]))
+    return ErrorCode.of(U32.unpack_from(g.body, 4)[0])
+
+
+def check_session_output(frames, analysis, probe_ids, probe_payload, goaway_code):
+    """Everything a server session wrote back must be a well-formed, expected frame."""
+    opened = set(analysis.syns) | set(probe_ids[1:2])
+    named = analysis.ids | set(probe_ids)
+    data = collections.defaultdict(bytearray)
+    for f in frames:
+        check(f.type in (RST, DATA, WNDINC, GOAWAY), "the session sent a frame of type %d", f.type)
+        check(not f.sid & RESERVED, "the session set the reserved bit: %s", describe([f]))
+        if f.type == RST:
+            check(f.length == 4 and f.flags == 0 and f.sid != 0, "bad RST: %s", describe([f]))
+            check(U32.unpack(f.body)[0] in SESSION_RST_CODES, "RST with an odd code: %s",
+                  describe([f]))
+            check(f.sid in named, "RST for a stream the peer never named: %s", describe([f]))
+        elif f.type == WNDINC:
+            check(f.length == 4 and f.flags == 0 and f.sid in opened, "bad WNDINC: %s",
+                  describe([f]))
+            check(0 < U32.unpack(f.body)[0] <= MAX_ID, "WNDINC increment out of range: %s",
+                  describe([f]))
+        elif f.type == DATA:
+            check(f.sid in opened and not f.flags & ~FIN, "DATA the session should not send: %s",
+                  describe([f]))
+            data[f.sid] += f.body
+    for sid, payload in data.items():
+        if sid == probe_ids[1]:
+            check(bytes(payload) == probe_payload, "the probe's echo came back wrong: %r",
+                  bytes(payload[:80]))
+        else:
+            check(not payload.strip(b"F"), "the session sent data nobody wrote on stream %d", sid)
+    code = check_goaway_last(frames)
+    if code is not None:
+        check(code == goaway_code, "GOAWAY says %s, the session ended with %s",
+              code_name(code), code_name(goaway_code))
+        last = U32.unpack_from(goaway_of(frames)[0].body, 0)[0]
+        check(last in (set(analysis.syns) | set(probe_ids[1:2]) | {1}),
+              "GOAWAY names last stream %d, which the peer never opened", last)
+
+
+def _tidy(session, case, rng):
+    """Accept what is queued; close, reset or answer each stream (tidy), or leave it."""
+    accepted = []
+    while True:
+        try:
+            stream = session.accept(timeout=0)
+        except (socket.timeout, muxado.MuxadoError):
+            return accepted
+        accepted.append(stream)
+        if not case.tidy:
+            continue
+        action = rng.randrange(4)
+        try:
+            if action == 0:
+                stream.reset(rng.choice([ErrorCode.STREAM_RESET, ErrorCode.STREAM_CANCELLED]))
+            elif action == 1:
+                stream.settimeout(TIMEOUT)
+                stream.sendall(b"F" * rng.randint(1, 100))
+                stream.close()
+            else:
+                stream.close()
+        except (muxado.MuxadoError, OSError):
+            stream.close()
+
+
+def run_session_case(case, pairs, watch):
+    """Feed one case to a fresh server session; returns the outcome's name."""
+    rng = random.Random(case.choices)     # the runner's own choices
+    name = "fuzz-s%d" % case.number
+    burst = case.options.get("flood_limit", (DEFAULT_BURST,))[0]
+    data, analysis = completed(case.data, burst)
+    dialer, acceptor = pairs.pair()
+    raw = RawSide(dialer)
+    presend = case.presend and len(data) <= 64 * 1024   # nobody reads it yet
+    if presend:
+        raw.send(data)
+    session = muxado.server(acceptor, name=name, **case.options)
+    sync_id, probe_id, sync2_id = unused_odd_ids(analysis.ids, 3)
+    probe_ids = (sync_id, probe_id, sync2_id)
+    payload = b"probe %d" % case.number
+    allowed = set(analysis.maybe)
+    outcome = None
+    try:
+        if not presend:
+            raw.send(data)
+        if analysis.fault is not None:
+            # The stream breaks the rules: the session must end by itself.
+            allowed.add(analysis.fault[1])
+            check(session.wait(TIMEOUT), "hang: frame %d breaks the rules (%s) but the session "
+                  "did not end", analysis.fault[0], code_name(analysis.fault[1]))
+            outcome = "ended"
+        elif analysis.need:
+            # Cut off inside a frame (too long to finish): only EOF ends it.
+            raw.shutdown_write()
+            allowed.add(ErrorCode.PEER_EOF)
+            check(session.wait(TIMEOUT), "hang: the session did not end at EOF")
+            outcome = "ended"
+        else:
+            outcome = _prove_alive(case, session, raw, analysis, probe_ids, payload, allowed, rng)
+            if outcome.startswith("alive"):
+                if case.end in ("eof", "race"):
+                    raw.shutdown_write()
+                    allowed.add(ErrorCode.PEER_EOF)
+                if case.end in ("close", "race"):
+                    session.close()     # with "race", as the peer's EOF comes in
+                    allowed.add(ErrorCode.SESSION_CLOSED)
+            check(session.wait(TIMEOUT), "hang: the session did not end (%s)", case.end)
+        frames = raw.read_to_eof()
+        check(session.closed and session.error is not None, "the session ended with no error set")
+        code = session.error.code
+        check(isinstance(code, ErrorCode), "the session ended with a code that is not an "
+              "ErrorCode: %r", code)
+        check(code in allowed, "the session ended with %s (%s); allowed: %s; last frames: %s",
+              code_name(code), session.error.message,
+              ", ".join(sorted(code_name(c) for c in allowed)) or "none", describe(frames))
+        goaway_code = ErrorCode.NO_ERROR if code == ErrorCode.SESSION_CLOSED else code
+        check(goaway_of(frames) or raw.reset, "the session ended (%s) without GOAWAY: %s",
+              code_name(code), describe(frames))
+        check_session_output(frames, analysis, probe_ids, payload, goaway_code)
+        if outcome == "ended":
+            outcome = "ended " + code_name(code)
+        elif outcome != "alive":
+            outcome += " " + code_name(code)
+    finally:
+        session.close()
+        raw.close()
+    check(acceptor.fileno() == -1, "the session left its socket open")
+    left = join_threads(threads_named(name, name + "-writer"))
+    check(not left, "threads left running: %s", left)
+    errors = watch.errors_for(("session", case.number))
+    check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
+    return outcome
+
+
+def _prove_alive(case, session, raw, analysis, ids, payload, allowed, rng):
+    """The case left the session in step: show a fresh stream works (or why it may not)."""
+    sync_id, probe_id, sync2_id = ids
+    raw.send(data_frame(sync_id, b"s"))
+    if not raw.read_until(lambda fs: any(is_rst(f, sync_id) for f in fs), "RST for the sync frame"):
+        return "ended by the case"    # only allowed if the model said it may (checked later)
+    _tidy(session, case, rng)
+    raw.send(data_frame(probe_id, payload, SYN | FIN) + data_frame(sync2_id, b"s"))
+    if not raw.read_until(lambda fs: any(is_rst(f, sync2_id) for f in fs),
+                          "RST for the second sync frame"):
+        return "ended by the case"
+    refused = [f for f in raw.frames if is_rst(f, probe_id)]
+    if refused:
+        full = min(case.options.get("max_streams", 1024), case.options.get("accept_backlog", 128))
+        check(not case.tidy and len(analysis.syns) >= full,
+              "the probe stream was refused (%s) with no limit reached", describe(refused))
+        return "alive, probe refused"
+    while True:
+        try:
+            stream = session.accept(timeout=TIMEOUT)
+        except socket.timeout:
+            raise CaseFailure("hang: the probe stream was never accepted")
+        except muxado.MuxadoError:
+            return "ended by the case"
+        if stream.id == probe_id:
+            break
+        check(not case.tidy, "accepted stream %d after the sync frame", stream.id)
+    stream.settimeout(TIMEOUT)
+    received = bytearray()
+    while True:
+        chunk = stream.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    check(bytes(received) == payload, "the probe stream carried %r, not %r",
+          bytes(received[:80]), payload)
+    stream.sendall(payload)
+    stream.close()
+    raw.read_until(lambda fs: any(f.type == DATA and f.sid == probe_id and f.flags & FIN
+                                  for f in fs), "FIN on the probe stream")
+    return "alive"
+
+
+def session_case_for(seed, number, pairs, watch, make_case=None):
+    case = (make_case or gen_session_case)(seed, number)
+    try:
+        outcome = run_session_case(case, pairs, watch)
+    except CaseFailure as exc:
+        errors = watch.errors_for(("session", number))
+        if errors and "logged or raised" not in str(exc):
+            exc = "%s\n  logged or raised in a thread:\n%s" % (exc, "\n".join(errors[:2]))
+        raise CaseFailure("%s\n  case: %s, options %r, tidy=%s, end=%s, presend=%s\n"
+                          "  bytes: %s" % (exc, case.label, case.options, case.tidy, case.end,
+                                           case.presend, hexdump(case.data)))
+    return Outcome(case, outcome)
+
+
+def run_session_fuzz(seed, numbers, workers=24, report=None, progress=None, make_case=None,
+                     max_failures=None):
+    """Run session cases ``numbers`` for ``seed``; returns a Report.
+
+    ``make_case(seed, n)`` replaces the generator (regression tests run fixed cases).
+    """
+    report = report or Report(seed)
+    started = time.monotonic()
+    numbers = list(numbers)
+    vector_corpus()
+    fds = open_fds()
+    pairs = Pairs()
+    before = set(threading.enumerate())
+    try:
+        with Watch() as watch:
+            results = run_pool(numbers, lambda n: session_case_for(seed, n, pairs, watch,
+                                                                   make_case),
+                               workers, progress, max_failures=max_failures)
+            keys = set(("session", n) for n in numbers)
+            stray = watch.unattributed(keys)
+    finally:
+        pairs.close()
+    report.add_results("session", numbers, results)
+    for text in stray:
+        report.fail_run("session", "logged or raised outside any case:\n" + text)
+    left = join_threads([t for t in threading.enumerate()
+                         if t not in before and not t.name.startswith("fuzz-worker")])
+    if left:
+        report.fail_run("session", "threads left running: %s" % left[:10])
+    if open_fds() != fds:
+        report.fail_run("session", "open files: %s before, %s after" % (fds, open_fds()))
+    report.elapsed += time.monotonic() - started
+    return report
+
+
+# -- relay cases: the environment --------------------------------------------------------------
+
+SECRET = b"tcprelay fuzzing secret"
+AUTH_METHOD = "hmac-sha256"
+AUTH_CONTEXT = b"tcprelay registration v1\x00"   # docs: HMAC-SHA256(secret, context + nonce)
+MAX_REQUEST = 4096                                # docs/PROTOCOL.md 2.2
+HANDSHAKE_TIMEOUT = 0.5
+LEASE_TIME = 0.5
+POOL_SIZE = 48
+REPLY_STATUSES = ("challenge", "waiting", "ok", "error")
+
+
+def free_port_range(count, seed, low=20000, high=32000, attempts=500):
+    """``count`` contiguous free ports in [low, high): the kernel hands out none below 32768."""
+    rng = random.Random(seed)
+    for _ in range(attempts):
+        start = rng.randrange(low, high - count)
+        ports = list(range(start, start + count))
+        if all(_port_free(port) for port in ports):
+            return ports
+    raise RuntimeError("no %d free contiguous ports in %d-%d" % (count, low, high))
+
+
+def _port_free(port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def recv_exact(conn, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(min(size - len(data), 256 * 1024))
+        if not chunk:
+            raise AssertionError("EOF after %d of %d bytes" % (len(data), size))
+        data += chunk
+    return bytes(data)
+
+
+class Traffic(object):
+    """A client of the healthy service's public port: random chunks, each echoed and
+    compared byte for byte; sha256 of everything sent and received. ``churn`` opens a
+    new connection every few chunks, else one connection carries the whole run."""
+
+    def __init__(self, port, seed, churn):
+        self.port = port
+        self.rng = random.Random(seed)
+        self.churn = churn
+        self.sent = hashlib.sha256()
+        self.received = hashlib.sha256()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.round_trips = 0
+        self.connections = 0
+        self.error = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run,
+                                       name="healthy traffic%s" % (" (churn)" if churn else ""))
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _chunk(self):
+        rng = self.rng
+        return rand_bytes(rng, rng.choice([1, 7, 100, 1460, 16384, 65536, rng.randint(1, 65536)]))
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                sock = socket.create_connection((LOOPBACK, self.port), timeout=TIMEOUT)
+                self.connections += 1
+                try:
+                    count = self.rng.randint(1, 4) if self.churn else -1
+                    while count and not self._stop.is_set():
+                        chunk = self._chunk()
+                        sock.sendall(chunk)
+                        self.sent.update(chunk)
+                        self.bytes_sent += len(chunk)
+                        echo = recv_exact(sock, len(chunk))
+                        self.received.update(echo)
+                        self.bytes_received += len(echo)
+                        if echo != chunk:
+                            at = next(i for i in range(len(chunk)) if echo[i] != chunk[i])
+                            raise AssertionError("echo differs from byte %d of a %d-byte chunk"
+                                                 % (at, len(chunk)))
+                        self.round_trips += 1
+                        count -= 1
+                    sock.shutdown(socket.SHUT_WR)
+                    rest = sock.recv(1)
+                    if rest:
+                        raise AssertionError("more came back than was sent: %r" % rest)
+                finally:
+                    sock.close()
+        except Exception:
+            self.error = traceback.format_exc()
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(TIMEOUT)
+        if self.thread.is_alive():
+            return "the healthy traffic thread is stuck"
+        if self.error is not None:
+            return "healthy traffic failed after %d round trips:\n%s" % (self.round_trips,
+                                                                          self.error)
+        if self.sent.digest() != self.received.digest():
+            return "healthy traffic: sha256 of sent and received differ (%d vs %d bytes)" % (
+                self.bytes_sent, self.bytes_received)
+        if not self.round_trips:
+            return "healthy traffic made no round trip"
+        return None
+
+
+class HealthyService(object):
+    """A service registered with ``tcprelay.service.connect`` that echoes every stream."""
+
+    def __init__(self, relay_address):
+        for attempt in range(3):
+            try:
+                self.connection = relay_service.connect(relay_address, name="healthy",
+                                                        secret=SECRET, timeout=TIMEOUT)
+                break
+            except relay_service.RegistrationRefused as exc:
+                if "not finished" not in exc.reason or attempt == 2:
+                    raise
+        self.port = self.connection.port
+        self.address = self.connection.session.getsockname()
+        self._threads = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.error = None
+        self._spawn(self._accept_loop, "healthy accept")
+
+    def _spawn(self, fn, name, *args):
+        thread = threading.Thread(target=fn, args=args, name=name)
+        thread.daemon = True
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self):
+        while not self._stop.is_set():
+            try:
+                stream = self.connection.accept(timeout=TIMEOUT)
+            except socket.timeout:
+                continue
+            except relay_service.RelayGone:
+                if not self._stop.is_set():
+                    self.error = "the healthy service lost the relay"
+                return
+            self._spawn(self._echo, "healthy echo %d" % stream.id, stream)
+
+    def _echo(self, stream):
+        stream.settimeout(TIMEOUT)
+        try:
+            while True:
+                data = stream.recv(256 * 1024)
+                if not data:
+                    break
+                stream.sendall(data)
+        except (OSError, muxado.MuxadoError) as exc:
+            if not self._stop.is_set():
+                self.error = "healthy echo on stream %d failed: %r" % (stream.id, exc)
+        finally:
+            stream.close()
+
+    def close(self):
+        self._stop.set()
+        self.connection.close()
+        with self._lock:
+            threads = list(self._threads)
+        return join_threads(threads)
+
+
+class RelayEnv(object):
+    """One live relay for a run, with the healthy service and its traffic."""
+
+    def __init__(self, seed, watch):
+        self.watch = watch
+        self.threads_before = set(threading.enumerate())
+        self.ports = free_port_range(POOL_SIZE, seed)
+        self.relay = Relay((LOOPBACK, 0), ports=self.ports, public_bind=LOOPBACK,
+                           handshake_timeout=HANDSHAKE_TIMEOUT, registration_rate=10 ** 6,
+                           secret=SECRET, lease_time=LEASE_TIME)
+        # Wrong answers are part of the fuzzing: they must not get 127.0.0.1 banned.
+        self.relay.auth_failures = limits.FailureBans(limit=1 << 30)
+        self.relay_address = self.relay.server_address
+        self._serve = threading.Thread(target=self.relay.serve_forever, name="fuzz relay")
+        self._serve.daemon = True
+        self._serve.start()
+        self.healthy = None
+        self.traffic = []
+        try:
+            self.healthy = HealthyService(self.relay_address)
+            self.healthy_port = self.healthy.port
+            self.healthy_link = self._link_with_port(self.healthy_port)
+            self.traffic = [Traffic(self.healthy_port, seed, churn=False),
+                            Traffic(self.healthy_port, seed + 1, churn=True)]
+        except BaseException:
+            self._stop_relay()
+            raise
+
+    def _link_with_port(self, port):
+        links = [link for link in self.relay.services if link.port == port]
+        if len(links) != 1:
+            raise AssertionError("the relay has %d services on port %d" % (len(links), port))
+        return links[0]
+
+    def links_of(self, local_port):
+        return [link for link in self.relay.services if link.address[1] == local_port]
+
+    def finish(self):
+        """Check the relay and the healthy service after every case; returns problems."""
+        # No new services from now on: every link the relay took is started.
+        problems = self._stop_serving()
+        # Every fuzz service must be gone: join their threads.
+        others = [link for link in self.relay.services if link is not self.healthy_link]
+        stuck = [link for link in others if not link.join(TIMEOUT)]
+        if stuck:
+            problems.append("relay service threads still running: %s" % stuck[:5])
+        healthy_tag = "%s:%d" % tuple(self.healthy.address[:2])
+        extra = [t.name for t in threading.enumerate()
+                 if (t.name.startswith("service ") or t.name.startswith("heartbeat service"))
+                 and healthy_tag not in t.name]
+        if extra:
+            problems.append("relay threads beyond the healthy service's: %s" % extra[:10])
+        if self.relay.services != [self.healthy_link]:
+            problems.append("the relay's services are %r, not just the healthy one"
+                            % self.relay.services[:5])
+        for traffic in self.traffic:
+            problem = traffic.stop()
+            if problem:
+                problems.append(problem)
+        if self.healthy.error:
+            problems.append(self.healthy.error)
+        if self.healthy.connection.closed:
+            problems.append("the healthy service's session ended: %s"
+                            % self.healthy.connection.session.error)
+        else:
+            try:
+                message = b"still healthy?" * 100
+                client = socket.create_connection((LOOPBACK, self.healthy_port), timeout=TIMEOUT)
+                try:
+                    client.sendall(message)
+                    if recv_exact(client, len(message)) != message:
+                        problems.append("a fresh client of the healthy service got bad bytes")
+                finally:
+                    client.close()
+            except (OSError, AssertionError) as exc:
+                problems.append("a fresh client of the healthy service failed: %r" % exc)
+        return problems
+
+    def notes(self):
+        sent = sum(t.bytes_sent for t in self.traffic)
+        return ["healthy service: %d round trips, %d connections, %.1f MiB echoed, "
+                "sha256 equal; relay warnings logged: %d"
+                % (sum(t.round_trips for t in self.traffic),
+                   sum(t.connections for t in self.traffic), sent / 1048576.0,
+                   self.watch.warnings)]
+
+    def close(self):
+        problems = []
+        for traffic in self.traffic:
+            traffic.stop()
+        if self.healthy is not None:
+            left = self.healthy.close()
+            if left:
+                problems.append("healthy service threads still running: %s" % left)
+        problems.extend(self._stop_relay())
+        left = join_threads([t for t in threading.enumerate() if t not in self.threads_before
+                             and not t.name.startswith("fuzz-worker")])
+        if left:
+            problems.append("threads left running after the relay closed: %s" % left[:10])
+        return problems
+
+    def _stop_serving(self):
+        """Stop taking services (those registered stay, and so do their clients)."""
+        if not self._serve.is_alive():
+            return []
+        self.relay.shutdown()
+        self._serve.join(TIMEOUT)
+        if self._serve.is_alive():
+            return ["serve_forever did not return after shutdown()"]
+        return []
+
+    def _stop_relay(self):
+        problems = self._stop_serving()
+        self.relay.server_close()
+        return problems
+
+
+# -- relay cases: requests, and what the relay must answer -------------------------------------
+
+class Raw(object):
+    """JSON text put into a request as it is (NaN, deep nesting, huge literals)."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+def render(value):
+    if isinstance(value, Raw):
+        return value.text
+    if isinstance(value, list) and value and isinstance(value[0], Pair):
+        return "{" + ", ".join("%s: %s" % (json.dumps(p.key), render(p.value))
+                               for p in value) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(render(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+Pair = collections.namedtuple("Pair", "key value")
+
+FIELDS = ("version", "port", "name", "max_wait", "notices", "lease", "heartbeat",
+          "proxy_protocol", "auth")
+WRONG_VALUES = ("1", "", "x" * 70, 1, 0, -1, 1.5, True, False, None, [], {}, [1, 2],
+                {"a": 1}, Raw("NaN"), Raw("Infinity"), Raw("-Infinity"), Raw("1e3"),
+                Raw("-0"), Raw("1E400"))
+HUGE = (10 ** 30, -10 ** 30, 2 ** 31, 2 ** 63, 2 ** 64 + 1, 1e308, -1e308, 65536, 65535,
+        10 ** 9, 10 ** 9 + 1, Raw("9" * 300), Raw("0." + "0" * 300 + "1"))
+NAMES = ("", "x" * 64, "x" * 65, "a\nb", "tab\there", "\x7f", "\u540d\u5b57", "\u200b",
+         "\ud800", " ", "ok-name")
+LEASES = ("", "x" * 128, "x" * 129, "\x00abc", "\u00b2-abc", "\u0663-abc", "\u00b9\u00b2-x",
+          "\u2460-x", "99999-x", "-", "0-abc", "65536-x", "12345678901234567890-x",
+          "\U0001d7d8-x", "abc", "7-", "%d-deadbeef")
+AUTHS = ("HMAC-SHA256", "hmac-sha1", "none", "", " hmac-sha256", 1, None, ["hmac-sha256"])
+VERSIONS = (0, 2, -1, "1", 1.0, True, None, 10 ** 20, Raw("1.0"), Raw("1e0"))
+
+
+def _set(body, key, value):
+    for i, pair in enumerate(body):
+        if pair.key == key:
+            body[i] = Pair(key, value)
+            return
+    body.append(Pair(key, value))
+
+
+def _nested(rng):
+    depth = rng.choice([3, 30, 200, 999, 1001, 2000])
+    if rng.random() < 0.5:
+        return Raw("[" * depth + "]" * depth)
+    return Raw('{"a": ' * depth + "1" + "}" * depth)
+
+
+def gen_request(rng, env, label):
+    """A registration request line: valid-ish fields, then mutations; bytes."""
+    body = []
+    if rng.random() < 0.7:
+        body.append(Pair("version", 1))
+    if rng.random() < 0.5:
+        body.append(Pair("name", "fuzz-%d" % rng.randint(0, 999)))
+    if rng.random() < 0.3:
+        body.append(Pair("notices", rng.random() < 0.5))
+    if rng.random() < 0.2:
+        body.append(Pair("max_wait", rng.choice([0, 0.1, 5, 30])))
+    if rng.random() < 0.3:
+        body.append(Pair("heartbeat", rng.random() < 0.6))
+    if rng.random() < 0.15:
+        body.append(Pair("proxy_protocol", rng.choice(["v1", "v2"])))
+    if rng.random() < 0.15:
+        body.append(Pair("lease", "%d-%s" % (rng.choice(env.ports), "ab" * 16)))
+    if rng.random() < 0.06:
+        body.append(Pair("port", rng.choice([env.healthy_port, rng.choice(env.ports),
+                                             rng.randint(1, 65535)])))
+    if rng.random() < 0.9:
+        body.append(Pair("auth", AUTH_METHOD))
+    rng.shuffle(body)
+    for _ in range(rng.choice([0, 0, 0, 0, 1, 1, 1, 2, 3])):
+        op = rng.randrange(11)
+        key = rng.choice(FIELDS)
+        if op == 0:
+            _set(body, key, rng.choice(WRONG_VALUES))
+            label.append("wrong-type:" + key)
+        elif op == 1:
+            _set(body, rng.choice(["port", "max_wait", "version", "max_wait"]), rng.choice(HUGE))
+            label.append("huge-number")
+        elif op == 2:
+            _set(body, rng.choice(["x-deep", key]), _nested(rng))
+            label.append("deep-nesting")
+        elif op == 3:
+            _set(body, "version", rng.choice(VERSIONS))
+            label.append("bad-version")
+        elif op == 4:
+            body.append(Pair("x-%d" % rng.randint(0, 99), rng.choice(
+                [1, "text", None, [1, {"b": [2]}], {"nested": {"k": "v"}}, True])))
+            label.append("unknown-field")
+        elif op == 5:
+            lease = rng.choice(LEASES)
+            if "%d" in lease:
+                lease = lease % rng.choice([env.healthy_port] + env.ports)
+            _set(body, "lease", lease if rng.random() < 0.9 else rng.choice([12, [], None]))
+            label.append("bad-lease")
+        elif op == 6:
+            _set(body, "name", rng.choice(NAMES + (rng.randint(0, 9), None)))
+            label.append("bad-name")
+        elif op == 7:
+            _set(body, "auth", rng.choice(AUTHS))
+            label.append("bad-auth")
+        elif op == 8:
+            body.append(Pair(key, rng.choice(WRONG_VALUES + (1, True, "v1"))))
+            label.append("duplicate-key")
+        elif op == 9:
+            _set(body, rng.choice(["notices", "heartbeat"]), rng.choice([None, 0, 1, "true"]))
+            label.append("bad-flag")
+        else:
+            body = [p for p in body if p.key != key]
+            label.append("drop:" + key)
+    text = render(body) if body else "{}"
+    pick = rng.random()
+    if pick < 0.04:
+        text = rng.choice(["[%s]" % text, "null", "1", '"auth"', "true", "[]", ""])
+        label.append("not-an-object")
+    elif pick < 0.10:
+        text = text[:rng.randrange(len(text) + 1)]
+        label.append("truncated")
+    elif pick < 0.14:
+        i = rng.randrange(len(text))
+        text = text[:i] + rng.choice(["'", ",", "}", "{", "\\", '"', ":", " ", "\t"]) + text[i + 1:]
+        label.append("char")
+    elif pick < 0.16:
+        text = text.rstrip("}") + ", }"
+        label.append("trailing-comma")
+    line = text.encode("utf-8", "surrogatepass")
+    pick = rng.random()
+    if pick < 0.04:
+        i = rng.randrange(len(line) + 1)
+        line = line[:i] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x00"]) + line[i:]
+        label.append("bad-utf8")
+    elif pick < 0.06:
+        line = b"\xef\xbb\xbf" + line
+        label.append("bom")
+    elif pick < 0.09:
+        line = rng.choice([b" ", b"\t", b"\r", b"\x0b", b"  \r"]) + line + \
+            rng.choice([b" ", b"\r", b"\x0c", b""])
+        label.append("whitespace")
+    elif pick < 0.12:
+        line = line.rstrip(b"}") + b', "pad": "' + b"p" * rng.choice(
+            [MAX_REQUEST - len(line) - 14, MAX_REQUEST - len(line) - 13, 5000]) + b'"}'
+        label.append("long")
+    line += b"\n" if rng.random() < 0.9 else rng.choice([b"\r\n", b"\n\n"])
+    pick = rng.random()
+    if pick < 0.06:
+        line = line.rstrip(b"\n")
+        label.append("no-newline")
+    elif pick < 0.12:
+        line += rng.choice([b'{"hmac": "00"}\n', b"garbage\n", b"\n", b" ", b'{"ping": 1}\n',
+                            b"more without newline"])
+        label.append("extra-line")
+    elif pick < 0.14:
+        line = b"\n" if rng.random() < 0.5 else b"   \n"
+        label.append("empty")
+    return line
+
+
+def hmac_answer(secret, nonce):
+    return hmac.new(secret, AUTH_CONTEXT + nonce, hashlib.sha256).hexdigest()
+
+
+class Verdict(object):
+    """What the relay may answer next. ``allowed``: statuses in the next reply
+    ("challenge", "ok", "error", "waiting"), or "timeout" (an error, but only after
+    the handshake timeout), or "quiet" (nothing at all for now)."""
+
+    def __init__(self, allowed, why, body=None):
+        self.allowed = set(allowed)
+        self.why = why
+        self.body = body
+
+    def __repr__(self):
+        return "<%s: %s>" % ("/".join(sorted(self.allowed)), self.why)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def judge_request(sent, half_closed):
+    """docs/PROTOCOL.md 2.2 and 2.6, for a relay that requires the secret."""
+    newline = sent.find(b"\n")
+    if newline < 0:
+        if len(sent) > MAX_REQUEST:
+            return Verdict(["error"], "no newline in %d bytes" % len(sent)), b""
+        if not half_closed:
+            return Verdict(["timeout"], "the request never ends"), b""
+        line, rest = sent, b""
+    else:
+        line, rest = sent[:newline + 1], sent[newline + 1:]
+        if len(line) > MAX_REQUEST:
+            return Verdict(["error"], "a request line of %d bytes" % len(line)), rest
+    text = line.rstrip(b"\n").strip(b" \t\r\n\x0b\x0c")
+    if not text:
+        return Verdict(["error"], "the minimal form, and the relay requires a secret"), rest
+    try:
+        body = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return Verdict(["error"], "not JSON"), rest
+    if not isinstance(body, dict):
+        return Verdict(["error"], "not an object"), rest
+    errors, doubts = [], []
+    version = body.get("version", 1)
+    if not _is_int(version) or version != 1:
+        errors.append("version %r" % (version,))
+    port = body.get("port")
+    if port is not None and (not _is_int(port) or not 1 <= port <= 65535):
+        errors.append("port %r" % (port,))
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= 64
+                             or not name.isprintable()):
+        errors.append("name %r" % (name,))
+    max_wait = body.get("max_wait")
+    if max_wait is not None:
+        if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) \
+                or not max_wait >= 0:
+            errors.append("max_wait %r" % (max_wait,))
+        elif max_wait > 10 ** 6:
+            doubts.append("max_wait %r" % (max_wait,))   # the docs set no upper bound
+    for flag in ("notices", "heartbeat"):
+        if flag in body and not isinstance(body[flag], bool):
+            errors.append("%s %r" % (flag, body[flag]))
+    lease = body.get("lease")
+    if lease is not None:
+        if not isinstance(lease, str):
+            errors.append("lease %r" % (lease,))
+        elif not lease or len(lease) > 128 or not lease.isprintable():
+            doubts.append("lease %r" % (lease,))        # the docs only say "string"
+    if body.get("proxy_protocol") not in (None, "v1", "v2"):
+        errors.append("proxy_protocol %r" % (body.get("proxy_protocol"),))
+    if body.get("auth") != AUTH_METHOD:
+        errors.append("auth %r" % (body.get("auth"),))
+    for key in ("name", "port", "proxy_protocol"):
+        if key in body and body[key] is None:
+            doubts.append("%s null" % key)
+    if errors:
+        return Verdict(["error"], "; ".join(errors)), rest
+    if doubts:
+        return Verdict(["error", "challenge"], "; ".join(doubts), body), rest
+    return Verdict(["challenge"], "a good request", body), rest
+
+
+def judge_answer(buffered, eof, nonce):
+    """The challenge's answer: the next line on the stream (docs/PROTOCOL.md 2.6)."""
+    newline = buffered.find(b"\n")
+    if newline < 0:
+        if eof:
+            return Verdict(["error"], "the stream ended before an answer")
+        if len(buffered) > MAX_REQUEST:
+            return Verdict(["error"], "an answer of %d bytes" % len(buffered))
+        return Verdict(["timeout"], "no answer")
+    line = buffered[:newline + 1]
+    verdict = ["error"]
+    try:
+        answer = json.loads(line.decode("utf-8"))
+        if isinstance(answer, dict) and answer.get("hmac") == hmac_answer(SECRET, nonce):
+            verdict = ["granted"]
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        pass
+    if len(line) > MAX_REQUEST + 1 and verdict == ["granted"]:
+        verdict = ["granted", "error"]    # how a long line is cut into reads decides
+    return Verdict(verdict, "answer %r" % line[:60])
+
+
+def judge_port(body, env):
+    port = body.get("port")
+    if port is None:
+        return Verdict(["ok"], "any port")
+    if port not in env.ports:
+        return Verdict(["error"], "port %d is not in the pool" % port)
+    max_wait = body.get("max_wait")
+    waiting = ["waiting", "quiet"] + (["error"] if max_wait is not None else [])
+    if port == env.healthy_port:
+        return Verdict(waiting, "the healthy service holds port %d" % port)
+    return Verdict(["ok"] + waiting, "port %d, maybe taken" % port)
+
+
+# -- relay cases: generation --------------------------------------------------------------------
+
+RelayCase = collections.namedtuple("RelayCase", "kind number mode data plan label")
+
+ANSWERS = ("good",) * 14 + ("good-split",) * 2 + (
+    "wrong", "upper", "not-hex", "int", "array", "not-json", "no-newline-eof", "eof", "long",
+    "silent")
+PINGS = ('{"ping": %d}', '{"ping": %d}', '{"ping": %d, "x": [1]}', '{"ping": "s%d"}',
+         '{"pong": %d}', "garbage %d", '[%d]')
+
+
+def gen_relay_case(seed, number, env):
+    rng = case_rng(seed, "relay", number)
+    label = []
+    pick = rng.random()
+    plan = {"end": rng.choice(["shut"] * 17 + ["reset"] * 2 + ["wait"])}
+    if pick < 0.12:
+        data = rand_bytes(rng, rng.choice([1, 7, 8, 9, 64, rng.randint(1, 3000)]))
+        mode = "bytes"
+        label.append("random-bytes")
+    elif pick < 0.27:
+        data = gen_frames(rng, {}, label)
+        mode = "frames"
+    elif pick < 0.42:
+        sid = rng.choice([1, 1, 3, 5])
+        request = gen_request(rng, env, label)
+        flags = SYN | (FIN if rng.random() < 0.2 else 0)
+        data = data_frame(sid, request, flags) + gen_frames(rng, {}, label)
+        mode = "syn-garbage"
+    else:
+        mode = "register"
+        plan["end"] = "close"
+        data = gen_request(rng, env, label)
+        plan["announce"] = rng.random() < 0.8
+        plan["cuts"] = sorted(rng.randrange(len(data) + 1) for _ in range(rng.choice([0, 0, 1, 3])))
+        plan["half_close"] = rng.random() < (0.7 if b"\n" not in data else 0.1)
+        plan["answer"] = rng.choice(ANSWERS)
+        if plan["answer"] == "silent" and rng.random() < 0.7:
+            plan["answer"] = "good"     # the handshake timeout costs 0.5 s: keep them rare
+        if b"\n" not in data and not plan["half_close"] and rng.random() < 0.7:
+            plan["half_close"] = True
+        plan["probe"] = rng.random() < 0.5
+        plan["pings"] = [rng.choice(PINGS) % rng.randint(0, 99)
+                         for _ in range(rng.choice([0, 0, 1, 2]))]
+    return RelayCase("relay", number, mode, data, plan, "+".join([mode] + label))
+
+
+# -- relay cases: running -----------------------------------------------------------------------
+
+class Lines(object):
+    """JSON-line replies from the relay's side of a registration stream."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buffer = bytearray()
+        self.eof = False
+
+    def next(self, timeout=TIMEOUT):
+        """The next reply (a dict with a status), None at EOF; socket.timeout if none comes."""
+        line = self.next_line(timeout)
+        return None if line is None else parse_reply(line)
+
+    def next_line(self, timeout=TIMEOUT):
+        self.stream.settimeout(timeout)
+        while b"\n" not in self.buffer:
+            if self.eof:
+                check(not self.buffer, "the relay's reply has no newline: %r", bytes(self.buffer))
+                return None
+            chunk = self.stream.recv(65536)
+            if not chunk:
+                self.eof = True
+            self.buffer += chunk
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        return line
+
+
+def parse_reply(line):
+    try:
+        reply = json.loads(line.decode("utf-8"))
+    except ValueError:
+        raise CaseFailure("the relay's reply is not JSON: %r" % line[:200])
+    check(isinstance(reply, dict) and reply.get("status") in REPLY_STATUSES,
+          "the relay's reply has no known status: %r", line[:200])
+    if reply["status"] == "error":
+        check(isinstance(reply.get("error"), str) and reply["error"],
+              "an error reply without a reason: %r", reply)
+    if reply["status"] == "challenge":
+        check(reply.get("method") == AUTH_METHOD and isinstance(reply.get("nonce"), str)
+              and re.match(r"^[0-9a-f]{64}$", reply["nonce"]), "a malformed challenge: %r", reply)
+    return reply
+
+
+class Clock(object):
+    def __init__(self):
+        self.start = time.monotonic()
+
+    def elapsed(self):
+        return time.monotonic() - self.start
+
+
+def expect_reply(lines, verdict, clock, step):
+    """Read the next reply and check it against ``verdict``; returns it (None for quiet)."""
+    quiet = "quiet" in verdict.allowed or verdict.allowed == {"waiting"}
+    try:
+        reply = lines.next(QUIET if quiet else TIMEOUT)
+    except socket.timeout:
+        check(quiet, "hang: no reply to the %s within %gs (expected %r)", step, TIMEOUT, verdict)
+        return None
+    except (muxado.MuxadoError, OSError) as exc:
+        raise CaseFailure("the relay ended the session instead of answering the %s "
+                          "(expected %r): %r" % (step, verdict, exc))
+    check(reply is not None, "the relay closed the registration stream without answering the "
+          "%s (expected %r)", step, verdict)
+    status = reply["status"]
+    timed_out = status == "error" and "not finished within" in reply["error"]
+    if timed_out:
+        check(clock.elapsed() >= HANDSHAKE_TIMEOUT * 0.95, "the relay timed out the handshake "
+              "after only %.3fs", clock.elapsed())
+        if "timeout" in verdict.allowed or clock.elapsed() >= HANDSHAKE_TIMEOUT:
+            return reply
+    if status == "error" and "timeout" in verdict.allowed:
+        raise CaseFailure("the relay answered the %s with %r, expected a handshake timeout"
+                          % (step, reply))
+    check(status in verdict.allowed, "the relay answered the %s with %r; expected %r",
+          step, reply, verdict)
+    return reply
+
+
+def answer_bytes(plan, nonce):
+    good = (json.dumps({"hmac": hmac_answer(SECRET, nonce)}) + "\n").encode("ascii")
+    kind = plan["answer"]
+    return {
+        "good": good, "good-split": good,
+        "wrong": (json.dumps({"hmac": hmac_answer(b"not the secret", nonce)}) + "\n").encode(),
+        "upper": (json.dumps({"hmac": hmac_answer(SECRET, nonce).upper()}) + "\n").encode(),
+        "not-hex": b'{"hmac": "zz"}\n', "int": b'{"hmac": 12}\n', "array": b"[1]\n",
+        "not-json": b"hello\n", "no-newline-eof": good.rstrip(b"\n"), "eof": b"",
+        "long": good.rstrip(b"\n") + b" " * 5000 + b"\n", "silent": b"",
+    }[kind]
+
+
+def _write(action, verdict, clock, step):
+    """Run one of our writes; False if the relay had already closed the connection,
+    which is only right if it may have refused us (or timed us out) first."""
+    try:
+        action()
+        return True
+    except (muxado.MuxadoError, OSError) as exc:
+        check(verdict.allowed & {"error", "timeout"} or clock.elapsed() >= HANDSHAKE_TIMEOUT,
+              "the relay closed the connection before our %s (expected %r): %r",
+              step, verdict, exc)
+        return False
+
+
+def run_register_case(case, env):
+    """A real muxado client registers with a mutated request and answers the challenge
+    as the plan says; every reply is checked against the oracle."""
+    plan = case.plan
+    sock = socket.create_connection(env.relay_address, timeout=TIMEOUT)
+    local_port = sock.getsockname()[1]
+    env.watch.port_is(local_port, ("relay", case.number))
+    clock = Clock()
+    session = muxado.client(sock, name="fuzz-r%d" % case.number, write_timeout=5.0)
+    try:
+        outcome = _register(case, env, session, clock)
+    finally:
+        session.close()
+    check(session.wait(TIMEOUT), "hang: our session did not end")
+    _relay_side_done(env, local_port)
+    return outcome
+
+
+def _register(case, env, session, clock):
+    plan = case.plan
+    closed_early = "answered: error (the relay closed before our last write)"
+    stream = session.open(announce=plan["announce"])
+    stream.settimeout(TIMEOUT)
+    lines = Lines(stream)
+    verdict, rest = judge_request(case.data, plan["half_close"])
+    cuts = plan["cuts"]
+    for piece in [case.data[a:b] for a, b in zip([0] + cuts, cuts + [None])]:
+        if piece and not _write(lambda: stream.sendall(piece), verdict, clock, "request"):
+            return closed_early
+    if plan["half_close"] and not _write(stream.close_write, verdict, clock, "FIN"):
+        return closed_early
+    reply = expect_reply(lines, verdict, clock, "request")
+    if reply["status"] == "challenge":
+        nonce = binascii.unhexlify(reply["nonce"])
+        eof = plan["half_close"]
+        answer = b""
+        if not eof and b"\n" not in rest:
+            # (A line sent after the request is the answer: then nothing more is read.)
+            answer = answer_bytes(plan, nonce)
+        verdict = judge_answer(rest + answer, eof or plan["answer"] in ("no-newline-eof", "eof"),
+                               nonce)
+        if "granted" in verdict.allowed:
+            granted = judge_port(reply_body(case.data), env)
+            verdict = Verdict(granted.allowed | (verdict.allowed - {"granted"}), granted.why)
+        writes = [answer[:10], answer[10:]] if plan["answer"] == "good-split" else [answer]
+        if not eof and not rest and plan["answer"] in ("no-newline-eof", "eof"):
+            writes.append(None)
+        for piece in writes:
+            action = stream.close_write if piece is None else (lambda: stream.sendall(piece))
+            if (piece is None or piece) and not _write(action, verdict, clock, "answer"):
+                return closed_early
+        reply = expect_reply(lines, verdict, clock, "answer")
+        while reply is not None and reply["status"] == "waiting":
+            check(_is_int(reply.get("position")) and reply["position"] >= 1,
+                  "a waiting notice without a position: %r", reply)
+            reply = expect_reply(lines, Verdict(verdict.allowed | {"quiet"}, verdict.why),
+                                 clock, "wait")
+    if reply is None:
+        return "answered: waiting in line"
+    if reply["status"] == "ok":
+        return "answered: ok" + _after_ok(case, env, session, stream, lines, reply)
+    check(lines.next(TIMEOUT) is None, "more after the relay's error reply")
+    check(session.wait(TIMEOUT), "hang: the relay kept the session after its error reply")
+    goaway = session.remote_goaway
+    check(goaway is not None and goaway[1] == ErrorCode.NO_ERROR,
+          "after its error reply the relay ended the session with %r", goaway)
+    return "answered: error"
+
+
+def reply_body(data):
+    verdict, _ = judge_request(data, True)
+    return verdict.body or {}
+
+
+def _after_ok(case, env, session, stream, lines, reply):
+    """Check an ok reply and prove it: a client on the granted port reaches us."""
+    body = reply_body(case.data)
+    port = reply.get("port")
+    check(_is_int(port) and port in env.ports and port != env.healthy_port,
+          "ok with port %r (the pool is %d-%d, the healthy service has %d)", port,
+          env.ports[0], env.ports[-1], env.healthy_port)
+    check(reply.get("address") == "localhost:%d" % port and reply.get("version") == 1,
+          "ok reply with a wrong address or version: %r", reply)
+    check(isinstance(reply.get("lease"), str) and reply["lease"].startswith("%d-" % port)
+          and reply.get("lease_seconds") == LEASE_TIME, "ok reply with a bad lease: %r", reply)
+    heartbeat = bool(body.get("heartbeat"))
+    check(isinstance(reply.get("heartbeat"), dict) == heartbeat,
+          "heartbeat %s but the ok reply says %r", heartbeat, reply.get("heartbeat"))
+    extra = ""
+    if case.plan["probe"]:
+        extra += _probe_public_port(case, session, port, body.get("proxy_protocol"))
+    if heartbeat:
+        extra += _heartbeat(case, session, stream, lines)
+    else:
+        check(lines.next(TIMEOUT) is None, "the relay kept the registration stream open "
+              "without a heartbeat")
+    return extra
+
+
+def _probe_public_port(case, session, port, proxy_protocol):
+    client = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+    try:
+        stream = session.accept(timeout=TIMEOUT)
+        stream.settimeout(TIMEOUT)
+        check(stream.id % 2 == 0, "the relay opened odd stream %d", stream.id)
+        if proxy_protocol:
+            source, destination = proxyproto.read_header(stream)
+            check(tuple(source[:2]) == client.getsockname()[:2], "the PROXY header names %r, "
+                  "the client is %r", source, client.getsockname())
+        message = b"hello %d" % case.number
+        client.sendall(message)
+        check(recv_exact(stream, len(message)) == message, "the client's bytes came wrong")
+        stream.sendall(message[::-1])
+        check(recv_exact(client, len(message)) == message[::-1], "our bytes came wrong")
+        stream.close()
+        check(client.recv(1) == b"", "the client got more than we sent")
+    finally:
+        client.close()
+    return ", client served"
+
+
+def _heartbeat(case, session, stream, lines):
+    for ping in case.plan["pings"]:
+        stream.sendall(ping.encode() + b"\n")
+        try:
+            sent = json.loads(ping)
+        except ValueError:
+            sent = None
+        if not isinstance(sent, dict):
+            # A bad heartbeat line: the relay must drop the session.
+            check(session.wait(TIMEOUT), "hang: the relay kept a session whose heartbeat "
+                  "line was %r", ping)
+            return ", bad heartbeat dropped"
+        if "ping" in sent:
+            line = lines.next_line(TIMEOUT)
+            check(line is not None, "the relay ended the heartbeat instead of answering %r", ping)
+            check(json.loads(line.decode("utf-8")) == {"pong": sent["ping"]},
+                  "ping %r answered with %r", ping, line[:200])
+    return ", heartbeat"
+
+
+def _relay_side_done(env, local_port):
+    """The relay's thread for our connection must finish once we are gone."""
+    for link in env.links_of(local_port):
+        try:
+            done = link.join(TIMEOUT)
+        except RuntimeError:
+            continue   # not started yet (serve_forever lists it first): checked at the end
+        check(done, "hang: the relay still serves %r after the case", link)
+
+
+def abort(sock):
+    """Close with a TCP reset (SO_LINGER 0)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def run_raw_relay_case(case, env):
+    """Bytes straight at the service port: the relay must end the session cleanly,
+    with well-formed frames, a GOAWAY last, and only well-formed replies."""
+    sock = socket.create_connection(env.relay_address, timeout=TIMEOUT)
+    local_port = sock.getsockname()[1]
+    env.watch.port_is(local_port, ("relay", case.number))
+    raw = RawSide(sock)
+    analysis = analyse(case.data)
+    allowed = set(analysis.maybe) | {ErrorCode.NO_ERROR}
+    if analysis.fault is not None:
+        allowed.add(analysis.fault[1])
+    end = case.plan["end"]
+    try:
+        raw.send(case.data)
+        if end == "reset":
+            abort(sock)
+            _relay_side_done(env, local_port)
+            return "reset by us"
+        if end == "shut":
+            raw.shutdown_write()
+            allowed.add(ErrorCode.PEER_EOF)
+        frames = raw.read_to_eof()
+    finally:
+        sock.close()
+    opened = set(analysis.syns)
+    payloads = collections.defaultdict(bytearray)
+    for f in frames:
+        check(f.type in (RST, DATA, WNDINC, GOAWAY) and not f.sid & RESERVED,
+              "the relay sent a bad frame: %s", describe([f]))
+        if f.type == DATA:
+            check(f.sid in opened and not f.flags & ~FIN, "DATA the relay should not send: %s",
+                  describe([f]))
+            payloads[f.sid] += f.body
+        elif f.type == RST:
+            check(f.length == 4 and f.sid in analysis.ids and U32.unpack(f.body)[0]
+                  in SESSION_RST_CODES, "a bad RST from the relay: %s", describe([f]))
+        elif f.type == WNDINC:
+            check(f.length == 4 and f.sid in opened and 0 < U32.unpack(f.body)[0] <= MAX_ID,
+                  "a bad WNDINC from the relay: %s", describe([f]))
+    statuses = []
+    for sid, payload in payloads.items():
+        lines = bytes(payload).split(b"\n")
+        check(lines[-1] == b"", "the relay's reply on stream %d has no newline: %r",
+              sid, lines[-1][:100])
+        for line in lines[:-1]:
+            statuses.append(parse_reply(line)["status"])
+    check("ok" not in statuses, "the relay registered a raw connection that never answered "
+          "its challenge")
+    code = check_goaway_last(frames, "the relay")
+    if code is None:
+        check(raw.reset, "the relay closed the connection without GOAWAY: %s", describe(frames))
+        outcome = "relay reset the connection"
+    else:
+        check(code in allowed, "the relay ended the session with %s; allowed: %s; %s",
+              code_name(code), ", ".join(sorted(code_name(c) for c in allowed)), describe(frames))
+        outcome = "relay ended %s" % code_name(code)
+    if statuses:
+        outcome += ", after %s" % "+".join(sorted(set(statuses)))
+    _relay_side_done(env, local_port)
+    return outcome
+
+
+def relay_case_for(seed, number, env, make_case=None):
+    case = (make_case or gen_relay_case)(seed, number, env)
+    try:
+        if case.mode == "register":
+            outcome = run_register_case(case, env)
+        else:
+            outcome = run_raw_relay_case(case, env)
+        errors = env.watch.errors_for(("relay", number))
+        check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
+    except (CaseFailure, OSError, muxado.MuxadoError) as exc:
+        text = str(exc) if isinstance(exc, CaseFailure) else "%r\n%s" % (
+            exc, traceback.format_exc())
+        errors = env.watch.errors_for(("relay", number))
+        if errors and "logged or raised" not in text:
+            text += "\n  the relay logged:\n%s" % "\n".join(errors[:2])
+        raise CaseFailure("%s\n  case: %s, plan %r\n  bytes: %s"
+                          % (text, case.label, case.plan, hexdump(case.data)))
+    return Outcome(case, "%s: %s" % (case.mode, outcome))
+
+
+def run_relay_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                   max_failures=None):
+    """Run relay cases ``numbers`` for ``seed`` against one live relay; returns a Report.
+
+    ``make_case(seed, n, env)`` replaces the generator (regression tests run fixed cases).
+    """
+    report = report or Report(seed)
+    started = time.monotonic()
+    numbers = list(numbers)
+    vector_corpus()
+    problems = []
+    fds = open_fds()
+    with Watch() as watch:
+        env = RelayEnv(seed, watch)
+        try:
+            results = run_pool(numbers, lambda n: relay_case_for(seed, n, env, make_case),
+                               workers, progress, max_failures=max_failures)
+            problems.extend(env.finish())
+            report.notes.extend(env.notes())
+        finally:
+            problems.extend(env.close())
+        stray = watch.unattributed(set(("relay", n) for n in numbers))
+    report.add_results("relay", numbers, results)
+    for problem in problems:
+        report.fail_run("relay", problem)
+    for text in stray:
+        report.fail_run("relay", "logged or raised outside any case:\n" + text)
+    if open_fds() != fds:
+        report.fail_run("relay", "open files: %s before, %s after" % (fds, open_fds()))
+    report.elapsed += time.monotonic() - started
+    return report
+
+
+def describe_case(case, limit=4096):
+    """A case in full (for --replay): what it is and its bytes."""
+    lines = ["%s case %d: %s" % (case.kind, case.number, case.label)]
+    if case.kind == "session":
+        lines.append("options %r, tidy=%s, end=%s, presend=%s"
+                     % (case.options, case.tidy, case.end, case.presend))
+        analysis = analyse(case.data, case.options.get("flood_limit", (DEFAULT_BURST,))[0])
+        fault = analysis.fault
+        lines.append("model: %s" % ("frame %d breaks the rules (%s)" % (fault[0], code_name(fault[1]))
+                                     if fault else "no fault; %d bytes short of a whole frame"
+                                     % analysis.need if analysis.need else "no fault"))
+    else:
+        lines.append("mode %s, plan %r" % (case.mode, case.plan))
+    lines.append("bytes (%d): %s" % (len(case.data), hexdump(case.data, limit)))
+    return "\n".join(lines)
