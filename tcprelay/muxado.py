@@ -354,6 +354,7 @@ class Stream(object):
                 self._buffered = 0
                 grant = self._consumed(dropped)
                 self._readable.notify_all()
+                self.session._wake_leader()
             if grant:
                 self.session._send_wndinc(self, grant)
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
@@ -440,6 +441,7 @@ class Stream(object):
         self._buffered = 0
         self._readable.notify_all()
         self._writable.notify_all()
+        self.session._wake_leader()
 
     def _decref_socketios(self):
         # May run from a file object's finaliser, in any thread, even one that
@@ -702,6 +704,7 @@ class Stream(object):
             self._writable.notify_all()
             if self._receiver is not None:
                 self._receiver.stream_end(error)
+            self.session._wake_leader()
             return True
 
     # -- called by the session's reader thread ------------------------------------
@@ -938,6 +941,9 @@ class Session(object):
         self._recv_view = memoryview(self._recv_buffer)
         self._decoder = FrameDecoder(_FrameDispatch(self))
         self._poller = None
+        self._wake_r, self._wake_w = socket.socketpair()   # see _wake_leader
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
 
         self._peername = self._sockname = None
         try:
@@ -1035,6 +1041,7 @@ class Session(object):
             self._local_goaway = True
             last_id = self._last_remote_id
             self._accept_ready.notify_all()
+        self._wake_leader()
         # The pad keeps a Go peer in step: its GOAWAY reader swallows 8 bytes too many.
         self._write([encode_goaway(last_id, code, debug), PAD_FRAME])
 
@@ -1306,6 +1313,8 @@ class Session(object):
                     self._sock.close()
                 except OSError:
                     pass
+            self._wake_r.close()
+            self._wake_w.close()
             self._writer.join()
             with self._lock:
                 self._ended.set()
@@ -1317,13 +1326,13 @@ class Session(object):
                 except Exception:
                     log.exception("%s: done callback %r failed", self.name, callback)
 
-    def _read_once(self, timeout=None):
+    def _read_once(self, timeout=None, consumer=False):
         """Read what the socket has and apply it (the leader only).
 
-        With a timeout, waits at most that long for input. Returns False once
-        the session has ended.
+        A consumer first waits for input (at most ``timeout``), or for a wake-up
+        (see _wake_leader). Returns False once the session has ended.
         """
-        if timeout is not None and not self._input_within(timeout):
+        if consumer and not self._input_within(timeout):
             return not self._dead
         try:
             n = self._sock.recv_into(self._recv_buffer)
@@ -1356,13 +1365,38 @@ class Session(object):
         return not self._dead
 
     def _input_within(self, timeout):
+        """Wait for input on the socket; False on timeout or a wake-up (consumer leader)."""
         pending = getattr(self._sock, "pending", None)
         if pending is not None and pending():
             return True   # TLS: decrypted bytes wait inside, not on the socket
         if self._poller is None:
             self._poller = select.poll()
             self._poller.register(self._sock, select.POLLIN)
-        return bool(self._poller.poll(max(1, int(math.ceil(timeout * 1000)))))
+            self._poller.register(self._wake_r, select.POLLIN)
+        ms = None if timeout is None else max(1, int(math.ceil(timeout * 1000)))
+        ready = False
+        for fd, _ in self._poller.poll(ms):
+            if fd == self._wake_r.fileno():
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+            else:
+                ready = True
+        return ready
+
+    def _wake_leader(self):
+        """Make a consumer leading the reads look again at what it waits for.
+
+        A thread leading is in poll(), where no condition variable reaches it:
+        a stream closed, reset or shut from another thread, or a GOAWAY, writes
+        a byte to the session's wake-up socket instead.
+        """
+        if self._leader is _CONSUMER:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass   # full (a wake-up is already pending) or closed
 
     def _try_lead(self):
         """Take the lead if nobody reads the socket now (a consumer about to block)."""
@@ -1380,7 +1414,7 @@ class Session(object):
                 timeout = deadline.remaining()
                 if timeout == 0.0:
                     break
-                if not self._read_once(timeout):
+                if not self._read_once(timeout, consumer=True):
                     break
         finally:
             self._release_lead(background=False)

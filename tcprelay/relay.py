@@ -318,9 +318,14 @@ class ServiceLink(object):
         """Wait in line for a port, reporting the place if asked; returns (port, listener)."""
         relay = self.relay
         lease = prefer = None
+        port = request.port
         if request.lease is not None:
             lease, prefer = relay._claim_lease(request.lease, self)
-        ticket = relay.pool.request(request.port, lease=lease, prefer=prefer)
+            if lease is not None:
+                # A valid lease waits for its own port: an old connection may
+                # still be letting go of it.
+                port, prefer = prefer, None
+        ticket = relay.pool.request(port, lease=lease, prefer=prefer)
         with self._lock:
             self._ticket = ticket
             ended = self._ended
@@ -414,6 +419,16 @@ class ServiceLink(object):
                 if self.request.proxy_protocol:
                     stream.sendall(proxyproto.encode(self.request.proxy_protocol,
                                                      client_address[:2], conn.getsockname()[:2]))
+            except muxado.RemoteGoneAwayError:
+                # The service takes no new clients (it is shutting down): the
+                # ones it serves carry on, as when the relay drains.
+                log.info("%s: takes no new clients; refusing %s, finishing the %d open",
+                         self.label, _address(client_address), self.client_count)
+                _reset(conn)
+                with self._lock:
+                    self._draining = True
+                self._stop_listening()
+                return
             except (muxado.MuxadoError, OSError) as exc:
                 log.info("%s: cannot open a stream for client %s: %s",
                          self.label, _address(client_address), exc)

@@ -319,18 +319,24 @@ class RelayServer(object):
             log.warning("the public address changed from %s to %s",
                         previous_address, connection.address)
 
-    def serve_forever(self, poll_interval=None, reconnect=False):
-        """Handle clients until ``shutdown()``.
+    def serve_forever(self, poll_interval=0.5, reconnect=False):
+        """Handle clients until ``shutdown()``, which is noticed within
+        ``poll_interval`` seconds (as with socketserver; None means 0.5).
 
         If the relay goes away: with ``reconnect`` dial it again (see the
         class docstring), else raise ``RelayGone``.
         """
+        if poll_interval is None:
+            poll_interval = 0.5   # never block for good: shutdown() must get through
         self._stopped.clear()
         self._serving.set()
         try:
             while not self._shutdown_requested.is_set():
                 try:
-                    stream = self.connection.accept()
+                    stream = self.connection.accept(poll_interval)
+                except socket.timeout:
+                    self.service_actions()
+                    continue
                 except RelayGone as exc:
                     if self._shutdown_requested.is_set():
                         return
@@ -369,13 +375,12 @@ class RelayServer(object):
         return self._shutdown_requested.is_set()
 
     def shutdown(self):
-        """Stop ``serve_forever`` and wait for it; clients being served carry on."""
+        """Stop ``serve_forever`` and wait for it; clients being served carry on.
+
+        As with socketserver, the server stays registered: ``serve_forever``
+        may run again, and ``server_close`` leaves the relay.
+        """
         self._shutdown_requested.set()
-        if self.connection is not None and not self.connection.closed:
-            try:
-                self.connection.session.goaway()   # no new clients; wakes accept()
-            except muxado.MuxadoError:
-                pass
         self._stopped.wait()
 
     def server_close(self):

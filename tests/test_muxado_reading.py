@@ -24,9 +24,9 @@ class ReadLog(object):
         original = muxado.Session._read_once
         log = self.readers
 
-        def read_once(session, timeout=None):
+        def read_once(session, *args, **kwargs):
             log.append(threading.current_thread().name)
-            return original(session, timeout)
+            return original(session, *args, **kwargs)
 
         monkeypatch.setattr(muxado.Session, "_read_once", read_once)
 
