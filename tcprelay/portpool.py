@@ -31,6 +31,7 @@ class Ticket(object):
         self.lease = lease         # a lease token that may unlock a held-back port
         self.prefer = prefer       # taken if free, else any port
         self.cancelled = False
+        self.binding = False       # a port is being bound for it (counted in _binding)
         self.granted = None        # (port, listener) once granted
 
     @property
@@ -157,6 +158,8 @@ class PortPool(object):
         taken = set()
         slots = self._limit - self._in_use - self._binding
         for ticket in self._line:
+            if ticket.binding:
+                continue   # its slot is already counted in self._binding
             if slots <= 0:
                 return None
             if ticket.port is not None:
@@ -199,6 +202,7 @@ class PortPool(object):
                     self._free.discard(port)
                     self._held.pop(port, None)
                     self._binding += 1
+                    ticket.binding = True
                     self._cond.release()
                     try:
                         listener = self._bind(port)
@@ -209,6 +213,7 @@ class PortPool(object):
                     finally:
                         self._cond.acquire()
                         self._binding -= 1
+                        ticket.binding = False
                     if listener is None:
                         self._free.add(port)
                         self._cooldown[port] = time.monotonic() + self._retry_after

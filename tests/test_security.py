@@ -135,33 +135,6 @@ class LogWatcher(logging.Handler):
             return self.messages(text, level)
 
 
-class _Collector(frames.FrameHandler):
-    """Decoded frames, in order, as frames.Data/Rst/WndInc/GoAway values."""
-
-    def __init__(self, out):
-        self.out = out
-        self._payload = None
-
-    def data_begin(self, stream_id, flags, length):
-        self._payload = bytearray()
-
-    def data_chunk(self, chunk):
-        self._payload += chunk
-
-    def data_end(self, stream_id, flags):
-        self.out.append(frames.Data(stream_id, bytes(self._payload), bool(flags & frames.FIN),
-                                    bool(flags & frames.SYN)))
-
-    def rst(self, stream_id, code):
-        self.out.append(frames.Rst(stream_id, code))
-
-    def wndinc(self, stream_id, increment):
-        self.out.append(frames.WndInc(stream_id, increment))
-
-    def goaway(self, last_stream_id, code, debug):
-        self.out.append(frames.GoAway(last_stream_id, code, bytes(debug)))
-
-
 class RawService(object):
     """A service that speaks muxado frame by frame over a plain socket: no Session,
     so nothing reads or answers unless the test does."""
@@ -169,8 +142,9 @@ class RawService(object):
     def __init__(self, address, sock=None):
         self.sock = sock or socket.create_connection(tuple(address[:2]), timeout=TIMEOUT)
         self.sock.settimeout(TIMEOUT)
-        self.frames = []
-        self._decoder = frames.FrameDecoder(_Collector(self.frames))
+        collector = frames._FrameCollector()
+        self.frames = collector.frames
+        self._decoder = frames.FrameDecoder(collector)
         self.eof = False
 
     def send(self, data):
