@@ -265,7 +265,7 @@ def main():
             unit = "conn/s" if name == "connect_rate" else "MiB/s"
             figures[name]["unit"] = unit
             rows.append(("%s (%s)" % (name, unit), "%.0f" % subject, "%.0f" % base,
-                         "%.2f" % ratio, ">= %g" % TARGETS[name], ratio >= TARGETS[name]))
+                         "%.3f" % ratio, ">= %g" % TARGETS[name], ratio >= TARGETS[name]))
     if tls_samples["throughput_1"]:
         figures["tls"] = {}
         for name in ("throughput_1", "throughput_8"):

@@ -121,7 +121,7 @@ def main():
             met = ratio >= TARGETS[name]
             figures[name] = {"muxado": subject, "direct": direct, "ratio": ratio}
             rows.append(("%s (MiB/s)" % name, "%.0f" % subject, "%.0f" % direct,
-                         "%.2f" % ratio, ">= %.2f" % TARGETS[name], met))
+                         "%.3f" % ratio, ">= %.2f" % TARGETS[name], met))
     benchkit.print_table(rows, "muxado vs direct TCP, loopback, median of %d run(s), "
                                "window %d KiB" % (runs, args.window // 1024))
     if args.json:
