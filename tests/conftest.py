@@ -34,6 +34,32 @@ def tcp_pair():
     return dialer, acceptor
 
 
+class Worker(threading.Thread):
+    """Runs ``fn(*args)`` in a thread; ``finish()`` joins it and returns or re-raises."""
+
+    def __init__(self, fn, *args, **kwargs):
+        super(Worker, self).__init__(name=kwargs.pop("name", "test-worker"))
+        self.daemon = True
+        self.fn = fn
+        self.args = args
+        self.result = None
+        self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:   # handed to finish()
+            self.error = exc
+
+    def finish(self, timeout=TIMEOUT):
+        self.join(timeout)
+        assert not self.is_alive(), "worker %r still running after %gs" % (self.fn, timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
 

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 
-from conftest import TIMEOUT
+from conftest import TIMEOUT, Worker  # noqa: F401 (Worker: for the test modules)
 from tcprelay import muxado
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,32 +146,6 @@ def read_until_end(conn):
         if not chunk:
             return bytes(data), "eof"
         data += chunk
-
-
-class Worker(threading.Thread):
-    """Runs ``fn(*args)`` in a thread; ``finish()`` joins it and returns or re-raises."""
-
-    def __init__(self, fn, *args, **kwargs):
-        super(Worker, self).__init__(name=kwargs.pop("name", "test-worker"))
-        self.daemon = True
-        self.fn = fn
-        self.args = args
-        self.result = None
-        self.error = None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as exc:   # handed to finish()
-            self.error = exc
-
-    def finish(self, timeout=TIMEOUT):
-        self.join(timeout)
-        assert not self.is_alive(), "worker %r still running after %gs" % (self.fn, timeout)
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def sendall_then(conn, data, after):

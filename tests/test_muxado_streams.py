@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, SessionPair, tcp_pair
+from conftest import TIMEOUT, SessionPair, Worker, tcp_pair
 from tcprelay import frames, muxado
 from tcprelay.muxado import (
     Data, ErrorCode, MuxadoError, SessionClosedError, StreamClosedError, StreamResetError,
@@ -26,32 +26,6 @@ MIB = 1 << 20
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-class Worker(threading.Thread):
-    """Runs ``fn(*args)`` in a thread; ``finish()`` joins it and returns or re-raises."""
-
-    def __init__(self, fn, *args):
-        super(Worker, self).__init__(name="test-worker")
-        self.daemon = True
-        self.fn = fn
-        self.args = args
-        self.result = None
-        self.error = None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as exc:  # handed to the test thread by finish()
-            self.error = exc
-
-    def finish(self, timeout=TIMEOUT):
-        self.join(timeout)
-        assert not self.is_alive(), "worker still blocked after %ss" % timeout
-        if self.error is not None:
-            raise self.error
-        return self.result
-
 
 def times_out(call, *args):
     """Seconds ``call(*args)`` took to raise socket.timeout, run in a worker so a
