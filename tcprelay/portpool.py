@@ -39,13 +39,16 @@ class Ticket(object):
         """1 for the head of the line; 0 once out of it."""
         return self._pool._position(self)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, position=None):
         """Wait for a port: ``(port, listener)`` once granted.
 
         Returns None if ``timeout`` passed or this ticket's place in line
-        changed first (so the caller can report it). Raises ``Cancelled``.
+        differs from ``position`` (by default, its place when the wait
+        began), so the caller can report it. Pass the position you last
+        reported: a change between reading it and waiting is then not
+        missed. Raises ``Cancelled``.
         """
-        return self._pool._wait(self, timeout)
+        return self._pool._wait(self, timeout, position)
 
     def cancel(self):
         """Leave the line at once (safe from any thread, any number of times)."""
@@ -189,10 +192,11 @@ class PortPool(object):
         future = [t - now for t in times if t > now]
         return min(future) if future else None
 
-    def _wait(self, ticket, timeout):
+    def _wait(self, ticket, timeout, start_position=None):
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            start_position = self._position_locked(ticket)
+            if start_position is None:
+                start_position = self._position_locked(ticket)
             while True:
                 if ticket.cancelled:
                     raise Cancelled()

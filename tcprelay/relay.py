@@ -358,7 +358,7 @@ class ServiceLink(object):
                     self._refuse(stream, "no port became free within %gs" % request.max_wait)
                     ticket.cancel()
                     return None
-                granted = ticket.wait(remaining)
+                granted = ticket.wait(remaining, position=reported)
         except Cancelled:
             log.info("%s: left the line", self.label)
             return None

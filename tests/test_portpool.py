@@ -67,6 +67,27 @@ def test_ports_go_lowest_first_then_the_line_waits_in_order(binder):
     assert second.position == 1
 
 
+def test_a_move_up_between_reading_the_position_and_waiting_is_not_missed(binder):
+    # The relay reads a ticket's position, reports it, then waits for a change.
+    # If the one ahead leaves in between, the wait must return at once.
+    pool = PortPool([9001], binder)
+    assert grant(pool.request()) == 9001
+    ahead, behind = pool.request(), pool.request()
+    reported = behind.position
+    assert reported == 2
+    ahead.cancel()
+    waiter = threading.Thread(target=lambda: outcome.append(behind.wait(TIMEOUT, position=reported)))
+    outcome = []
+    waiter.start()
+    waiter.join(TIMEOUT / 2)
+    alive = waiter.is_alive()
+    if alive:
+        behind.cancel()    # frees the thread so the test can end
+        waiter.join(TIMEOUT)
+    assert not alive, "the wait missed the move to position 1"
+    assert outcome == [None] and behind.position == 1
+
+
 def test_a_specific_port_waits_for_that_port_only(binder):
     pool = PortPool([9001, 9002], binder)
     assert grant(pool.request(9001)) == 9001
