@@ -354,7 +354,7 @@ class Stream(object):
                 self._buffered = 0
                 grant = self._consumed(dropped)
                 self._readable.notify_all()
-                self.session._wake_leader()
+                self.session._wake_leader(self)
             if grant:
                 self.session._send_wndinc(self, grant)
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
@@ -441,7 +441,7 @@ class Stream(object):
         self._buffered = 0
         self._readable.notify_all()
         self._writable.notify_all()
-        self.session._wake_leader()
+        self.session._wake_leader(self)
 
     def _decref_socketios(self):
         # May run from a file object's finaliser, in any thread, even one that
@@ -629,7 +629,7 @@ class Stream(object):
         thread, with no handoff from the reader thread.
         """
         session = self.session
-        if session._try_lead():
+        if session._try_lead(self):
             self._lock.release()
             try:
                 session._lead_until(ready, deadline)
@@ -704,7 +704,7 @@ class Stream(object):
             self._writable.notify_all()
             if self._receiver is not None:
                 self._receiver.stream_end(error)
-            self.session._wake_leader()
+            self.session._wake_leader(self)
             return True
 
     # -- called by the session's reader thread ------------------------------------
@@ -930,6 +930,7 @@ class Session(object):
         # Reading: whoever holds the lead reads the socket (see _lead_until).
         self._lead = threading.Condition(threading.Lock())
         self._leader = None          # _BACKGROUND, _CONSUMER, or None
+        self._leading_for = None     # the stream a _CONSUMER leader waits on (None: accept)
         self._lead_urgent = False    # someone is parked: the reader thread must read now
         self._lead_released = 0.0    # when a consumer last let go of the lead
         self._lead_epoch = 0         # counts consumer leads, to see activity
@@ -1018,7 +1019,7 @@ class Session(object):
                 remaining = deadline.remaining()
                 if remaining == 0.0:
                     raise _timeout_error("accept")
-                if self._try_lead():
+                if self._try_lead(None):
                     # Read the socket ourselves: the SYN then wakes this thread.
                     self._lock.release()
                     try:
@@ -1385,24 +1386,32 @@ class Session(object):
                 ready = True
         return ready
 
-    def _wake_leader(self):
+    def _wake_leader(self, stream=None):
         """Make a consumer leading the reads look again at what it waits for.
 
         A thread leading is in poll(), where no condition variable reaches it:
         a stream closed, reset or shut from another thread, or a GOAWAY, writes
-        a byte to the session's wake-up socket instead.
+        a byte to the session's wake-up socket instead. A change to ``stream``
+        wakes only a leader that waits on that stream (each wake-up costs a
+        few syscalls, and streams close all the time); ``None`` wakes any.
         """
-        if self._leader is _CONSUMER:
+        if self._leader is _CONSUMER and (stream is None or stream is self._leading_for):
             try:
                 self._wake_w.send(b"\0")
             except OSError:
                 pass   # full (a wake-up is already pending) or closed
 
-    def _try_lead(self):
-        """Take the lead if nobody reads the socket now (a consumer about to block)."""
+    def _try_lead(self, stream):
+        """Take the lead if nobody reads the socket now (a consumer about to block).
+
+        ``stream`` is the one the consumer waits on, or None for accept. It is
+        set before the caller drops the stream's lock, so whoever changes that
+        stream next sees it (see _wake_leader).
+        """
         with self._lead:
             if self._leader is None and not self._dead:
                 self._leader = _CONSUMER
+                self._leading_for = stream
                 self._lead_epoch += 1
                 return True
             return False
@@ -1422,6 +1431,7 @@ class Session(object):
     def _release_lead(self, background):
         with self._lead:
             self._leader = None
+            self._leading_for = None
             woken, self._handoffs = self._handoffs, 0
             waiting = self._parked - woken
             if background:
