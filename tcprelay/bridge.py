@@ -120,7 +120,8 @@ class Bridge(object):
         self._watched = False                 # the flusher watches our socket
         self.bytes_up = 0                     # socket -> stream
         self.bytes_down = 0                   # stream -> socket
-        sock.settimeout(None)
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:

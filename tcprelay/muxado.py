@@ -159,6 +159,12 @@ class _TokenBucket(object):
         return self._tokens >= 0.0
 
 
+# The early grant of a big window waits until the peer has used this much of
+# its first one, unless it rides along with a frame of ours first: a short
+# request and reply then costs no WNDINC frame of its own.
+_EARLY_GRANT_AFTER = DEFAULT_WINDOW // 4
+
+
 class Stream(object):
     """One muxado stream: a socket-like, file-like byte pipe.
 
@@ -322,6 +328,18 @@ class Stream(object):
             grant = self._take_grant()
         self.session._send_data(self, view[:n], 0, grant)
         return n
+
+    def announce(self):
+        """Tell the peer of this stream now, if no frame has yet (see Session.open).
+
+        Sends an empty DATA+SYN frame for a stream opened with
+        ``announce=False``; does nothing once the SYN has gone out.
+        """
+        with self._lock:
+            if not self._unannounced or self._fin_sent or self._closed or self._error is not None:
+                return
+            grant = self._take_grant()
+        self.session._send_data(self, b"", 0, grant)
 
     def close_write(self):
         """Half-close: send FIN. The peer reads EOF; we can still read."""
@@ -674,7 +692,8 @@ class Stream(object):
         self._unacked += n
         if self._fin_received or self._error is not None:
             return 0
-        if self._unacked >= self._wndinc_threshold or (self._grant_pending and self._unacked):
+        if self._unacked >= self._wndinc_threshold or (
+                self._grant_pending and self._unacked + self._buffered >= _EARLY_GRANT_AFTER):
             grant = self._unacked + self._grant_pending
             self._recv_window += self._unacked
             self._unacked = 0

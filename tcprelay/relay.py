@@ -43,6 +43,7 @@ DEFAULT_MAX_CLIENTS = 1000         # clients at once per service
 DEFAULT_REGISTRATION_RATE = 60     # new service connections per minute per address
 THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
 LISTEN_BACKLOG = 1024            # bursts of new clients queue in the kernel, not fail
+_EARLY_READ = 16 * 1024          # a new client's first bytes, sent with its SYN
 
 
 def _address(addr):
@@ -415,10 +416,17 @@ class ServiceLink(object):
                                    relay.max_clients)
                 continue
             try:
-                stream = session.open()
+                # The SYN goes out here, in accept order, carrying what the
+                # client sent with its connect if anything: one frame, not two.
+                stream = session.open(announce=False)
                 if self.request.proxy_protocol:
                     stream.sendall(proxyproto.encode(self.request.proxy_protocol,
                                                      client_address[:2], conn.getsockname()[:2]))
+                early = _early_bytes(conn)
+                if early:
+                    stream.sendall(early)
+                else:
+                    stream.announce()   # the service may be the one to speak first
             except muxado.RemoteGoneAwayError:
                 # The service takes no new clients (it is shutting down): the
                 # ones it serves carry on, as when the relay drains.
@@ -438,6 +446,7 @@ class ServiceLink(object):
                             name="client %s" % _address(client_address),
                             on_close=self._client_closed, workers=relay.workers,
                             idle_timeout=relay.idle_timeout)
+            bridge.bytes_up = len(early)
             with self._lock:
                 self._bridges.add(bridge)
                 self.clients_served += 1
@@ -478,6 +487,16 @@ class ServiceLink(object):
             listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
+
+
+def _early_bytes(conn):
+    """What a new client has already sent, without waiting (b"" if nothing yet)."""
+    if conn.gettimeout() is not None:
+        conn.settimeout(None)   # with a timeout, Python waits before even MSG_DONTWAIT reads
+    try:
+        return conn.recv(_EARLY_READ, socket.MSG_DONTWAIT)
+    except OSError:
+        return b""   # nothing yet; or a reset, which the pump's own read reports
 
 
 def _reset(sock):

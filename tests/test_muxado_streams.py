@@ -788,6 +788,18 @@ def test_big_window_is_granted_to_an_accepted_stream(raw_peer, first):
     assert read_exactly(accepted, len(expected)) == expected
 
 
+def test_big_window_grant_rides_with_the_reply_to_a_short_request(raw_peer):
+    # A short request and its reply: the early grant goes out in the reply's
+    # write, not as a WNDINC of its own before it (one write less per connection).
+    peer = raw_peer(window_size=MIB)
+    accepted = raw_open(peer, 1, b"ping")
+    accepted.settimeout(TIMEOUT)
+    assert accepted.recv(4) == b"ping"
+    accepted.sendall(b"pong")
+    assert peer.read_frame() == Data(1, b"pong")
+    assert peer.read_frame() == WndInc(1, MIB - WINDOW)
+
+
 def test_sender_never_exceeds_the_granted_window(raw_peer):
     peer = raw_peer()
     stream = peer.session.open()

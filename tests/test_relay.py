@@ -10,6 +10,7 @@ call with ``TIMEOUT``.
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -434,6 +435,37 @@ def test_banner_service_speaks_first(env):
     assert recv_exact(client, 18) == b"220 banner ready\r\n"
     client.sendall(b"QUIT\r\n")
     assert recv_exact(stream, 6) == b"QUIT\r\n"
+
+
+def test_bytes_a_client_sends_with_its_connect_arrive_once_and_in_order(env):
+    # The relay sends a new client's first bytes with the stream's SYN, and
+    # the pump the rest: together they must be the client's bytes exactly.
+    relay, service, port = registered(env)
+    bursts = [os.urandom(size) for size in (1, 16 * 1024, 100 * 1024 + 7)]
+    for burst in bursts:
+        client = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        sender = Worker(sendall_then, client, burst, lambda: client.shutdown(socket.SHUT_WR))
+        stream = service.accept()
+        assert recv_to_eof(stream) == burst
+        sender.finish()
+        stream.close()
+        assert recv_to_eof(client) == b""
+        client.close()
+
+
+def test_early_bytes_never_wait():
+    from tcprelay.relay import _early_bytes
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(TIMEOUT)                   # a timeout must not make it wait either
+        start = time.monotonic()
+        assert _early_bytes(a) == b""          # nothing yet
+        assert time.monotonic() - start < TIMEOUT / 2, "waited for bytes"
+        b.sendall(b"first")
+        assert select.select([a], [], [], TIMEOUT)[0] == [a]
+        assert _early_bytes(a) == b"first"
+        b.close()
+        assert _early_bytes(a) == b""          # EOF: the pump's own read sees it
 
 
 def test_each_client_is_its_own_stream_bytes_exact_both_ways(env):
