@@ -45,6 +45,7 @@ def _line(body):
 class _Lines(object):
     def __init__(self, stream):
         self._stream = stream
+        stream.set_lead_reads(False)   # seconds between lines: let the session's reader read
         self._splitter = registration.LineReader(registration.MAX_REPLY)
         self._ready = []
 

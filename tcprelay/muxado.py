@@ -191,6 +191,7 @@ class Stream(object):
         self._read_shut = False
         self._readers_waiting = 0      # threads parked in recv on this stream
         self._receiver = None          # takes incoming data instead of the buffer (set_receiver)
+        self._may_lead = True          # a thread blocked here may read the socket (set_lead_reads)
         # send side
         self._send_window = DEFAULT_WINDOW
         self._fin_sent = False
@@ -383,6 +384,16 @@ class Stream(object):
         if self._set_error(StreamResetError(code, "stream reset locally")):
             self.session._send_rst(self, code)
         self.session._forget(self)
+
+    def set_lead_reads(self, lead):
+        """Whether a thread blocked on this stream may read the session's socket itself.
+
+        On by default: the data it waits for then wakes that very thread. Turn
+        it off for a stream that waits long between messages, such as a
+        heartbeat: a thread leading must poll() so that it can be woken, which
+        costs every other stream of the session a syscall per read.
+        """
+        self._may_lead = bool(lead)
 
     def set_receiver(self, receiver):
         """Hand incoming data to ``receiver`` instead of buffering it for recv().
@@ -647,7 +658,7 @@ class Stream(object):
         thread, with no handoff from the reader thread.
         """
         session = self.session
-        if session._try_lead(self):
+        if self._may_lead and session._try_lead(self):
             self._lock.release()
             try:
                 session._lead_until(ready, deadline)

@@ -132,6 +132,34 @@ def test_a_leader_with_a_timeout_times_out_and_reading_goes_on(sessions):
     assert accepted.recv(10) == b"late"
 
 
+def test_a_stream_that_does_not_lead_leaves_the_reads_to_the_reader_thread(sessions, monkeypatch):
+    # A heartbeat-like stream: its thread waits but never offers to read the
+    # socket; the session's reader thread reads for it and for the others.
+    quiet_open, quiet_acc = sessions.stream_pair()
+    busy_open, busy_acc = sessions.stream_pair()
+    quiet_acc.set_lead_reads(False)
+    collector = Collector()
+    busy_acc.set_receiver(collector)
+    offers = []
+    original = muxado.Session._try_lead
+
+    def try_lead(session, stream):
+        offers.append(stream)
+        return original(session, stream)
+
+    monkeypatch.setattr(muxado.Session, "_try_lead", try_lead)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(quiet_acc.recv(10)), name="quiet")
+    waiter.start()
+    for i in range(20):
+        busy_open.sendall(b"x" * 1000)
+        assert collector.wait_for(1000 * (i + 1))
+    quiet_open.sendall(b"ping")
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive() and got == [b"ping"]
+    assert quiet_acc not in offers
+
+
 def test_close_while_a_thread_leads_wakes_it(no_leaks):
     peer = RawPeer()
     try:
