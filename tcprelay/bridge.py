@@ -16,7 +16,9 @@ with one pump thread:
   ``shutdown(SHUT_WR)`` once everything before it is out; an RST or the
   session's end closes the socket with a TCP reset (SO_LINGER 0).
 
-The pump thread owns the socket and closes it last.
+Whichever direction ends last closes the socket and the stream: the pump
+thread goes back to its pool as soon as the client's side is done, rather than
+waiting (a wake-up per connection) for the service's side.
 """
 
 import collections
@@ -114,6 +116,9 @@ class Bridge(object):
         self._pending = collections.deque()   # stream data the socket has not taken yet
         self._fin_pending = False             # the stream's FIN, to pass on after _pending
         self._down_done = threading.Event()   # stream -> socket has ended
+        self._up_done = False                 # socket -> stream has ended (the pump is done)
+        self._finishing = False               # _finish has been claimed
+        self._stream_reset = False            # the pump has reset the stream itself
         self._aborted = None                  # why, once the connection is being reset
         self._reset_stream = False            # the pump must reset the stream too
         self._closed = False
@@ -131,6 +136,7 @@ class Bridge(object):
         """Pump in the calling thread until both directions end."""
         self.stream.set_receiver(self)
         self._pump()
+        self._finished.wait()
 
     def start(self):
         """Pump on a thread of ``workers``, or a thread of its own."""
@@ -147,9 +153,12 @@ class Bridge(object):
         return self._finished.wait(timeout)
 
     def abort(self, reason="aborted"):
-        """Reset both sides now (the pump thread finishes the job)."""
+        """Reset both sides now."""
         with self._lock:
             self._abort_locked(reason, reset_stream=True)
+            finish = self._finisher_locked()
+        if finish is not None:
+            finish()
 
     # -- stream -> socket: the session reader thread, stream lock held; never blocks --
 
@@ -166,6 +175,10 @@ class Bridge(object):
                 sent = 0
             except OSError as exc:
                 self._abort_locked("socket write failed: %s" % exc, reset_stream=True)
+                if self._up_done:
+                    # No pump to finish, and the stream's lock is held here: the
+                    # flusher sees the failed socket at once and finishes.
+                    self._flusher.watch(self)
                 return len(data)
             self.bytes_down += sent
             if self._idle_timeout is not None:
@@ -184,36 +197,47 @@ class Bridge(object):
                     self._shut_write_locked()
             else:
                 self._abort_locked(str(error), reset_stream=False)
+            return self._finisher_locked()   # the stream calls it once its lock is free
 
     # -- the flusher thread ----------------------------------------------------------
 
     def _flush(self):
-        sent_total = 0
         with self._lock:
             if self._aborted is not None or self._closed:
                 self._flusher.unwatch(self)
-                return
-            while self._pending:
-                chunk = self._pending[0]
-                try:
-                    sent = self.sock.send(chunk, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    self._abort_locked("socket write failed: %s" % exc, reset_stream=True)
-                    return
-                sent_total += sent
-                if sent < len(chunk):
-                    self._pending[0] = memoryview(chunk)[sent:]
-                    break
-                self._pending.popleft()
-            self.bytes_down += sent_total
-            if not self._pending:
-                self._flusher.unwatch(self)
-                if self._fin_pending:
-                    self._shut_write_locked()
-        if sent_total:
-            self.stream.consumed(sent_total)
+                sent, finish = 0, self._finisher_locked()
+            else:
+                sent, finish = self._flush_locked()
+        if sent:
+            self.stream.consumed(sent)
+        if finish is not None:
+            finish()
+
+    def _flush_locked(self):
+        """Write what the socket takes now: (bytes written, the finisher or None)."""
+        sent_total = 0
+        while self._pending:
+            chunk = self._pending[0]
+            try:
+                sent = self.sock.send(chunk, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._abort_locked("socket write failed: %s" % exc, reset_stream=True)
+                return 0, self._finisher_locked()
+            sent_total += sent
+            if sent < len(chunk):
+                self._pending[0] = memoryview(chunk)[sent:]
+                break
+            self._pending.popleft()
+        self.bytes_down += sent_total
+        finish = None
+        if not self._pending:
+            self._flusher.unwatch(self)
+            if self._fin_pending:
+                self._shut_write_locked()
+                finish = self._finisher_locked()
+        return sent_total, finish
 
     # -- shared (bridge lock held) ------------------------------------------------------
 
@@ -297,24 +321,52 @@ class Bridge(object):
                     with self._lock:
                         self._abort_locked("stream write failed: %s" % exc, reset_stream=False)
             elif reset_stream:
+                self._stream_reset = True
                 stream.reset(ErrorCode.STREAM_RESET)
-            # The other direction may go on for as long as the peer likes.
-            self._down_done.wait()
         except Exception:
             log.exception("bridge for stream %d failed", stream.id)
             with self._lock:
                 self._abort_locked("internal error", reset_stream=True)
+            self._stream_reset = True
             stream.reset(ErrorCode.INTERNAL_ERROR)
         finally:
             view.release()
+            # The other direction may go on for as long as the peer likes:
+            # whichever side ends last finishes (see _finisher_locked).
             with self._lock:
-                self._closed = True
-                self._pending.clear()
-                self._flusher.unwatch(self)
-            sock.close()
+                self._up_done = True
+                finish = self._finisher_locked()
+            if finish is not None:
+                finish()
+
+    # -- the end: both directions done -------------------------------------------------
+
+    def _finisher_locked(self):
+        """``_finish`` if both directions are done and nobody has claimed it, else None."""
+        if self._up_done and self._down_done.is_set() and not self._finishing:
+            self._finishing = True
+            return self._finish
+        return None
+
+    def _finish(self):
+        """Close the socket and the stream (no bridge or stream lock held)."""
+        stream = self.stream
+        with self._lock:
+            self._closed = True
+            self._pending.clear()
+            self._flusher.unwatch(self)
+            reset = self._aborted is not None and self._reset_stream and not self._stream_reset
+        try:
+            if reset:
+                try:
+                    stream.reset(ErrorCode.STREAM_RESET)
+                except (MuxadoError, OSError):
+                    pass   # the session has ended: the stream with it
+            self.sock.close()
             stream.close()
             if self._aborted is not None:
                 log.debug("stream %d: reset: %s", stream.id, self._aborted)
             if self._on_close is not None:
                 self._on_close(self)
+        finally:
             self._finished.set()

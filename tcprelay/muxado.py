@@ -408,9 +408,12 @@ class Stream(object):
         - ``receiver.stream_end(error)``: ``None`` for the peer's FIN, else
           the exception that ended the stream (reset, session end).
 
-        Neither may block or call back into this stream. Data and an end that
-        arrived before this call are handed over at once, in order.
+        Neither may block or call back into this stream. ``stream_end`` may
+        return a function, which is called once the stream's lock is released
+        (it may call into the stream). Data and an end that arrived before this
+        call are handed over at once, in order.
         """
+        after = None
         with self._lock:
             if self._receiver is not None:
                 raise ValueError("stream %d already has a receiver" % self.id)
@@ -425,11 +428,13 @@ class Stream(object):
             self._buffered = 0
             grant = self._consumed(used)
             if self._fin_received:
-                receiver.stream_end(None)
+                after = receiver.stream_end(None)
             elif self._error is not None:
-                receiver.stream_end(self._error)
+                after = receiver.stream_end(self._error)
         if grant:
             self.session._queue_control(encode_wndinc(self.id, grant))
+        if after is not None:
+            after()
 
     def consumed(self, nbytes):
         """A receiver has passed on ``nbytes`` it had kept: give the window back."""
@@ -721,6 +726,7 @@ class Stream(object):
 
     def _set_error(self, error):
         """Make ``error`` terminal; False if the stream had already ended."""
+        after = None
         with self._lock:
             if self._error is not None or self._closed is True:
                 return False
@@ -733,9 +739,11 @@ class Stream(object):
             self._readable.notify_all()
             self._writable.notify_all()
             if self._receiver is not None:
-                self._receiver.stream_end(error)
+                after = self._receiver.stream_end(error)
             self.session._wake_leader(self)
-            return True
+        if after is not None:
+            after()
+        return True
 
     # -- called by the session's reader thread ------------------------------------
 
@@ -762,16 +770,19 @@ class Stream(object):
             self._recv_window -= len(data)
             grant = self._deliver_locked(data)
             done = False
+            after = None
             if fin:
                 self._fin_received = True
                 self._readable.notify_all()
                 if self._receiver is not None:
-                    self._receiver.stream_end(None)
+                    after = self._receiver.stream_end(None)
                 done = self._fin_sent
         if grant:
             self.session._queue_control(encode_wndinc(self.id, grant))
         if done:
             self.session._forget(self)
+        if after is not None:
+            after()
         return 1
 
     def _deliver(self, data):
@@ -794,12 +805,16 @@ class Stream(object):
         return 0
 
     def _on_fin(self):
+        after = None
         with self._lock:
             self._fin_received = True
             self._readable.notify_all()
             if self._receiver is not None:
-                self._receiver.stream_end(None)
-            return self._fin_sent
+                after = self._receiver.stream_end(None)
+            done = self._fin_sent
+        if after is not None:
+            after()
+        return done
 
     def _on_window(self, increment):
         """Add to the send window; False if it would pass 2^31-1."""

@@ -21,6 +21,7 @@ from conftest import TIMEOUT
 from relay_helpers import (
     LOOPBACK, MIB, Service, Worker, abort, connect_client, echo_handler,
     echo_roundtrip, free_port_range, read_until_end, recv_exact, recv_to_eof, sendall_then,
+    wait_until,
 )
 from tcprelay import muxado
 from tcprelay.muxado import ErrorCode
@@ -527,6 +528,63 @@ def test_stream_reset_resets_the_client(env):
     stream.reset()
     with pytest.raises(ConnectionResetError):
         client.recv(100)
+
+
+# After the client's half-close its pump is gone: the service's side of the
+# connection, whichever way it ends, must still close the client and count it out.
+
+def test_stream_reset_after_the_client_half_closed_resets_the_client(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    stream = service.accept()
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(stream) == b""
+    stream.sendall(b"partial")
+    assert recv_exact(client, 7) == b"partial"
+    stream.reset()
+    with pytest.raises(ConnectionResetError):
+        client.recv(100)
+    wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
+
+
+def test_client_reset_after_its_half_close_resets_the_stream_mid_download(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    stream = service.accept()
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(stream) == b""
+    assert stream.sendall(b"first") is None
+    assert recv_exact(client, 5) == b"first"
+    abort(client)
+    # The relay learns of the reset when it next writes to the client.
+    data, how = read_until_end_while_sending(stream)
+    assert isinstance(how, muxado.StreamResetError), "the stream saw %r, not a reset" % (how,)
+    wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
+
+
+def read_until_end_while_sending(stream, chunk=b"x" * 65536):
+    """Send until the stream fails; (None, the error)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            stream.sendall(chunk)
+        except OSError as exc:
+            return None, exc
+    raise AssertionError("the stream never failed")
+
+
+def test_service_fin_after_the_client_half_closed_ends_the_connection(env):
+    relay, service, port = registered(env)
+    client = env.client(port)
+    stream = service.accept()
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(stream) == b""
+    wait_until(lambda: link_of(relay, port).client_count == 1, what="the client still counted")
+    reply = os.urandom(2 * MIB)       # more than the socket takes at once: the flusher's FIN
+    writer = Worker(sendall_then, stream, reply, stream.close_write)
+    assert recv_to_eof(client) == reply
+    writer.finish()
+    wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
 
 
 def test_stalled_client_does_not_delay_another_client(env):
