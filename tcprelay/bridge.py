@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)   # close() sends RST, not FIN
 _SMALL_READ = 16 * 1024                   # idle connections stay cheap...
-_BIG_READ = 256 * 1024                    # ...bulk ones read big
+_BIG_READ = 512 * 1024                    # ...bulk ones read big
 
 
 class Flusher(object):

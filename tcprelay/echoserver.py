@@ -16,7 +16,7 @@ from .service import RelayServer
 
 log = logging.getLogger(__name__)
 
-BUFFER_SIZE = 256 * 1024
+BUFFER_SIZE = 512 * 1024   # one frame from the relay per recv when bulk data flows
 
 
 class EchoHandler(socketserver.BaseRequestHandler):

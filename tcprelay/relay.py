@@ -37,6 +37,7 @@ DEFAULT_POOL_SIZE = 50
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_WINDOW = 1 << 20         # per stream; 256 KiB stalls a fast stream on window updates
+MAX_FRAME = DEFAULT_WINDOW // 2   # bulk data in fewer, bigger writes; half a window stays free
 DEFAULT_LEASE_TIME = 30.0
 DEFAULT_MAX_WAITING = 100          # services waiting in line for a port
 DEFAULT_MAX_CLIENTS = 1000         # clients at once per service
@@ -188,7 +189,7 @@ class ServiceLink(object):
             # limits bound what a hostile one can make us hold.
             session = muxado.server(transport, name="service %s" % _address(self.address),
                                     window_size=relay.window_size, max_streams=16,
-                                    accept_backlog=8)
+                                    accept_backlog=8, max_frame_size=min(MAX_FRAME, relay.window_size))
             with self._lock:
                 self._session = session
             session.add_done_callback(self._session_ended)

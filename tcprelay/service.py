@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_WINDOW = 1 << 20   # per stream; 256 KiB stalls a fast stream on window updates
+MAX_FRAME = DEFAULT_WINDOW // 2   # bulk data in fewer, bigger writes; half a window stays free
 # The relay opens one stream per client and caps clients itself, so a
 # service takes far more streams than muxado's defaults for unknown peers.
 DEFAULT_MAX_STREAMS = 65536
@@ -188,6 +189,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
             raise
         sock = TLSTransport(sock)
     session_options.setdefault("window_size", DEFAULT_WINDOW)
+    session_options.setdefault("max_frame_size", MAX_FRAME)
     session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
     session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
     session = muxado.client(sock, name="relay %s" % where, **session_options)
