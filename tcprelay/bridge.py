@@ -349,24 +349,29 @@ class Bridge(object):
         return None
 
     def _finish(self):
-        """Close the socket and the stream (no bridge or stream lock held)."""
+        """Close the socket and the stream (no bridge or stream lock held).
+
+        It may run on the session's reader thread or the flusher, which serve
+        other connections too: it never blocks, and never lets an error out.
+        """
         stream = self.stream
-        with self._lock:
-            self._closed = True
-            self._pending.clear()
-            self._flusher.unwatch(self)
-            reset = self._aborted is not None and self._reset_stream and not self._stream_reset
         try:
-            if reset:
-                try:
-                    stream.reset(ErrorCode.STREAM_RESET)
-                except (MuxadoError, OSError):
-                    pass   # the session has ended: the stream with it
-            self.sock.close()
+            with self._lock:
+                self._closed = True
+                self._pending.clear()
+                self._flusher.unwatch(self)
+                reset = self._aborted is not None and self._reset_stream and not self._stream_reset
+            try:
+                if reset:
+                    stream.reset(ErrorCode.STREAM_RESET, wait=False)
+            finally:
+                self.sock.close()
             stream.close()
             if self._aborted is not None:
                 log.debug("stream %d: reset: %s", stream.id, self._aborted)
             if self._on_close is not None:
                 self._on_close(self)
+        except Exception:
+            log.exception("bridge for stream %d failed while closing", stream.id)
         finally:
             self._finished.set()

@@ -243,7 +243,8 @@ class Stream(object):
                 return self._peek(bufsize)
             chunk = self._chunks[0]
             offset = self._offset
-            if offset == 0 and len(chunk) <= bufsize:
+            if offset == 0 and (len(chunk) == bufsize or len(chunk) < bufsize and (
+                    len(self._chunks) == 1 or not flags & socket.MSG_WAITALL)):
                 self._chunks.popleft()
                 data = chunk
             else:
@@ -379,10 +380,17 @@ class Stream(object):
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
             self.close_write()
 
-    def reset(self, code=ErrorCode.STREAM_RESET):
-        """Abort the stream: RST to the peer, local calls fail with StreamResetError."""
+    def reset(self, code=ErrorCode.STREAM_RESET, wait=True):
+        """Abort the stream: RST to the peer, local calls fail with StreamResetError.
+
+        With ``wait=False`` the RST never waits for the session's socket: it goes
+        out at once if the socket has room, else from the session's writer thread.
+        """
         if self._set_error(StreamResetError(code, "stream reset locally")):
-            self.session._send_rst(self, code)
+            if wait:
+                self.session._send_rst(self, code)
+            elif not self._unannounced:
+                self.session._queue_control(encode_rst(self.id, code))
         self.session._forget(self)
 
     def set_lead_reads(self, lead):
@@ -642,6 +650,17 @@ class Stream(object):
             if want == 1:
                 ready = self._input_ready
             else:
+                if self._grant_pending:
+                    # MSG_WAITALL may want more than the peer may send before
+                    # the early grant: send it now, not with a later read.
+                    grant = self._take_grant()
+                    self._lock.release()
+                    try:
+                        self.session._queue_control(encode_wndinc(self.id, grant))
+                    finally:
+                        self._lock.acquire()
+                    continue
+
                 def ready():
                     return (self._buffered >= want or self._fin_received or self._read_shut
                             or self._error is not None or self._closed is True)

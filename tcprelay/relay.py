@@ -416,6 +416,7 @@ class ServiceLink(object):
                                    "(--max-clients)", self.label, client_address[0],
                                    relay.max_clients)
                 continue
+            stream = None
             try:
                 # The SYN goes out here, in accept order, carrying what the
                 # client sent with its connect if anything: one frame, not two.
@@ -428,20 +429,24 @@ class ServiceLink(object):
                     stream.sendall(early)
                 else:
                     stream.announce()   # the service may be the one to speak first
-            except muxado.RemoteGoneAwayError:
+            except (muxado.MuxadoError, OSError) as exc:
+                if stream is not None:
+                    stream.reset(wait=False)
+                if not (isinstance(exc, muxado.RemoteGoneAwayError)
+                        or session.remote_goaway is not None):
+                    log.info("%s: cannot open a stream for client %s: %s",
+                             self.label, _address(client_address), exc)
+                    _reset(conn)
+                    return
                 # The service takes no new clients (it is shutting down): the
-                # ones it serves carry on, as when the relay drains.
+                # ones it serves carry on, as when the relay drains. (Its GOAWAY
+                # may also come while the new stream's first frame goes out.)
                 log.info("%s: takes no new clients; refusing %s, finishing the %d open",
                          self.label, _address(client_address), self.client_count)
                 _reset(conn)
                 with self._lock:
                     self._draining = True
                 self._stop_listening()
-                return
-            except (muxado.MuxadoError, OSError) as exc:
-                log.info("%s: cannot open a stream for client %s: %s",
-                         self.label, _address(client_address), exc)
-                _reset(conn)
                 return
             bridge = Bridge(conn, stream, relay.flusher,
                             name="client %s" % _address(client_address),

@@ -592,16 +592,17 @@ def test_syn_fin_from_the_peer_leaves_our_side_writable(raw_peer):
     assert all(isinstance(f, (Data, WndInc)) and f.stream_id == 1 for f in got)
 
 
+@pytest.mark.parametrize("wait", [True, False], ids=["reset", "reset-nowait"])
 @pytest.mark.parametrize("resetter", ["opener", "acceptor"])
 @pytest.mark.parametrize("code", [ErrorCode.STREAM_RESET, ErrorCode.STREAM_CANCELLED,
                                   ErrorCode.REMOTE_GONE_AWAY])
-def test_reset_reaches_the_peer(sessions, resetter, code):
+def test_reset_reaches_the_peer(sessions, resetter, code, wait):
     opened, accepted = sessions.stream_pair()
     local, remote = (opened, accepted) if resetter == "opener" else (accepted, opened)
     local.sendall(b"before")
     assert read_exactly(remote, 6) == b"before"
     blocked = Worker(remote.recv, 10)
-    local.reset(code)
+    local.reset(code, wait=wait)
     with pytest.raises(StreamResetError) as info:
         blocked.finish()
     for error in (info.value,):
@@ -798,6 +799,32 @@ def test_big_window_grant_rides_with_the_reply_to_a_short_request(raw_peer):
     accepted.sendall(b"pong")
     assert peer.read_frame() == Data(1, b"pong")
     assert peer.read_frame() == WndInc(1, MIB - WINDOW)
+
+
+def test_waitall_for_more_than_the_first_window_gets_the_early_grant(raw_peer):
+    # The early grant of a big window waits for the peer to use some of its
+    # first one; a MSG_WAITALL read for more than that must not wait for it.
+    peer = raw_peer(window_size=MIB)
+    accepted = raw_open(peer, 1, b"head")
+    accepted.settimeout(TIMEOUT)
+    assert accepted.recv(4) == b"head"
+    want = WINDOW + 4096                  # more than the peer may send ungranted
+    reader = Worker(accepted.recv, want, socket.MSG_WAITALL)
+    data = pattern(want, seed=9)
+    window = WINDOW - 4
+    sent = 0
+    while sent < want:
+        if window <= 0:
+            got = peer.read_frame(TIMEOUT)
+            assert isinstance(got, WndInc) and got.stream_id == 1, got
+            window += got.increment
+            continue
+        n = min(64 * 1024, window, want - sent)
+        peer.send(frames.encode_data(1, data[sent:sent + n]))
+        sent += n
+        window -= n
+    got = reader.finish()
+    assert len(got) == len(data) and got == data
 
 
 def test_sender_never_exceeds_the_granted_window(raw_peer):

@@ -725,6 +725,33 @@ def test_drain_sends_goaway_refuses_new_clients_and_lets_open_ones_finish(env):
     assert time.monotonic() - started < TIMEOUT
 
 
+def test_service_goaway_as_a_new_clients_first_bytes_go_out_drains_the_service(env, monkeypatch):
+    # The service's GOAWAY arrives between opening a client's stream and sending
+    # its first bytes: that client is refused, and the open ones carry on.
+    relay, service, port = registered(env)
+    service.serve(echo_handler)
+    first = env.client(port)
+    assert echo_roundtrip(first, b"before", half_close=False) == b"before"
+    link = link_of(relay, port)
+    from tcprelay import relay as relay_module
+    original = relay_module._early_bytes
+
+    def goaway_first(conn):
+        select.select([conn], [], [], TIMEOUT)          # the client's bytes are there
+        service.session.goaway()
+        wait_until(lambda: link._session.remote_goaway is not None, what="GOAWAY at the relay")
+        return original(conn)
+
+    monkeypatch.setattr(relay_module, "_early_bytes", goaway_first)
+    second = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+    second.sendall(b"hello")
+    with pytest.raises(ConnectionResetError):
+        second.recv(10)
+    second.close()
+    assert echo_roundtrip(first, b"after the goaway") == b"after the goaway"
+    assert recv_to_eof(first) == b""
+
+
 def test_drain_timeout_then_server_close_resets_open_clients(env):
     relay, service, port = registered(env)
     service.serve(echo_handler)
