@@ -218,6 +218,16 @@ class ServiceLink(object):
                 self._sock.close()
             with self._lock:
                 bridges = list(self._bridges)
+            # A client may still be taking the service's last bytes: it gets
+            # drain_timeout to read them, then a reset, so that a client that
+            # never reads cannot hold the port for ever.
+            end = time.monotonic() + relay.drain_timeout
+            for bridge in bridges:
+                if not bridge.join(max(0.0, end - time.monotonic())):
+                    log.info("%s: client on stream %d still had data to read %gs after the "
+                             "service left; resetting it", self.label, bridge.stream.id,
+                             relay.drain_timeout)
+                    bridge.abort("the service has left and the client stopped reading")
             for bridge in bridges:
                 bridge.join()
             if self._heartbeat is not None:

@@ -587,6 +587,42 @@ def test_service_fin_after_the_client_half_closed_ends_the_connection(env):
     wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
 
 
+def test_a_client_that_stops_reading_after_the_service_left_cannot_hold_the_port(env):
+    # Both sides have sent FIN, the service has gone, and its last bytes wait
+    # for a client that never reads: after drain_timeout the client is reset.
+    relay, service, port = registered(env, drain_timeout=0.5)
+    client = env.client(port)
+    stream = service.accept()
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(stream) == b""
+    # Send until nothing more goes anywhere: the relay then holds a window's worth.
+    block = os.urandom(64 * 1024)
+    stream.settimeout(0.5)
+    sent = 0
+    while True:
+        try:
+            sent += stream.send(block)
+        except socket.timeout:
+            break
+        assert sent < 256 * MIB, "the client never pushed back"
+    stream.settimeout(TIMEOUT)
+    stream.close_write()
+    service.close()
+    link = link_of(relay, port)
+    link.join(TIMEOUT)
+    assert not link._thread.is_alive(), "the stalled client still holds the service's port"
+    assert port_is_free_soon(relay, port)
+    with pytest.raises(ConnectionResetError):
+        while client.recv(MIB):
+            pass
+
+
+def port_is_free_soon(relay, port):
+    wait_until(lambda: port not in [link.port for link in relay.services],
+               what="the port released")
+    return True
+
+
 def test_stalled_client_does_not_delay_another_client(env):
     relay, service, port = registered(env)
     stalled = env.client(port)
