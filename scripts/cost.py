@@ -99,9 +99,11 @@ def main(argv=None):
         benchkit.connect_rate(relay, 200, 8)
         benchkit.throughput(relay, 8 << 20, 8)
         rows = []
-        for label, unit, scale, relay_load, direct_load in (
-                ("connection", "us", 1e6, connections(relay), connections(direct)),
-                ("bulk 8 streams", "ms/MiB", 1e3, bulk(relay), bulk(direct))):
+        # (label, unit, scale to the unit, number format, rate format, loads)
+        workloads = (
+            ("connection", "us", 1e6, "%.0f", "%.0f/s", connections(relay), connections(direct)),
+            ("bulk 8 streams", "ms/MiB", 1e3, "%.2f", "%.0f MiB/s", bulk(relay), bulk(direct)))
+        for label, unit, scale, number, rate_format, relay_load, direct_load in workloads:
             samples = {"relay": [], "direct": []}
             for _ in range(args.runs):
                 # Alternate subjects within a run: the machine drifts.
@@ -116,11 +118,8 @@ def main(argv=None):
                     user = benchkit.median([c[name][0] for _, c in runs]) * scale
                     system = benchkit.median([c[name][1] for _, c in runs]) * scale
                     total += user + system
-                    cells.append("%s %.0f+%.0f" % (name, user, system) if scale == 1e6
-                                 else "%s %.2f+%.2f" % (name, user, system))
-                rows.append((label, subject, "%.0f/s" % rate if scale == 1e6 else
-                             "%.0f MiB/s" % rate,
-                             ("%.0f " if scale == 1e6 else "%.2f ") % total + unit,
+                    cells.append(("%s " + number + "+" + number) % (name, user, system))
+                rows.append((label, subject, rate_format % rate, (number + " %s") % (total, unit),
                              ", ".join(cells)))
         print("CPU per unit of work, user+system, median of %d run(s)" % args.runs)
         rows.insert(0, ("workload", "subject", "rate", "total", "each process: user+system"))

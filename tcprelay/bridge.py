@@ -118,7 +118,6 @@ class Bridge(object):
         self._down_done = threading.Event()   # stream -> socket has ended
         self._up_done = False                 # socket -> stream has ended (the pump is done)
         self._finishing = False               # _finish has been claimed
-        self._stream_reset = False            # the pump has reset the stream itself
         self._aborted = None                  # why, once the connection is being reset
         self._reset_stream = False            # the pump must reset the stream too
         self._closed = False
@@ -321,13 +320,11 @@ class Bridge(object):
                     with self._lock:
                         self._abort_locked("stream write failed: %s" % exc, reset_stream=False)
             elif reset_stream:
-                self._stream_reset = True
                 stream.reset(ErrorCode.STREAM_RESET)
         except Exception:
             log.exception("bridge for stream %d failed", stream.id)
             with self._lock:
                 self._abort_locked("internal error", reset_stream=True)
-            self._stream_reset = True
             stream.reset(ErrorCode.INTERNAL_ERROR)
         finally:
             view.release()
@@ -360,9 +357,9 @@ class Bridge(object):
                 self._closed = True
                 self._pending.clear()
                 self._flusher.unwatch(self)
-                reset = self._aborted is not None and self._reset_stream and not self._stream_reset
+                reset = self._aborted is not None and self._reset_stream
             try:
-                if reset:
+                if reset:   # a no-op if the pump has reset it already
                     stream.reset(ErrorCode.STREAM_RESET, wait=False)
             finally:
                 self.sock.close()

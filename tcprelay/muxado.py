@@ -298,28 +298,30 @@ class Stream(object):
 
     def send(self, data, flags=0):
         """Send what the peer's window allows now (at least one byte); returns the count."""
-        if flags:
-            raise ValueError("muxado streams take no send flags")
-        view = _byte_view(data)
+        view = self._outgoing(data, flags)
         if not len(view):
-            with self._lock:
-                self._check_writable()
             return 0
         return self._send_some(view, _Deadline(self._timeout))
 
     def sendall(self, data, flags=0):
         """Send all of ``data``, waiting for window as needed; the timeout covers the call."""
+        view = self._outgoing(data, flags)
+        if not len(view):
+            return None
+        deadline = _Deadline(self._timeout)
+        while view:
+            view = view[self._send_some(view, deadline):]
+        return None
+
+    def _outgoing(self, data, flags):
+        """``data`` as a byte view; with nothing in it, the stream must still be writable."""
         if flags:
             raise ValueError("muxado streams take no send flags")
         view = _byte_view(data)
         if not len(view):
             with self._lock:
                 self._check_writable()
-            return None
-        deadline = _Deadline(self._timeout)
-        while view:
-            view = view[self._send_some(view, deadline):]
-        return None
+        return view
 
     def _send_some(self, view, deadline):
         """One DATA frame of as much of ``view`` as the window allows; the count sent."""
@@ -387,10 +389,7 @@ class Stream(object):
         out at once if the socket has room, else from the session's writer thread.
         """
         if self._set_error(StreamResetError(code, "stream reset locally")):
-            if wait:
-                self.session._send_rst(self, code)
-            elif not self._unannounced:
-                self.session._queue_control(encode_rst(self.id, code))
+            self.session._send_rst(self, code, wait)
         self.session._forget(self)
 
     def set_lead_reads(self, lead):
@@ -1216,9 +1215,12 @@ class Session(object):
         except MuxadoError:
             pass  # the session has ended; the stream's next call says so
 
-    def _send_rst(self, stream, code):
+    def _send_rst(self, stream, code, wait=True):
         if stream._unannounced:
             return  # the peer never heard of it
+        if not wait:
+            self._queue_control(encode_rst(stream.id, code))
+            return
         try:
             self._write((encode_rst(stream.id, code),))
         except MuxadoError:
