@@ -533,94 +533,94 @@ def test_stream_reset_resets_the_client(env):
 # After the client's half-close its pump is gone: the service's side of the
 # connection, whichever way it ends, must still close the client and count it out.
 
-def test_stream_reset_after_the_client_half_closed_resets_the_client(env):
-    relay, service, port = registered(env)
+def half_closed_client(env, **relay_options):
+    """(relay, port, client, stream): a client that has sent FIN, seen by the service."""
+    relay, service, port = registered(env, **relay_options)
     client = env.client(port)
     stream = service.accept()
     client.shutdown(socket.SHUT_WR)
     assert recv_to_eof(stream) == b""
+    return relay, service, port, client, stream
+
+
+def wait_counted_out(relay, port, clients=0):
+    wait_until(lambda: link_of(relay, port).client_count == clients,
+               what="%d clients counted" % clients)
+
+
+def push_until_stalled(stream, block_size=64 * 1024):
+    """Send until nothing more goes anywhere (the client does not read); what was sent."""
+    sent = bytearray()
+    block = os.urandom(block_size)
+    stream.settimeout(0.5)
+    while True:
+        try:
+            n = stream.send(block)
+        except socket.timeout:
+            break
+        sent += block[:n]
+        assert len(sent) < 256 * MIB, "the client never pushed back"
+    stream.settimeout(TIMEOUT)
+    return bytes(sent)
+
+
+def test_stream_reset_after_the_client_half_closed_resets_the_client(env):
+    relay, service, port, client, stream = half_closed_client(env)
     stream.sendall(b"partial")
     assert recv_exact(client, 7) == b"partial"
     stream.reset()
     with pytest.raises(ConnectionResetError):
         client.recv(100)
-    wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
+    wait_counted_out(relay, port)
 
 
 def test_client_reset_after_its_half_close_resets_the_stream_mid_download(env):
-    relay, service, port = registered(env)
-    client = env.client(port)
-    stream = service.accept()
-    client.shutdown(socket.SHUT_WR)
-    assert recv_to_eof(stream) == b""
+    relay, service, port, client, stream = half_closed_client(env)
     assert stream.sendall(b"first") is None
     assert recv_exact(client, 5) == b"first"
     abort(client)
     # The relay learns of the reset when it next writes to the client.
-    data, how = read_until_end_while_sending(stream)
+    how = send_until_it_fails(stream)
     assert isinstance(how, muxado.StreamResetError), "the stream saw %r, not a reset" % (how,)
-    wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
+    wait_counted_out(relay, port)
 
 
-def read_until_end_while_sending(stream, chunk=b"x" * 65536):
-    """Send until the stream fails; (None, the error)."""
+def send_until_it_fails(stream, chunk=b"x" * 65536):
+    """Send until the stream fails; the error."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         try:
             stream.sendall(chunk)
         except OSError as exc:
-            return None, exc
+            return exc
     raise AssertionError("the stream never failed")
 
 
 def test_service_fin_after_the_client_half_closed_ends_the_connection(env):
-    relay, service, port = registered(env)
-    client = env.client(port)
-    stream = service.accept()
-    client.shutdown(socket.SHUT_WR)
-    assert recv_to_eof(stream) == b""
-    wait_until(lambda: link_of(relay, port).client_count == 1, what="the client still counted")
+    relay, service, port, client, stream = half_closed_client(env)
+    wait_counted_out(relay, port, clients=1)
     reply = os.urandom(2 * MIB)       # more than the socket takes at once: the flusher's FIN
     writer = Worker(sendall_then, stream, reply, stream.close_write)
     assert recv_to_eof(client) == reply
     writer.finish()
-    wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
+    wait_counted_out(relay, port)
 
 
 def test_a_client_that_stops_reading_after_the_service_left_cannot_hold_the_port(env):
     # Both sides have sent FIN, the service has gone, and its last bytes wait
     # for a client that never reads: after drain_timeout the client is reset.
-    relay, service, port = registered(env, drain_timeout=0.5)
-    client = env.client(port)
-    stream = service.accept()
-    client.shutdown(socket.SHUT_WR)
-    assert recv_to_eof(stream) == b""
-    # Send until nothing more goes anywhere: the relay then holds a window's worth.
-    block = os.urandom(64 * 1024)
-    stream.settimeout(0.5)
-    sent = 0
-    while True:
-        try:
-            sent += stream.send(block)
-        except socket.timeout:
-            break
-        assert sent < 256 * MIB, "the client never pushed back"
-    stream.settimeout(TIMEOUT)
+    relay, service, port, client, stream = half_closed_client(env, drain_timeout=0.5)
+    push_until_stalled(stream)        # the relay now holds a window's worth
     stream.close_write()
     service.close()
     link = link_of(relay, port)
     link.join(TIMEOUT)
     assert not link._thread.is_alive(), "the stalled client still holds the service's port"
-    assert port_is_free_soon(relay, port)
+    wait_until(lambda: port not in [link.port for link in relay.services],
+               what="the port released")
     with pytest.raises(ConnectionResetError):
         while client.recv(MIB):
             pass
-
-
-def port_is_free_soon(relay, port):
-    wait_until(lambda: port not in [link.port for link in relay.services],
-               what="the port released")
-    return True
 
 
 def test_stalled_client_does_not_delay_another_client(env):
@@ -631,24 +631,14 @@ def test_stalled_client_does_not_delay_another_client(env):
     lively_stream = service.accept()
     echo = Worker(echo_handler, lively_stream)
     # Push to the client that never reads until nothing more goes anywhere.
-    sent = bytearray()
-    block = os.urandom(64 * 1024)
-    stalled_stream.settimeout(0.5)
-    while True:
-        try:
-            n = stalled_stream.send(block)
-        except socket.timeout:
-            break
-        sent += block[:n]
-        assert len(sent) < 256 * MIB, "the stalled client never pushed back"
+    sent = push_until_stalled(stalled_stream)
     # The other client of the same service goes on at full speed.
     data = os.urandom(2 * MIB)
     assert echo_roundtrip(lively, data) == data
     echo.finish()
     # Nothing was lost for the slow one either.
-    stalled_stream.settimeout(TIMEOUT)
     stalled_stream.close_write()
-    assert recv_to_eof(stalled) == bytes(sent)
+    assert recv_to_eof(stalled) == sent
 
 
 def test_service_not_reading_one_stream_does_not_delay_another_client(env):
