@@ -297,6 +297,15 @@ class ServiceEnv(Env):
         self.defer(proxy.close)
         return proxy
 
+    def assert_reaches(self, port, service, data):
+        """A client of public ``port`` gets ``data`` through to ``service``."""
+        client = self.client(port)
+        stream = service.accept(TIMEOUT)
+        stream.settimeout(TIMEOUT)
+        client.sendall(data)
+        assert recv_exact(stream, len(data)) == data
+        stream.close()
+
     def listener(self):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.defer(sock.close)
@@ -830,12 +839,7 @@ def test_a_lost_service_keeps_its_port_for_its_lease_only(env):
     back = env.connect(relay.server_address, lease=token, max_wait=0)
     assert back.port == held
     assert back.lease and back.lease != token
-    client = env.client(held)
-    stream = back.accept(TIMEOUT)
-    stream.settimeout(TIMEOUT)
-    client.sendall(b"back")
-    assert recv_exact(stream, 4) == b"back"
-    stream.close()
+    env.assert_reaches(held, back, b"back")
 
 
 def test_a_lost_services_port_is_free_again_when_the_lease_ends(env):
@@ -913,12 +917,7 @@ def test_a_valid_lease_takes_the_port_over_from_a_connection_still_up(env):
         assert old.session.wait(TIMEOUT), "the relay kept the old connection"
         with pytest.raises(RelayGone):
             old.accept(TIMEOUT)
-    client = env.client(port)
-    stream = current.accept(TIMEOUT)
-    stream.settimeout(TIMEOUT)
-    client.sendall(b"new")
-    assert recv_exact(stream, 3) == b"new"
-    stream.close()
+    env.assert_reaches(port, current, b"new")
 
 
 # -- dead peers --------------------------------------------------------------------------------
