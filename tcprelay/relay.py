@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from . import auth, cli, limits, muxado, proxyproto, registration, tls
+from . import auth, cli, limits, muxado, proxyproto, registration, resources, tls
 from .bridge import Bridge, Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
 from .portpool import Cancelled, PoolError, PortPool
@@ -111,6 +111,7 @@ class ServiceLink(object):
         self._session = None
         self._ticket = None
         self._listener = None
+        self._stopping = threading.Event()   # set when the public listener is shut down
         self._ended = False
         self._draining = False
         self._bridges = set()
@@ -207,7 +208,11 @@ class ServiceLink(object):
                 while self._draining and self._bridges and not self._ended:
                     self._idle.wait()
         except (muxado.MuxadoError, OSError) as exc:
-            log.info("%s: connection ended: %s", self.label, exc)
+            if resources.is_exhaustion(exc):
+                log.warning("%s: out of file descriptors (%s); dropping this connection",
+                            self.label, exc.strerror)
+            else:
+                log.info("%s: connection ended: %s", self.label, exc)
         except Exception:
             log.exception("%s: failed", self.label)
         finally:
@@ -414,10 +419,11 @@ class ServiceLink(object):
 
     def _serve_clients(self, session):
         relay = self.relay
-        listener = self._listener
+        acceptor = resources.Acceptor(self._listener, self._stopping,
+                                      "%s's port %d" % (self.label, self.port))
         while True:
             try:
-                conn, client_address = listener.accept()
+                conn, client_address = acceptor.accept()
             except OSError:
                 return  # the listener was shut down: session ended, or the relay is leaving
             if relay.max_clients is not None and self.client_count >= relay.max_clients:
@@ -490,6 +496,7 @@ class ServiceLink(object):
         self._stop_listening()
 
     def _stop_listening(self):
+        self._stopping.set()
         with self._lock:
             listener = self._listener
         if listener is not None:
@@ -567,6 +574,7 @@ class Relay(object):
         self._services = set()
         self._clients = 0
         self._accepting = True
+        self._stopping = threading.Event()   # set by _stop_accepting
         self._serving = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -601,10 +609,11 @@ class Relay(object):
         """Accept services until ``shutdown()``. ``poll_interval`` is ignored: no polling."""
         self._stopped.clear()
         self._serving.set()
+        acceptor = resources.Acceptor(self.socket, self._stopping, "the service port")
         try:
             while True:
                 try:
-                    sock, address = self.socket.accept()
+                    sock, address = acceptor.accept()
                 except OSError:
                     if not self._accepting:
                         return
@@ -696,6 +705,7 @@ class Relay(object):
     def _stop_accepting(self):
         with self._lock:
             self._accepting = False
+        self._stopping.set()
         try:
             self.socket.shutdown(socket.SHUT_RDWR)   # wakes accept()
         except OSError:
@@ -894,6 +904,17 @@ def _network(text):
     return text
 
 
+def _check_open_file_limit(args):
+    """Raise the soft open-file limit to the hard one; warn if the limits cannot fit."""
+    limit = resources.raise_open_file_limit()
+    need = resources.descriptors_needed(args.max_services, args.max_clients, args.max_waiting)
+    if limit is not None and limit < need:
+        log.warning("the open file limit is %d, but --max-services %d with --max-clients %d "
+                    "may need about %d; past the limit new connections wait until others "
+                    "close. Raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd) "
+                    "or lower --max-clients", limit, args.max_services, args.max_clients, need)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -917,6 +938,7 @@ def main(argv=None):
         except (OSError, ValueError) as exc:
             parser.error("cannot load the TLS certificate and key: %s" % exc)
     threading.stack_size(THREAD_STACK_SIZE)
+    _check_open_file_limit(args)
     try:
         relay = Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,
                       public_host=args.public_host, max_services=args.max_services,

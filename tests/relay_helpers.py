@@ -308,12 +308,20 @@ class Process(object):
     temporary file (``stderr_text``), so a chatty child can never block.
     """
 
-    def __init__(self, module, args):
+    def __init__(self, module, args, open_files=None):
+        """``open_files``: (soft, hard) RLIMIT_NOFILE for the child."""
         self.argv = [sys.executable, "-m", module] + [str(a) for a in args]
         self._stderr = tempfile.TemporaryFile()
         self._out = bytearray()
+        preexec = None
+        if open_files is not None:
+            import resource
+
+            def preexec():
+                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
         self.popen = subprocess.Popen(self.argv, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=self._stderr)
+                                      stdout=subprocess.PIPE, stderr=self._stderr,
+                                      preexec_fn=preexec)
         self.pid = self.popen.pid
 
     def __repr__(self):
