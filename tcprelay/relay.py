@@ -448,22 +448,29 @@ class ServiceLink(object):
             except (muxado.MuxadoError, OSError) as exc:
                 if stream is not None:
                     stream.reset(wait=False)
-                if not (isinstance(exc, muxado.RemoteGoneAwayError)
-                        or session.remote_goaway is not None):
+                _reset(conn)
+                if session.closed:
                     log.info("%s: cannot open a stream for client %s: %s",
                              self.label, _address(client_address), exc)
-                    _reset(conn)
                     return
-                # The service takes no new clients (it is shutting down): the
-                # ones it serves carry on, as when the relay drains. (Its GOAWAY
-                # may also come while the new stream's first frame goes out.)
-                log.info("%s: takes no new clients; refusing %s, finishing the %d open",
-                         self.label, _address(client_address), self.client_count)
-                _reset(conn)
-                with self._lock:
-                    self._draining = True
-                self._stop_listening()
-                return
+                if (isinstance(exc, muxado.RemoteGoneAwayError)
+                        or session.remote_goaway is not None
+                        or getattr(exc, "code", None) == muxado.ErrorCode.STREAMS_EXHAUSTED):
+                    # The service takes no new clients (it is shutting down, or
+                    # this session has used up its stream ids): the ones it
+                    # serves carry on, as when the relay drains. (Its GOAWAY may
+                    # also come while the new stream's first frame goes out.)
+                    log.info("%s: takes no new clients (%s); refusing %s, finishing the %d open",
+                             self.label, exc, _address(client_address), self.client_count)
+                    with self._lock:
+                        self._draining = True
+                    self._stop_listening()
+                    return
+                # This stream's own error (the service reset it, or the client
+                # left already): it ends this client only.
+                relay._log_refusal("%s: client %s refused: %s", self.label,
+                                   _address(client_address), exc)
+                continue
             bridge = Bridge(conn, stream, relay.flusher,
                             name="client %s" % _address(client_address),
                             on_close=self._client_closed, workers=relay.workers,

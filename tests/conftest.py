@@ -64,12 +64,24 @@ def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+def fd_targets():
+    """{fd: what it refers to}, to name a leaked descriptor."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets[int(name)] = os.readlink("/proc/self/fd/" + name)
+        except OSError:
+            pass
+    return targets
+
+
 class LeakCheck(object):
     """Threads and file descriptors at the start, to compare at the end."""
 
     def __init__(self):
         self.threads = set(threading.enumerate())
         self.fds = open_fds()
+        self._targets = fd_targets()
 
     def new_threads(self):
         return [t for t in threading.enumerate() if t not in self.threads]
@@ -79,7 +91,12 @@ class LeakCheck(object):
             thread.join(timeout)
         alive = [t.name for t in self.new_threads() if t.is_alive()]
         assert not alive, "threads left running: %s" % alive
-        assert open_fds() == self.fds, "open files: %d before, %d after" % (self.fds, open_fds())
+        if open_fds() != self.fds:
+            now = fd_targets()
+            new = sorted("%d -> %s" % (fd, t) for fd, t in now.items()
+                         if self._targets.get(fd) != t)
+            raise AssertionError("open files: %d before, %d after; new: %s"
+                                 % (self.fds, open_fds(), ", ".join(new)))
 
 
 @pytest.fixture
