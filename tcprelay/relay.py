@@ -104,6 +104,8 @@ class ServiceLink(object):
     def __init__(self, relay, sock, address):
         self.relay = relay
         self.address = address
+        # One deadline from accept to registered: TLS and the request share it.
+        self._handshake_deadline = time.monotonic() + relay.handshake_timeout
         self.name = None
         self.port = None
         self._sock = sock
@@ -256,7 +258,7 @@ class ServiceLink(object):
             return None
         self._sock = sslsock   # closed by _run's cleanup from now on
         try:
-            sslsock.settimeout(relay.handshake_timeout)
+            sslsock.settimeout(max(0.0, self._handshake_deadline - time.monotonic()))
             sslsock.do_handshake()
         except (OSError, ValueError) as exc:
             log.warning("%s: TLS handshake failed: %s", self.label, exc)
@@ -266,9 +268,9 @@ class ServiceLink(object):
     def _handshake(self, session):
         """Read the registration request: (request, stream), or (None, None) if refused."""
         relay = self.relay
-        deadline = time.monotonic() + relay.handshake_timeout
+        deadline = self._handshake_deadline
         try:
-            stream = session.accept(timeout=relay.handshake_timeout)
+            stream = session.accept(timeout=max(0.0, deadline - time.monotonic()))
         except socket.timeout:
             log.warning("%s: opened no registration stream within %gs; dropping it",
                         self.label, relay.handshake_timeout)

@@ -5,6 +5,7 @@ Every test runs under ``no_leaks`` and bounds each blocking call.
 
 import logging
 import socket
+import time
 
 import pytest
 
@@ -58,3 +59,24 @@ def test_streams_the_service_refuses_end_those_clients_not_the_service(env, capl
     client.sendall(b"again")
     assert recv_exact(client, 5) == b"PROXY"   # the echo of the stream's PROXY header
     assert len(relay.services) == 1
+
+
+def test_tls_and_the_request_share_one_handshake_deadline(env):
+    # TLS finishing late in the handshake timeout leaves the request only what is left.
+    from test_security import server_tls, trusting_tls
+    from relay_helpers import Registration
+    from tcprelay import muxado, tls
+    relay = env.relay(ports=1, tls_context=server_tls(), handshake_timeout=1.0)
+    started = time.monotonic()
+    sock = socket.create_connection(relay.server_address, timeout=TIMEOUT)
+    time.sleep(0.7)   # a slow TLS start: part of the scenario, not synchronisation
+    secure = trusting_tls().wrap_socket(sock, server_hostname="localhost")
+    session = muxado.client(tls.TLSTransport(secure))
+    try:
+        registration = Registration(session.open(), b"")   # never sends a request
+        reply = registration.reply()
+        elapsed = time.monotonic() - started
+        assert reply is None or reply["status"] == "error", reply
+        assert elapsed < 1.5, "registration took %.2fs of a 1s handshake timeout" % elapsed
+    finally:
+        session.close()
