@@ -29,11 +29,14 @@ Limits against hostile peers (each ends the session with GOAWAY):
 - ``max_streams`` peer-opened streams at once; more are refused with RST
   STREAM_REFUSED. ``accept_backlog`` streams waiting for ``accept()``; more
   are refused with RST ACCEPT_QUEUE_FULL.
-- ``flood_limit = (burst, per_second)``: a token bucket for frames that do
-  nothing (empty DATA frames without flags, frames of unknown type) and one
-  for streams the peer opens and then resets itself. A peer past either gets
-  GOAWAY ENHANCE_YOUR_CALM. The default (10,000 burst, 1,000 a second) is
-  far above what a healthy peer sends.
+- ``flood_limit = (burst, per_second)``: a token bucket for frames that
+  cost work but move no data (empty DATA frames without flags, frames of
+  unknown type, DATA, WNDINC and RST on streams that do not exist; each
+  stream closed gives back a few tokens for the peer's frames in flight) and
+  one for streams the peer opens and then resets itself. A peer past either
+  gets GOAWAY ENHANCE_YOUR_CALM. The default (10,000 burst, 1,000 a second)
+  is far above what a healthy peer sends.
+- ``set_read_budget``: a cap on all the bytes a not yet trusted peer may send.
 """
 
 import collections
@@ -78,6 +81,7 @@ _FIRST_RECV_SIZE = 64 * 1024
 _DATA_HEADER = struct.Struct(">II")
 _RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
 _DATA_TYPE = 1 << 4
+_STRAYS_PER_STREAM = 4   # frames a closed stream may still draw from the peer
 
 
 class _OSErrorFlavour(MuxadoError):
@@ -157,6 +161,10 @@ class _TokenBucket(object):
         self._stamp = now
         self._tokens -= 1.0
         return self._tokens >= 0.0
+
+    def refund(self, count):
+        """Give back ``count`` tokens (up to the burst)."""
+        self._tokens = min(self._burst, self._tokens + count)
 
 
 # The early grant of a big window waits until the peer has used this much of
@@ -882,6 +890,7 @@ class _FrameDispatch(FrameHandler):
         else:
             stream = session._streams.get(stream_id)
             if stream is None:
+                session._pointless_frame("frames on unknown streams")
                 if not (length == 0 and flags & FIN):
                     session._reply(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
                 return
@@ -918,7 +927,9 @@ class _FrameDispatch(FrameHandler):
     def wndinc(self, stream_id, increment):
         session = self._session
         stream = session._streams.get(stream_id)
-        if stream is not None and not stream._on_window(increment):
+        if stream is None:
+            session._pointless_frame("frames on unknown streams")
+        elif not stream._on_window(increment):
             log.info("%s: WNDINC overflows stream %d's window; resetting it",
                      session.name, stream_id)
             session._abort_stream(stream, ErrorCode.FLOW_CONTROL_ERROR,
@@ -949,6 +960,10 @@ class Session(object):
     - ``flood_limit``: (burst, per second) for pointless frames and
       self-reset streams (default 10,000 and 1,000)
     - ``name``: for logs and thread names
+
+    ``set_read_budget`` caps what the peer may send in all (say, before it
+    has authenticated); ``set_window_size`` changes the window of streams
+    opened from then on.
     """
 
     def __init__(self, sock, client=True, window_size=DEFAULT_WINDOW, accept_backlog=128,
@@ -1001,6 +1016,7 @@ class Session(object):
         self._handoffs = 0           # parked readers woken by the current leader
         # Starts small (idle and half-open sessions stay cheap); the first
         # read that fills it grows it to _RECV_SIZE.
+        self._read_budget = None     # bytes the peer may still send (set_read_budget)
         self._recv_buffer = bytearray(_FIRST_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
         self._decoder = FrameDecoder(_FrameDispatch(self))
@@ -1063,6 +1079,25 @@ class Session(object):
                 self._forget(stream)
                 raise
         return stream
+
+    def set_window_size(self, window_size):
+        """The receive window (bytes) of streams opened from now on, by either side.
+
+        Raises ValueError outside 256 KiB .. 2**31-1, as the constructor does.
+        """
+        if not DEFAULT_WINDOW <= window_size <= MAX_WINDOW:
+            raise ValueError("window_size must be between %d and %d" % (DEFAULT_WINDOW, MAX_WINDOW))
+        self._window_size = int(window_size)
+
+    def set_read_budget(self, nbytes):
+        """Let the peer send at most ``nbytes`` more bytes in all (frames included);
+        past that the session ends with ENHANCE_YOUR_CALM. None lifts the cap.
+
+        For a peer not yet trusted (before it has registered): what it can make
+        us read, buffer and decode is bounded, whatever frames it sends. While a
+        budget is set, the read buffer stays small.
+        """
+        self._read_budget = None if nbytes is None else int(nbytes)
 
     def accept(self, timeout=None):
         """The next stream the peer opened.
@@ -1410,8 +1445,16 @@ class Session(object):
             self._die(ErrorCode.PEER_EOF, "read EOF from remote peer",
                       goaway=(ErrorCode.PEER_EOF, b"read EOF from remote peer"))
             return False
+        if self._read_budget is not None:
+            self._read_budget -= n
+            if self._read_budget < 0:
+                log.warning("%s: the peer sent more than its budget before it was trusted; "
+                            "ending the session", self.name)
+                self._die(ErrorCode.ENHANCE_YOUR_CALM, "read budget exceeded",
+                          goaway=(ErrorCode.ENHANCE_YOUR_CALM, b"read budget exceeded"))
+                return False
         view = self._recv_view
-        if n == len(view) and n < _RECV_SIZE:
+        if n == len(view) and n < _RECV_SIZE and self._read_budget is None:
             # Busy: read bigger from now on (the decoder keeps no reference).
             self._recv_buffer = bytearray(_RECV_SIZE)
             self._recv_view = memoryview(self._recv_buffer)
@@ -1581,6 +1624,7 @@ class Session(object):
     def _on_rst(self, stream_id, code):
         stream = self._streams.get(stream_id)
         if stream is None:
+            self._pointless_frame("frames on unknown streams")
             return
         if stream_id & 1 != self._local_parity and not self._self_resets.take():
             raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM,
@@ -1619,6 +1663,9 @@ class Session(object):
         with self._lock:
             if self._streams.get(stream.id) is stream:
                 del self._streams[stream.id]
+                # A closed stream may still draw a few frames the peer sent
+                # before it knew (a WNDINC, an RST): those are not a flood.
+                self._pointless.refund(_STRAYS_PER_STREAM)
                 if stream.id & 1 != self._local_parity:
                     self._remote_streams -= 1
                     if not keep_queued:

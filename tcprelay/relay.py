@@ -42,6 +42,12 @@ DEFAULT_LEASE_TIME = 30.0
 DEFAULT_MAX_WAITING = 100          # services waiting in line for a port
 DEFAULT_MAX_CLIENTS = 1000         # clients at once per service
 DEFAULT_REGISTRATION_RATE = 60     # new service connections per minute per address
+DEFAULT_MAX_PENDING = 256          # connections not yet registered, in all
+DEFAULT_MAX_PENDING_PER_HOST = 16  # ... and from one address
+# What a connection may send before it has registered: a request (4 KiB at
+# most, but an oversized one still fills a window to be refused with a
+# reason), an authentication answer, and the frames around them.
+PENDING_READ_BUDGET = muxado.DEFAULT_WINDOW + 64 * 1024
 THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
 LISTEN_BACKLOG = 1024            # bursts of new clients queue in the kernel, not fail
 _EARLY_READ = 16 * 1024          # a new client's first bytes, sent with its SYN
@@ -190,15 +196,22 @@ class ServiceLink(object):
                     return
             # A service opens its registration stream and little else: small
             # limits bound what a hostile one can make us hold.
+            # Until it has registered, a connection gets the smallest session
+            # that can register: the protocol's least window, a small read
+            # buffer and a budget of bytes, after which it is dropped.
             session = muxado.server(transport, name="service %s" % _address(self.address),
-                                    window_size=relay.window_size, max_streams=16,
-                                    accept_backlog=8, max_frame_size=min(MAX_FRAME, relay.window_size))
+                                    max_streams=16, accept_backlog=8,
+                                    max_frame_size=min(MAX_FRAME, relay.window_size))
+            session.set_read_budget(PENDING_READ_BUDGET)
             with self._lock:
                 self._session = session
             session.add_done_callback(self._session_ended)
             request, stream = self._handshake(session)
+            relay._registered(self)
             if request is None:
                 return
+            session.set_read_budget(None)
+            session.set_window_size(relay.window_size)
             self.request = request
             granted = self._wait_for_port(request, stream)
             if granted is None:
@@ -245,6 +258,7 @@ class ServiceLink(object):
                          self.label, granted[0],
                          " once its lease ends in %gs" % relay.lease_time if held else "",
                          self.clients_served)
+            relay._registered(self)   # if it never got that far
             relay._forget_service(self)
 
     def _tls_handshake(self):
@@ -554,7 +568,8 @@ class Relay(object):
                  lease_time=DEFAULT_LEASE_TIME, keepalive=DEFAULT_KEEPALIVE,
                  secret=None, allow_from=(), tls_context=None, max_waiting=DEFAULT_MAX_WAITING,
                  max_clients=DEFAULT_MAX_CLIENTS, idle_timeout=None,
-                 registration_rate=DEFAULT_REGISTRATION_RATE, bind_and_activate=True):
+                 registration_rate=DEFAULT_REGISTRATION_RATE, max_pending=DEFAULT_MAX_PENDING,
+                 max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST, bind_and_activate=True):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -577,6 +592,9 @@ class Relay(object):
         self.registration_rate = limits.RateLimit(per_minute=registration_rate,
                                                   burst=max(1, registration_rate // 3))
         self._refusal_log = limits.EveryOnce(1.0)
+        self.max_pending = max_pending
+        self.max_pending_per_host = max_pending_per_host
+        self._pending = {}   # ServiceLink not yet registered -> its host
         self.pool = PortPool(ports, self._bind_public, limit=max_services)
         self._leases = {}   # token -> [port, holding ServiceLink or None, expiry]
         self._lock = threading.Condition()
@@ -637,8 +655,16 @@ class Relay(object):
                     if not self._accepting:
                         sock.close()
                         return
-                    link = ServiceLink(self, sock, address)
-                    self._services.add(link)
+                    refusal = self._pending_refusal(address[0])
+                    if refusal is None:
+                        link = ServiceLink(self, sock, address)
+                        self._services.add(link)
+                        self._pending[link] = address[0]
+                if refusal is not None:
+                    _reset(sock)
+                    self._log_refusal("refused a service connection from %s: %s",
+                                      address[0], refusal)
+                    continue
                 log.info("service connected from %s", _address(address))
                 link.start()
         finally:
@@ -705,6 +731,22 @@ class Relay(object):
         if not self.registration_rate.allow(host):
             return "too many registrations from this address (--registration-rate)"
         return None
+
+    def _pending_refusal(self, host):
+        """Why a new connection from ``host`` may not wait to register, or None (lock held)."""
+        if self.max_pending is not None and len(self._pending) >= self.max_pending:
+            return "%d connections are registering already (--max-pending)" % self.max_pending
+        if self.max_pending_per_host is not None:
+            from_host = sum(1 for h in self._pending.values() if h == host)
+            if from_host >= self.max_pending_per_host:
+                return ("%d connections from this address are registering already "
+                        "(--max-pending-per-host)" % self.max_pending_per_host)
+        return None
+
+    def _registered(self, link):
+        """``link`` is no longer pending: registered, refused or gone."""
+        with self._lock:
+            self._pending.pop(link, None)
 
     def _log_refusal(self, message, *args):
         ready, skipped = self._refusal_log.ready()
@@ -897,6 +939,14 @@ def build_parser():
     capacity.add_argument("--max-clients", type=cli.positive(int), default=DEFAULT_MAX_CLIENTS,
                           metavar="N", help="clients at once per service; more are refused "
                                             "(default: %d)" % DEFAULT_MAX_CLIENTS)
+    capacity.add_argument("--max-pending", type=cli.positive(int), default=DEFAULT_MAX_PENDING,
+                          metavar="N", help="connections that may be registering at once "
+                                            "(not yet registered); more are refused "
+                                            "(default: %d)" % DEFAULT_MAX_PENDING)
+    capacity.add_argument("--max-pending-per-host", type=cli.positive(int),
+                          default=DEFAULT_MAX_PENDING_PER_HOST, metavar="N",
+                          help="of those, from one address (default: %d)"
+                               % DEFAULT_MAX_PENDING_PER_HOST)
     capacity.add_argument("--idle-timeout", type=cli.positive(float), default=None,
                           metavar="SECONDS", help="close a public client after this long with "
                                                   "no bytes either way (default: never)")
@@ -947,7 +997,6 @@ def main(argv=None):
         except (OSError, ValueError) as exc:
             parser.error("cannot load the TLS certificate and key: %s" % exc)
     threading.stack_size(THREAD_STACK_SIZE)
-    _check_open_file_limit(args)
     try:
         relay = Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,
                       public_host=args.public_host, max_services=args.max_services,
@@ -956,7 +1005,9 @@ def main(argv=None):
                       keepalive=args.keepalive, secret=secret, allow_from=args.allow_from,
                       tls_context=tls_context, max_waiting=args.max_waiting,
                       max_clients=args.max_clients, idle_timeout=args.idle_timeout,
-                      registration_rate=args.registration_rate)
+                      registration_rate=args.registration_rate,
+                      max_pending=args.max_pending,
+                      max_pending_per_host=args.max_pending_per_host)
     except OSError as exc:
         where = "%s:%d" % (args.host or "*", args.port)
         sys.stderr.write("tcprelay.relay: cannot listen on %s: %s (is another relay running? "
@@ -969,6 +1020,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    _check_open_file_limit(args)
     log.info("listening for services on %s%s; public ports %s on %s",
              _address(relay.server_address), " (TLS)" if tls_context else "",
              relay.pool.describe(), args.public_bind or "all interfaces")

@@ -10,8 +10,14 @@ import time
 import pytest
 
 from conftest import TIMEOUT
-from relay_helpers import LOOPBACK, Service, echo_roundtrip, recv_exact, wait_until
-from test_relay import Env
+from relay_helpers import (
+    LOOPBACK, Service, Worker, echo_handler, echo_roundtrip, read_until_end, recv_exact,
+    wait_until,
+)
+from test_relay import Env, registered
+from tcprelay import frames
+from tcprelay.muxado import ErrorCode
+from tcprelay.relay import PENDING_READ_BUDGET
 
 
 @pytest.fixture
@@ -80,3 +86,92 @@ def test_tls_and_the_request_share_one_handshake_deadline(env):
         assert elapsed < 1.5, "registration took %.2fs of a 1s handshake timeout" % elapsed
     finally:
         session.close()
+
+
+def _goaway_code(data):
+    goaways = [f for f in frames.decode_frames(data) if isinstance(f, frames.GoAway)]
+    return goaways[0].code if goaways else None
+
+
+def _flood(sock, frame, limit):
+    """Send ``frame`` over and over until the relay stops reading; bytes sent."""
+    burst = frame * 512
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(burst)
+            sent += len(burst)
+    except OSError:
+        pass
+    return sent
+
+
+def test_an_unregistered_connection_may_send_only_its_budget(env):
+    # Window updates on streams that do not exist, before registering: after
+    # the read budget the connection is dropped, long before the handshake timeout.
+    relay, service, port = registered(env, handshake_timeout=30.0)
+    service.serve(echo_handler)
+    client = env.client(port)
+    attacker = socket.create_connection(relay.server_address, timeout=TIMEOUT)
+    env.defer(attacker.close)
+    started = time.monotonic()
+    sent = Worker(_flood, attacker, frames.encode_wndinc(7, 1), 64 * PENDING_READ_BUDGET)
+    data, how = read_until_end(attacker)
+    assert sent.finish() < 64 * PENDING_READ_BUDGET   # cut off, not read to the end
+    assert time.monotonic() - started < 5.0
+    assert _goaway_code(data) == ErrorCode.ENHANCE_YOUR_CALM
+    echo_roundtrip(client, b"unharmed", half_close=False)
+
+
+def test_a_registered_service_flooding_frames_on_unknown_streams_is_dropped(env):
+    relay, service, port = registered(env)
+    # The stand-in's own socket, bypassing its session: WNDINC on a stream never opened.
+    sock = service.session._sock
+    frame = frames.encode_wndinc(1001, 1)
+    try:
+        for _ in range(40):
+            sock.sendall(frame * 1000)
+    except OSError:
+        pass
+    assert service.session.wait(TIMEOUT)
+    assert service.session.remote_goaway is not None
+    assert service.session.remote_goaway[1] == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def _reset_at_once(address):
+    """True if a connection to ``address`` is reset before anything is said
+    (maybe before connect() returns)."""
+    try:
+        sock = socket.create_connection(address, timeout=TIMEOUT)
+    except ConnectionResetError:
+        return True
+    with sock:
+        data, how = read_until_end(sock)
+    return data == b"" and isinstance(how, ConnectionResetError)
+
+
+def test_pending_connections_are_capped_in_all_and_per_address(env):
+    relay = env.relay(ports=1, max_pending=3, max_pending_per_host=2)
+    held = []
+    for _ in range(2):
+        sock = socket.create_connection(relay.server_address, timeout=TIMEOUT)
+        env.defer(sock.close)
+        held.append(sock)
+    wait_until(lambda: len(relay.services) == 2, what="two pending connections")
+    assert _reset_at_once(relay.server_address)
+    # Registered services are no longer pending: room again.
+    for sock in held:
+        sock.close()
+    wait_until(lambda: not relay.services, what="the pending connections to go")
+    service = env.service(relay)
+    assert service.register_ok() == relay.pool.ports[0]
+    another = env.service(relay)
+    reg = another.register({"notices": True})
+    assert reg.reply()["status"] == "waiting"
+    env.defer(reg.close)
+    # One registered, one waiting in line: neither is pending, so two more may try.
+    for _ in range(2):
+        sock = socket.create_connection(relay.server_address, timeout=TIMEOUT)
+        env.defer(sock.close)
+    wait_until(lambda: len(relay.services) == 4, what="two more pending connections")
+    assert _reset_at_once(relay.server_address)

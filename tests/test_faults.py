@@ -242,7 +242,9 @@ def public_port(line):
 
 def test_500_handshakes_that_never_finish_are_dropped_at_the_handshake_timeout(procs):
     ports = free_port_range(3)
+    # The pending caps (tested on their own) are lifted: this tests the timeout.
     relay = procs.relay(ports[0], "--handshake-timeout", "0.5", "--registration-rate", "100000",
+                        "--max-pending", "1000", "--max-pending-per-host", "1000",
                         *pool_args(ports[1:]))
     echo, port = procs.echo(ports[0], "--log-level", "warning")
     healthy = healthy_clients(port)
