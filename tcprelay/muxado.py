@@ -960,6 +960,7 @@ class Session(object):
     - ``flood_limit``: (burst, per second) for pointless frames and
       self-reset streams (default 10,000 and 1,000)
     - ``name``: for logs and thread names
+    - ``read_budget``: bytes the peer may send in all (default: no cap)
 
     ``set_read_budget`` caps what the peer may send in all (say, before it
     has authenticated); ``set_window_size`` changes the window of streams
@@ -968,7 +969,8 @@ class Session(object):
 
     def __init__(self, sock, client=True, window_size=DEFAULT_WINDOW, accept_backlog=128,
                  max_streams=1024, write_timeout=DEFAULT_WRITE_TIMEOUT,
-                 max_frame_size=DEFAULT_WINDOW, flood_limit=DEFAULT_FLOOD_LIMIT, name=None):
+                 max_frame_size=DEFAULT_WINDOW, flood_limit=DEFAULT_FLOOD_LIMIT, name=None,
+                 read_budget=None):
         if not DEFAULT_WINDOW <= window_size <= MAX_WINDOW:
             raise ValueError("window_size must be between %d and %d" % (DEFAULT_WINDOW, MAX_WINDOW))
         if not 1 <= max_frame_size <= MAX_LENGTH:
@@ -1016,7 +1018,7 @@ class Session(object):
         self._handoffs = 0           # parked readers woken by the current leader
         # Starts small (idle and half-open sessions stay cheap); the first
         # read that fills it grows it to _RECV_SIZE.
-        self._read_budget = None     # bytes the peer may still send (set_read_budget)
+        self._read_budget = read_budget   # bytes the peer may still send (set_read_budget)
         self._recv_buffer = bytearray(_FIRST_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
         self._decoder = FrameDecoder(_FrameDispatch(self))

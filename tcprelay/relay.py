@@ -201,8 +201,8 @@ class ServiceLink(object):
             # buffer and a budget of bytes, after which it is dropped.
             session = muxado.server(transport, name="service %s" % _address(self.address),
                                     max_streams=16, accept_backlog=8,
-                                    max_frame_size=min(MAX_FRAME, relay.window_size))
-            session.set_read_budget(PENDING_READ_BUDGET)
+                                    max_frame_size=min(MAX_FRAME, relay.window_size),
+                                    read_budget=PENDING_READ_BUDGET)
             with self._lock:
                 self._session = session
             session.add_done_callback(self._session_ended)
