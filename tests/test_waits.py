@@ -227,6 +227,35 @@ def test_the_echo_server_waits_in_line_longer_than_its_timeout(env, procs):
     assert "Traceback" not in echo.stderr_text()
 
 
+def test_a_service_in_line_gets_no_port_while_the_relay_drains(env):
+    relay = env.relay(ports=2, max_services=2, waiting_interval=NOTICE)
+    staying, leaving = env.service(relay), env.service(relay)
+    port = staying.register_ok()
+    leaving.register_ok()
+    staying.serve()
+    client = env.client(port)   # keeps the drain waiting
+    assert echo_roundtrip(client, b"open", half_close=False) == b"open"
+    waiter = env.service(relay)
+    registration = waiter.register({"notices": True})
+    assert registration.reply()["status"] == "waiting"
+    draining = Worker(relay.drain, TIMEOUT, name="drain")
+    wait_until(lambda: waiter.session.remote_goaway is not None or waiter.session.closed,
+               what="the relay's GOAWAY")
+    leaving.close()   # a port frees up while the relay drains
+    replies = []
+    while True:
+        try:
+            reply = registration.reply(timeout=TIMEOUT)
+        except (OSError, muxado.MuxadoError):
+            break
+        if reply is None:
+            break
+        replies.append(reply["status"])
+    assert "ok" not in replies, "a port was handed out while the relay drained: %s" % replies
+    client.close()
+    assert draining.finish() is True
+
+
 # -- shutdown() and server_close() cut every stage short -----------------------------------
 
 STOPS = ["shutdown", "server_close"]
