@@ -99,6 +99,15 @@ def assert_prompt(fn, what):
     return took
 
 
+def connects_waiting_for(port):
+    """How many TCP sockets are in SYN_SENT towards 127.0.0.1:``port`` (from /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    target = "0100007F:%04X" % port
+    return sum(1 for fields in rows if len(fields) > 3 and fields[2] == target
+               and fields[3] == "02")
+
+
 def exit_within(process, seconds):
     """The exit code if ``process`` ends within ``seconds``, else None."""
     try:
@@ -309,7 +318,8 @@ def test_stop_while_the_tcp_connect_gets_no_answer(env, how):
                          timeout=TIMEOUT)
     env.defer(server.server_close)
     activating = Worker(server.server_activate, name="server_activate")
-    still_running_after(activating, 0.2)   # give it time to reach connect()
+    wait_until(lambda: connects_waiting_for(full.getsockname()[1]) or not activating.is_alive(),
+               what="the server's SYN to go unanswered")
     _stop_promptly(server, how)
     _assert_activation_ends(activating)
 
