@@ -8,7 +8,7 @@ import sys
 import threading
 
 from . import auth, tls
-from .service import RegistrationRefused, RelayGone, RelayServer
+from .service import DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ def service_parser(prog, description):
     parser.add_argument("--no-reconnect", action="store_true",
                         help="exit when the relay goes away, instead of reconnecting "
                              "(with backoff, keeping the port while the lease holds)")
+    parser.add_argument("--timeout", type=positive(float), default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS",
+                        help="give up on a relay that does not answer within this time "
+                             "(connecting, each step of registering; in line, a relay "
+                             "that stops saying we are waiting) (default: %g)"
+                             % DEFAULT_TIMEOUT)
     parser.add_argument("--secret-file", metavar="PATH",
                         help="the relay's shared secret, to answer its challenge "
                              "(or set $TCPRELAY_SECRET)")
@@ -115,13 +121,20 @@ def service_main(prog, parser, argv, make_server):
 
 
 def run_service(prog, args, make_server, **server_options):
-    """Register, serve until a signal or (without reconnecting) the relay goes; exit code."""
+    """Register, serve until a signal or (without reconnecting) the relay goes; exit code.
+
+    SIGINT and SIGTERM stop it at any stage (connecting, waiting in line,
+    backing off, serving) within about a second, with exit code 0.
+    """
     relay = "%s:%d" % (args.relay_host, args.relay_port)
     server = make_server(port=args.port, name=args.name, retry=args.retry,
-                         bind_and_activate=False, **server_options)
+                         timeout=args.timeout, bind_and_activate=False, **server_options)
+    signalled = []
 
     def stop(signum, frame):
         log.info("%s received; stopping", signal.Signals(signum).name)
+        signalled.append(signum)
+        # Not here: shutdown() waits for the main thread, which this handler holds.
         threading.Thread(target=server.shutdown, name="shutdown").start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -134,7 +147,7 @@ def run_service(prog, args, make_server, **server_options):
         sys.stderr.write("%s: the relay at %s refused us: %s\n" % (prog, relay, exc.reason))
         status = 1
     except RelayGone as exc:
-        if server.connection is not None and not server.shutdown_requested:
+        if server.connection is not None and not signalled and not server.shutdown_requested:
             sys.stderr.write("%s: lost the relay at %s: %s\n" % (prog, relay, exc))
             status = 1
     except (OSError, ValueError) as exc:
@@ -145,4 +158,6 @@ def run_service(prog, args, make_server, **server_options):
         if server.connection is not None:
             server.connection.close()   # ends clients still connected
         server.server_close()
+    if signalled:
+        log.info("stopped")
     return status

@@ -39,6 +39,9 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_WINDOW = 1 << 20         # per stream; 256 KiB stalls a fast stream on window updates
 MAX_FRAME = DEFAULT_WINDOW // 2   # bulk data in fewer, bigger writes; half a window stays free
 DEFAULT_LEASE_TIME = 30.0
+# A service in line hears from us at least this often (a ``waiting`` line),
+# so that it can tell a queue from a dead relay (docs/PROTOCOL.md, 2.3).
+DEFAULT_WAITING_INTERVAL = 3.0
 DEFAULT_MAX_WAITING = 100          # services waiting in line for a port
 DEFAULT_MAX_CLIENTS = 1000         # clients at once per service
 DEFAULT_REGISTRATION_RATE = 60     # new service connections per minute per address
@@ -163,6 +166,10 @@ class ServiceLink(object):
         """Refuse new clients and tell the service we are leaving; clients carry on."""
         with self._lock:
             self._draining = True
+            ticket = self._ticket
+        if ticket is not None:
+            # Still in line: no port for it while we leave (a no-op once granted).
+            ticket.cancel()
         self._stop_listening()
         session = self._session
         if session is not None:
@@ -365,7 +372,10 @@ class ServiceLink(object):
         if ended:
             ticket.cancel()
         end = None if request.max_wait is None else time.monotonic() + request.max_wait
+        # The waiting line is repeated every interval even when nobody moved.
+        interval = relay.waiting_interval if request.notices else None
         reported = None
+        next_notice = None
         try:
             granted = ticket.wait(0)   # a free port: no line to report
             if granted is None and relay.max_waiting is not None \
@@ -378,22 +388,30 @@ class ServiceLink(object):
                 return None
             while granted is None:
                 position = ticket.position
-                if position and position != reported:
+                now = time.monotonic()
+                due = next_notice is not None and now >= next_notice
+                if position and (position != reported or due):
                     if reported is None:
                         log.info("%s: every port is taken; waiting in line at position %d",
                                  self.label, position)
                     if request.notices:
-                        stream.sendall(registration.encode_reply("waiting", position=position))
+                        stream.sendall(self._waiting_line(position, interval))
                     reported = position
-                remaining = None if end is None else max(0.0, end - time.monotonic())
+                    next_notice = None if interval is None else now + interval
+                remaining = None if end is None else max(0.0, end - now)
                 if remaining == 0.0:
                     log.info("%s: no port became free within %gs", self.label, request.max_wait)
                     self._refuse(stream, "no port became free within %gs" % request.max_wait)
                     ticket.cancel()
                     return None
-                granted = ticket.wait(remaining, position=reported)
+                wait = remaining
+                if next_notice is not None:
+                    until_notice = max(0.0, next_notice - now)
+                    wait = until_notice if wait is None else min(wait, until_notice)
+                granted = ticket.wait(wait, position=reported)
         except Cancelled:
-            log.info("%s: left the line", self.label)
+            log.info("%s: left the line%s", self.label,
+                     " (the relay is leaving)" if self._draining else "")
             return None
         except (muxado.MuxadoError, OSError):
             ticket.cancel()
@@ -406,6 +424,13 @@ class ServiceLink(object):
         if ended:
             self._stop_listening()   # the session ended as the port came: don't serve it
         return granted
+
+    @staticmethod
+    def _waiting_line(position, interval):
+        if interval is None:
+            return registration.encode_reply("waiting", position=position)
+        # ``interval`` promises the next line within that time, nobody moving or not.
+        return registration.encode_reply("waiting", position=position, interval=interval)
 
     def _announce(self, request, stream, port):
         """Tell the service its public address, in the form it registered with."""
@@ -559,7 +584,9 @@ class Relay(object):
     ``server_address``: where services connect. ``ports``: the public port
     pool (default: the 50 ports after the service port). ``public_bind``:
     the address public ports listen on. ``public_host``: the host name in
-    the address handed to services.
+    the address handed to services. ``waiting_interval``: seconds between
+    the ``waiting`` lines a service in line gets even when nobody moved
+    (None: only when its place changes, as relays before it did).
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host="localhost",
@@ -569,7 +596,8 @@ class Relay(object):
                  secret=None, allow_from=(), tls_context=None, max_waiting=DEFAULT_MAX_WAITING,
                  max_clients=DEFAULT_MAX_CLIENTS, idle_timeout=None,
                  registration_rate=DEFAULT_REGISTRATION_RATE, max_pending=DEFAULT_MAX_PENDING,
-                 max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST, bind_and_activate=True):
+                 max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST,
+                 waiting_interval=DEFAULT_WAITING_INTERVAL, bind_and_activate=True):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -588,6 +616,7 @@ class Relay(object):
         self.max_waiting = max_waiting
         self.max_clients = max_clients
         self.idle_timeout = idle_timeout
+        self.waiting_interval = waiting_interval
         self.auth_failures = limits.FailureBans(limit=5, window=60.0, ban=60.0)
         self.registration_rate = limits.RateLimit(per_minute=registration_rate,
                                                   burst=max(1, registration_rate // 3))

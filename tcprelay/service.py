@@ -51,6 +51,58 @@ class RelayGone(ConnectionError):
     """The connection to the relay ended."""
 
 
+class ConnectCancelled(RelayGone):
+    """``connect()`` was cut short by ``Attempt.cancel()``."""
+
+
+class Attempt(object):
+    """A ``connect()`` in progress that another thread may cut short.
+
+    ``cancel()`` ends it at whatever stage it is: the TCP connect, TLS,
+    registration, the wait in line. ``connect()`` then raises
+    ``ConnectCancelled``. A cancel after ``connect()`` returned closes the
+    connection it made.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._target = None      # the socket or session that cancel() ends
+        self.cancelled = False
+
+    def cancel(self):
+        """Cut the attempt short (safe from any thread, any number of times)."""
+        with self._lock:
+            self.cancelled = True
+            target = self._target
+        _cut(target)
+
+    def hold(self, target):
+        """From now on ``cancel()`` ends ``target`` (a socket or a muxado session).
+
+        Raises ``ConnectCancelled`` (having ended ``target``) if it was cancelled already.
+        """
+        with self._lock:
+            if not self.cancelled:
+                self._target = target
+                return
+        _cut(target)
+        raise ConnectCancelled("connecting to the relay was cancelled")
+
+
+def _cut(target):
+    """End what a blocked connect(), TLS handshake or recv waits on, from another thread."""
+    if target is None:
+        return
+    if isinstance(target, muxado.Session):
+        target.close()
+        return
+    try:
+        # Linux aborts even a connect() still waiting for its SYN-ACK.
+        target.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class ServiceConnection(object):
     """A registered service: one muxado session to the relay and a public address."""
 
@@ -99,10 +151,24 @@ class _ReplyReader(object):
         self._splitter = registration.LineReader(registration.MAX_REPLY)
         self._lines = collections.deque()
 
-    def next(self, timeout):
-        self._stream.settimeout(timeout)
+    def next(self, silence, deadline, silent):
+        """The next reply. The relay may be quiet ``silence`` seconds at a time
+        (None: as long as the session lasts), up to ``deadline`` (monotonic, or
+        None). Raises ``socket.timeout`` saying ``silent % silence`` or why."""
         while not self._lines:
-            data = self._stream.recv(registration.MAX_REPLY)
+            wait = silence
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("gave no port within max_wait and the timeout")
+                wait = left if wait is None else min(wait, left)
+            self._stream.settimeout(wait)
+            try:
+                data = self._stream.recv(registration.MAX_REPLY)
+            except socket.timeout:
+                if silence is None or wait < silence:
+                    raise socket.timeout("gave no port within max_wait and the timeout")
+                raise socket.timeout(silent % silence)
             if not data:
                 raise registration.RegistrationError(
                     "the relay closed the registration stream without answering")
@@ -116,9 +182,17 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
 
     Returns ``(reply, stream)``: the relay's ok reply, and the registration
     stream if it now carries the heartbeat (else None: it is closed).
-    ``on_waiting(position)`` is called while we wait in line for a port.
-    With ``secret`` (bytes) we answer the relay's challenge. Raises
-    ``RegistrationRefused`` if the relay says no.
+    ``on_waiting(position)`` is called when we join the line for a port and
+    each time our place in it changes. With ``secret`` (bytes) we answer the
+    relay's challenge. Raises ``RegistrationRefused`` if the relay says no,
+    ``socket.timeout`` if it goes silent (see below).
+
+    Each answer must come within ``timeout`` seconds. Once in line we wait
+    as long as ``max_wait`` allows (None: for ever), and silence means a
+    dead relay only if the relay promised to repeat its ``waiting`` line
+    (its ``interval``): then after ``max(timeout, 2 * interval)`` seconds.
+    A relay that made no such promise (older tcprelay) keeps us in line
+    until the session ends (TCP keepalive notices a vanished machine).
     """
     stream = session.open()
     keep = False
@@ -130,16 +204,23 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
         stream.settimeout(timeout)
         stream.sendall(request.encode())
         replies = _ReplyReader(stream)
+        # The relay answers max_wait's end with an error: we need wait no longer.
+        deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
+        silence, silent = timeout, "did not answer within %gs"
+        reported = None
         while True:
-            # Waiting in line can take long: the relay reports each move in
-            # line, and only a relay silent for ``timeout`` is a failure.
-            reply = replies.next(timeout if max_wait is None else max_wait + timeout)
+            reply = replies.next(silence, deadline, silent)
             status = reply["status"]
             if status == "waiting":
                 position = reply.get("position")
-                log.info("every public port is taken; waiting in line (position %s)", position)
-                if on_waiting is not None:
-                    on_waiting(position)
+                silence = _silence_in_line(reply.get("interval"), timeout)
+                silent = "went silent for %gs while we waited in line"
+                if position != reported:
+                    log.info("every public port is taken; waiting in line (position %s)",
+                             position)
+                    reported = position
+                    if on_waiting is not None:
+                        on_waiting(position)
             elif status == "ok":
                 if not isinstance(reply.get("address"), str):
                     raise registration.RegistrationError("the relay's ok has no address")
@@ -155,6 +236,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                     raise registration.RegistrationError("the relay's challenge is malformed")
                 stream.sendall((json.dumps({"hmac": auth.answer(secret, nonce)}) + "\n")
                                .encode("ascii"))
+                silence, silent = timeout, "did not answer within %gs"
             elif status == "error":
                 raise RegistrationRefused(str(reply.get("error", "refused")))
             else:
@@ -164,9 +246,39 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
             stream.close()
 
 
+def _silence_in_line(interval, timeout):
+    """How long a relay that has put us in line may be silent (None: no limit)."""
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+        return None   # no promise to repeat itself: silence is no sign of death
+    return max(timeout, 2.0 * interval)
+
+
+def _dial(relay_address, timeout, attempt):
+    """socket.create_connection, with each socket held by ``attempt`` while it connects."""
+    host, port = relay_address[:2]
+    error = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0,
+                                                                socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            attempt.hold(sock)
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except BaseException as exc:
+            sock.close()
+            if attempt.cancelled:
+                raise ConnectCancelled("connecting to the relay was cancelled")
+            if not isinstance(exc, OSError):
+                raise
+            error = exc
+    raise error if error is not None else OSError("no address for %s" % host)
+
+
 def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wait=None,
             on_waiting=None, lease=None, heartbeat=True, proxy_protocol=None,
-            keepalive=DEFAULT_KEEPALIVE, secret=None, tls=None, **session_options):
+            keepalive=DEFAULT_KEEPALIVE, secret=None, tls=None, attempt=None,
+            **session_options):
     """Dial the relay, register, and return a ``ServiceConnection``.
 
     ``port`` asks for a particular public port, ``name`` labels us in the
@@ -176,16 +288,22 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     ("v1" or "v2") asks for each stream to start with the client's address.
     ``secret`` (bytes) answers the relay's challenge; ``tls`` (an
     ``ssl.SSLContext``, see ``tcprelay.tls.client_context``) puts TLS on the
-    connection. ``timeout`` bounds connecting and each answer from the relay.
+    connection. ``timeout`` bounds connecting and each answer from the relay
+    (the wait in line: see ``register``). ``attempt`` (an ``Attempt``) lets
+    another thread cut it all short: then ``ConnectCancelled`` is raised.
     """
     where = "%s:%d" % tuple(relay_address[:2])
-    sock = socket.create_connection(relay_address, timeout=timeout)
+    if attempt is None:
+        attempt = Attempt()
+    sock = _dial(relay_address, timeout, attempt)
     enable_tcp_keepalive(sock, keepalive)
     if tls is not None:
         try:
             sock = tls.wrap_socket(sock, server_hostname=relay_address[0])
         except BaseException:
             sock.close()
+            if attempt.cancelled:
+                raise ConnectCancelled("connecting to the relay was cancelled")
             raise
         sock = TLSTransport(sock)
     session_options.setdefault("window_size", DEFAULT_WINDOW)
@@ -194,15 +312,17 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
     session = muxado.client(sock, name="relay %s" % where, **session_options)
     try:
+        attempt.hold(session)
         reply, stream = register(session, port=port, name=name, max_wait=max_wait,
                                  timeout=timeout, on_waiting=on_waiting, lease=lease,
                                  heartbeat=heartbeat, proxy_protocol=proxy_protocol,
                                  secret=secret)
-    except socket.timeout:
+    except BaseException as exc:
         session.close()
-        raise socket.timeout("the relay at %s did not answer within %gs" % (where, timeout))
-    except BaseException:
-        session.close()
+        if attempt.cancelled:
+            raise ConnectCancelled("connecting to the relay was cancelled")
+        if isinstance(exc, socket.timeout):
+            raise socket.timeout("the relay at %s %s" % (where, exc))
         raise
     sender = None
     if stream is not None:
@@ -239,6 +359,11 @@ class RelayServer(object):
     ``retry=True`` retries the first connection too; without it a relay
     that cannot be reached is an error at once. A relay that refuses us
     (``RegistrationRefused``) is final either way.
+
+    ``shutdown()`` and ``server_close()`` cut every stage short within
+    about a second: connecting, registering, waiting in line, the backoff
+    between attempts. A registration they cut short raises ``RelayGone``
+    from ``server_activate`` (``serve_forever`` just returns).
     """
 
     daemon_threads = False
@@ -272,6 +397,8 @@ class RelayServer(object):
         self._pooled_active = 0
         self._workers = None
         self._shutdown_requested = threading.Event()
+        self._attempt = None                 # the registration under way, to cancel
+        self._attempt_lock = threading.Lock()
         self._serving = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -289,15 +416,22 @@ class RelayServer(object):
     def _register(self, retry):
         backoff = Backoff()
         while True:
+            attempt = Attempt()
+            with self._attempt_lock:
+                if self._shutdown_requested.is_set():
+                    raise RelayGone("shut down while registering with the relay")
+                self._attempt = attempt
             try:
                 connection = connect(self.relay_address, port=self.requested_port,
                                      name=self.name, timeout=self.connect_timeout,
                                      lease=self._lease, heartbeat=self.heartbeat,
-                                     proxy_protocol=self.proxy_protocol, **self.connect_options)
-                break
+                                     proxy_protocol=self.proxy_protocol, attempt=attempt,
+                                     **self.connect_options)
             except RegistrationRefused:
                 raise
             except (OSError, registration.RegistrationError, muxado.MuxadoError) as exc:
+                if self._shutdown_requested.is_set():
+                    raise RelayGone("shut down while registering with the relay")
                 if not retry:
                     raise
                 delay = backoff.next()
@@ -305,8 +439,21 @@ class RelayServer(object):
                             self.relay_label, getattr(exc, "strerror", None) or exc, delay)
                 if self._shutdown_requested.wait(delay):
                     raise RelayGone("shut down while reconnecting to the relay")
-        previous = self.public_address
-        self.connection = connection
+                continue
+            finally:
+                with self._attempt_lock:
+                    self._attempt = None
+            # A shutdown that came as the registration finished still wins:
+            # server_close() must leave no connection behind.
+            with self._attempt_lock:
+                stopped = self._shutdown_requested.is_set()
+                if not stopped:
+                    previous = self.public_address
+                    self.connection = connection
+            if stopped:
+                connection.close()
+                raise RelayGone("shut down while registering with the relay")
+            break
         self._lease = connection.lease
         self.public_address = connection.address
         host, _, port = self.public_address.rpartition(":")
@@ -380,15 +527,25 @@ class RelayServer(object):
         """Stop ``serve_forever`` and wait for it; clients being served carry on.
 
         As with socketserver, the server stays registered: ``serve_forever``
-        may run again, and ``server_close`` leaves the relay.
+        may run again, and ``server_close`` leaves the relay. A registration
+        under way (the first, or a reconnect) is cut short.
         """
-        self._shutdown_requested.set()
+        self._stop_registering()
         self._stopped.wait()
+
+    def _stop_registering(self):
+        self._shutdown_requested.set()
+        with self._attempt_lock:
+            attempt = self._attempt
+        if attempt is not None:
+            attempt.cancel()
 
     def server_close(self):
         """Wait for clients being served (``block_on_close``), then leave the relay."""
-        self._shutdown_requested.set()
-        if self.connection is not None:
+        self._stop_registering()
+        with self._attempt_lock:
+            connection = self.connection
+        if connection is not None:
             if self.block_on_close:
                 with self._threads_lock:
                     threads = list(self._threads)
@@ -396,7 +553,7 @@ class RelayServer(object):
                         self._threads_lock.wait()
                 for thread in threads:
                     thread.join()
-            self.connection.close()
+            connection.close()
         if self._workers is not None:
             self._workers.close()
 

@@ -43,6 +43,9 @@ class Env(object):
             ports = free_port_range(ports)
         options.setdefault("public_bind", LOOPBACK)
         options.setdefault("handshake_timeout", 5.0)
+        # These tests follow moves in line; the repeated waiting lines of a
+        # relay's waiting_interval are tested in test_waits.
+        options.setdefault("waiting_interval", None)
         relay = Relay((LOOPBACK, 0), ports=ports, **options)
         thread = threading.Thread(target=relay.serve_forever, name="relay serve_forever")
         thread.start()
