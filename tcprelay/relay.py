@@ -189,7 +189,8 @@ class ServiceLink(object):
             # limits bound what a hostile one can make us hold.
             session = muxado.server(transport, name="service %s" % _address(self.address),
                                     window_size=relay.window_size, max_streams=16,
-                                    accept_backlog=8, max_frame_size=min(MAX_FRAME, relay.window_size))
+                                    accept_backlog=8, max_frame_size=min(MAX_FRAME, relay.window_size),
+                                    write_timeout=relay.write_timeout)
             with self._lock:
                 self._session = session
             session.add_done_callback(self._session_ended)
@@ -529,7 +530,8 @@ class Relay(object):
     ``server_address``: where services connect. ``ports``: the public port
     pool (default: the 50 ports after the service port). ``public_bind``:
     the address public ports listen on. ``public_host``: the host name in
-    the address handed to services.
+    the address handed to services. ``write_timeout``: seconds a write to a
+    service may make no progress before its session ends (muxado's).
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host="localhost",
@@ -538,7 +540,8 @@ class Relay(object):
                  lease_time=DEFAULT_LEASE_TIME, keepalive=DEFAULT_KEEPALIVE,
                  secret=None, allow_from=(), tls_context=None, max_waiting=DEFAULT_MAX_WAITING,
                  max_clients=DEFAULT_MAX_CLIENTS, idle_timeout=None,
-                 registration_rate=DEFAULT_REGISTRATION_RATE, bind_and_activate=True):
+                 registration_rate=DEFAULT_REGISTRATION_RATE,
+                 write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -551,6 +554,7 @@ class Relay(object):
         self.window_size = window_size
         self.lease_time = lease_time
         self.keepalive = keepalive
+        self.write_timeout = write_timeout
         self.secret = secret
         self.allow_from = limits.Networks(allow_from)
         self.tls_context = tls_context

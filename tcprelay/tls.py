@@ -97,12 +97,17 @@ class TLSTransport(object):
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        end = None if self._write_timeout is None else time.monotonic() + self._write_timeout
+        # The timeout bounds a wait without progress, not the whole call: a
+        # big frame on a slow link takes long and is fine while bytes move.
+        timeout = self._write_timeout
+        end = None if timeout is None else time.monotonic() + timeout
         while view:
             with self._lock:
                 try:
                     sent = self._ssl.send(view)
                     view = view[sent:]
+                    if end is not None:
+                        end = time.monotonic() + timeout
                     continue
                 except ssl.SSLWantWriteError:
                     events = select.POLLOUT
