@@ -23,7 +23,7 @@ import pytest
 from conftest import TIMEOUT, Worker
 from relay_helpers import LOOPBACK, recv_exact, recv_to_eof
 from test_service import env, logs  # noqa: F401 (fixtures)
-from tcprelay import muxado
+from tcprelay import muxado, service
 
 
 # -- a throttling TCP proxy ------------------------------------------------------------------
@@ -333,3 +333,170 @@ def test_a_peer_that_stops_reading_still_ends_the_session_within_write_timeout(s
     elapsed = time.monotonic() - started
     assert pair.client.error.code == muxado.ErrorCode.WRITE_TIMEOUT, pair.client.error
     assert elapsed < 0.5 + 2.0, elapsed
+
+
+# -- the heartbeat is a promise to be heard from --------------------------------------------------
+
+KEEPALIVE = 1.0   # the relay's heartbeat: a ping every 1/3 s, a timeout of 1 s
+SLACK = 1.5       # how late a timeout may act on a loaded machine
+
+
+def registered_with_heartbeat(env, relay):
+    """A raw service stand-in registered with the heartbeat: (service, registration)."""
+    service_ = env.service(relay)
+    registration = service_.register({"heartbeat": True})
+    reply = registration.reply()
+    assert reply["status"] == "ok" and reply["heartbeat"]["timeout"] == KEEPALIVE, reply
+    return service_, registration
+
+
+def chatter(client, until):
+    """Echo a line through the relay every 0.2 s until the event ``until`` is set."""
+    n = 0
+    while not until.wait(0.2):   # pacing the traffic, not synchronisation
+        line = b"line %d\n" % n
+        client.sendall(line)
+        assert recv_exact(client, len(line)) == line
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("how", ["half-close", "reset"])
+def test_relay_ends_a_silent_service_whose_heartbeat_stream_ended(env, logs, how):
+    # A FIN on the heartbeat stream (the Go v2 service sends one when not
+    # told to ping) or an RST only means no more pings: the service promised
+    # to be heard from every timeout, and silence still ends its session.
+    relay = env.relay(ports=1, keepalive=KEEPALIVE, lease_time=0)
+    service_, registration = registered_with_heartbeat(env, relay)
+    registration.stream.sendall(b'{"ping": 1}\n')
+    assert registration.reply() == {"pong": 1}
+    if how == "half-close":
+        registration.stream.close_write()
+    else:
+        registration.stream.reset()
+    quiet_since = time.monotonic()
+    assert service_.session.wait(KEEPALIVE + SLACK), \
+        "the relay kept a silent service %gs after its heartbeat stream ended" % (
+            KEEPALIVE + SLACK)
+    elapsed = time.monotonic() - quiet_since
+    assert elapsed >= 0.8 * KEEPALIVE, elapsed
+    assert logs.messages("no heartbeat for 1s", level=logging.WARNING)
+
+
+@pytest.mark.parametrize("how", ["half-close", "reset"])
+def test_relay_keeps_a_service_without_pings_while_its_bytes_come(env, logs, how):
+    relay = env.relay(ports=1, keepalive=KEEPALIVE, lease_time=0)
+    port = relay.pool.ports[0]
+    service_, registration = registered_with_heartbeat(env, relay)
+    service_.serve()   # echo
+    if how == "half-close":
+        registration.stream.close_write()
+    else:
+        registration.stream.reset()
+    client = env.client(port)
+    stop = threading.Event()
+    talker = Worker(chatter, client, stop, name="test client")
+    # Three timeouts without a ping, with the service's echo as its only sign of life.
+    assert not service_.session.wait(3 * KEEPALIVE), "the relay dropped a service that talks"
+    stop.set()
+    assert talker.finish() >= 5
+    assert not logs.messages("no heartbeat", level=logging.WARNING)
+    # Silence from here on ends it, clients or no clients.
+    assert service_.session.wait(KEEPALIVE + SLACK)
+    assert logs.messages("no heartbeat for 1s", level=logging.WARNING)
+
+
+# -- the service's side: the relay's heartbeat stream ending ----------------------------------------
+
+class FakeRelay(object):
+    """The relay's end of one service connection, driven by the test: it
+    answers the registration with a heartbeat, then does what it is told."""
+
+    def __init__(self, env, interval, timeout):
+        listener = env.listener()
+        connecting = Worker(service.connect, listener.getsockname(), None, None, TIMEOUT,
+                            name="test connect")
+        sock, _ = listener.accept()
+        self.session = muxado.server(sock)
+        env.defer(self.close)
+        self.stream = self.session.accept(TIMEOUT)
+        self.stream.settimeout(TIMEOUT)
+        request = b""
+        while not request.endswith(b"\n"):
+            data = self.stream.recv(4096)
+            assert data, "the service closed its registration stream"
+            request += data
+        assert json.loads(request.decode("utf-8"))["heartbeat"] is True
+        self.stream.sendall(json.dumps({
+            "status": "ok", "address": "localhost:1", "port": 1, "version": 1,
+            "heartbeat": {"interval": interval, "timeout": timeout}}).encode("ascii") + b"\n")
+        self.connection = connecting.finish()
+        env.defer(self.connection.close)
+        self._pings = b""
+
+    def ping(self, timeout=TIMEOUT):
+        """The next ping's number."""
+        self.stream.settimeout(timeout)
+        while b"\n" not in self._pings:
+            data = self.stream.recv(4096)
+            assert data, "the service closed its heartbeat stream"
+            self._pings += data
+        line, _, self._pings = self._pings.partition(b"\n")
+        return json.loads(line.decode("utf-8"))["ping"]
+
+    def close(self):
+        self.session.close()
+        assert self.session.wait(TIMEOUT)
+
+
+INTERVAL, BEAT_TIMEOUT = 0.3, 1.0
+
+
+@pytest.mark.parametrize("how", ["half-close", "reset"])
+def test_service_ends_a_silent_relays_session_after_the_heartbeat_stream_ended(env, logs, how):
+    relay = FakeRelay(env, INTERVAL, BEAT_TIMEOUT)
+    assert relay.ping() == 1
+    relay.stream.sendall(b'{"pong": 1}\n')
+    if how == "half-close":
+        relay.stream.close_write()
+        # No more pongs can come, but the relay can still hear pings.
+        assert relay.ping() == 2
+    else:
+        relay.stream.reset()
+    quiet_since = time.monotonic()
+    session = relay.connection.session
+    assert session.wait(BEAT_TIMEOUT + SLACK), \
+        "the service kept a silent relay %gs after the relay ended the heartbeat stream" % (
+            BEAT_TIMEOUT + SLACK)
+    assert time.monotonic() - quiet_since >= 0.5 * BEAT_TIMEOUT
+    assert logs.messages("no answer to a heartbeat for 1s", level=logging.WARNING)
+
+
+@pytest.mark.parametrize("how", ["half-close", "reset"])
+def test_service_keeps_a_relay_without_pongs_while_its_bytes_come(env, logs, how):
+    relay = FakeRelay(env, INTERVAL, BEAT_TIMEOUT)
+    if how == "half-close":
+        relay.stream.close_write()
+    else:
+        relay.stream.reset()
+    client = relay.session.open()
+    stop = threading.Event()
+
+    def talk():
+        n = 0
+        while not stop.wait(0.2):   # pacing the traffic, not synchronisation
+            client.sendall(b"x")
+            n += 1
+        return n
+
+    talker = Worker(talk, name="test relay client")
+    stream = relay.connection.accept(TIMEOUT)
+    stream.settimeout(TIMEOUT)
+    assert not relay.connection.session.wait(3 * BEAT_TIMEOUT), \
+        "the service dropped a relay that sends data"
+    stop.set()
+    count = talker.finish()
+    assert recv_exact(stream, count) == b"x" * count
+    assert not logs.messages("no answer to a heartbeat", level=logging.WARNING)
+    assert relay.connection.session.wait(BEAT_TIMEOUT + SLACK)
+    assert logs.messages("no answer to a heartbeat for 1s", level=logging.WARNING)
