@@ -13,7 +13,6 @@ import select
 import socket
 import ssl
 import threading
-import time
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +96,22 @@ class TLSTransport(object):
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        # The timeout bounds a wait without progress, not the whole call: a
+        # The timeout bounds one wait for the socket, not the whole call: a
         # big frame on a slow link takes long and is fine while bytes move.
+        # (OpenSSL keeps a record it could write only in part and says
+        # "want write" again, so the socket's readiness is the progress.)
         timeout = self._write_timeout
-        end = None if timeout is None else time.monotonic() + timeout
         while view:
             with self._lock:
                 try:
                     sent = self._ssl.send(view)
                     view = view[sent:]
-                    if end is not None:
-                        end = time.monotonic() + timeout
                     continue
                 except ssl.SSLWantWriteError:
                     events = select.POLLOUT
                 except ssl.SSLWantReadError:
                     events = select.POLLIN
-            if not self._wait(events, None if end is None else end - time.monotonic()):
+            if not self._wait(events, timeout):
                 raise socket.timeout("TLS write timed out")
 
     def pending(self):

@@ -14,16 +14,21 @@ Every test runs under ``no_leaks``; the throttling proxy is the test's own
 import hashlib
 import json
 import logging
+import os
 import socket
 import threading
 import time
 
 import pytest
 
-from conftest import TIMEOUT, Worker
+from conftest import DATA_DIR, TIMEOUT, Worker
 from relay_helpers import LOOPBACK, recv_exact, recv_to_eof
 from test_service import env, logs  # noqa: F401 (fixtures)
-from tcprelay import muxado, service
+from tcprelay import muxado, service, tls
+
+CERT = os.path.join(DATA_DIR, "test-server.pem")
+KEY = os.path.join(DATA_DIR, "test-server.key")
+CA = os.path.join(DATA_DIR, "test-ca.pem")
 
 
 # -- a throttling TCP proxy ------------------------------------------------------------------
@@ -241,7 +246,7 @@ class SlowSessionPair(object):
     would size it to megabytes), so writers soon wait on the link.
     """
 
-    def __init__(self, rate, sndbuf=32 * 1024, **options):
+    def __init__(self, rate, sndbuf=32 * 1024, tls_on=False, **options):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         dialer = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.proxy = None
@@ -262,6 +267,8 @@ class SlowSessionPair(object):
             raise
         finally:
             listener.close()
+        if tls_on:
+            dialer, acceptor = _tls_pair(dialer, acceptor)
         self.client = muxado.client(dialer, **options)
         self.server = muxado.server(acceptor, **options)
 
@@ -270,6 +277,20 @@ class SlowSessionPair(object):
         self.server.close()
         self.proxy.close()
         assert self.client.wait(TIMEOUT) and self.server.wait(TIMEOUT)
+
+
+def _tls_pair(dialer, acceptor):
+    """Both ends of a connected pair under TLS, as tls.TLSTransport."""
+    server_side = Worker(tls.server_context(CERT, KEY).wrap_socket, acceptor, True,
+                         name="test TLS handshake")
+    try:
+        client_side = tls.client_context(CA).wrap_socket(dialer, server_hostname="localhost")
+    except BaseException:
+        dialer.close()
+        acceptor.close()
+        server_side.join(TIMEOUT)
+        raise
+    return tls.TLSTransport(client_side), tls.TLSTransport(server_side.finish())
 
 
 @pytest.fixture
@@ -314,6 +335,28 @@ def test_writers_waiting_for_each_other_on_a_slow_link_are_not_a_stuck_peer(slow
     with pytest.raises(muxado.StreamResetError):
         accepted[3].recv(1)
     assert not pair.client.closed and not pair.server.closed
+
+
+def test_tls_write_timeout_bounds_a_write_without_progress_not_a_slow_one(slow_pair):
+    # A 256 KiB frame over a 128 KiB/s link takes two seconds, four times
+    # write_timeout, and makes progress all along.
+    pair = slow_pair(128 * 1024, tls_on=True, write_timeout=0.5)
+    size = 256 * 1024
+    stream = pair.client.open()
+    peer = pair.server.accept(TIMEOUT)
+    for end in (stream, peer):
+        end.settimeout(TIMEOUT)
+    reader = Worker(recv_exact, peer, size, name="test reader")
+    started = time.monotonic()
+    stream.sendall(b"t" * size)
+    assert reader.finish() == b"t" * size
+    assert time.monotonic() - started > 3 * 0.5   # three times write_timeout
+    assert not pair.client.closed
+    # A link that stops: the write makes no progress and ends the session.
+    pair.proxy.pause()
+    with pytest.raises(muxado.SessionClosedError):
+        stream.sendall(b"u" * (4 * size))
+    assert pair.client.error.code == muxado.ErrorCode.WRITE_TIMEOUT, pair.client.error
 
 
 def test_a_peer_that_stops_reading_still_ends_the_session_within_write_timeout(slow_pair):
@@ -396,8 +439,8 @@ def test_relay_keeps_a_service_without_pings_while_its_bytes_come(env, logs, how
     client = env.client(port)
     stop = threading.Event()
     talker = Worker(chatter, client, stop, name="test client")
-    # Three timeouts without a ping, with the service's echo as its only sign of life.
-    assert not service_.session.wait(3 * KEEPALIVE), "the relay dropped a service that talks"
+    # Timeouts on end without a ping, with the service's echo as its only sign of life.
+    assert not service_.session.wait(2.5 * KEEPALIVE), "the relay dropped a service that talks"
     stop.set()
     assert talker.finish() >= 5
     assert not logs.messages("no heartbeat", level=logging.WARNING)
@@ -492,7 +535,7 @@ def test_service_keeps_a_relay_without_pongs_while_its_bytes_come(env, logs, how
     talker = Worker(talk, name="test relay client")
     stream = relay.connection.accept(TIMEOUT)
     stream.settimeout(TIMEOUT)
-    assert not relay.connection.session.wait(3 * BEAT_TIMEOUT), \
+    assert not relay.connection.session.wait(2.5 * BEAT_TIMEOUT), \
         "the service dropped a relay that sends data"
     stop.set()
     count = talker.finish()
