@@ -130,12 +130,19 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
         stream.settimeout(timeout)
         stream.sendall(request.encode())
         replies = _ReplyReader(stream)
+        in_line = False
         while True:
-            # Waiting in line can take long: the relay reports each move in
-            # line, and only a relay silent for ``timeout`` is a failure.
-            reply = replies.next(timeout if max_wait is None else max_wait + timeout)
+            # Once in line, the relay says nothing until we move in it, which
+            # may take long: that quiet is no sign of a dead relay. Only
+            # max_wait bounds it (and TCP keepalive notices a vanished relay).
+            if max_wait is not None:
+                wait = max_wait + timeout
+            else:
+                wait = None if in_line else timeout
+            reply = replies.next(wait)
             status = reply["status"]
             if status == "waiting":
+                in_line = True
                 position = reply.get("position")
                 log.info("every public port is taken; waiting in line (position %s)", position)
                 if on_waiting is not None:

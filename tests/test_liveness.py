@@ -543,3 +543,24 @@ def test_service_keeps_a_relay_without_pongs_while_its_bytes_come(env, logs, how
     assert not logs.messages("no answer to a heartbeat", level=logging.WARNING)
     assert relay.connection.session.wait(BEAT_TIMEOUT + SLACK)
     assert logs.messages("no answer to a heartbeat for 1s", level=logging.WARNING)
+
+
+# -- waiting in line is not silence ----------------------------------------------------------------
+
+def test_a_service_waiting_in_line_longer_than_its_timeout_is_not_told_the_relay_is_gone(env):
+    # The relay reports a move in line, and nothing while the line stands
+    # still: that quiet is the relay working as agreed, not a dead relay.
+    relay = env.relay(ports=1)
+    holder = env.connect(relay.server_address, heartbeat=False)
+    positions = []
+    waiting = Worker(service.connect, relay.server_address, None, "second", 1.0, None,
+                     positions.append, name="test waiting service")
+    try:
+        waiting.join(2.5)   # 2.5 timeouts in line, at position 1 all along
+        assert waiting.is_alive(), "gave up waiting: %r" % (waiting.error,)
+        assert positions == [1]
+    finally:
+        holder.close()   # the port frees: the waiting service gets it
+    second = waiting.finish()
+    env.defer(second.close)
+    assert second.port == holder.port
