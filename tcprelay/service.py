@@ -183,7 +183,8 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     ("v1" or "v2") asks for each stream to start with the client's address.
     ``secret`` (bytes) answers the relay's challenge; ``tls`` (an
     ``ssl.SSLContext``, see ``tcprelay.tls.client_context``) puts TLS on the
-    connection. ``timeout`` bounds connecting and each answer from the relay.
+    connection. ``timeout`` bounds connecting and each answer from the relay
+    (not the wait in line for a port: ``max_wait`` bounds that).
     """
     where = "%s:%d" % tuple(relay_address[:2])
     sock = socket.create_connection(relay_address, timeout=timeout)
