@@ -6,8 +6,14 @@ silent with both ends still up (a NAT that dropped its mapping, a frozen
 middlebox): its probes can be answered by whatever sits in the middle. So a
 service may also ask, at registration, for a heartbeat: it sends
 ``{"ping": N}`` lines on the registration stream every ``interval`` seconds
-and the relay answers ``{"pong": N}``. Either side that hears nothing for
-``timeout`` seconds ends the session (docs/PROTOCOL.md).
+and the relay answers ``{"pong": N}``. Either side that hears nothing at
+all for ``timeout`` seconds ends the session (docs/PROTOCOL.md, 2.5).
+
+Liveness counts bytes, not pings: any byte received on the session
+(``Session.last_received``) proves the peer alive, so a pong stuck behind
+a slow link's data is no reason to give up. The pings are how an idle
+service keeps its promise to be heard from. The heartbeat stream ending
+(FIN or RST, from either side) stops the ping/pong, not the timeout.
 """
 
 import json
@@ -66,8 +72,18 @@ class _Lines(object):
         return body
 
 
+def _silence_left(session, timeout):
+    """Seconds until ``session`` has been silent for ``timeout`` (<= 0: it has)."""
+    return session.last_received + timeout - time.monotonic()
+
+
 class HeartbeatResponder(object):
-    """The relay's side: answer pings; end the session after ``timeout`` of silence."""
+    """The relay's side: answer pings; end the session once nothing at all
+    has come from the service for ``timeout`` seconds.
+
+    A FIN or RST on the heartbeat stream only means no more pings: the
+    timeout holds on the session as a whole all the same.
+    """
 
     def __init__(self, session, stream, timeout, label):
         self._session = session
@@ -84,29 +100,61 @@ class HeartbeatResponder(object):
         self._thread.join(timeout)
 
     def _run(self):
+        session = self._session
         lines = _Lines(self._stream)
+        pings = True   # the service may still ping
         try:
             while True:
-                body = lines.next(self._timeout)
-                if body is None:
-                    log.info("%s: closed its heartbeat stream", self._label)
+                left = _silence_left(session, self._timeout)
+                if left <= 0:
+                    log.warning("%s: no heartbeat for %gs, nor any other byte; the service "
+                                "is gone, dropping it", self._label, self._timeout)
+                    session.close()
                     return
+                if not pings:
+                    if session.wait(left):
+                        return
+                    continue
+                try:
+                    body = lines.next(left)
+                except socket.timeout:
+                    continue   # no ping; other bytes may have come
+                except muxado.StreamResetError:
+                    log.info("%s: reset its heartbeat stream; it must still be heard from "
+                             "every %gs", self._label, self._timeout)
+                    pings = False
+                    continue
+                if body is None:
+                    log.info("%s: closed its heartbeat stream; it must still be heard from "
+                             "every %gs", self._label, self._timeout)
+                    pings = False
+                    try:
+                        self._stream.close()   # our side too: the stream is done
+                    except (muxado.MuxadoError, OSError):
+                        pass
+                    continue
                 if "ping" in body:
-                    self._stream.sendall(_line({"pong": body["ping"]}))
-        except socket.timeout:
-            log.warning("%s: no heartbeat for %gs; the service is gone, dropping it",
-                        self._label, self._timeout)
-            self._session.close()
+                    try:
+                        self._stream.sendall(_line({"pong": body["ping"]}))
+                    except socket.timeout:
+                        raise registration.RegistrationError(
+                            "it does not read its heartbeat stream")
         except registration.RegistrationError as exc:
             log.warning("%s: bad heartbeat (%s); dropping it", self._label, exc)
-            self._session.close()
+            session.close()
         except (muxado.MuxadoError, OSError):
             pass  # the session ended
 
 
 class HeartbeatSender(object):
-    """The service's side: ping every ``interval``; end the session if no pong
-    comes within ``timeout``."""
+    """The service's side: ping every ``interval``; end the session once
+    nothing at all has come from the relay for ``timeout`` seconds.
+
+    The relay's pongs are what an idle service hears; a pong late behind
+    the relay's data is fine, since the data counts too. If the relay
+    half-closes the heartbeat stream we keep pinging; if it resets it we
+    cannot: either way the timeout holds on the session as a whole.
+    """
 
     def __init__(self, session, stream, interval, timeout, label):
         self._session = session
@@ -128,28 +176,55 @@ class HeartbeatSender(object):
         self._thread.join(timeout)
 
     def _run(self):
+        session = self._session
         lines = _Lines(self._stream)
         seq = 0
+        next_ping = time.monotonic()
+        pongs = pings = True   # the relay may still answer; we may still ping
         try:
             while not self._stop.is_set():
-                seq += 1
-                self._stream.sendall(_line({"ping": seq}))
-                end = time.monotonic() + self._timeout
-                while True:
-                    body = lines.next(max(0.001, end - time.monotonic()))
-                    if body is None:
-                        raise muxado.SessionClosedError(muxado.ErrorCode.NO_ERROR,
-                                                        "heartbeat stream closed")
-                    if body.get("pong") == seq:
-                        break
-                if self._stop.wait(self._interval):
+                now = time.monotonic()
+                if pings and now >= next_ping:
+                    seq += 1
+                    next_ping = now + self._interval
+                    try:
+                        # Bounded by the silence budget set by lines.next: a ping
+                        # stuck for want of window is no reason to stop checking.
+                        self._stream.sendall(_line({"ping": seq}))
+                    except socket.timeout:
+                        pass
+                    except muxado.StreamResetError:
+                        pings = pongs = self._heartbeat_ended("reset")
+                left = _silence_left(session, self._timeout)
+                if left <= 0:
+                    if session.closed:
+                        return
+                    log.warning("%s: no answer to a heartbeat for %gs, nor any other byte; "
+                                "the relay is gone", self._label, self._timeout)
+                    session.close()
                     return
-        except socket.timeout:
-            log.warning("%s: no answer to a heartbeat for %gs; the relay is gone",
-                        self._label, self._timeout)
-            self._session.close()
+                wait = min(left, next_ping - time.monotonic()) if pings else left
+                if not pongs:
+                    if self._stop.wait(max(0.0, wait)) or session.closed:
+                        return
+                    continue
+                try:
+                    body = lines.next(max(0.001, wait))
+                except socket.timeout:
+                    continue
+                except muxado.StreamResetError:
+                    pings = pongs = self._heartbeat_ended("reset")
+                    continue
+                if body is None:
+                    pongs = self._heartbeat_ended("half-closed")
         except registration.RegistrationError as exc:
             log.warning("%s: bad heartbeat answer (%s)", self._label, exc)
-            self._session.close()
+            session.close()
         except (muxado.MuxadoError, OSError):
             pass  # the session ended
+
+    def _heartbeat_ended(self, how):
+        if not self._session.closed:
+            log.info("%s: the relay %s the heartbeat stream; it must still be heard from "
+                     "every %gs", self._label, how, self._timeout)
+        return False

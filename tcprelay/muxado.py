@@ -16,7 +16,10 @@ Threads and I/O:
   session write lock, header and payload in one ``sendmsg``.
 - A write that cannot make progress for ``write_timeout`` seconds (the peer
   stopped reading) ends the session with WRITE_TIMEOUT; the socket's
-  SO_SNDTIMEO enforces it without polling.
+  SO_SNDTIMEO enforces it without polling. Waiting for the write lock
+  behind other writers does not count: they are making progress.
+- ``Session.last_received`` is when the socket last gave us bytes (one
+  clock read per socket read): liveness checks count any byte, not frames.
 
 Flow control: every stream has a receive window (``window_size``, at least
 the protocol's 256 KiB); a DATA frame longer than what is left of it is
@@ -965,6 +968,10 @@ class Session(object):
     ``set_read_budget`` caps what the peer may send in all (say, before it
     has authenticated); ``set_window_size`` changes the window of streams
     opened from then on.
+
+    ``last_received`` is the ``time.monotonic()`` of the last socket read
+    that got bytes (at first, the session's start): a heartbeat counts any
+    byte from the peer as a sign of life.
     """
 
     def __init__(self, sock, client=True, window_size=DEFAULT_WINDOW, accept_backlog=128,
@@ -1006,6 +1013,8 @@ class Session(object):
         self._ended = threading.Event()
         self._goodbye_done = threading.Event()   # _die has tried its GOAWAY and shut the socket
         self._done_callbacks = []
+        # time.monotonic() of the last read that got bytes: any byte proves the peer alive
+        self.last_received = time.monotonic()
 
         # Reading: whoever holds the lead reads the socket (see _lead_until).
         self._lead = threading.Condition(threading.Lock())
@@ -1189,10 +1198,10 @@ class Session(object):
 
     def _write(self, buffers):
         """Write whole frames, in order, as one unit. Raises SessionClosedError."""
-        if not self._write_lock.acquire(True, -1 if self._write_timeout is None
-                                        else self._write_timeout):
-            self._die(ErrorCode.WRITE_TIMEOUT, "write timed out")
-            raise self._ended_error()
+        # No timeout here: a writer queued behind others on a slow link is
+        # not a stuck peer. The holder's SO_SNDTIMEO bounds a write that
+        # makes no progress, and its failure ends the session for us all.
+        self._write_lock.acquire()
         failure = None
         try:
             if self._dead:
@@ -1219,10 +1228,10 @@ class Session(object):
     def _send_data(self, stream, payload, flags, grant):
         """One DATA frame for ``stream`` (plus its early window grant, if owed)."""
         header = _DATA_HEADER.pack(len(payload) << 8 | _DATA_TYPE | flags, stream.id)
-        if not self._write_lock.acquire(True, -1 if self._write_timeout is None
-                                        else self._write_timeout):
-            self._die(ErrorCode.WRITE_TIMEOUT, "write timed out")
-            raise self._ended_error()
+        # No timeout here: a writer queued behind others on a slow link is
+        # not a stuck peer. The holder's SO_SNDTIMEO bounds a write that
+        # makes no progress, and its failure ends the session for us all.
+        self._write_lock.acquire()
         failure = None
         try:
             if self._dead:
@@ -1443,7 +1452,9 @@ class Session(object):
         except OSError as exc:
             self._die(ErrorCode.SESSION_CLOSED, "transport read failed: %s" % exc)
             return False
-        if not n:
+        if n:
+            self.last_received = time.monotonic()
+        else:
             self._die(ErrorCode.PEER_EOF, "read EOF from remote peer",
                       goaway=(ErrorCode.PEER_EOF, b"read EOF from remote peer"))
             return False

@@ -209,7 +209,8 @@ class ServiceLink(object):
             session = muxado.server(transport, name="service %s" % _address(self.address),
                                     max_streams=16, accept_backlog=8,
                                     max_frame_size=min(MAX_FRAME, relay.window_size),
-                                    read_budget=PENDING_READ_BUDGET)
+                                    read_budget=PENDING_READ_BUDGET,
+                                    write_timeout=relay.write_timeout)
             with self._lock:
                 self._session = session
             session.add_done_callback(self._session_ended)
@@ -586,7 +587,8 @@ class Relay(object):
     the address public ports listen on. ``public_host``: the host name in
     the address handed to services. ``waiting_interval``: seconds between
     the ``waiting`` lines a service in line gets even when nobody moved
-    (None: only when its place changes, as relays before it did).
+    (None: only when its place changes, as relays before it did). ``write_timeout``: seconds a write to a
+    service may make no progress before its session ends (muxado's).
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host="localhost",
@@ -597,7 +599,8 @@ class Relay(object):
                  max_clients=DEFAULT_MAX_CLIENTS, idle_timeout=None,
                  registration_rate=DEFAULT_REGISTRATION_RATE, max_pending=DEFAULT_MAX_PENDING,
                  max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST,
-                 waiting_interval=DEFAULT_WAITING_INTERVAL, bind_and_activate=True):
+                 waiting_interval=DEFAULT_WAITING_INTERVAL,
+                 write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -610,6 +613,7 @@ class Relay(object):
         self.window_size = window_size
         self.lease_time = lease_time
         self.keepalive = keepalive
+        self.write_timeout = write_timeout
         self.secret = secret
         self.allow_from = limits.Networks(allow_from)
         self.tls_context = tls_context

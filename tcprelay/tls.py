@@ -13,7 +13,6 @@ import select
 import socket
 import ssl
 import threading
-import time
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,11 @@ class TLSTransport(object):
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        end = None if self._write_timeout is None else time.monotonic() + self._write_timeout
+        # The timeout bounds one wait for the socket, not the whole call: a
+        # big frame on a slow link takes long and is fine while bytes move.
+        # (OpenSSL keeps a record it could write only in part and says
+        # "want write" again, so the socket's readiness is the progress.)
+        timeout = self._write_timeout
         while view:
             with self._lock:
                 try:
@@ -108,7 +111,7 @@ class TLSTransport(object):
                     events = select.POLLOUT
                 except ssl.SSLWantReadError:
                     events = select.POLLIN
-            if not self._wait(events, None if end is None else end - time.monotonic()):
+            if not self._wait(events, timeout):
                 raise socket.timeout("TLS write timed out")
 
     def pending(self):
