@@ -17,7 +17,7 @@ import logging
 import socket
 import sys
 
-from . import cli
+from . import cli, limits
 from .bridge import Bridge, Flusher
 from .workers import WorkerPool
 
@@ -36,6 +36,7 @@ class Adapter(cli.AnnouncingServer):
         self.local_address = tuple(local_address)
         self.local_label = "%s:%d" % self.local_address
         self.local_connect_timeout = connect_timeout
+        self._log_unreachable = limits.LogGate(log)   # once a second, however many clients
         self.flusher = Flusher(name="adapter-flusher")
         self.workers = WorkerPool(name="adapter-pump")
         try:
@@ -52,8 +53,9 @@ class Adapter(cli.AnnouncingServer):
         try:
             sock = socket.create_connection(self.local_address, self.local_connect_timeout)
         except OSError as exc:
-            log.warning("cannot reach the local service at %s (%s); resetting the client's "
-                        "stream", self.local_label, getattr(exc, "strerror", None) or exc)
+            self._log_unreachable("cannot reach the local service at %s (%s); resetting the "
+                                  "client's stream", self.local_label,
+                                  getattr(exc, "strerror", None) or exc)
             stream.reset()
             return
         log.debug("client %s joined to %s on stream %d", client_address,

@@ -3,6 +3,7 @@ authentication, per-address rate limits, and logging that does not flood."""
 
 import collections
 import ipaddress
+import logging
 import threading
 import time
 
@@ -102,24 +103,53 @@ class RateLimit(object):
             return True
 
 
-class EveryOnce(object):
-    """For logging at most once every ``seconds``: ``ready()`` says whether to log now,
-    and how many were skipped since."""
+class LogGate(object):
+    """A log line that a remote party can trigger at will, rate-limited: up to
+    ``burst`` at once, then ``per_second``; a line that comes after some were
+    left out says how many ("(and N more like it)"). One gate per kind of line.
+    The default, one a second, is the relay's refusals' rule.
+    """
 
-    def __init__(self, seconds=1.0, clock=time.monotonic):
-        self._seconds = seconds
+    def __init__(self, logger, level=logging.WARNING, per_second=1.0, burst=1,
+                 more="like it", clock=time.monotonic):
+        self._logger = logger
+        self._level = level
+        self._more = more
+        self._rate = float(per_second)
+        self._burst = float(burst)
+        self._tokens = float(burst)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._next = 0.0
+        self._stamp = clock()
         self._skipped = 0
+        self._lock = threading.Lock()
 
-    def ready(self):
-        """(log now?, number skipped since the last time)."""
-        now = self._clock()
+    def __call__(self, message, *args):
         with self._lock:
-            if now >= self._next:
-                self._next = now + self._seconds
-                skipped, self._skipped = self._skipped, 0
-                return True, skipped
-            self._skipped += 1
-            return False, 0
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+            self._stamp = now
+            if self._tokens < 1.0:
+                self._skipped += 1
+                return
+            self._tokens -= 1.0
+            skipped, self._skipped = self._skipped, 0
+        if skipped:
+            message += " (and %d more %s)" % (skipped, self._more)
+        self._logger.log(self._level, message, *args)
+
+
+class LogGates(object):
+    """A ``LogGate`` for each kind of line, made on first use: ``gates(kind, message, *args)``."""
+
+    def __init__(self, logger, level=logging.WARNING):
+        self._logger = logger
+        self._level = level
+        self._gates = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, kind, message, *args):
+        with self._lock:
+            gate = self._gates.get(kind)
+            if gate is None:
+                gate = self._gates[kind] = LogGate(self._logger, self._level)
+        gate(message, *args)

@@ -60,6 +60,7 @@ from .frames import (
     SYN, Data, ErrorCode, FrameDecoder, FrameHandler, GoAway, MuxadoError, ProtocolError,
     Rst, Unknown, WndInc, decode_frames, encode_goaway, encode_rst, encode_wndinc,
 )
+from .limits import LogGate
 
 __all__ = [
     "Session", "Stream", "client", "server", "ErrorCode", "MuxadoError", "ProtocolError",
@@ -69,6 +70,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# What a peer can make us log, once per session or stream it opens: rate-limited.
+_log_peer_fault = LogGate(log, logging.WARNING, per_second=5, burst=20)
+_log_stream_fault = LogGate(log, logging.INFO, per_second=5, burst=20)
+_log_ending = LogGate(log, logging.INFO, per_second=5, burst=20)
 
 DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_FLOOD_LIMIT = (10000, 1000.0)
@@ -878,8 +883,8 @@ class _FrameDispatch(FrameHandler):
 
     def _overrun(self, stream):
         session = self._session
-        log.info("%s: stream %d overran its receive window; resetting it",
-                 session.name, stream.id)
+        _log_stream_fault("%s: stream %d overran its receive window; resetting it",
+                          session.name, stream.id)
         session._abort_stream(stream, ErrorCode.FLOW_CONTROL_ERROR, "flow control violated")
 
     def data_begin(self, stream_id, flags, length):
@@ -933,8 +938,8 @@ class _FrameDispatch(FrameHandler):
         if stream is None:
             session._pointless_frame("frames on unknown streams")
         elif not stream._on_window(increment):
-            log.info("%s: WNDINC overflows stream %d's window; resetting it",
-                     session.name, stream_id)
+            _log_stream_fault("%s: WNDINC overflows stream %d's window; resetting it",
+                              session.name, stream_id)
             session._abort_stream(stream, ErrorCode.FLOW_CONTROL_ERROR,
                                   "send window overflow")
 
@@ -1461,8 +1466,8 @@ class Session(object):
         if self._read_budget is not None:
             self._read_budget -= n
             if self._read_budget < 0:
-                log.warning("%s: the peer sent more than its budget before it was trusted; "
-                            "ending the session", self.name)
+                _log_peer_fault("%s: the peer sent more than its budget before it was "
+                                "trusted; ending the session", self.name)
                 self._die(ErrorCode.ENHANCE_YOUR_CALM, "read budget exceeded",
                           goaway=(ErrorCode.ENHANCE_YOUR_CALM, b"read budget exceeded"))
                 return False
@@ -1475,8 +1480,8 @@ class Session(object):
             self._decoder.feed(view[:n])
         except ProtocolError as exc:
             if not self._dead:
-                log.warning("%s: peer broke the protocol: %s; ending the session",
-                            self.name, exc.message)
+                _log_peer_fault("%s: peer broke the protocol: %s; ending the session",
+                                self.name, exc.message)
             self._die(exc.code, exc.message, goaway=(exc.code, exc.message.encode()))
             return False
         except BaseException:
@@ -1722,7 +1727,7 @@ class Session(object):
         if code in (ErrorCode.SESSION_CLOSED, ErrorCode.PEER_EOF, ErrorCode.NO_ERROR):
             log.debug("%s: closing: %s", self.name, message)
         else:
-            log.info("%s: ending: %s (%s)", self.name, message, ErrorCode.of(code))
+            _log_ending("%s: ending: %s (%s)", self.name, message, ErrorCode.of(code))
 
     def _try_goaway(self, code, debug):
         if not self._write_lock.acquire(True, GOAWAY_ON_CLOSE_TIMEOUT):

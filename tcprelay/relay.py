@@ -234,6 +234,8 @@ class ServiceLink(object):
             if resources.is_exhaustion(exc):
                 log.warning("%s: out of file descriptors (%s); dropping this connection",
                             self.label, exc.strerror)
+            elif self.request is None:   # never registered: anyone can do this
+                relay._log_pending_ended("%s: connection ended: %s", self.label, exc)
             else:
                 log.info("%s: connection ended: %s", self.label, exc)
         except Exception:
@@ -276,14 +278,14 @@ class ServiceLink(object):
             sslsock = relay.tls_context.wrap_socket(self._sock, server_side=True,
                                                     do_handshake_on_connect=False)
         except OSError as exc:
-            log.warning("%s: TLS failed: %s", self.label, exc)
+            relay._log_remote("tls", "%s: TLS failed: %s", self.label, exc)
             return None
         self._sock = sslsock   # closed by _run's cleanup from now on
         try:
             sslsock.settimeout(max(0.0, self._handshake_deadline - time.monotonic()))
             sslsock.do_handshake()
         except (OSError, ValueError) as exc:
-            log.warning("%s: TLS handshake failed: %s", self.label, exc)
+            relay._log_remote("tls", "%s: TLS handshake failed: %s", self.label, exc)
             return None
         return tls.TLSTransport(sslsock)
 
@@ -294,8 +296,8 @@ class ServiceLink(object):
         try:
             stream = session.accept(timeout=max(0.0, deadline - time.monotonic()))
         except socket.timeout:
-            log.warning("%s: opened no registration stream within %gs; dropping it",
-                        self.label, relay.handshake_timeout)
+            relay._log_remote("silent", "%s: opened no registration stream within %gs; "
+                              "dropping it", self.label, relay.handshake_timeout)
             return None, None
         lines = _RequestLines(stream, deadline)
         try:
@@ -304,12 +306,12 @@ class ServiceLink(object):
             if relay.secret is not None and not self._authenticate(request, stream, lines):
                 return None, None
         except socket.timeout:
-            log.warning("%s: did not finish registering within %gs; dropping it",
-                        self.label, relay.handshake_timeout)
+            relay._log_remote("slow", "%s: did not finish registering within %gs; dropping it",
+                              self.label, relay.handshake_timeout)
             self._refuse(stream, "registration not finished within %gs" % relay.handshake_timeout)
             return None, None
         except registration.RegistrationError as exc:
-            log.warning("%s: bad registration request: %s", self.label, exc)
+            relay._log_remote("bad request", "%s: bad registration request: %s", self.label, exc)
             self._refuse(stream, "bad registration request: %s" % exc)
             return None, None
         stream.settimeout(None)
@@ -344,8 +346,9 @@ class ServiceLink(object):
     def _auth_failed(self, stream, reason):
         host = self.address[0]
         banned = self.relay.auth_failures.failed(host)
-        log.warning("%s: %s%s", self.label, reason,
-                    "; too many failures, refusing %s for a minute" % host if banned else "")
+        self.relay._log_remote("ban" if banned else "auth", "%s: %s%s", self.label, reason,
+                               "; too many failures, refusing %s for a minute" % host
+                               if banned else "")
         self._refuse(stream, reason)
 
     def _refuse(self, stream, message):
@@ -624,7 +627,12 @@ class Relay(object):
         self.auth_failures = limits.FailureBans(limit=5, window=60.0, ban=60.0)
         self.registration_rate = limits.RateLimit(per_minute=registration_rate,
                                                   burst=max(1, registration_rate // 3))
-        self._refusal_log = limits.EveryOnce(1.0)
+        self._log_refusal = limits.LogGate(log, more="refusals")
+        # Lines anyone who reaches the service port can trigger, one gate per kind.
+        self._log_remote = limits.LogGates(log)
+        # Every new connection is told, unless they come faster than a person reads.
+        self._log_connected = limits.LogGate(log, logging.INFO, per_second=5, burst=20)
+        self._log_pending_ended = limits.LogGate(log, logging.INFO, per_second=5, burst=20)
         self.max_pending = max_pending
         self.max_pending_per_host = max_pending_per_host
         self._pending = {}   # ServiceLink not yet registered -> its host
@@ -698,7 +706,7 @@ class Relay(object):
                     self._log_refusal("refused a service connection from %s: %s",
                                       address[0], refusal)
                     continue
-                log.info("service connected from %s", _address(address))
+                self._log_connected("service connected from %s", _address(address))
                 link.start()
         finally:
             self._serving.clear()
@@ -780,11 +788,6 @@ class Relay(object):
         """``link`` is no longer pending: registered, refused or gone."""
         with self._lock:
             self._pending.pop(link, None)
-
-    def _log_refusal(self, message, *args):
-        ready, skipped = self._refusal_log.ready()
-        if ready:
-            log.warning(message + (" (and %d more refusals)" % skipped if skipped else ""), *args)
 
     def _stop_accepting(self):
         with self._lock:

@@ -41,31 +41,24 @@ class Acceptor(object):
         self.listener = listener
         self._stopping = stopping
         self._what = what
-        self._log_gate = limits.EveryOnce(1.0)
+        self._log = limits.LogGate(log)
 
     def accept(self):
         """``(sock, address)``; raises OSError for anything but exhaustion
         (such as the listener being shut down) at once."""
-        return _accept(self.listener, self._stopping, self._what, self._log_gate)
-
-
-def _accept(listener, stopping, what, log_gate):
-    delay = FIRST_BACKOFF
-    while True:
-        try:
-            return listener.accept()
-        except OSError as exc:
-            if not is_exhaustion(exc):
-                raise
-            ready, skipped = log_gate.ready()
-            if ready:
-                log.warning("%s: cannot accept a connection: %s; retrying in %gs (open "
-                            "connections are unaffected; raise the limit with `ulimit -n` "
-                            "or lower --max-clients)%s", what, exc.strerror or exc, delay,
-                            " (%d more like this)" % skipped if skipped else "")
-            if stopping.wait(delay):
-                raise
-            delay = min(delay * 2, MAX_BACKOFF)
+        delay = FIRST_BACKOFF
+        while True:
+            try:
+                return self.listener.accept()
+            except OSError as exc:
+                if not is_exhaustion(exc):
+                    raise
+                self._log("%s: cannot accept a connection: %s; retrying in %gs (open "
+                          "connections are unaffected; raise the limit with `ulimit -n` or "
+                          "lower --max-clients)", self._what, exc.strerror or exc, delay)
+                if self._stopping.wait(delay):
+                    raise
+                delay = min(delay * 2, MAX_BACKOFF)
 
 
 def raise_open_file_limit():

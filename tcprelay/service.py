@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 
-from . import auth, muxado, proxyproto, registration
+from . import auth, limits, muxado, proxyproto, registration
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
 from .tls import TLSTransport
 from .workers import WorkerPool
@@ -402,6 +402,10 @@ class RelayServer(object):
         self._serving = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
+        # Lines any client (or the relay) can trigger: at most one a second each.
+        self._log_dropped = limits.LogGate(log)
+        self._log_client_gone = limits.LogGate(log, logging.INFO)
+        self._log_handler_error = limits.LogGate(log, logging.ERROR)
         if bind_and_activate:
             self.server_activate()
 
@@ -502,7 +506,7 @@ class RelayServer(object):
                 try:
                     client_address = self.client_address_of(stream)
                 except (proxyproto.ProxyHeaderError, OSError, muxado.MuxadoError) as exc:
-                    log.warning("dropping a client stream: %s", exc)
+                    self._log_dropped("dropping a client stream: %s", exc)
                     stream.reset()
                     continue
                 if self.verify_request(stream, client_address):
@@ -635,10 +639,10 @@ class RelayServer(object):
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (ConnectionError, muxado.MuxadoError)):
-            log.info("client %s: %s", client_address, sys.exc_info()[1])
+            self._log_client_gone("client %s: %s", client_address, sys.exc_info()[1])
             return
-        log.error("exception while handling a client from %s:\n%s", client_address,
-                  traceback.format_exc().rstrip())
+        self._log_handler_error("exception while handling a client from %s:\n%s",
+                                client_address, traceback.format_exc().rstrip())
 
     def fileno(self):
         raise OSError("a RelayServer has no file descriptor to select on")

@@ -99,6 +99,17 @@ def listeners(port):
     return found
 
 
+def accept_queue(port):
+    """Connections waiting in the kernel for ``accept()`` on ``port``'s listener
+    (IPv4; the rx_queue of a LISTEN socket in /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 5 and fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("nothing listens on port %d" % port)
+
+
 # -- sockets and streams --------------------------------------------------------------
 
 def connect_client(port, timeout=TIMEOUT):

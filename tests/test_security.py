@@ -919,7 +919,8 @@ def test_max_waiting_refuses_the_excess_with_an_error_reply(env, caplog):
 def test_max_clients_refuses_the_excess_at_once_and_logs_once_a_second(env, logs):
     relay = env.relay(ports=1, max_clients=3)
     clock = FakeClock()
-    relay._refusal_log._clock = clock   # the relay's once-a-second log limiter
+    gate = relay._log_refusal   # the relay's once-a-second log limiter
+    gate._clock, gate._stamp = clock, clock.now
     service = env.service(relay)
     port = service.register_ok()
     service.serve(echo_handler)
