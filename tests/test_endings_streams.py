@@ -190,6 +190,37 @@ def test_deferred_close_with_a_makefile_resets_too(sessions):
     raises_reset_promptly(uploader)
 
 
+def split_frame(stream_id, payload, head):
+    """A DATA frame in two pieces: the header with ``head`` bytes, then the rest."""
+    frame = frames.encode_data(stream_id, payload)
+    return frame[:frames.HEADER_SIZE + head], frame[frames.HEADER_SIZE + head:]
+
+
+def test_close_in_the_middle_of_a_frame_answers_its_rest_with_rst(raw_peer):
+    peer = raw_peer()
+    accepted = raw_open(peer, 1)
+    first, rest = split_frame(1, pattern(64 * 1024), 1000)
+    peer.send(first)
+    assert recv_exact(accepted, 1000) == pattern(1000)   # nothing unread at the close
+    accepted.close()
+    assert marker_after(peer, 1) == [Data(1, b"", fin=True), WndInc(1, 1000)]
+    peer.send(rest)                                       # dropped: the peer must hear so
+    assert frames_until(peer, lambda f: isinstance(f, Rst))[-1] == Rst(1, ErrorCode.STREAM_CLOSED)
+
+
+def test_data_after_a_local_reset_mid_frame_is_not_read(raw_peer):
+    peer = raw_peer()
+    accepted = raw_open(peer, 1)
+    first, rest = split_frame(1, pattern(64 * 1024), 1000)
+    peer.send(first)
+    assert recv_exact(accepted, 1000) == pattern(1000)
+    accepted.reset()
+    peer.send(rest)
+    raw_open(peer, 3)                     # the reader has handled the rest by now
+    with pytest.raises(StreamResetError):
+        accepted.recv(1)
+
+
 # -- the same through a real relay ------------------------------------------------------------
 
 @pytest.fixture
@@ -346,6 +377,7 @@ def test_a_handler_waitall_for_four_mebibytes_through_the_relay(env):
 
     class WaitAll(object):
         def __init__(self, request, client_address, server):
+            request.settimeout(PROMPTLY)
             data = request.recv(size, socket.MSG_WAITALL)
             request.sendall(b"%d %s" % (len(data), hashlib.sha256(data).hexdigest().encode()))
 
