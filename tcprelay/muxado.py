@@ -233,7 +233,9 @@ class Stream(object):
         """Up to ``bufsize`` bytes; ``b""`` once the peer has half-closed.
 
         As with sockets, ``MSG_PEEK`` leaves the data to be read again and
-        ``MSG_WAITALL`` waits for all ``bufsize`` bytes (or EOF).
+        ``MSG_WAITALL`` waits for all ``bufsize`` bytes (or EOF); it returns
+        window to the peer while it waits, so ``bufsize`` may exceed the
+        window (the stream then buffers up to ``bufsize`` bytes).
         """
         if flags & ~_RECV_FLAGS:
             raise ValueError("muxado streams take only MSG_PEEK and MSG_WAITALL")
@@ -368,7 +370,12 @@ class Stream(object):
                 self.session._forget(self)
 
     def shutdown(self, how):
-        """Like ``socket.shutdown``: SHUT_WR sends FIN, SHUT_RD drops further input."""
+        """Like ``socket.shutdown``: SHUT_WR sends FIN, SHUT_RD drops further input.
+
+        SHUT_RD drops what is buffered and what comes after, and gives its
+        window back, so the peer is never left waiting; with nothing left
+        unread, a close() after it is a FIN (see close).
+        """
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise ValueError("invalid shutdown mode: %r" % (how,))
         if how in (socket.SHUT_RD, socket.SHUT_RDWR):
