@@ -31,7 +31,11 @@ Limits against hostile peers (each ends the session with GOAWAY):
 
 - ``max_streams`` peer-opened streams at once; more are refused with RST
   STREAM_REFUSED. ``accept_backlog`` streams waiting for ``accept()``; more
-  are refused with RST ACCEPT_QUEUE_FULL.
+  are refused with RST ACCEPT_QUEUE_FULL. By default the backlog is
+  max_streams: a stream waiting for accept() already counts against
+  max_streams and its data against its window, so a burst of new streams
+  is refused only past max_streams (Go's reader waits briefly for room in
+  its backlog of 128; ours must never block).
 - ``flood_limit = (burst, per_second)``: a token bucket for frames that
   cost work but move no data (empty DATA frames without flags, frames of
   unknown type, DATA, WNDINC and RST on streams that do not exist; each
@@ -202,6 +206,8 @@ class Stream(object):
         self._window_size = window_size
         self._wndinc_threshold = max(1, window_size // 2)
         self._unacked = 0              # consumed, not yet granted back
+        self._granted_ahead = 0        # buffered, granted back before it was read (MSG_WAITALL)
+        self._kept = 0                 # handed to the receiver, not yet reported consumed
         self._grant_pending = window_size - DEFAULT_WINDOW  # the early grant for a big window
         self._fin_received = False
         self._read_shut = False
@@ -243,7 +249,9 @@ class Stream(object):
         """Up to ``bufsize`` bytes; ``b""`` once the peer has half-closed.
 
         As with sockets, ``MSG_PEEK`` leaves the data to be read again and
-        ``MSG_WAITALL`` waits for all ``bufsize`` bytes (or EOF).
+        ``MSG_WAITALL`` waits for all ``bufsize`` bytes (or EOF); it returns
+        window to the peer while it waits, so ``bufsize`` may exceed the
+        window (the stream then buffers up to ``bufsize`` bytes).
         """
         if flags & ~_RECV_FLAGS:
             raise ValueError("muxado streams take only MSG_PEEK and MSG_WAITALL")
@@ -378,7 +386,12 @@ class Stream(object):
                 self.session._forget(self)
 
     def shutdown(self, how):
-        """Like ``socket.shutdown``: SHUT_WR sends FIN, SHUT_RD drops further input."""
+        """Like ``socket.shutdown``: SHUT_WR sends FIN, SHUT_RD drops further input.
+
+        SHUT_RD drops what is buffered and what comes after, and gives its
+        window back, so the peer is never left waiting; with nothing left
+        unread, a close() after it is a FIN (see close).
+        """
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise ValueError("invalid shutdown mode: %r" % (how,))
         if how in (socket.SHUT_RD, socket.SHUT_RDWR):
@@ -447,7 +460,9 @@ class Stream(object):
                 if self._offset:
                     chunk = memoryview(chunk)[self._offset:]
                     self._offset = 0
-                used += receiver.stream_data(chunk)
+                took = receiver.stream_data(chunk)
+                self._kept += len(chunk) - took
+                used += took
             self._buffered = 0
             grant = self._consumed(used)
             if self._fin_received:
@@ -462,16 +477,27 @@ class Stream(object):
     def consumed(self, nbytes):
         """A receiver has passed on ``nbytes`` it had kept: give the window back."""
         with self._lock:
+            self._kept -= nbytes
             grant = self._consumed(nbytes)
         if grant:
             self.session._queue_control(encode_wndinc(self.id, grant))
 
     def close(self):
-        """Close the stream: FIN if not sent yet, then forget it.
+        """Close the stream and forget it; the peer is told, as by a TCP close.
 
-        As with Go, data the peer sends after this is answered with RST
-        STREAM_CLOSED. makefile() objects keep the stream open until they
-        are closed too, as with sockets.
+        - Unread data (buffered, or kept by a receiver) while the peer may
+          still send: RST STREAM_CLOSED instead of FIN, so that a peer
+          waiting for window is not left waiting (TCP sends RST here too).
+          The peer's calls then fail with its StreamResetError; data of ours
+          it has not read yet is lost to it, as over TCP.
+        - Else FIN if not sent yet, with the window consumed and not yet
+          granted back if the peer may still send: its next DATA draws
+          RST STREAM_CLOSED (as with Go) rather than a wait for window.
+        - After the peer's FIN nothing more can come: a clean FIN, even
+          with data left unread.
+
+        makefile() objects keep the stream open until they are closed too,
+        as with sockets.
         """
         with self._io_lock:
             if self._io_refs > 0:
@@ -480,15 +506,24 @@ class Stream(object):
         with self._lock:
             if self._closed is True:
                 return
+            peer_sending = not self._fin_received and self._error is None
+            abort = peer_sending and (self._buffered or self._kept)
+            send_fin = not self._fin_sent and self._error is None and not abort
+            grant = 0
+            if peer_sending and not abort:
+                grant = self._take_grant() + self._unacked
+                self._unacked = 0
             self._finish_close_locked()
-            send_fin = not self._fin_sent and self._error is None
             self._fin_sent = True
-            grant = self._take_grant() if send_fin else 0
-        if send_fin:
-            try:
+        try:
+            if abort:
+                self.session._send_rst(self, ErrorCode.STREAM_CLOSED)
+            elif send_fin:
                 self.session._send_data(self, b"", FIN, grant)
-            except (MuxadoError, OSError):
-                pass
+            elif grant:
+                self.session._send_wndinc(self, grant)
+        except (MuxadoError, OSError):
+            pass
         self.session._forget(self)
 
     def _finish_close_locked(self):
@@ -665,10 +700,8 @@ class Stream(object):
             if want == 1:
                 ready = self._input_ready
             else:
-                if self._grant_pending:
-                    # MSG_WAITALL may want more than the peer may send before
-                    # the early grant: send it now, not with a later read.
-                    grant = self._take_grant()
+                grant = self._grant_while_waiting(want)
+                if grant:
                     self._lock.release()
                     try:
                         self.session._queue_control(encode_wndinc(self.id, grant))
@@ -678,8 +711,40 @@ class Stream(object):
 
                 def ready():
                     return (self._buffered >= want or self._fin_received or self._read_shut
-                            or self._error is not None or self._closed is True)
+                            or self._error is not None or self._closed is True
+                            or self._early_return(want)[0] > 0)
             self._wait_on(self._readable, ready, deadline, remaining, True)
+
+    def _early_return(self, want):
+        """(increment, of it granted ahead) a MSG_WAITALL for ``want`` bytes owes now (lock held).
+
+        A caller waiting for more than the window must not wait for its own
+        read to return the window. So while it waits, what is consumed and
+        not yet granted goes back, and so do buffered bytes, ahead of their
+        reading, but only as far as lets ``want`` bytes in: the buffer stays
+        within max(window, want). Batched as any WNDINC (half a window).
+        """
+        if self._fin_received or self._error is not None or self._read_shut:
+            return 0, 0
+        unread = self._buffered - self._granted_ahead   # buffered, window not yet returned
+        if self._unacked + unread < self._wndinc_threshold:
+            return 0, 0
+        ahead = max(0, min(unread, want - self._window_size - self._granted_ahead))
+        return self._unacked + ahead, ahead
+
+    def _grant_while_waiting(self, want):
+        """The WNDINC increment to send now for a MSG_WAITALL read, accounted (lock held)."""
+        # The early grant of a big window first: the peer may not send
+        # more than the first window without it.
+        grant = self._take_grant()
+        if grant:
+            return grant
+        grant, ahead = self._early_return(want)
+        if grant:
+            self._recv_window += grant
+            self._unacked = 0
+            self._granted_ahead += ahead
+        return grant
 
     def _input_ready(self):
         return (self._buffered or self._fin_received or self._read_shut
@@ -737,6 +802,10 @@ class Stream(object):
 
     def _consumed(self, n):
         """Account for ``n`` bytes consumed (lock held); the WNDINC increment to send, or 0."""
+        if self._granted_ahead:
+            early = min(n, self._granted_ahead)   # their window went back already
+            self._granted_ahead -= early
+            n -= early
         if not n and not self._grant_pending:
             return 0
         self._unacked += n
@@ -820,15 +889,23 @@ class Stream(object):
         return 1
 
     def _deliver(self, data):
+        """A piece of a DATA frame; False if the stream was closed since (answer RST)."""
         with self._lock:
+            if self._error is not None:
+                return True     # reset mid-frame: dropped (the peer has our RST)
+            if self._closed is True:
+                return False
             grant = self._deliver_locked(data)
         if grant:
             self.session._queue_control(encode_wndinc(self.id, grant))
+        return True
 
     def _deliver_locked(self, data):
         """Buffer ``data`` or hand it on; the WNDINC increment owed now, or 0."""
         if self._receiver is not None and not self._read_shut:
-            return self._consumed(self._receiver.stream_data(data))
+            used = self._receiver.stream_data(data)
+            self._kept += len(data) - used
+            return self._consumed(used)
         if self._read_shut or self._closed is True:
             return self._consumed(len(data))
         self._chunks.append(data)
@@ -918,8 +995,10 @@ class _FrameDispatch(FrameHandler):
 
     def data_chunk(self, chunk):
         target = self._target
-        if target is not None:
-            target._deliver(chunk.tobytes())
+        if target is not None and not target._deliver(chunk.tobytes()):
+            # Closed mid-frame: the rest is dropped, and the peer told so.
+            self._target = None
+            self._session._reply(encode_rst(target.id, ErrorCode.STREAM_CLOSED))
 
     def data_end(self, stream_id, flags):
         stream = self._fin_target
@@ -960,8 +1039,13 @@ class Session(object):
 
     - ``window_size``: each stream's receive window (default and minimum
       256 KiB; more is granted to the peer with an early WNDINC)
-    - ``accept_backlog``: streams waiting for ``accept()`` (default 128)
-    - ``max_streams``: peer-opened streams open at once (default 1024)
+    - ``accept_backlog``: streams waiting for ``accept()`` (default None:
+      ``max_streams``). More are refused with RST ACCEPT_QUEUE_FULL. The
+      reader never waits for room, so a smaller backlog refuses bursts that
+      an application accepting at once would have taken; the memory of
+      queued streams is bounded anyway, by max_streams times the window.
+    - ``max_streams``: peer-opened streams open at once (default 1024);
+      more are refused with RST STREAM_REFUSED
     - ``write_timeout``: seconds a write may make no progress before the
       session ends with WRITE_TIMEOUT (default 30; None for no limit)
     - ``max_frame_size``: largest DATA payload we send (default 256 KiB)
@@ -979,7 +1063,7 @@ class Session(object):
     byte from the peer as a sign of life.
     """
 
-    def __init__(self, sock, client=True, window_size=DEFAULT_WINDOW, accept_backlog=128,
+    def __init__(self, sock, client=True, window_size=DEFAULT_WINDOW, accept_backlog=None,
                  max_streams=1024, write_timeout=DEFAULT_WRITE_TIMEOUT,
                  max_frame_size=DEFAULT_WINDOW, flood_limit=DEFAULT_FLOOD_LIMIT, name=None,
                  read_budget=None):
@@ -987,6 +1071,8 @@ class Session(object):
             raise ValueError("window_size must be between %d and %d" % (DEFAULT_WINDOW, MAX_WINDOW))
         if not 1 <= max_frame_size <= MAX_LENGTH:
             raise ValueError("max_frame_size must be between 1 and %d" % MAX_LENGTH)
+        if accept_backlog is None:
+            accept_backlog = max_streams
         if accept_backlog < 1 or max_streams < 1:
             raise ValueError("accept_backlog and max_streams must be at least 1")
         self.client = bool(client)

@@ -353,6 +353,9 @@ class ServiceLink(object):
 
     def _refuse(self, stream, message):
         try:
+            # The rest of the request is not wanted: dropped, so that the close
+            # is a FIN after the reply, not the reset that unread data draws.
+            stream.shutdown(socket.SHUT_RD)
             stream.sendall(registration.encode_reply("error", error=message))
             stream.close()
         except (muxado.MuxadoError, OSError):

@@ -1195,7 +1195,8 @@ def _prove_alive(case, session, raw, analysis, ids, payload, allowed, rng):
         return "ended by the case"
     refused = [f for f in raw.frames if is_rst(f, probe_id)]
     if refused:
-        full = min(case.options.get("max_streams", 1024), case.options.get("accept_backlog", 128))
+        most = case.options.get("max_streams", 1024)
+        full = min(most, case.options.get("accept_backlog", most))   # the backlog defaults to it
         check(not case.tidy and len(analysis.syns) >= full,
               "the probe stream was refused (%s) with no limit reached", describe(refused))
         return "alive, probe refused"
