@@ -426,6 +426,7 @@ class ServiceLink(object):
                                    "(--max-clients)", self.label, client_address[0],
                                    relay.max_clients)
                 continue
+            enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
             stream = None
             try:
                 # The SYN goes out here, in accept order, carrying what the
