@@ -52,7 +52,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)   # close() sends RST, not FIN
 _SMALL_READ = 16 * 1024                   # idle connections stay cheap...
 _BIG_READ = 512 * 1024                    # ...bulk ones read big
 _WINDOW_CHECK = 1.0   # seconds between checks for a client reset while waiting for window
-_DISCARD_READS = 16   # reads of unread client input before a close (else close sends RST)
+_DISCARD_READS = 64   # 64 KiB reads of unread client input before a close (else it sends RST)
 
 
 class Flusher(object):
@@ -524,9 +524,10 @@ class Bridge(object):
         Closing a socket with unread input sends RST, which would lose what
         is still on its way to the client.
         """
+        scratch = bytearray(64 * 1024)
         for _ in range(_DISCARD_READS):
             try:
-                if not self.sock.recv(_BIG_READ, socket.MSG_DONTWAIT):
+                if not self.sock.recv_into(scratch, 0, socket.MSG_DONTWAIT):
                     return
             except OSError:
                 return

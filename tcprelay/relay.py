@@ -113,6 +113,7 @@ class ServiceLink(object):
         self._listener = None
         self._ended = False
         self._draining = False
+        self._closing = False       # close(): clients are reset, with no drain_timeout
         self._bridges = set()
         self._idle = threading.Condition(self._lock)   # a client left, or the session ended
         self._heartbeat = None
@@ -164,6 +165,8 @@ class ServiceLink(object):
 
     def close(self):
         """End the service's session: its clients are reset."""
+        with self._lock:
+            self._closing = True
         self._stop_listening()
         if self._session is not None:
             self._session.close()
@@ -218,15 +221,16 @@ class ServiceLink(object):
                 self._sock.close()
             with self._lock:
                 bridges = list(self._bridges)
+                grace = 0.0 if self._closing else relay.drain_timeout
             # A client may still be taking the service's last bytes: it gets
             # drain_timeout to read them, then a reset, so that a client that
-            # never reads cannot hold the port for ever.
-            end = time.monotonic() + relay.drain_timeout
+            # never reads cannot hold the port for ever. (Not after close():
+            # the relay is leaving, and Relay.drain has had its time.)
+            end = time.monotonic() + grace
             for bridge in bridges:
                 if not bridge.join(max(0.0, end - time.monotonic())):
                     log.info("%s: client on stream %d still had data to read %gs after the "
-                             "service left; resetting it", self.label, bridge.stream.id,
-                             relay.drain_timeout)
+                             "service left; resetting it", self.label, bridge.stream.id, grace)
                     bridge.abort("the service has left and the client stopped reading")
             for bridge in bridges:
                 bridge.join()

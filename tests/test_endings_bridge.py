@@ -277,3 +277,25 @@ def test_public_clients_get_tcp_keepalive(env):
     service.accept()
     bridge = only_bridge(relay, port)
     assert bridge.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+
+
+def test_server_close_resets_a_client_still_reading_a_finished_stream_at_once(env):
+    # drain_timeout is for a service that left; server_close() resets at once
+    # (Relay.drain has had its time), as before a finished stream was delivered.
+    relay = env.relay(ports=1, drain_timeout=TIMEOUT)
+    connection = env.connect(relay.server_address)
+    client = env.client(connection.port)
+    stream = connection.accept(TIMEOUT)
+    stream.settimeout(TIMEOUT)
+    push_until_stalled(stream)
+    stream.close_write()
+    link = link_of(relay, connection.port)
+    wait_until(lambda: only_bridge(relay, connection.port)._service_done,
+               what="the relay to see the stream's FIN")
+    started = time.monotonic()
+    link.close()
+    assert link.join(TIMEOUT)
+    assert time.monotonic() - started < TIMEOUT / 4, "close() waited for the client"
+    with pytest.raises(ConnectionResetError):
+        while client.recv(MIB):
+            pass
