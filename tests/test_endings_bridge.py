@@ -299,3 +299,48 @@ def test_server_close_resets_a_client_still_reading_a_finished_stream_at_once(en
     with pytest.raises(ConnectionResetError):
         while client.recv(MIB):
             pass
+
+
+def test_adapter_close_resets_a_local_service_that_never_takes_a_finished_stream(env):
+    relay = env.relay(ports=1)
+    cleanups = []
+    env.defer(lambda: [fn() for fn in reversed(cleanups)])
+    backend = listening_socket(cleanups)
+    # Small buffers: the adapter keeps part of the upload waiting for the service.
+    backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    adapter = Adapter(relay.server_address, backend.getsockname(), drain_timeout=0.5)
+    serving = env.serve(adapter)
+    port = adapter.server_address[1]
+    client = env.client(port)
+    conn, _ = backend.accept()       # the local service never reads
+    cleanups.append(conn.close)
+    conn.settimeout(TIMEOUT)
+
+    def adapter_bridge():
+        with adapter._bridges_lock:
+            return next(iter(adapter._bridges), None)
+    bridge = wait_until(adapter_bridge, what="the adapter's bridge")
+
+    def taken():
+        """(bytes the adapter holds, bytes it has taken in all)."""
+        with bridge._lock:
+            held = sum(len(chunk) for chunk in bridge._pending)
+        return held, held + bridge.bytes_down
+
+    # Upload until the local service's socket is full and the adapter holds the rest.
+    sent, block = 0, os.urandom(128 * 1024)
+    while taken()[0] == 0:
+        assert sent < 64 * MIB, "the local service's socket never filled"
+        client.sendall(block)
+        sent += len(block)
+        wait_until(lambda: taken()[1] == sent, what="the upload through the relay")
+    client.shutdown(socket.SHUT_WR)   # the relay finishes the stream: FIN
+    wait_until(lambda: bridge._service_done, what="the stream's FIN at the adapter")
+    started = time.monotonic()
+    closing = Worker(adapter.server_close)
+    closing.finish(TIMEOUT)
+    assert time.monotonic() - started < 0.5 + 3, "server_close waited on the local service"
+    serving.result()
+    with pytest.raises(ConnectionResetError):
+        while conn.recv(MIB):
+            pass
