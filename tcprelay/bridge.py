@@ -391,6 +391,16 @@ class Bridge(object):
         self._set_read_timeout(self._idle_timeout - quiet)   # the other direction was busy
         return False
 
+    def _stalled_idle(self, stalled_since, now):
+        """Waiting for window since ``stalled_since``: True if nothing moved either way
+        for idle_timeout."""
+        if now - max(stalled_since, self._last_down) < self._idle_timeout:
+            return False
+        if self._client_took_bytes():
+            self._last_down = now
+            return False
+        return True
+
     def _client_took_bytes(self):
         """At an idle deadline: True if the client read from what its socket held for it.
 
@@ -426,6 +436,7 @@ class Bridge(object):
     def _send_up(self, view):
         """Send ``view`` on the stream: False if this direction has ended."""
         stream = self.stream
+        stalled_since = None
         while view:
             try:
                 sent = stream.send(view)
@@ -436,10 +447,19 @@ class Bridge(object):
                         self._abort_locked("the client reset while waiting for window",
                                            reset_stream=True)
                     return False
+                now = time.monotonic()
+                if stalled_since is None:
+                    stalled_since = now - _WINDOW_CHECK
+                if self._idle_timeout is not None and self._stalled_idle(stalled_since, now):
+                    with self._lock:
+                        self._abort_locked("idle for %gs (the service takes nothing)"
+                                           % self._idle_timeout, reset_stream=True)
+                    return False
                 continue
             except (MuxadoError, OSError) as exc:
                 self._stream_write_failed(exc)
                 return False
+            stalled_since = None
             view = view[sent:]
         return True
 

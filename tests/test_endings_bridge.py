@@ -344,3 +344,19 @@ def test_adapter_close_resets_a_local_service_that_never_takes_a_finished_stream
     with pytest.raises(ConnectionResetError):
         while conn.recv(MIB):
             pass
+
+
+def test_idle_timeout_covers_a_client_stalled_on_a_service_that_takes_nothing(env):
+    # Nothing moves either way: the client's upload waits for window that never comes.
+    relay = env.relay(ports=1, idle_timeout=1.0)
+    service = env.service(relay)
+    port = service.register_ok()
+    client = env.client(port)
+    stream = service.accept()          # never read
+    push_until_stalled(client)
+    stalled = time.monotonic()
+    link = link_of(relay, port)
+    wait_until(lambda: link.client_count == 0, timeout=5, what="the stalled client reclaimed")
+    assert time.monotonic() - stalled < 4
+    data, how = read_until_end(stream)
+    assert isinstance(how, ConnectionResetError), "the stream saw %r, not a reset" % (how,)
