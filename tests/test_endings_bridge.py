@@ -360,3 +360,21 @@ def test_idle_timeout_covers_a_client_stalled_on_a_service_that_takes_nothing(en
     assert time.monotonic() - stalled < 4
     data, how = read_until_end(stream)
     assert isinstance(how, ConnectionResetError), "the stream saw %r, not a reset" % (how,)
+
+
+def test_service_closing_a_finished_stream_while_the_client_still_sends_loses_nothing(env):
+    # The service sent its reply and closed the stream; the client's later
+    # bytes are refused (RST STREAM_CLOSED): only they are dropped, not the reply.
+    relay = env.relay(ports=1)
+    service = env.service(relay)
+    port = service.register_ok()
+    client = env.client(port)
+    stream = service.accept()
+    reply = push_until_stalled(stream)   # the relay holds a window's worth for the client
+    stream.close()
+    bridge = only_bridge(relay, port)
+    wait_until(lambda: bridge.stream._fin_received, what="the stream's FIN at the relay")
+    client.sendall(b"more")
+    wait_until(lambda: bridge.stream._error is not None, what="the service's RST")
+    assert recv_to_eof(client) == reply
+    wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
