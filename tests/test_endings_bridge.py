@@ -229,7 +229,14 @@ def test_a_slow_client_never_blocks_the_session_reader_or_the_flusher(env, idle_
     stop = threading.Event()
     workers = [Worker(trickle, slow_stream, stop), Worker(slow_read, slow, stop)]
     try:
-        stop.wait(0.5)   # the slow client's socket is full, its backlog builds
+        link = link_of(relay, port)
+
+        def backlog():
+            with link._lock:
+                bridges = list(link._bridges)
+            return any(bridge._pending for bridge in bridges)
+        # (Never, if sends to the slow socket block instead of leaving a backlog.)
+        wait_until(backlog, timeout=3, what="a backlog for the slow client, not a blocked send")
         worst = 0.0
         end = time.monotonic() + 2.0
         while time.monotonic() < end:
@@ -237,7 +244,7 @@ def test_a_slow_client_never_blocks_the_session_reader_or_the_flusher(env, idle_
             lively.sendall(b"ping" * 25)
             assert recv_exact(lively, 100) == b"ping" * 25
             worst = max(worst, time.monotonic() - started)
-        assert worst < 0.4, "a round trip took %.2fs behind a slow client" % worst
+        assert worst < 1.0, "a round trip took %.2fs behind a slow client" % worst
     finally:
         stop.set()
         slow_stream.reset()
