@@ -179,9 +179,17 @@ class Flusher(object):
 class Bridge(object):
     """Pumps bytes between ``sock`` and ``stream`` until both directions end.
 
-    ``on_close(bridge)`` runs on the pump thread once the socket and the
-    stream are closed. With ``workers`` (a ``WorkerPool``) the pump runs on
-    a pooled thread instead of a thread of its own.
+    ``on_close(bridge)`` runs once the socket and the stream are closed
+    (on whichever thread ends last). With ``workers`` (a ``WorkerPool``) the
+    pump runs on a pooled thread instead of a thread of its own. The bridge
+    owns ``stream``: it sets its timeout (the pump's waits for window end
+    every ``_WINDOW_CHECK`` seconds to look for a client reset).
+
+    ``idle_timeout`` (seconds, or None) resets the connection once nothing
+    has moved either way for that long, in every half-close state. Moving
+    down means bytes handed to the socket (at once or by the flusher) or
+    the client taking bytes from its socket's send queue; moving up means
+    bytes read from the socket or sent on the stream.
     """
 
     def __init__(self, sock, stream, flusher, name=None, on_close=None, workers=None,
