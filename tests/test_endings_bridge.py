@@ -19,8 +19,7 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    LOOPBACK, MIB, Service, Worker, abort, echo_handler, read_until_end, recv_exact,
-    recv_to_eof, sendall_then, wait_until,
+    MIB, Worker, abort, echo_handler, read_until_end, recv_exact, recv_to_eof, wait_until,
 )
 from test_relay import link_of, push_until_stalled, send_until_it_fails
 from test_adapter import listening_socket
