@@ -16,6 +16,8 @@ import argparse
 import logging
 import socket
 import sys
+import threading
+import time
 
 from . import cli, limits
 from .bridge import Bridge, Flusher
@@ -24,6 +26,7 @@ from .workers import WorkerPool
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_DRAIN_TIMEOUT = 5.0   # seconds a local service gets to take a finished stream at close
 
 
 class Adapter(cli.AnnouncingServer):
@@ -32,11 +35,14 @@ class Adapter(cli.AnnouncingServer):
     consume_proxy_header = False   # the backend reads it, not us
 
     def __init__(self, relay_address, local_address, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-                 **options):
+                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, **options):
         self.local_address = tuple(local_address)
         self.local_label = "%s:%d" % self.local_address
         self.local_connect_timeout = connect_timeout
         self._log_unreachable = limits.LogGate(log)   # once a second, however many clients
+        self.drain_timeout = drain_timeout
+        self._bridges = set()
+        self._bridges_lock = threading.Lock()
         self.flusher = Flusher(name="adapter-flusher")
         self.workers = WorkerPool(name="adapter-pump")
         try:
@@ -60,13 +66,31 @@ class Adapter(cli.AnnouncingServer):
             return
         log.debug("client %s joined to %s on stream %d", client_address,
                   self.local_label, stream.id)
-        Bridge(sock, stream, self.flusher, name="client stream %d" % stream.id).run()
+        bridge = Bridge(sock, stream, self.flusher, name="client stream %d" % stream.id)
+        with self._bridges_lock:
+            self._bridges.add(bridge)
+        try:
+            bridge.run()
+        finally:
+            with self._bridges_lock:
+                self._bridges.discard(bridge)
 
     def server_close(self):
         cli.AnnouncingServer.server_close(self)
         self._close_pumps()
 
     def _close_pumps(self):
+        # The relay's session has ended: a stream the relay had finished is
+        # still delivered, but a local service that does not take it within
+        # drain_timeout is reset (else close would wait on it for ever).
+        with self._bridges_lock:
+            bridges = list(self._bridges)
+        end = time.monotonic() + self.drain_timeout
+        for bridge in bridges:
+            if not bridge.join(max(0.0, end - time.monotonic())):
+                log.info("the local service did not take stream %d's last bytes within %gs; "
+                         "resetting it", bridge.stream.id, self.drain_timeout)
+                bridge.abort("closing, and the local service stopped reading")
         self.workers.close()
         self.flusher.close()
 

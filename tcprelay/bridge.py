@@ -14,7 +14,14 @@ with one pump thread:
   slow client never holds up the session reader or any other client, and no
   thread handoff sits on this path. The stream's FIN becomes
   ``shutdown(SHUT_WR)`` once everything before it is out; an RST or the
-  session's end closes the socket with a TCP reset (SO_LINGER 0).
+  session's end closes the socket with a TCP reset (SO_LINGER 0) -- unless
+  the stream's FIN came first: then the service has finished, and what it
+  sent is still delivered (see ``stream_end``).
+
+Client sockets stay in blocking mode with no Python timeout: with one,
+CPython polls for room before even a ``MSG_DONTWAIT`` send, which would
+block the session reader and the flusher on one slow client. The idle
+timeout bounds the pump's reads with ``SO_RCVTIMEO`` instead.
 
 Whichever direction ends last closes the socket and the stream: the pump
 thread goes back to its pool as soon as the client's side is done, rather than
@@ -23,31 +30,47 @@ waiting (a wake-up per connection) for the service's side.
 
 import collections
 import logging
+import select
 import selectors
 import socket
 import struct
 import threading
 import time
 
-from .muxado import ErrorCode, MuxadoError
+try:
+    import fcntl
+    import termios
+    _OUTQ = termios.TIOCOUTQ   # = SIOCOUTQ: bytes a TCP socket has not had acknowledged
+except (ImportError, AttributeError):   # not Linux: only our own sends count as activity
+    fcntl = _OUTQ = None
+
+from .muxado import ErrorCode, MuxadoError, SessionClosedError, StreamResetError
 
 log = logging.getLogger(__name__)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)   # close() sends RST, not FIN
 _SMALL_READ = 16 * 1024                   # idle connections stay cheap...
 _BIG_READ = 512 * 1024                    # ...bulk ones read big
+_WINDOW_CHECK = 1.0   # seconds between checks for a client reset while waiting for window
+_DISCARD_READS = 64   # 64 KiB reads of unread client input before a close (else it sends RST)
 
 
 class Flusher(object):
-    """One thread that writes out what slow sockets could not take at once."""
+    """One thread that writes out what slow sockets could not take at once.
+
+    It also times out idle bridges whose pump has ended (see ``watch_idle``).
+    """
 
     def __init__(self, name="flusher"):
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)   # watch_idle must never block
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._closed = False
+        self._idle = set()        # bridges with an idle timeout and no pump to apply it
+        self._next_sweep = None   # monotonic time of the earliest idle deadline, or None
         self._thread = threading.Thread(target=self._run, name=name)
         self._thread.daemon = True
         self._thread.start()
@@ -71,22 +94,82 @@ class Flusher(object):
             if not self._closed:
                 self._selector.unregister(bridge.sock)
 
+    def watch_idle(self, bridge):
+        """Reset ``bridge`` once nothing has moved for its idle timeout (bridge lock held).
+
+        For a bridge whose pump has ended (the client half-closed) while the
+        service's side goes on: no read of the pump's times it out any more.
+        """
+        deadline = bridge._last_down + bridge._idle_timeout
+        with self._lock:
+            if self._closed:
+                return
+            self._idle.add(bridge)
+            if self._next_sweep is not None and self._next_sweep <= deadline:
+                return
+            self._next_sweep = deadline
+        try:
+            self._wake_w.send(b"t")   # select() again, with the new deadline
+        except OSError:
+            pass   # full: a wake-up is pending anyway
+
+    def unwatch_idle(self, bridge):
+        """Stop timing ``bridge`` (bridge lock held)."""
+        with self._lock:
+            self._idle.discard(bridge)
+
+    def _sweep(self, now):
+        """Reset the idle bridges whose time is up; the next deadline, or None."""
+        with self._lock:
+            bridges = list(self._idle)
+        for bridge in bridges:
+            if bridge._last_down + bridge._idle_timeout <= now:
+                if bridge._client_took_bytes():
+                    bridge._last_down = now   # its pump has ended: only we look at it
+                    continue
+                self.unwatch_idle(bridge)
+                bridge.abort("idle for %gs" % bridge._idle_timeout)
+        with self._lock:
+            # Over every bridge, those added during the sweep included.
+            self._next_sweep = min((bridge._last_down + bridge._idle_timeout
+                                    for bridge in self._idle), default=None)
+            return self._next_sweep
+
     def _run(self):
+        timeout = None
         while True:
-            for key, _ in self._selector.select():
+            for key, _ in self._selector.select(timeout):
                 if key.data is None:
                     with self._lock:
                         if self._closed:
                             return
+                    try:
+                        self._wake_r.recv(4096)
+                    except OSError:
+                        pass
                     continue
                 key.data._flush()
+            due = self._next_sweep   # a plain read: no lock per event
+            if due is None:
+                timeout = None
+                continue
+            now = time.monotonic()
+            if now >= due:
+                due = self._sweep(now)
+                if due is None:
+                    timeout = None
+                    continue
+            timeout = max(0.0, due - now)
 
     def close(self):
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._wake_w.send(b"x")
+        try:
+            self._wake_w.send(b"x")
+        except BlockingIOError:
+            pass   # full: a wake-up is pending anyway
         self._thread.join()
         self._selector.close()
         self._wake_r.close()
@@ -96,9 +179,17 @@ class Flusher(object):
 class Bridge(object):
     """Pumps bytes between ``sock`` and ``stream`` until both directions end.
 
-    ``on_close(bridge)`` runs on the pump thread once the socket and the
-    stream are closed. With ``workers`` (a ``WorkerPool``) the pump runs on
-    a pooled thread instead of a thread of its own.
+    ``on_close(bridge)`` runs once the socket and the stream are closed
+    (on whichever thread ends last). With ``workers`` (a ``WorkerPool``) the
+    pump runs on a pooled thread instead of a thread of its own. The bridge
+    owns ``stream``: it sets its timeout (the pump's waits for window end
+    every ``_WINDOW_CHECK`` seconds to look for a client reset).
+
+    ``idle_timeout`` (seconds, or None) resets the connection once nothing
+    has moved either way for that long, in every half-close state. Moving
+    down means bytes handed to the socket (at once or by the flusher) or
+    the client taking bytes from its socket's send queue; moving up means
+    bytes read from the socket or sent on the stream.
     """
 
     def __init__(self, sock, stream, flusher, name=None, on_close=None, workers=None,
@@ -115,6 +206,8 @@ class Bridge(object):
         self._lock = threading.Lock()
         self._pending = collections.deque()   # stream data the socket has not taken yet
         self._fin_pending = False             # the stream's FIN, to pass on after _pending
+        self._service_done = False            # the stream's FIN has come: the peer finished
+        self._up_cut = False                  # socket -> stream ended: the stream takes no more
         self._down_done = threading.Event()   # stream -> socket has ended
         self._up_done = False                 # socket -> stream has ended (the pump is done)
         self._finishing = False               # _finish has been claimed
@@ -122,6 +215,9 @@ class Bridge(object):
         self._reset_stream = False            # the pump must reset the stream too
         self._closed = False
         self._watched = False                 # the flusher watches our socket
+        self._read_timeout = None             # the SO_RCVTIMEO set, in seconds
+        self._poll = None                     # polls the socket for an error (_client_gone)
+        self._last_queued = None              # the socket's send queue at the last idle check
         self.bytes_up = 0                     # socket -> stream
         self.bytes_down = 0                   # stream -> socket
         if sock.gettimeout() is not None:
@@ -190,10 +286,16 @@ class Bridge(object):
     def stream_end(self, error):
         with self._lock:
             if error is None:
+                self._service_done = True
                 if self._pending:
                     self._fin_pending = True
                 else:
                     self._shut_write_locked()
+            elif self._service_done and _only_ends_sending(error):
+                # The peer finished this stream before its session ended (or
+                # before it closed the stream): what it sent is still
+                # delivered; only socket -> stream ends.
+                self._cut_up_locked()
             else:
                 self._abort_locked(str(error), reset_stream=False)
             return self._finisher_locked()   # the stream calls it once its lock is free
@@ -230,6 +332,8 @@ class Bridge(object):
                 break
             self._pending.popleft()
         self.bytes_down += sent_total
+        if sent_total and self._idle_timeout is not None:
+            self._last_down = time.monotonic()
         finish = None
         if not self._pending:
             self._flusher.unwatch(self)
@@ -246,6 +350,17 @@ class Bridge(object):
         except OSError:
             pass
         self._down_done.set()
+
+    def _cut_up_locked(self):
+        """The stream takes no more data: stop reading the socket, keep delivering."""
+        if self._up_cut:
+            return
+        self._up_cut = True
+        if not self._up_done:
+            try:
+                self.sock.shutdown(socket.SHUT_RD)   # wakes the pump's recv
+            except OSError:
+                pass
 
     def _abort_locked(self, reason, reset_stream):
         if self._aborted is not None or self._closed:
@@ -264,13 +379,103 @@ class Bridge(object):
 
     # -- socket -> stream: the pump thread ---------------------------------------------
 
-    def _idle(self, sock):
+    def _set_read_timeout(self, seconds):
+        """Bound the pump's next reads with SO_RCVTIMEO: sends are unaffected (see top)."""
+        whole = int(seconds)
+        micro = int((seconds - whole) * 1e6)
+        if not whole and not micro:
+            micro = 1   # zero would mean no timeout at all
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, micro))
+        self._read_timeout = seconds
+
+    def _idle(self):
         """After a read timed out: True if nothing moved either way for idle_timeout."""
-        quiet = time.monotonic() - self._last_down
+        now = time.monotonic()
+        quiet = now - self._last_down
         if quiet >= self._idle_timeout:
-            return True
-        sock.settimeout(self._idle_timeout - quiet)   # the other direction was busy
+            if not self._client_took_bytes():
+                return True
+            self._last_down, quiet = now, 0.0
+        self._set_read_timeout(self._idle_timeout - quiet)   # the other direction was busy
         return False
+
+    def _stalled_idle(self, stalled_since, now):
+        """Waiting for window since ``stalled_since``: True if nothing moved either way
+        for idle_timeout."""
+        if now - max(stalled_since, self._last_down) < self._idle_timeout:
+            return False
+        if self._client_took_bytes():
+            self._last_down = now
+            return False
+        return True
+
+    def _client_took_bytes(self):
+        """At an idle deadline: True if the client read from what its socket held for it.
+
+        A slow reader takes its bytes from the socket's send queue for long
+        stretches with no write of ours; the queue shrinking shows it.
+        One ioctl per idle deadline, none per chunk.
+        """
+        if _OUTQ is None:
+            return False
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return False
+        last, self._last_queued = self._last_queued, queued
+        if last is None:
+            return queued > 0   # first look: bytes in flight may be moving; look again later
+        return queued != last
+
+    def _client_gone(self):
+        """While waiting for window: True if the client reset its connection.
+
+        A FIN is not its going away (what it sent is still delivered): only
+        an error on the socket, or a failed write to it, counts.
+        """
+        with self._lock:
+            if self._aborted is not None:
+                return True
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock, 0)   # POLLERR is always reported
+        return any(events & select.POLLERR for _, events in self._poll.poll(0))
+
+    def _send_up(self, view):
+        """Send ``view`` on the stream: False if this direction has ended."""
+        stream = self.stream
+        stalled_since = None
+        while view:
+            try:
+                sent = stream.send(view)
+            except socket.timeout:
+                # No window for _WINDOW_CHECK (nothing was sent): is the client still there?
+                if self._client_gone():
+                    with self._lock:
+                        self._abort_locked("the client reset while waiting for window",
+                                           reset_stream=True)
+                    return False
+                now = time.monotonic()
+                if stalled_since is None:
+                    stalled_since = now - _WINDOW_CHECK
+                if self._idle_timeout is not None and self._stalled_idle(stalled_since, now):
+                    with self._lock:
+                        self._abort_locked("idle for %gs (the service takes nothing)"
+                                           % self._idle_timeout, reset_stream=True)
+                    return False
+                continue
+            except (MuxadoError, OSError) as exc:
+                self._stream_write_failed(exc)
+                return False
+            stalled_since = None
+            view = view[sent:]
+        return True
+
+    def _stream_write_failed(self, exc):
+        with self._lock:
+            if self._aborted is None and self._up_cut:
+                return   # the peer finished and left: its data is still on its way down
+            self._abort_locked("stream write failed: %s" % exc, reset_stream=False)
 
     def _pump(self):
         threading.current_thread().name = self.name
@@ -278,18 +483,22 @@ class Bridge(object):
         stream = self.stream
         buf = bytearray(_SMALL_READ)
         view = memoryview(buf)
-        if self._idle_timeout is not None:
-            sock.settimeout(self._idle_timeout)
+        idle_timeout = self._idle_timeout
         try:
+            if idle_timeout is not None:
+                self._set_read_timeout(idle_timeout)
+            # The waits for window end every _WINDOW_CHECK to look at the client;
+            # nothing else waits on this stream (its data goes to stream_data).
+            stream.settimeout(_WINDOW_CHECK)
             while True:
                 try:
                     n = sock.recv_into(buf)
-                except socket.timeout:
-                    if not self._idle(sock):
+                except BlockingIOError:
+                    # SO_RCVTIMEO ran out (only set with an idle timeout)
+                    if idle_timeout is None or not self._idle():
                         continue
                     with self._lock:
-                        self._abort_locked("idle for %gs" % self._idle_timeout,
-                                           reset_stream=True)
+                        self._abort_locked("idle for %gs" % idle_timeout, reset_stream=True)
                     break
                 except OSError as exc:
                     with self._lock:
@@ -297,13 +506,9 @@ class Bridge(object):
                     break
                 if not n:
                     break
-                if self._idle_timeout is not None and sock.gettimeout() != self._idle_timeout:
-                    sock.settimeout(self._idle_timeout)   # after a shortened wait
-                try:
-                    stream.sendall(view[:n])
-                except (MuxadoError, OSError) as exc:
-                    with self._lock:
-                        self._abort_locked("stream write failed: %s" % exc, reset_stream=False)
+                if idle_timeout is not None and self._read_timeout != idle_timeout:
+                    self._set_read_timeout(idle_timeout)   # after a shortened wait
+                if not self._send_up(view[:n]):
                     break
                 self.bytes_up += n
                 if n == len(buf) and len(buf) < _BIG_READ:
@@ -313,13 +518,13 @@ class Bridge(object):
             with self._lock:
                 aborted = self._aborted
                 reset_stream = self._reset_stream
-            if aborted is None:
+                cut = self._up_cut
+            if aborted is None and not cut:
                 try:
                     stream.close_write()
                 except (MuxadoError, OSError) as exc:
-                    with self._lock:
-                        self._abort_locked("stream write failed: %s" % exc, reset_stream=False)
-            elif reset_stream:
+                    self._stream_write_failed(exc)
+            elif aborted is not None and reset_stream:
                 stream.reset(ErrorCode.STREAM_RESET)
         except Exception:
             log.exception("bridge for stream %d failed", stream.id)
@@ -333,10 +538,27 @@ class Bridge(object):
             with self._lock:
                 self._up_done = True
                 finish = self._finisher_locked()
+                if (finish is None and idle_timeout is not None and self._aborted is None
+                        and not self._closed):
+                    self._flusher.watch_idle(self)   # no read of ours times it out now
             if finish is not None:
                 finish()
 
     # -- the end: both directions done -------------------------------------------------
+
+    def _discard_input(self):
+        """Read away what the client sent that the stream could no longer take.
+
+        Closing a socket with unread input sends RST, which would lose what
+        is still on its way to the client.
+        """
+        scratch = bytearray(64 * 1024)
+        for _ in range(_DISCARD_READS):
+            try:
+                if not self.sock.recv_into(scratch, 0, socket.MSG_DONTWAIT):
+                    return
+            except OSError:
+                return
 
     def _finisher_locked(self):
         """``_finish`` if both directions are done and nobody has claimed it, else None."""
@@ -357,7 +579,12 @@ class Bridge(object):
                 self._closed = True
                 self._pending.clear()
                 self._flusher.unwatch(self)
+                if self._idle_timeout is not None:
+                    self._flusher.unwatch_idle(self)
                 reset = self._aborted is not None and self._reset_stream
+                discard = self._up_cut and self._aborted is None
+            if discard:
+                self._discard_input()
             try:
                 if reset:   # a no-op if the pump has reset it already
                     stream.reset(ErrorCode.STREAM_RESET, wait=False)
@@ -372,3 +599,11 @@ class Bridge(object):
             log.exception("bridge for stream %d failed while closing", stream.id)
         finally:
             self._finished.set()
+
+
+def _only_ends_sending(error):
+    """True if ``error``, after the peer's FIN, ends only our sending on the stream:
+    the session's end, or the peer refusing data on a stream it has closed."""
+    if isinstance(error, SessionClosedError):
+        return True
+    return isinstance(error, StreamResetError) and error.code == ErrorCode.STREAM_CLOSED

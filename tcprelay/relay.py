@@ -125,6 +125,7 @@ class ServiceLink(object):
         self._stopping = threading.Event()   # set when the public listener is shut down
         self._ended = False
         self._draining = False
+        self._closing = False       # close(): clients are reset, with no drain_timeout
         self._bridges = set()
         self._idle = threading.Condition(self._lock)   # a client left, or the session ended
         self._heartbeat = None
@@ -180,6 +181,8 @@ class ServiceLink(object):
 
     def close(self):
         """End the service's session: its clients are reset."""
+        with self._lock:
+            self._closing = True
         self._stop_listening()
         if self._session is not None:
             self._session.close()
@@ -248,15 +251,16 @@ class ServiceLink(object):
                 self._sock.close()
             with self._lock:
                 bridges = list(self._bridges)
+                grace = 0.0 if self._closing else relay.drain_timeout
             # A client may still be taking the service's last bytes: it gets
             # drain_timeout to read them, then a reset, so that a client that
-            # never reads cannot hold the port for ever.
-            end = time.monotonic() + relay.drain_timeout
+            # never reads cannot hold the port for ever. (Not after close():
+            # the relay is leaving, and Relay.drain has had its time.)
+            end = time.monotonic() + grace
             for bridge in bridges:
                 if not bridge.join(max(0.0, end - time.monotonic())):
                     log.info("%s: client on stream %d still had data to read %gs after the "
-                             "service left; resetting it", self.label, bridge.stream.id,
-                             relay.drain_timeout)
+                             "service left; resetting it", self.label, bridge.stream.id, grace)
                     bridge.abort("the service has left and the client stopped reading")
             for bridge in bridges:
                 bridge.join()
@@ -480,6 +484,7 @@ class ServiceLink(object):
                                    "(--max-clients)", self.label, client_address[0],
                                    relay.max_clients)
                 continue
+            enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
             stream = None
             try:
                 # The SYN goes out here, in accept order, carrying what the
