@@ -44,6 +44,7 @@ try:
 except (ImportError, AttributeError):   # not Linux: only our own sends count as activity
     fcntl = _OUTQ = None
 
+from . import clock
 from .muxado import ErrorCode, MuxadoError, SessionClosedError, StreamResetError
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class Flusher(object):
     def _run(self):
         timeout = None
         while True:
-            for key, _ in self._selector.select(timeout):
+            for key, _ in self._selector.select(clock.capped(timeout)):
                 if key.data is None:
                     with self._lock:
                         if self._closed:

@@ -22,16 +22,19 @@ import socket
 import threading
 import time
 
-from . import muxado, registration
+from . import clock, muxado, registration
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEPALIVE = 30.0   # seconds to notice a vanished peer
+_MAX_KEEPALIVE = 3 * 32767   # so that the probes' idle time fits the kernel's limit
 
 
 def enable_tcp_keepalive(sock, seconds):
     """Have the kernel notice a dead peer within about ``seconds``."""
-    seconds = max(3, int(seconds))
+    # The kernel takes at most 32,767 s between probes (MAX_TCP_KEEPIDLE) and an
+    # int of milliseconds for TCP_USER_TIMEOUT: longer is "practically never".
+    seconds = min(max(3, int(min(seconds, _MAX_KEEPALIVE))), _MAX_KEEPALIVE)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, seconds // 3))
@@ -57,7 +60,7 @@ class _Lines(object):
 
     def next(self, timeout):
         """The next JSON line as a dict; None at EOF. Raises socket.timeout."""
-        self._stream.settimeout(timeout)
+        self._stream.settimeout(clock.capped(timeout))   # callers loop on their deadline
         while not self._ready:
             data = self._stream.recv(registration.MAX_REPLY)
             if not data:
@@ -112,7 +115,7 @@ class HeartbeatResponder(object):
                     session.close()
                     return
                 if not pings:
-                    if session.wait(left):
+                    if session.wait(clock.capped(left)):
                         return
                     continue
                 try:
@@ -205,7 +208,7 @@ class HeartbeatSender(object):
                     return
                 wait = min(left, next_ping - time.monotonic()) if pings else left
                 if not pongs:
-                    if self._stop.wait(max(0.0, wait)) or session.closed:
+                    if self._stop.wait(clock.capped(max(0.0, wait))) or session.closed:
                         return
                     continue
                 try:

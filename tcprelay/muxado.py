@@ -51,7 +51,6 @@ import errno
 import io
 import itertools
 import logging
-import math
 import select
 import socket
 import struct
@@ -64,6 +63,7 @@ from .frames import (
     SYN, Data, ErrorCode, FrameDecoder, FrameHandler, GoAway, MuxadoError, ProtocolError,
     Rst, Unknown, WndInc, decode_frames, encode_goaway, encode_rst, encode_wndinc,
 )
+from . import clock
 from .limits import LogGate
 
 __all__ = [
@@ -152,9 +152,13 @@ class _Deadline(object):
         self._end = None if timeout is None else time.monotonic() + timeout
 
     def remaining(self):
+        """Seconds left for one wait (None: no limit); 0.0 once past the deadline.
+
+        At most clock.MAX_WAIT: every caller loops until its deadline.
+        """
         if self._end is None:
             return None
-        return max(0.0, self._end - time.monotonic())
+        return clock.capped(max(0.0, self._end - time.monotonic()))
 
 
 class _TokenBucket(object):
@@ -230,11 +234,8 @@ class Stream(object):
     # -- socket-like interface -------------------------------------------------
 
     def settimeout(self, timeout):
-        if timeout is not None:
-            timeout = float(timeout)
-            if timeout < 0:
-                raise ValueError("Timeout value out of range")
-        self._timeout = timeout
+        """As ``socket.settimeout``: None, 0 or seconds of any size a socket takes."""
+        self._timeout = clock.check_timeout(timeout)
 
     def gettimeout(self):
         return self._timeout
@@ -1587,7 +1588,9 @@ class Session(object):
             self._poller = select.poll()
             self._poller.register(self._sock, select.POLLIN)
             self._poller.register(self._wake_r, select.POLLIN)
-        ms = None if timeout is None else max(1, int(math.ceil(timeout * 1000)))
+        ms = clock.poll_ms(timeout)
+        if ms == 0:
+            ms = 1
         ready = False
         for fd, _ in self._poller.poll(ms):
             if fd == self._wake_r.fileno():

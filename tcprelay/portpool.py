@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+from . import clock
+
 log = logging.getLogger(__name__)
 
 
@@ -241,7 +243,7 @@ class PortPool(object):
                     if left <= 0:
                         return None
                     wait = left if wait is None else min(wait, left)
-                self._cond.wait(wait)
+                self._cond.wait(clock.capped(wait))
 
     def _position_locked(self, ticket):
         try:

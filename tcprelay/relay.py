@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from . import auth, cli, limits, muxado, proxyproto, registration, resources, tls
+from . import auth, cli, clock, limits, muxado, proxyproto, registration, resources, tls
 from .bridge import Bridge, Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
 from .portpool import Cancelled, PoolError, PortPool
@@ -73,7 +73,7 @@ class _RequestLines(object):
         self._eof = False
 
     def _fill(self):
-        self._stream.settimeout(max(0.0, self._deadline - time.monotonic()))
+        self._stream.settimeout(clock.capped(max(0.0, self._deadline - time.monotonic())))
         chunk = self._stream.recv(registration.MAX_REQUEST + 1)
         if not chunk:
             self._eof = True
@@ -286,7 +286,8 @@ class ServiceLink(object):
             return None
         self._sock = sslsock   # closed by _run's cleanup from now on
         try:
-            sslsock.settimeout(max(0.0, self._handshake_deadline - time.monotonic()))
+            sslsock.settimeout(min(clock.MAX_TIMEOUT,
+                                   max(0.0, self._handshake_deadline - time.monotonic())))
             sslsock.do_handshake()
         except (OSError, ValueError) as exc:
             relay._log_remote("tls", "%s: TLS handshake failed: %s", self.label, exc)
@@ -742,7 +743,7 @@ class Relay(object):
                 if left <= 0:
                     log.info("drain timed out with %d clients open; resetting them", self._clients)
                     return False
-                self._lock.wait(left)
+                self._lock.wait(clock.capped(left))
         return True
 
     def server_close(self):

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 
-from . import auth, limits, muxado, proxyproto, registration
+from . import auth, clock, limits, muxado, proxyproto, registration
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
 from .tls import TLSTransport
 from .workers import WorkerPool
@@ -162,7 +162,7 @@ class _ReplyReader(object):
                 if left <= 0:
                     raise socket.timeout("gave no port within max_wait and the timeout")
                 wait = left if wait is None else min(wait, left)
-            self._stream.settimeout(wait)
+            self._stream.settimeout(None if wait is None else min(wait, clock.MAX_TIMEOUT))
             try:
                 data = self._stream.recv(registration.MAX_REPLY)
             except socket.timeout:

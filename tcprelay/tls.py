@@ -13,6 +13,9 @@ import select
 import socket
 import ssl
 import threading
+import time
+
+from . import clock
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,12 @@ class TLSTransport(object):
             return False
         poller = select.poll()
         poller.register(self._fd, events | _WAIT_EVENTS)
-        return bool(poller.poll(None if timeout is None else max(1, int(timeout * 1000))))
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if poller.poll(clock.poll_ms(None if end is None else end - time.monotonic())):
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
 
     def shutdown(self, how):
         # The plain socket's shutdown: it wakes a reader in poll(), and unlike
