@@ -35,3 +35,31 @@ def test_idle_timeout_counts_an_upload_that_ends_with_a_fin(env):
     stream.sendall(b"reply")
     stream.close()
     assert recv_to_eof(client) == b"reply"
+
+
+# -- the heartbeat ------------------------------------------------------------------------
+
+KEEPALIVE = 1.0   # the relay's heartbeat timeout in these tests
+
+
+def test_relay_heartbeat_starts_counting_silence_when_the_port_is_granted(env):
+    # A service waits in line longer than the heartbeat timeout; it has
+    # nothing to say while it waits (the relay talks). Its promise to be
+    # heard from every timeout starts with the ok: the relay must not drop
+    # it the moment its port comes.
+    relay = env.relay(ports=1, keepalive=KEEPALIVE, lease_time=0)
+    holder = env.service(relay)
+    holder.register_ok()
+    waiter = env.service(relay)
+    registration = waiter.register({"heartbeat": True, "notices": True})
+    assert registration.reply()["status"] == "waiting"
+    assert not waiter.session.wait(1.5 * KEEPALIVE), "dropped while in line"
+    holder.session.close()
+    reply = registration.reply()
+    while reply["status"] == "waiting":
+        reply = registration.reply()
+    assert reply["status"] == "ok", reply
+    assert not waiter.session.wait(KEEPALIVE / 2), \
+        "the relay dropped the service as its port came, for its silence in line"
+    registration.stream.sendall(b'{"ping": 1}\n')
+    assert registration.reply() == {"pong": 1}
