@@ -4,10 +4,13 @@ and the bridge's endings, each a case that failed before its fix."""
 import socket
 import threading
 
+import pytest
+
 from conftest import TIMEOUT
 from relay_helpers import recv_exact, recv_to_eof
 from test_endings_bridge import only_bridge
 from test_service import env, logs  # noqa: F401  (fixtures)
+from tcprelay import heartbeat
 
 
 # -- the bridge's idle timeout ------------------------------------------------------------
@@ -63,3 +66,26 @@ def test_relay_heartbeat_starts_counting_silence_when_the_port_is_granted(env):
         "the relay dropped the service as its port came, for its silence in line"
     registration.stream.sendall(b'{"ping": 1}\n')
     assert registration.reply() == {"pong": 1}
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: HeartbeatSender pings with a blocking "
+                   "sendall, and Session._send_data waits for the write lock with no bound")
+def test_service_heartbeat_times_out_while_a_write_is_stuck(sessions):
+    # A writer stuck in sendmsg holds the session's write lock until
+    # write_timeout (or for ever, with write_timeout=None); held here by the
+    # test. The relay is silent: the heartbeat must end the session after
+    # its own timeout, not wait in line for the write lock to ping first.
+    stream = sessions.client.open()
+    stream.sendall(b"x")               # the stream exists at the relay's end
+    accepted = sessions.server.accept(timeout=TIMEOUT)
+    sessions.client._write_lock.acquire()
+    sender = heartbeat.HeartbeatSender(sessions.client, stream, 0.1, 0.5, "test")
+    try:
+        sender.start()
+        ended = sessions.client.wait(0.5 + 1.5)
+    finally:
+        sessions.client._write_lock.release()
+        sender.stop()
+        sender.join(TIMEOUT)
+        accepted.close()
+    assert ended, "the heartbeat waited for the write lock instead of timing out"
