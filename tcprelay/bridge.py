@@ -101,7 +101,7 @@ class Flusher(object):
         For a bridge whose pump has ended (the client half-closed) while the
         service's side goes on: no read of the pump's times it out any more.
         """
-        deadline = bridge._last_down + bridge._idle_timeout
+        deadline = bridge._idle_deadline()
         with self._lock:
             if self._closed:
                 return
@@ -124,7 +124,7 @@ class Flusher(object):
         with self._lock:
             bridges = list(self._idle)
         for bridge in bridges:
-            if bridge._last_down + bridge._idle_timeout <= now:
+            if bridge._idle_deadline() <= now:
                 if bridge._client_took_bytes():
                     bridge._last_down = now   # its pump has ended: only we look at it
                     continue
@@ -132,8 +132,8 @@ class Flusher(object):
                 bridge.abort("idle for %gs" % bridge._idle_timeout)
         with self._lock:
             # Over every bridge, those added during the sweep included.
-            self._next_sweep = min((bridge._last_down + bridge._idle_timeout
-                                    for bridge in self._idle), default=None)
+            self._next_sweep = min((bridge._idle_deadline() for bridge in self._idle),
+                                   default=None)
             return self._next_sweep
 
     def _run(self):
@@ -203,6 +203,7 @@ class Bridge(object):
         self._workers = workers
         self._idle_timeout = idle_timeout
         self._last_down = time.monotonic()    # when data last went stream -> socket
+        self._up_ended = 0.0                  # when the pump ended (its last read: EOF, say)
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._pending = collections.deque()   # stream data the socket has not taken yet
@@ -380,6 +381,10 @@ class Bridge(object):
 
     # -- socket -> stream: the pump thread ---------------------------------------------
 
+    def _idle_deadline(self):
+        """When the flusher resets this bridge, its pump ended, unless something moves."""
+        return max(self._last_down, self._up_ended) + self._idle_timeout
+
     def _set_read_timeout(self, seconds):
         """Bound the pump's next reads with SO_RCVTIMEO: sends are unaffected (see top)."""
         whole = int(seconds)
@@ -538,6 +543,7 @@ class Bridge(object):
             # whichever side ends last finishes (see _finisher_locked).
             with self._lock:
                 self._up_done = True
+                self._up_ended = time.monotonic()   # the client's FIN is activity too
                 finish = self._finisher_locked()
                 if (finish is None and idle_timeout is not None and self._aborted is None
                         and not self._closed):

@@ -75,9 +75,14 @@ class _Lines(object):
         return body
 
 
-def _silence_left(session, timeout):
-    """Seconds until ``session`` has been silent for ``timeout`` (<= 0: it has)."""
-    return session.last_received + timeout - time.monotonic()
+def _silence_left(session, timeout, started):
+    """Seconds until ``session`` has been silent for ``timeout`` (<= 0: it has).
+
+    Silence counts from ``started`` (the heartbeat's start) at the earliest:
+    the promise to be heard from begins with the ok, whatever came before
+    (a service waits in line in silence).
+    """
+    return max(session.last_received, started) + timeout - time.monotonic()
 
 
 class HeartbeatResponder(object):
@@ -104,11 +109,12 @@ class HeartbeatResponder(object):
 
     def _run(self):
         session = self._session
+        started = time.monotonic()
         lines = _Lines(self._stream)
         pings = True   # the service may still ping
         try:
             while True:
-                left = _silence_left(session, self._timeout)
+                left = _silence_left(session, self._timeout, started)
                 if left <= 0:
                     log.warning("%s: no heartbeat for %gs, nor any other byte; the service "
                                 "is gone, dropping it", self._label, self._timeout)
@@ -182,7 +188,7 @@ class HeartbeatSender(object):
         session = self._session
         lines = _Lines(self._stream)
         seq = 0
-        next_ping = time.monotonic()
+        started = next_ping = time.monotonic()
         pongs = pings = True   # the relay may still answer; we may still ping
         try:
             while not self._stop.is_set():
@@ -198,7 +204,7 @@ class HeartbeatSender(object):
                         pass
                     except muxado.StreamResetError:
                         pings = pongs = self._heartbeat_ended("reset")
-                left = _silence_left(session, self._timeout)
+                left = _silence_left(session, self._timeout, started)
                 if left <= 0:
                     if session.closed:
                         return
