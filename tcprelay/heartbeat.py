@@ -144,8 +144,8 @@ class HeartbeatResponder(object):
                     continue
                 if "ping" in body:
                     try:
-                        self._stream.sendall(_line({"pong": body["ping"]}))
-                    except socket.timeout:
+                        self._stream.send_nowait(_line({"pong": body["ping"]}))
+                    except BlockingIOError:
                         raise registration.RegistrationError(
                             "it does not read its heartbeat stream")
         except registration.RegistrationError as exc:
@@ -197,11 +197,11 @@ class HeartbeatSender(object):
                     seq += 1
                     next_ping = now + self._interval
                     try:
-                        # Bounded by the silence budget set by lines.next: a ping
-                        # stuck for want of window is no reason to stop checking.
-                        self._stream.sendall(_line({"ping": seq}))
-                    except socket.timeout:
-                        pass
+                        # Never waits (for window, or for the write lock behind a
+                        # write to a stuck relay): the silence check keeps its time.
+                        self._stream.send_nowait(_line({"ping": seq}))
+                    except BlockingIOError:
+                        pass   # the relay has not read our last pings: no more now
                     except muxado.StreamResetError:
                         pings = pongs = self._heartbeat_ended("reset")
                 left = _silence_left(session, self._timeout, started)

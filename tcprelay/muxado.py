@@ -358,6 +358,28 @@ class Stream(object):
         self.session._send_data(self, view[:n], 0, grant)
         return n
 
+    def send_nowait(self, data):
+        """Send all of ``data`` (a small message) without blocking the caller.
+
+        The frame goes out at once if nobody is writing and the socket has
+        room, else from the session's writer thread, in order with this
+        stream's other ``send_nowait`` frames. Raises BlockingIOError if the
+        peer's window cannot take it all now. For a heartbeat, whose thread must
+        keep its own time even while a write to a stuck peer holds the
+        session's write lock (the stream must be announced already).
+        """
+        view = self._outgoing(data, 0)
+        n = len(view)
+        with self._lock:
+            self._check_writable()
+            if self._unannounced:
+                raise ValueError("send_nowait on a stream the peer has not heard of")
+            if self._send_window < n:
+                raise BlockingIOError(errno.EAGAIN, "no send window on stream %d" % self.id)
+            self._send_window -= n
+        self.session._queue_control(_DATA_HEADER.pack(n << 8 | _DATA_TYPE, self.id)
+                                    + bytes(view))
+
     def announce(self):
         """Tell the peer of this stream now, if no frame has yet (see Session.open).
 
@@ -997,8 +1019,9 @@ class _FrameDispatch(FrameHandler):
     def data_chunk(self, chunk):
         target = self._target
         if target is not None and not target._deliver(chunk.tobytes()):
-            # Closed mid-frame: the rest is dropped, and the peer told so.
+            # Closed mid-frame: the rest is dropped (its FIN too), and the peer told so.
             self._target = None
+            self._fin_target = None
             self._session._reply(encode_rst(target.id, ErrorCode.STREAM_CLOSED))
 
     def data_end(self, stream_id, flags):

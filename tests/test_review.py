@@ -4,13 +4,12 @@ and the bridge's endings, each a case that failed before its fix."""
 import socket
 import threading
 
-import pytest
 
 from conftest import TIMEOUT
-from relay_helpers import recv_exact, recv_to_eof
+from relay_helpers import Worker, recv_exact, recv_to_eof, wait_until
 from test_endings_bridge import only_bridge
 from test_service import env, logs  # noqa: F401  (fixtures)
-from tcprelay import heartbeat
+from tcprelay import frames, heartbeat, muxado
 
 
 # -- the bridge's idle timeout ------------------------------------------------------------
@@ -68,24 +67,34 @@ def test_relay_heartbeat_starts_counting_silence_when_the_port_is_granted(env):
     assert registration.reply() == {"pong": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: HeartbeatSender pings with a blocking "
-                   "sendall, and Session._send_data waits for the write lock with no bound")
-def test_service_heartbeat_times_out_while_a_write_is_stuck(sessions):
-    # A writer stuck in sendmsg holds the session's write lock until
-    # write_timeout (or for ever, with write_timeout=None); held here by the
-    # test. The relay is silent: the heartbeat must end the session after
-    # its own timeout, not wait in line for the write lock to ping first.
-    stream = sessions.client.open()
-    stream.sendall(b"x")               # the stream exists at the relay's end
-    accepted = sessions.server.accept(timeout=TIMEOUT)
-    sessions.client._write_lock.acquire()
-    sender = heartbeat.HeartbeatSender(sessions.client, stream, 0.1, 0.5, "test")
+def test_service_heartbeat_times_out_while_a_write_is_stuck(raw_peer):
+    # A writer stuck in sendmsg to a relay that stopped reading holds the
+    # session's write lock (for ever, with write_timeout=None). The relay is
+    # silent: the heartbeat must end the session after its own timeout, not
+    # wait in line for the write lock to ping first.
+    peer = raw_peer(client=True, write_timeout=None)
+    heartbeat_stream = peer.session.open()          # announced: its SYN is out
+    bulk = peer.session.open()
+    peer.send(frames.encode_wndinc(bulk.id, 1 << 30))   # room for far more than the socket holds
+    wait_until(lambda: bulk._send_window > 1 << 29, what="the window to arrive")
+    writer = Worker(_send_until_it_fails, bulk)
+    wait_until(lambda: peer.session._write_lock.locked(), what="the writer to get stuck")
+    sender = heartbeat.HeartbeatSender(peer.session, heartbeat_stream, 0.1, 0.5, "test")
+    sender.start()
     try:
-        sender.start()
-        ended = sessions.client.wait(0.5 + 1.5)
+        ended = peer.session.wait(0.5 + 1.5)
     finally:
-        sessions.client._write_lock.release()
         sender.stop()
+        peer.session.close()
         sender.join(TIMEOUT)
-        accepted.close()
+        writer.finish()
     assert ended, "the heartbeat waited for the write lock instead of timing out"
+
+
+def _send_until_it_fails(stream):
+    block = b"x" * (1 << 20)
+    try:
+        while True:
+            stream.sendall(block)
+    except (OSError, muxado.MuxadoError):
+        pass
