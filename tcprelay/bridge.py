@@ -209,6 +209,7 @@ class Bridge(object):
         self._pending = collections.deque()   # stream data the socket has not taken yet
         self._fin_pending = False             # the stream's FIN, to pass on after _pending
         self._service_done = False            # the stream's FIN has come: the peer finished
+        self._client_eof = False              # the client's FIN came before the stream failed
         self._up_cut = False                  # socket -> stream ended: the stream takes no more
         self._down_done = threading.Event()   # stream -> socket has ended
         self._up_done = False                 # socket -> stream has ended (the pump is done)
@@ -422,16 +423,27 @@ class Bridge(object):
         stretches with no write of ours; the queue shrinking shows it.
         One ioctl per idle deadline, none per chunk.
         """
-        if _OUTQ is None:
-            return False
-        try:
-            queued = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
-        except (OSError, ValueError):
+        queued = self._queued_out()
+        if queued is None:
             return False
         last, self._last_queued = self._last_queued, queued
         if last is None:
             return queued > 0   # first look: bytes in flight may be moving; look again later
         return queued != last
+
+    def _client_has_all(self):
+        """True if the client's end has acknowledged all we wrote (our FIN aside)."""
+        queued = self._queued_out()
+        return queued is not None and queued <= 1   # the FIN takes a sequence number
+
+    def _queued_out(self):
+        """Bytes written to the socket and not yet acknowledged (None: unknown)."""
+        if _OUTQ is None:
+            return None
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return None
 
     def _client_gone(self):
         """While waiting for window: True if the client reset its connection.
@@ -511,6 +523,7 @@ class Bridge(object):
                         self._abort_locked("socket read failed: %s" % exc, reset_stream=True)
                     break
                 if not n:
+                    self._client_eof = not self._up_cut   # else: our own SHUT_RD
                     break
                 if idle_timeout is not None and self._read_timeout != idle_timeout:
                     self._set_read_timeout(idle_timeout)   # after a shortened wait
@@ -592,6 +605,15 @@ class Bridge(object):
                 discard = self._up_cut and self._aborted is None
             if discard:
                 self._discard_input()
+                if not self._client_eof and self._client_has_all():
+                    # The client may still be sending, to a socket shut for
+                    # reading: that socket would answer with a zero window, not
+                    # a reset, and leave it hanging. Everything it was owed has
+                    # reached it, so a reset loses nothing, as TCP's close does.
+                    try:
+                        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    except OSError:
+                        pass
             try:
                 if reset:   # a no-op if the pump has reset it already
                     stream.reset(ErrorCode.STREAM_RESET, wait=False)

@@ -1010,6 +1010,7 @@ def _network(text):
 
 def _check_open_file_limit(args):
     """Raise the soft open-file limit to the hard one; warn if the limits cannot fit."""
+    resources.preload_thread_exit()
     limit = resources.raise_open_file_limit()
     need = resources.descriptors_needed(args.max_services, args.max_clients, args.max_waiting)
     if limit is not None and limit < need:

@@ -11,6 +11,7 @@ connected. nginx and HAProxy behave the same way.
 
 import errno
 import logging
+import sys
 
 from . import limits
 
@@ -59,6 +60,23 @@ class Acceptor(object):
                 if self._stopping.wait(delay):
                     raise
                 delay = min(delay * 2, MAX_BACKOFF)
+
+
+def preload_thread_exit():
+    """Load libgcc_s now, while descriptors are plenty (Linux).
+
+    glibc loads it the first time a thread ends through ``pthread_exit``, as
+    CPython 3.6 ends its threads; a process out of descriptors then cannot
+    open it and aborts ("libgcc_s.so.1 must be installed for pthread_exit to
+    work"). Loaded once, it stays.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libgcc_s.so.1")
+    except (ImportError, OSError):
+        pass   # not glibc, or no such library: nothing to preload
 
 
 def raise_open_file_limit():
