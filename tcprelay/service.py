@@ -398,6 +398,7 @@ class RelayServer(object):
         self._workers = None
         self._shutdown_requested = threading.Event()
         self._attempt = None                 # the registration under way, to cancel
+        self._retired = []                   # sessions the relay is leaving, clients finishing
         self._attempt_lock = threading.Lock()
         self._serving = threading.Event()
         self._stopped = threading.Event()
@@ -485,6 +486,12 @@ class RelayServer(object):
         self._serving.set()
         try:
             while not self._shutdown_requested.is_set():
+                if reconnect and self.connection.session.remote_goaway is not None:
+                    # The relay is leaving (a restart, say): our clients on it
+                    # finish there, and new ones come over a fresh session at once.
+                    if not self._move_on(poll_interval):
+                        return
+                    continue
                 try:
                     stream = self.connection.accept(poll_interval)
                 except socket.timeout:
@@ -503,25 +510,54 @@ class RelayServer(object):
                     except RelayGone:
                         return   # shut down while reconnecting
                     continue
-                try:
-                    client_address = self.client_address_of(stream)
-                except (proxyproto.ProxyHeaderError, OSError, muxado.MuxadoError) as exc:
-                    self._log_dropped("dropping a client stream: %s", exc)
-                    stream.reset()
-                    continue
-                if self.verify_request(stream, client_address):
-                    try:
-                        self.process_request(stream, client_address)
-                    except Exception:
-                        self.handle_error(stream, client_address)
-                        self.shutdown_request(stream)
-                else:
-                    self.shutdown_request(stream)
+                self._handle(stream)
                 self.service_actions()
         finally:
             self._shutdown_requested.clear()   # as socketserver: serve_forever can run again
             self._serving.clear()
             self._stopped.set()
+
+    def _handle(self, stream):
+        """One client's stream, socketserver style."""
+        try:
+            client_address = self.client_address_of(stream)
+        except (proxyproto.ProxyHeaderError, OSError, muxado.MuxadoError) as exc:
+            self._log_dropped("dropping a client stream: %s", exc)
+            stream.reset()
+            return
+        if self.verify_request(stream, client_address):
+            try:
+                self.process_request(stream, client_address)
+            except Exception:
+                self.handle_error(stream, client_address)
+                self.shutdown_request(stream)
+        else:
+            self.shutdown_request(stream)
+
+    def _move_on(self, poll_interval):
+        """The relay sent GOAWAY: register a fresh session; False if shut down meanwhile.
+
+        Streams it opened before its GOAWAY are still served; the old session
+        stays until the relay ends it (its clients done), or server_close().
+        """
+        old = self.connection
+        while True:
+            try:
+                self._handle(old.accept(0))
+            except (socket.timeout, RelayGone):
+                break
+        with self._threads_lock:
+            ended = [c for c in self._retired if c.closed]
+            self._retired = [c for c in self._retired if not c.closed] + [old]
+        for connection in ended:
+            connection.close()   # joins its heartbeat thread
+        log.info("the relay at %s is going away; registering again while the clients it "
+                 "has finish", self.relay_label)
+        try:
+            self._register(retry=True)
+        except RelayGone:
+            return False
+        return True
 
     @property
     def shutdown_requested(self):
@@ -558,6 +594,10 @@ class RelayServer(object):
                 for thread in threads:
                     thread.join()
             connection.close()
+        with self._threads_lock:
+            retired, self._retired = self._retired, []
+        for old in retired:
+            old.close()
         if self._workers is not None:
             self._workers.close()
 

@@ -5,14 +5,20 @@ long the timeouts under test are.
 """
 
 import socket
+import socketserver
 import threading
+import time
 
 import pytest
 
 from conftest import TIMEOUT
-from relay_helpers import LOOPBACK, Worker, echo_handler, echo_roundtrip, recv_exact
+from relay_helpers import (
+    LOOPBACK, Worker, echo_handler, echo_roundtrip, free_port_range, recv_exact, wait_until,
+)
 from test_relay import Env
 from tcprelay import clock, heartbeat, service
+from tcprelay.relay import Relay
+from tcprelay.service import RelayServer
 
 THIRTY_DAYS = 30 * 24 * 3600.0
 EXTREMES = [THIRTY_DAYS, 10 * 365 * 24 * 3600.0, clock.MAX_TIMEOUT]
@@ -112,3 +118,55 @@ def test_tcp_keepalive_of_any_length_is_set():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 32767
     finally:
         sock.close()
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        echo_handler(self.request)
+
+
+def test_a_relay_restart_costs_new_clients_nothing(env):
+    # Relay R1 leaves (SIGTERM: stop accepting, GOAWAY to services, drain) while
+    # a client is still open; R2 starts at once on the same ports. The service
+    # keeps serving the old client on R1 and registers with R2 straight away.
+    ports = free_port_range(2)
+    service_port, public_port = ports
+    r1 = Relay((LOOPBACK, service_port), ports=[public_port], public_bind=LOOPBACK,
+               drain_timeout=TIMEOUT)
+    r1_thread = threading.Thread(target=r1.serve_forever, name="r1")
+    r1_thread.start()
+    server = RelayServer((LOOPBACK, service_port), _Echo, timeout=TIMEOUT)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"reconnect": True},
+                               name="service")
+    serving.start()
+    old_client = socket.create_connection((LOOPBACK, public_port), timeout=TIMEOUT)
+    r2 = None
+    try:
+        assert echo_roundtrip(old_client, b"before", half_close=False) == b"before"
+        r1.shutdown()
+        r1_thread.join(TIMEOUT)
+        draining = Worker(r1.drain)
+        r2 = Relay((LOOPBACK, service_port), ports=[public_port], public_bind=LOOPBACK)
+        r2_thread = threading.Thread(target=r2.serve_forever, name="r2")
+        r2_thread.start()
+        env.defer(r2_thread.join, TIMEOUT)
+        env.defer(r2.server_close)
+        env.defer(r2.shutdown)
+        started = time.monotonic()
+        wait_until(lambda: any(link.port == public_port for link in r2.services),
+                   what="the service to register with the new relay")
+        assert time.monotonic() - started < 3.0
+        new_client = socket.create_connection((LOOPBACK, public_port), timeout=TIMEOUT)
+        with new_client:
+            assert echo_roundtrip(new_client, b"after") == b"after"
+        # The old client still talks to the service through the old relay.
+        assert echo_roundtrip(old_client, b"still", half_close=False) == b"still"
+        old_client.shutdown(socket.SHUT_WR)
+        assert recv_exact(old_client, 0) == b"" and old_client.recv(1) == b""
+        assert draining.finish() is True
+    finally:
+        old_client.close()
+        server.shutdown()
+        serving.join(TIMEOUT)
+        server.server_close()
+        r1.server_close()
