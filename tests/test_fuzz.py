@@ -210,3 +210,50 @@ def test_regression_lease_token_with_digits_int_does_not_take(no_leaks, lease):
                                     make_case=lambda seed, n, env: case)
     assert_clean(report)
     assert outcomes(report, "relay") == {"register: answered: ok, client served": 1}
+
+
+# -- the checker's own faults (issue "Hold under abuse and exhaustion") -----------------------
+#
+# 4. Relay case 7944 of seed 20251129: the client opens its stream lazily (no SYN
+#    until the first write) and writes nothing. docs/PROTOCOL.md 2: the relay drops
+#    the connection at the handshake timeout; the checker wanted an error line.
+# 5. Relay cases 412, 5817 of seed 20251129: more bytes than an unregistered
+#    connection may send (a window and 64 KiB); the relay's GOAWAY ENHANCE_YOUR_CALM
+#    was not in the model.
+# 6. Relay cases 18449, 18452 of seed 20251129, under load only: the relay's 0.5 s
+#    deadline passed before the client opened its stream (or answered), and the
+#    checker measured from after its connect, not from the relay's own deadline.
+
+def _run_relay_cases(seed, make_case, count=1, workers=1):
+    report = fuzzing.run_relay_fuzz(seed, range(count), workers=workers, max_failures=1,
+                                    make_case=make_case)
+    assert_clean(report)
+    return outcomes(report, "relay")
+
+
+def test_checker_a_stream_never_opened_is_dropped_at_the_deadline(no_leaks):
+    seen = _run_relay_cases(20251129, lambda seed, n, env: fuzzing.gen_relay_case(
+        20251129, 7944, env)._replace(number=n))
+    assert seen == {"register: dropped at the handshake timeout": 1}
+
+
+@pytest.mark.parametrize("number", [412, 5817])
+def test_checker_knows_the_read_budget_of_unregistered_connections(no_leaks, number):
+    case = lambda seed, n, env: fuzzing.gen_relay_case(20251129, number, env)._replace(number=n)
+    assert len(case(0, 0, None).data) > fuzzing.PENDING_BUDGET
+    seen = _run_relay_cases(20251129, case, count=3, workers=3)
+    assert sum(seen.values()) == 3
+
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_checker_measures_against_the_relays_own_deadline(no_leaks, announce):
+    """A client stalled past the relay's deadline (a loaded machine) is dropped, or
+    told it was too late: both fine; the checker must not call either a failure."""
+    request = b'{"auth": "hmac-sha256", "version": 1}\n'
+    plan = {"end": "close", "announce": announce, "cuts": [], "half_close": False,
+            "answer": "good", "probe": False, "pings": [], "late": True}
+    case = fuzzing.RelayCase("relay", 0, "register", request, plan, "regression: late")
+    seen = _run_relay_cases(3, lambda seed, n, env: case._replace(number=n), count=4,
+                            workers=4)
+    assert set(seen) <= {"register: dropped at the handshake timeout", "register: answered: error",
+                         "register: answered: error (the relay closed before our last write)"}
