@@ -82,8 +82,25 @@ def build_parser(fuzzing):
     return parser
 
 
+def memory():
+    """(resident, peak resident) of this process in MiB, from /proc (None elsewhere)."""
+    fields = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    fields[name] = int(value.split()[0]) / 1024.0
+    except (OSError, ValueError):
+        return None
+    if len(fields) != 2:
+        return None
+    return fields["VmRSS"], fields["VmHWM"]
+
+
 class Progress(object):
-    """A line on stderr at every tenth of the way."""
+    """A line on stderr at every tenth of the way (at least every 10,000 cases), with
+    the process's memory: it must stay flat however many cases run."""
 
     def __init__(self, kind, quiet):
         self.kind = kind
@@ -92,12 +109,14 @@ class Progress(object):
         self.shown = 0
 
     def __call__(self, done, total, failures):
-        step = max(1, total // 10)
+        step = max(1, min(total // 10, 10000))
         if self.quiet or (done < total and done // step == self.shown // step):
             return
         self.shown = done
-        sys.stderr.write("%s: %d/%d cases, %d failed, %.1fs\n"
-                         % (self.kind, done, total, failures, time.monotonic() - self.start))
+        rss = memory()
+        sys.stderr.write("%s: %d/%d cases, %d failed, %.1fs%s\n"
+                         % (self.kind, done, total, failures, time.monotonic() - self.start,
+                            ", rss %.0f MiB (peak %.0f MiB)" % rss if rss else ""))
         sys.stderr.flush()
 
 
@@ -160,6 +179,9 @@ def main(argv=None):
         if counts.get(kind):
             run(fuzzing, kind, args.seed, range(counts[kind]), args, report)
     print(report.summary())
+    rss = memory()
+    if rss:
+        print("  memory: rss %.0f MiB, peak %.0f MiB" % rss)
     if report.failures:
         print()
         print(report.describe_failures(limit=10))

@@ -750,9 +750,16 @@ class Watch(object):
         with self._lock:
             return [text for k, text in self.errors if k == key]
 
-    def unattributed(self, keys):
+    def unattributed(self, kind, numbers):
+        """Errors tied to no case of ``kind`` in ``numbers`` (a range: no set of keys)."""
         with self._lock:
-            return [text for k, text in self.errors if k is None or k not in keys]
+            return [text for k, text in self.errors
+                    if k is None or k[0] != kind or k[1] not in numbers]
+
+
+def _as_range(numbers):
+    """``numbers`` as a range if it is one (a million cases: no list), else a list."""
+    return numbers if isinstance(numbers, range) else list(numbers)
 
 
 def open_fds():
@@ -776,31 +783,45 @@ def threads_named(*names):
 
 
 class Report(object):
-    """Cases run, outcomes by kind, failures (each with its replay command)."""
+    """Cases run, outcomes by kind, failures (each with its replay command).
+
+    Only counts and failures are kept (the first ``KEEP_FAILURES`` in full, the
+    rest counted): memory stays flat however many cases run.
+    """
+
+    KEEP_FAILURES = 1000
 
     def __init__(self, seed):
         self.seed = seed
         self.outcomes = collections.Counter()
         self.cases = collections.Counter()
-        self.failures = []          # (kind, number, text)
+        self.failures = []          # (kind, number, text), the first KEEP_FAILURES
+        self.failed = 0             # every failure, kept or not
         self.notes = []
         self.elapsed = 0.0
 
     def add(self, kind, number, outcome=None, failure=None):
         self.cases[kind] += 1
         if failure is not None:
-            self.failures.append((kind, number, failure))
+            self._keep(kind, number, failure)
             self.outcomes[(kind, "FAILED")] += 1
         else:
             self.outcomes[(kind, outcome)] += 1
 
-    def fail_run(self, kind, text):
-        self.failures.append((kind, None, text))
+    def _keep(self, kind, number, text):
+        self.failed += 1
+        if len(self.failures) < self.KEEP_FAILURES:
+            self.failures.append((kind, number, text))
 
-    def add_results(self, kind, numbers, results):
-        for n in sorted(results):
-            self.add(kind, n, results[n].outcome, results[n].failure)
-        skipped = len(numbers) - len(results)
+    def fail_run(self, kind, text):
+        self._keep(kind, None, text)
+
+    def recorder(self, kind):
+        """A ``record`` callback for run_pool: counts, and failures kept."""
+        return lambda n, result: self.add(kind, n, result.outcome, result.failure)
+
+    def note_skipped(self, kind, numbers, ran):
+        skipped = len(numbers) - ran
         if skipped:
             self.notes.append("%s: %d cases not run (stopped after too many failures)"
                               % (kind, skipped))
@@ -816,8 +837,8 @@ class Report(object):
             else:
                 parts.append("%s case %d (seed %d): %s\n  replay: %s"
                              % (kind, number, self.seed, text, self.replay_command(kind, number)))
-        if len(self.failures) > limit:
-            parts.append("... and %d more failures" % (len(self.failures) - limit))
+        if self.failed > limit:
+            parts.append("... and %d more failures" % (self.failed - limit))
         return "\n\n".join(parts)
 
     def summary(self):
@@ -829,31 +850,43 @@ class Report(object):
                 lines.append("    %-44s %6d" % (outcome, count))
         for note in self.notes:
             lines.append("  " + note)
-        lines.append("  failures: %d" % len(self.failures))
+        lines.append("  failures: %d" % self.failed)
         return "\n".join(lines)
 
 
-def run_pool(numbers, run_one, workers, progress=None, limit=CASE_LIMIT, max_failures=None):
-    """Run ``run_one(n)`` for every n on ``workers`` threads; returns {n: Outcome}.
+def run_pool(numbers, run_one, workers, progress=None, limit=CASE_LIMIT, max_failures=None,
+             record=None):
+    """Run ``run_one(n)`` for every n on ``workers`` threads; returns how many ran.
 
-    A watchdog names any case that runs past ``limit`` seconds (a hang): its
+    ``record(n, outcome)`` gets each case's Outcome as it ends (one call at a
+    time); nothing is kept here, so a million cases run in bounded memory. A
+    watchdog names any case that runs past ``limit`` seconds (a hang): its
     worker is left behind (a daemon thread) and the case reported. After
     ``max_failures`` failed cases no new case starts.
     """
-    numbers = list(numbers)
-    todo = collections.deque(numbers)
+    total = len(numbers)
+    todo = iter(numbers)
     lock = threading.Lock()
-    results = {}
     running = {}
-    failed = [0]
+    counts = {"done": 0, "failed": 0, "stop": False}
+
+    def finish(n, result):
+        # (lock held)
+        counts["done"] += 1
+        if result.failure is not None:
+            counts["failed"] += 1
+            if max_failures is not None and counts["failed"] >= max_failures:
+                counts["stop"] = True
+        if record is not None:
+            record(n, result)
 
     def worker():
         me = threading.current_thread()
         while True:
             with lock:
-                if not todo:
+                n = None if counts["stop"] else next(todo, None)
+                if n is None:
                     return
-                n = todo.popleft()
                 running[me] = (n, time.monotonic())
             try:
                 result = run_one(n)
@@ -861,41 +894,40 @@ def run_pool(numbers, run_one, workers, progress=None, limit=CASE_LIMIT, max_fai
                 result = Outcome(None, failure=str(exc))
             except Exception:
                 result = Outcome(None, failure="the harness raised:\n" + traceback.format_exc())
+            result.case = None     # its bytes: up to a megabyte each
             with lock:
-                results[n] = result
-                del running[me]
-                done = len(results)
-                if result.failure is not None:
-                    failed[0] += 1
-                    if max_failures is not None and failed[0] >= max_failures:
-                        todo.clear()
-                failures = failed[0]
+                if running.pop(me, None) is None:
+                    return         # reported as hung meanwhile
+                finish(n, result)
+                done, failures = counts["done"], counts["failed"]
             if progress is not None:
-                progress(done, len(numbers), failures)
+                progress(done, total, failures)
 
     threads = [threading.Thread(target=worker, name="fuzz-worker-%d" % i)
-               for i in range(max(1, min(workers, len(numbers))))]
+               for i in range(max(1, min(workers, total)))]
     for thread in threads:
         thread.daemon = True
         thread.start()
-    hung = {}
+    hung = False
     for thread in threads:
         while thread.is_alive():
             thread.join(1.0)
             now = time.monotonic()
             with lock:
-                late = [(n, now - t0) for n, t0 in running.values() if now - t0 > limit]
+                late = [(me, n, now - t0) for me, (n, t0) in running.items() if now - t0 > limit]
+                for me, n, took in late:
+                    del running[me]
+                    finish(n, Outcome(None, failure="hang: still running after %.0fs" % took))
+                if late:
+                    counts["stop"] = True
             if late:
-                for n, took in late:
-                    hung[n] = Outcome(None, failure="hang: still running after %.0fs" % took)
-                with lock:
-                    todo.clear()
+                hung = True
                 break
         if hung:
             break
     with lock:
-        results.update(hung)
-    return results
+        counts["stop"] = True
+        return counts["done"]
 
 
 # -- the session runner ----------------------------------------------------------------------
@@ -1247,21 +1279,20 @@ def run_session_fuzz(seed, numbers, workers=24, report=None, progress=None, make
     """
     report = report or Report(seed)
     started = time.monotonic()
-    numbers = list(numbers)
+    numbers = _as_range(numbers)
     vector_corpus()
     fds = open_fds()
     pairs = Pairs()
     before = set(threading.enumerate())
     try:
         with Watch() as watch:
-            results = run_pool(numbers, lambda n: session_case_for(seed, n, pairs, watch,
-                                                                   make_case),
-                               workers, progress, max_failures=max_failures)
-            keys = set(("session", n) for n in numbers)
-            stray = watch.unattributed(keys)
+            ran = run_pool(numbers, lambda n: session_case_for(seed, n, pairs, watch, make_case),
+                           workers, progress, max_failures=max_failures,
+                           record=report.recorder("session"))
+            stray = watch.unattributed("session", numbers)
     finally:
         pairs.close()
-    report.add_results("session", numbers, results)
+    report.note_skipped("session", numbers, ran)
     for text in stray:
         report.fail_run("session", "logged or raised outside any case:\n" + text)
     left = join_threads([t for t in threading.enumerate()
@@ -2333,21 +2364,23 @@ def run_relay_fuzz(seed, numbers, workers=16, report=None, progress=None, make_c
     """
     report = report or Report(seed)
     started = time.monotonic()
-    numbers = list(numbers)
+    numbers = _as_range(numbers)
     vector_corpus()
     problems = []
     fds = open_fds()
+    ran = 0
     with Watch() as watch:
         env = RelayEnv(seed, watch)
         try:
-            results = run_pool(numbers, lambda n: relay_case_for(seed, n, env, make_case),
-                               workers, progress, max_failures=max_failures)
+            ran = run_pool(numbers, lambda n: relay_case_for(seed, n, env, make_case),
+                           workers, progress, max_failures=max_failures,
+                           record=report.recorder("relay"))
             problems.extend(env.finish())
             report.notes.extend(env.notes())
         finally:
             problems.extend(env.close())
-        stray = watch.unattributed(set(("relay", n) for n in numbers))
-    report.add_results("relay", numbers, results)
+        stray = watch.unattributed("relay", numbers)
+    report.note_skipped("relay", numbers, ran)
     for problem in problems:
         report.fail_run("relay", problem)
     for text in stray:
