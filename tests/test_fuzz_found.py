@@ -11,11 +11,13 @@
    socket) running for ever.
 """
 
+import socket
+import threading
 
 import pytest
 
 from conftest import TIMEOUT, tcp_pair
-from tcprelay import proxyproto
+from tcprelay import muxado, proxyproto, registration, service
 
 
 @pytest.mark.parametrize("header", [
@@ -48,3 +50,60 @@ def test_proxy_v1_header_at_the_edges_of_the_port_range_is_read(no_leaks):
     finally:
         dialer.close()
         acceptor.close()
+
+
+class FakeRelay(object):
+    """A relay on loopback that answers the registration with ``reply`` and holds on."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.settimeout(TIMEOUT)
+        self.session = None
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="fake relay")
+        self.thread.start()
+
+    def _run(self):
+        try:
+            sock, _ = self.listener.accept()
+            self.session = muxado.server(sock)
+            stream = self.session.accept(timeout=TIMEOUT)
+            stream.settimeout(TIMEOUT)
+            request = b""
+            while not request.endswith(b"\n"):
+                chunk = stream.recv(4096)
+                assert chunk, "the service closed before its request"
+                request += chunk
+            stream.sendall(self.reply)
+            # The service must end the session by itself.
+            if not self.session.wait(TIMEOUT):
+                self.error = "the service never ended its session"
+        except Exception as exc:   # reported by the test
+            self.error = repr(exc)
+
+    def close(self):
+        self.thread.join(TIMEOUT)
+        if self.session is not None:
+            self.session.close()
+        self.listener.close()
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.parametrize("beat", [
+    b'{"interval": "x", "timeout": 30}', b'{"interval": 10, "timeout": [1]}',
+    b'{"interval": 1e400, "timeout": 30}', b'{"interval": 10, "timeout": 0}',
+    b'{"interval": -1}', b'{"interval": true}', b'{"timeout": null}',
+    b'{"interval": 1' + b"0" * 400 + b"}",
+], ids=["string", "list", "infinite", "zero", "negative", "bool", "null", "huge-int"])
+def test_service_refuses_a_relays_bad_heartbeat_numbers_and_leaves_nothing(no_leaks, beat):
+    relay = FakeRelay(b'{"status": "ok", "address": "localhost:1", "port": 1, "version": 1, '
+                      b'"heartbeat": ' + beat + b"}\n")
+    try:
+        with pytest.raises(registration.RegistrationError):
+            service.connect(relay.listener.getsockname(), timeout=TIMEOUT, heartbeat=True)
+    finally:
+        relay.close()
+    assert relay.error is None, relay.error
