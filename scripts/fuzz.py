@@ -5,6 +5,8 @@
     python3 scripts/fuzz.py --cases 100000 --seed 5      # more, with another seed
     python3 scripts/fuzz.py --kind relay --cases 20000
     python3 scripts/fuzz.py --seed 7000 --kind session --replay 1234   # one case again
+    python3 scripts/fuzz.py --kind proxy --cases 100000   # PROXY headers (read_header)
+    python3 scripts/fuzz.py --kind client --cases 20000   # the service library vs a hostile relay
 
 Session cases feed mutated and random muxado frame streams to a Python server
 session over loopback TCP; relay cases send garbage, mutated frames and
@@ -64,9 +66,12 @@ def build_parser(fuzzing):
     parser.add_argument("--seed", type=int, default=fuzzing.DEFAULT_SEED, metavar="S",
                         help="seed for every case (default: %d, the one CI uses)"
                              % fuzzing.DEFAULT_SEED)
-    parser.add_argument("--kind", choices=["session", "relay", "both"], default="both",
+    parser.add_argument("--kind", choices=["session", "relay", "both"] + sorted(fuzzing.EXTRA_KINDS),
+                        default="both",
                         help="session: frame streams against a server session; relay: a live "
-                             "relay with a healthy service beside the cases; both (default)")
+                             "relay with a healthy service beside the cases; both (default); "
+                             + "; ".join("%s: %s" % (k, v[2]) for k, v in
+                                         sorted(fuzzing.EXTRA_KINDS.items())))
     parser.add_argument("--replay", type=non_negative, default=None, metavar="CASE",
                         help="run only case number CASE of --kind (session or relay) for "
                              "--seed, and print it in full")
@@ -123,7 +128,10 @@ class Progress(object):
 def run(fuzzing, kind, seed, numbers, args, report, make_case=None):
     workers = args.workers or (24 if kind == "session" else 16)
     progress = Progress(kind, args.quiet or len(numbers) < 10)
-    runner = fuzzing.run_session_fuzz if kind == "session" else fuzzing.run_relay_fuzz
+    if kind in fuzzing.EXTRA_KINDS:
+        runner = fuzzing.EXTRA_KINDS[kind][0]
+    else:
+        runner = fuzzing.run_session_fuzz if kind == "session" else fuzzing.run_relay_fuzz
     return runner(seed, numbers, workers=workers, report=report, progress=progress,
                   make_case=make_case, max_failures=args.max_failures or None)
 
@@ -131,9 +139,12 @@ def run(fuzzing, kind, seed, numbers, args, report, make_case=None):
 def replay(fuzzing, args):
     kind = args.kind
     seen = {}
-    if kind == "session":
+    if kind == "session" or kind in fuzzing.EXTRA_KINDS:
+        generate = fuzzing.gen_session_case if kind == "session" else \
+            fuzzing.EXTRA_KINDS[kind][1]
+
         def make_case(seed, n):
-            case = fuzzing.gen_session_case(seed, args.replay)
+            case = generate(seed, args.replay)
             seen["case"] = case
             return case._replace(number=n)
     else:
@@ -144,7 +155,10 @@ def replay(fuzzing, args):
     numbers = range(args.replay, args.replay + args.repeat)
     report = run(fuzzing, kind, args.seed, numbers, args, fuzzing.Report(args.seed), make_case)
     if "case" in seen:
-        print(fuzzing.describe_case(seen["case"]))
+        if kind in fuzzing.EXTRA_KINDS:
+            print(fuzzing.describe_simple_case(seen["case"]))
+        else:
+            print(fuzzing.describe_case(seen["case"]))
     print()
     print(report.summary())
     if report.failures:
@@ -160,7 +174,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.replay is not None:
         if args.kind == "both":
-            parser.error("--replay needs --kind session or --kind relay")
+            parser.error("--replay needs one --kind (not both)")
         if args.cases is not None:
             parser.error("--replay runs one case; leave out --cases")
         return replay(fuzzing, args)

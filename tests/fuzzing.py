@@ -40,6 +40,7 @@ import binascii
 import collections
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -661,7 +662,9 @@ class Outcome(object):
         self.failure = failure
 
 
-_NAME_PATTERN = re.compile(r"fuzz-([sr])(\d+)")
+_NAME_PATTERN = re.compile(r"fuzz-([a-z])(\d+)")
+# The letter in a case's thread and session names (fuzz-s12, fuzz-p7...): its kind.
+KIND_LETTERS = {"s": "session", "r": "relay", "p": "proxy", "c": "client"}
 _PORT_PATTERN = re.compile(r"127\.0\.0\.1:(\d+)")
 
 
@@ -695,8 +698,8 @@ class Watch(object):
 
     def _key_of(self, text):
         match = _NAME_PATTERN.search(text)
-        if match:
-            return ("session" if match.group(1) == "s" else "relay", int(match.group(2)))
+        if match and match.group(1) in KIND_LETTERS:
+            return (KIND_LETTERS[match.group(1)], int(match.group(2)))
         with self._lock:
             for port in _PORT_PATTERN.findall(text):
                 key = self._ports.get(int(port))
@@ -2406,3 +2409,303 @@ def describe_case(case, limit=4096):
         lines.append("mode %s, plan %r" % (case.mode, case.plan))
     lines.append("bytes (%d): %s" % (len(case.data), hexdump(case.data, limit)))
     return "\n".join(lines)
+
+
+# -- kinds beside session and relay: a shared runner ----------------------------------------------
+
+def run_simple_fuzz(kind, seed, numbers, case_for, workers=16, report=None, progress=None,
+                    max_failures=None):
+    """Run ``case_for(n, pairs, watch)`` (an Outcome) for each n; returns a Report.
+
+    The run must leave no thread or descriptor behind, and log no error outside its cases.
+    """
+    report = report or Report(seed)
+    started = time.monotonic()
+    numbers = _as_range(numbers)
+    fds = open_fds()
+    pairs = Pairs()
+    before = set(threading.enumerate())
+    try:
+        with Watch() as watch:
+            ran = run_pool(numbers, lambda n: case_for(n, pairs, watch), workers, progress,
+                           max_failures=max_failures, record=report.recorder(kind))
+            stray = watch.unattributed(kind, numbers)
+    finally:
+        pairs.close()
+    report.note_skipped(kind, numbers, ran)
+    for text in stray:
+        report.fail_run(kind, "logged or raised outside any case:\n" + text)
+    left = join_threads([t for t in threading.enumerate()
+                         if t not in before and not t.name.startswith("fuzz-worker")])
+    if left:
+        report.fail_run(kind, "threads left running: %s" % left[:10])
+    if open_fds() != fds:
+        report.fail_run(kind, "open files: %s before, %s after" % (fds, open_fds()))
+    report.elapsed += time.monotonic() - started
+    return report
+
+
+def _threads_done(*names):
+    left = join_threads(threads_named(*names))
+    check(not left, "threads left running: %s", left)
+
+
+# -- proxy cases: PROXY protocol headers (tcprelay/proxyproto.py read_header) --------------------
+#
+# A header, valid or not (HAProxy's spec, written out here), mutated now and
+# then, with the client's own bytes after it, over loopback TCP or a muxado
+# stream, with or without EOF. read_header must return (only for a whole
+# header, with well-formed addresses, the right ones for a header left valid)
+# or raise ProxyHeaderError; wait only while the header is incomplete and the
+# connection open (then socket.timeout at the connection's timeout); and never
+# take a byte past the header.
+
+ProxyCase = collections.namedtuple("ProxyCase", "kind number data expect pieces eof transport "
+                                                "label")
+PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V1_MAX = 107           # the spec's longest v1 line, CRLF included
+PROXY_OPEN_WAIT = 0.2        # the connection's timeout when we send no EOF
+
+
+def _rand_ip(rng, version):
+    bits = rng.choice([0, rng.getrandbits(8 if version == 4 else 16), rng.getrandbits(
+        32 if version == 4 else 128)])
+    return str(ipaddress.ip_address(bits) if version == 4 else ipaddress.IPv6Address(bits))
+
+
+def _v2(ver_cmd, fam, body, length=None):
+    return PROXY_SIGNATURE + bytes([ver_cmd & 255, fam & 255]) + struct.pack(
+        ">H", len(body) if length is None else length) + body
+
+
+def gen_proxy_case(seed, number):
+    rng = case_rng(seed, "proxy", number)
+    label = []
+    expect = None
+    pick = rng.random()
+    if pick < 0.25:
+        version = rng.choice([4, 6])
+        src, dst = (_rand_ip(rng, version), rng.randint(0, 65535)), \
+            (_rand_ip(rng, version), rng.randint(0, 65535))
+        header = ("PROXY TCP%d %s %s %d %d\r\n" % (version, src[0], dst[0], src[1], dst[1])
+                  ).encode("ascii")
+        expect = (src, dst)
+        label.append("v1")
+    elif pick < 0.45:
+        version = rng.choice([4, 6])
+        src, dst = (_rand_ip(rng, version), rng.randint(0, 65535)), \
+            (_rand_ip(rng, version), rng.randint(0, 65535))
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+        body = socket.inet_pton(family, src[0]) + socket.inet_pton(family, dst[0]) + \
+            struct.pack(">HH", src[1], dst[1])
+        tlv = rand_bytes(rng, rng.choice([0, 0, 0, 3, 40]))    # TLVs are skipped
+        header = _v2(0x21, 0x11 if version == 4 else 0x21, body + tlv)
+        expect = (src, dst)
+        label.append("v2")
+    elif pick < 0.65:
+        ports = ["0", "65535", "65536", "70000", "-1", "+80", "1_0", "080", "", "0x10",
+                 "\u0663", str(rng.randint(0, 65535))]
+        hosts = ["1.2.3.4", "::1", "01.2.3.4", "1.2.3", "::ffff:1.2.3.4", "fe80::1%eth0",
+                 "", "x", _rand_ip(rng, 4), _rand_ip(rng, 6)]
+        fields = [rng.choice(["TCP4", "TCP6", "TCP4", "TCP6", "UNKNOWN", "UDP4", "tcp4", ""]),
+                  rng.choice(hosts), rng.choice(hosts), rng.choice(ports), rng.choice(ports)]
+        if rng.random() < 0.2:
+            del fields[rng.choice([4, 4, 1])]                 # a field too few
+        elif rng.random() < 0.1:
+            fields.append(str(rng.randint(0, 9)))             # one too many
+        line = "PROXY " + rng.choice([" ", " ", " ", "  ", "\t"]).join(fields)
+        header = line.encode("utf-8") + rng.choice([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r",
+                                                    b" \r\n", b""])
+        label.append("v1-fields")
+    elif pick < 0.85:
+        body = rand_bytes(rng, rng.choice([0, 4, 11, 12, 35, 36, 100]))
+        header = _v2(rng.choice([0x20, 0x21, 0x21, 0x22, 0x11, 0x31, rng.getrandbits(8)]),
+                     rng.choice([0x00, 0x11, 0x12, 0x21, 0x22, 0x31, rng.getrandbits(8)]),
+                     body, length=rng.choice([None, None, 0, len(body) + 1, 0xFFFF,
+                                              rng.getrandbits(16)]))
+        label.append("v2-fields")
+    elif pick < 0.92:
+        header = b"PROXY UNKNOWN" + rng.choice([b"", b" ", b" " + rand_bytes(rng, 20)]) + b"\r\n"
+        header = header.replace(b"\r\n", b"..") + b"\r\n" if b"\r\n" in header[:-2] else header
+        expect = (None, None) if len(header) <= PROXY_V1_MAX else None
+        label.append("unknown")
+    else:
+        header = rng.choice([rand_bytes(rng, rng.randint(1, 40)), PROXY_SIGNATURE[:rng.randint(
+            1, 12)] + rand_bytes(rng, rng.randint(0, 10)), b"PROXY" + rand_bytes(rng, 3),
+            b"PROXY " + b"x" * rng.choice([99, 100, 101, 102, 200])])
+        label.append("random")
+    if rng.random() < 0.3:
+        data = bytearray(header)
+        for _ in range(rng.randint(1, 2)):
+            if not data:
+                break
+            mutator = rng.choice(BYTE_MUTATORS)
+            data = mutator(rng, data)
+            label.append(mutator.__name__[2:])
+        if bytes(data) != header:
+            header, expect = bytes(data), None
+    data = header + rand_bytes(rng, rng.choice([0, 1, 5, 64, 300]))
+    pieces = sorted(rng.randrange(len(data) + 1) for _ in range(rng.choice([0, 0, 1, 2])))
+    eof = rng.random() < 0.92
+    transport = rng.choice(["tcp", "stream"])
+    if transport == "tcp":
+        # read_header on a socket with a timeout takes a header still on its way for
+        # one cut off by EOF (MSG_WAITALL does not wait on a socket that is
+        # non-blocking inside): a known fault (see the report), kept out of the way
+        # here: one write, and no open connection with half a header.
+        pieces = []
+        if not eof and proxy_model(data)[0] == "short":
+            transport = "stream"
+    return ProxyCase("proxy", number, data, expect, pieces, eof, transport, "+".join(label))
+
+
+def proxy_model(data):
+    """What the bytes hold, by the spec: ("header", length), ("short", None) while a
+    header could still come, or ("bad", None) when no header can start this way."""
+    if data[:len(PROXY_SIGNATURE)] == PROXY_SIGNATURE[:len(data)]:
+        if len(data) < 16:
+            return "short", None
+        length = 16 + struct.unpack_from(">H", data, 14)[0]
+        return ("header", length) if len(data) >= length else ("short", None)
+    if data[:6] == b"PROXY "[:len(data)]:
+        end = data[:PROXY_V1_MAX].find(b"\r\n")
+        if end >= 0:
+            return "header", end + 2
+        return ("bad", None) if len(data) >= PROXY_V1_MAX else ("short", None)
+    return "bad", None
+
+
+def _check_address(value, version=None):
+    check(isinstance(value, tuple) and len(value) == 2, "a PROXY address %r", value)
+    host, port = value
+    check(isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535,
+          "a PROXY port out of range: %r", value)
+    try:
+        parsed = ipaddress.ip_address(host)
+    except ValueError:
+        raise CaseFailure("a PROXY host that is no address: %r" % (value,))
+    check(version is None or parsed.version == version,
+          "a PROXY address of the wrong family: %r (TCP%s)", value, version)
+
+
+def run_proxy_case(case, pairs):
+    name = "fuzz-p%d" % case.number
+    dialer, acceptor = pairs.pair()
+    sessions = []
+    try:
+        if case.transport == "stream":
+            sessions = [muxado.client(dialer, name=name + "-c"),
+                        muxado.server(acceptor, name=name + "-s")]
+            writer = sessions[0].open()
+            writer.settimeout(TIMEOUT)
+            reader = sessions[1].accept(timeout=TIMEOUT)
+            shut = writer.close_write
+        else:
+            writer, reader = dialer, acceptor
+            shut = lambda: dialer.shutdown(socket.SHUT_WR)
+        for a, b in zip([0] + case.pieces, case.pieces + [None]):
+            if case.data[a:b]:
+                writer.sendall(case.data[a:b])
+        if case.eof:
+            shut()
+        reader.settimeout(TIMEOUT if case.eof else PROXY_OPEN_WAIT)
+        state, length = proxy_model(case.data)
+        try:
+            result = proxyproto.read_header(reader)
+        except proxyproto.ProxyHeaderError as exc:
+            check(state != "short" or case.eof, "ProxyHeaderError (%s) while the header "
+                  "was incomplete and the connection open", exc)
+            result = exc
+        except socket.timeout:
+            # (A v2 receiver may wait for the 16 fixed bytes before it looks at them.)
+            may_wait = state == "short" or (state == "bad" and len(case.data) < 16
+                                             and case.data[:1] == PROXY_SIGNATURE[:1])
+            check(may_wait and not case.eof, "socket.timeout, but the bytes hold a %s",
+                  "whole header" if state == "header" else "bad start or EOF")
+            return "waited (incomplete, open)"
+        except Exception as exc:
+            raise CaseFailure("read_header raised %r (only ProxyHeaderError may come)\n%s"
+                              % (exc, traceback.format_exc()))
+        if not isinstance(result, Exception):
+            check(state == "header", "read_header returned %r from a %s", result,
+                  "bad start" if state == "bad" else "cut-off header")
+            source, destination = result
+            check((source is None) == (destination is None), "half an address: %r", result)
+            if source is not None:
+                version = None
+                if case.data.startswith(b"PROXY TCP4 ") or case.data.startswith(b"PROXY TCP6 "):
+                    version = int(case.data[9:10])
+                _check_address(source, version)
+                _check_address(destination, version)
+            if case.expect is not None:
+                expect = tuple(None if a is None else (str(ipaddress.ip_address(a[0])), a[1])
+                               for a in case.expect)
+                check(result == expect, "read_header returned %r, the header says %r",
+                      result, expect)
+        # What is left on the connection: all of it after the header, nothing taken past it.
+        reader.settimeout(TIMEOUT if case.eof else PROXY_OPEN_WAIT)
+        rest = bytearray()
+        try:
+            while True:
+                chunk = reader.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+        except socket.timeout:
+            check(not case.eof, "hang: no EOF after the header")
+        taken = len(case.data) - len(rest)
+        check(case.data[taken:] == bytes(rest), "the bytes left after read_header are not the "
+              "end of what we sent")
+        if state == "header":
+            check(taken == length, "read_header took %d bytes; the header is %d", taken, length)
+            outcome = "read" if not isinstance(result, Exception) else "refused"
+        elif state == "bad":
+            check(taken == 0, "read_header took %d bytes of a bad start", taken)
+            outcome = "bad start"
+        else:
+            outcome = "cut off"
+        return "%s (%s)" % (outcome, case.transport)
+    finally:
+        for session in sessions:
+            session.close()
+        dialer.close()
+        acceptor.close()
+        if sessions:
+            _threads_done(*[n + suffix for n in (name + "-c", name + "-s")
+                            for suffix in ("", "-writer")])
+
+
+def proxy_case_for(seed, number, pairs, watch, make_case=None):
+    case = (make_case or gen_proxy_case)(seed, number)
+    try:
+        outcome = run_proxy_case(case, pairs)
+        errors = watch.errors_for(("proxy", number))
+        check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
+    except (CaseFailure, OSError, muxado.MuxadoError) as exc:
+        raise CaseFailure("%s\n  case: %s, transport %s, eof %s, pieces %r\n  bytes: %s"
+                          % (exc, case.label, case.transport, case.eof, case.pieces,
+                             hexdump(case.data)))
+    return Outcome(case, outcome)
+
+
+def run_proxy_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                   max_failures=None):
+    """PROXY headers through read_header (see above); returns a Report."""
+    return run_simple_fuzz("proxy", seed, numbers,
+                           lambda n, pairs, watch: proxy_case_for(seed, n, pairs, watch,
+                                                                  make_case),
+                           workers, report, progress, max_failures)
+
+
+def describe_simple_case(case, limit=4096):
+    fields = ", ".join("%s=%r" % (k, v) for k, v in case._asdict().items()
+                       if k not in ("kind", "number", "data", "label"))
+    return "%s case %d: %s\n%s\nbytes (%d): %s" % (case.kind, case.number, case.label, fields,
+                                                 len(case.data), hexdump(case.data, limit))
+
+
+# Kinds beyond session and relay: name -> (runner, generator, what it fuzzes).
+EXTRA_KINDS = {
+    "proxy": (run_proxy_fuzz, gen_proxy_case,
+              "PROXY v1/v2 headers, valid and mutated, through proxyproto.read_header"),
+}

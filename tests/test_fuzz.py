@@ -26,6 +26,7 @@ from tcprelay import muxado
 SEED = fuzzing.DEFAULT_SEED
 SESSION_CASES = 5000
 RELAY_CASES = 1500
+PROXY_CASES = 1500
 MAX_FAILURES = 25      # a broken library fails fast instead of timing out case after case
 
 
@@ -84,6 +85,17 @@ def test_relay_fuzz(no_leaks):
     assert answered("register: answered: error") > RELAY_CASES // 10, report.summary()
     for mode in ("bytes", "frames", "syn-garbage"):
         assert answered(mode + ": relay ended"), (mode, report.summary())
+
+
+def test_proxy_fuzz(no_leaks):
+    """PROXY v1/v2 headers, valid, made up and mutated, through proxyproto.read_header
+    over loopback TCP and muxado streams."""
+    report = fuzzing.run_proxy_fuzz(SEED, range(PROXY_CASES), max_failures=MAX_FAILURES)
+    assert_clean(report)
+    seen = outcomes(report, "proxy")
+    for outcome in ("read (tcp)", "read (stream)", "refused (tcp)", "bad start (stream)",
+                    "cut off (tcp)", "waited (incomplete, open)"):
+        assert seen.get(outcome), (outcome, report.summary())
 
 
 # -- regressions: library bugs the fuzzer found -----------------------------------------------
