@@ -264,9 +264,15 @@ def _seconds(beat, key, default):
 
 def _silence_in_line(interval, timeout):
     """How long a relay that has put us in line may be silent (None: no limit)."""
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
         return None   # no promise to repeat itself: silence is no sign of death
-    return max(timeout, 2.0 * interval)
+    try:
+        silence = max(timeout, 2.0 * interval)
+    except OverflowError:
+        return None   # a promise for longer than a float holds: none
+    if not interval > 0 or not silence < float("inf"):
+        return None   # (an infinite timeout would overflow the stream's wait)
+    return silence
 
 
 def _dial(relay_address, timeout, attempt):

@@ -9,6 +9,9 @@
    ``"heartbeat": {"interval": "x"}`` (or a list, or 1e400) made connect() raise
    ValueError/TypeError/OverflowError and leave its session (two threads and the
    socket) running for ever.
+3. service.register (via _silence_in_line) took a waiting notice's interval of
+   1e308 (doubled: infinity) or 10**400 as a silence limit: connect() raised
+   OverflowError from deep in the stream's wait.
 """
 
 import socket
@@ -105,5 +108,33 @@ def test_service_refuses_a_relays_bad_heartbeat_numbers_and_leaves_nothing(no_le
         with pytest.raises(registration.RegistrationError):
             service.connect(relay.listener.getsockname(), timeout=TIMEOUT, heartbeat=True)
     finally:
+        relay.close()
+    assert relay.error is None, relay.error
+
+
+@pytest.mark.parametrize("interval", [b"1e308", b"1" + b"0" * 400, b"1e400"],
+                         ids=["doubled-to-infinity", "huge-int", "infinity"])
+def test_service_waits_in_line_behind_a_relay_promising_an_endless_interval(no_leaks, interval):
+    """3. A waiting notice whose interval doubled is infinite (or too big for a float)
+    made connect() raise OverflowError as soon as it waited for the next line
+    (client case 2 of seed 1): such a promise is no promise, so the service waits
+    as long as the session lasts, here until we cancel the attempt."""
+    relay = FakeRelay(b'{"status": "waiting", "position": 1, "interval": ' + interval + b'}\n')
+    attempt = service.Attempt()
+    timers = []
+
+    def waiting(position):
+        # Give connect() time to start its wait for the next line, then cut it short.
+        timers.append(threading.Timer(0.2, attempt.cancel))
+        timers[-1].start()
+
+    try:
+        with pytest.raises(service.ConnectCancelled):
+            service.connect(relay.listener.getsockname(), timeout=TIMEOUT, heartbeat=False,
+                            on_waiting=waiting, attempt=attempt)
+        assert timers, "connect() never reported the waiting line"
+    finally:
+        for timer in timers:
+            timer.join(TIMEOUT)
         relay.close()
     assert relay.error is None, relay.error
