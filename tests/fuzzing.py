@@ -2697,6 +2697,314 @@ def run_proxy_fuzz(seed, numbers, workers=16, report=None, progress=None, make_c
                            workers, report, progress, max_failures)
 
 
+# -- client cases: the service library against a hostile relay (tcprelay/service.py) --------------
+#
+# A fake relay on loopback answers service.connect with a script of reply lines
+# (challenges, waiting notices, ok and error replies, valid and mutated, split
+# as they come), then closes the stream, resets it, ends the session or holds
+# on; or it writes mutated muxado frames at the service's session. connect must
+# return a working ServiceConnection exactly when the script's first final
+# answer is a valid ok (docs/PROTOCOL.md 2.2, 2.6), else fail cleanly with
+# RegistrationError, RegistrationRefused, RelayGone, socket.timeout or a
+# MuxadoError/OSError; either way, no thread or descriptor left behind. The
+# fake relay checks the service's request line and its answer to the challenge.
+
+ClientCase = collections.namedtuple("ClientCase", "kind number data plan label")
+CLIENT_SILENCE = 0.3        # the service's timeout when the script ends in silence
+CLIENT_FAILURES = (registration.RegistrationError, relay_service.RegistrationRefused,
+                   relay_service.RelayGone, socket.timeout, muxado.MuxadoError, OSError)
+
+
+def _render_any(value):
+    if isinstance(value, dict):
+        return "{" + ", ".join("%s: %s" % (json.dumps(k), _render_any(v))
+                               for k, v in value.items()) + "}"
+    return render(value)
+
+
+def _json_line(body):
+    return _render_any(body).encode("utf-8", "surrogatepass") + b"\n"
+
+
+def _client_reply(rng, kind, plan, label):
+    """One reply line of ``kind`` (bytes, newline included), valid or mutated."""
+    port = rng.randint(1, 65535)
+    if kind == "challenge":
+        body = {"status": "challenge", "method": AUTH_METHOD, "nonce": "%064x" % rng.getrandbits(256)}
+        if rng.random() < 0.25:
+            field = rng.choice(["method", "nonce"])
+            body[field] = rng.choice(["hmac-sha1", "", None, 12, [1], "zz", "abc", "0" * 63])
+            label.append("bad-challenge:" + field)
+    elif kind == "waiting":
+        body = {"status": "waiting", "position": rng.choice([1, 2, 0, -1, "x", None, 10 ** 30])}
+        if rng.random() < 0.8:
+            body["interval"] = rng.choice([3, 0.05, 0, -1, "x", None, True, 1e308, 10 ** 400])
+    elif kind == "ok":
+        body = {"status": "ok", "address": "localhost:%d" % port, "port": port, "version": 1,
+                "lease": "%d-%032x" % (port, rng.getrandbits(128)), "lease_seconds": 30}
+        if plan["heartbeat"] and rng.random() < 0.9:
+            body["heartbeat"] = {"interval": 5, "timeout": 15}
+        if rng.random() < 0.3:
+            field = rng.choice(["address", "port", "heartbeat", "interval", "timeout", "version",
+                                "lease"])
+            value = rng.choice(WRONG_VALUES + (10 ** 400,))
+            if field in ("interval", "timeout"):
+                body.setdefault("heartbeat", {"interval": 5, "timeout": 15})[field] = value
+            elif rng.random() < 0.2:
+                body.pop(field, None)
+            else:
+                body[field] = value
+            label.append("bad-ok:" + field)
+    elif kind == "error":
+        body = {"status": "error", "error": rng.choice(["no", "", "x" * 300, None, 7, [1]])}
+        if rng.random() < 0.2:
+            del body["error"]
+    else:
+        line = rng.choice([b"not json\n", b"[1]\n", b"null\n", b'{"status": 1}\n', b"{}\n",
+                           b'{"status": "later"}\n', b"\n", b"\xff\xfe\n", b'{"status": NaN}\n',
+                           b"x" * (registration.MAX_REPLY + 10) + b"\n",
+                           b'{"status": "ok", "address": "a:1"' + b' ' * 10 + b"\n"])
+        return line
+    line = _json_line(body)
+    if rng.random() < 0.05:
+        line = rng.choice([b"\xef\xbb\xbf", b" ", b"\r"]) + line
+        label.append("prefix")
+    return line
+
+
+def gen_client_case(seed, number):
+    rng = case_rng(seed, "client", number)
+    label = []
+    plan = {"secret": rng.random() < 0.7, "heartbeat": rng.random() < 0.5,
+            "after": rng.choice(["hold"] * 4 + ["close-stream", "reset", "close-session"]),
+            "split": rng.choice(["whole", "lines", "lines", "chunks"]), "max_wait": None}
+    if rng.random() < 0.15:
+        plan["mode"] = "frames"
+        data = gen_frames(rng, {}, label)
+        label.insert(0, "frames")
+        return ClientCase("client", number, data, plan, "+".join(label))
+    plan["mode"] = "lines"
+    kinds = []
+    if plan["secret"] and rng.random() < 0.9 or rng.random() < 0.1:
+        kinds.append("challenge")
+    kinds.extend(["waiting"] * rng.choice([0, 0, 1, 2]))
+    kinds.append(rng.choice(["ok"] * 6 + ["error", "garbage", "challenge", "none"]))
+    if rng.random() < 0.2:
+        kinds.append(rng.choice(["ok", "error", "garbage", "waiting"]))
+    replies = [_client_reply(rng, k, plan, label) for k in kinds if k != "none"]
+    label.insert(0, "+".join(kinds))
+    if replies and rng.random() < 0.08:
+        replies[-1] = replies[-1][:rng.randrange(len(replies[-1]))]   # cut off, no newline
+        label.append("cut")
+    plan["replies"] = replies
+    return ClientCase("client", number, b"".join(replies), plan, "+".join(label))
+
+
+def _positive_seconds(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) < float("inf")
+    except OverflowError:
+        return False
+
+
+def client_model(plan):
+    """What connect must do with the script: ("ok", reply), ("fail", why) or
+    ("silence", why) (the relay said nothing final: the service times out)."""
+    secret = plan["secret"]
+    for line in plan["replies"]:
+        if not line.endswith(b"\n"):
+            break
+        text = line[:-1]
+        if len(line) > registration.MAX_REPLY:
+            return "fail", "a reply line past MAX_REPLY"
+        try:
+            body = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return "fail", "a reply that is not JSON"
+        if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+            return "fail", "a reply without a status"
+        status = body["status"]
+        if status == "waiting":
+            continue
+        if status == "challenge":
+            nonce = body.get("nonce")
+            if not secret or body.get("method") != AUTH_METHOD:
+                return "fail", "a challenge we cannot answer"
+            if not isinstance(nonce, str) or not re.match(r"^([0-9a-fA-F]{2})*$", nonce):
+                return "fail", "a malformed nonce"
+            continue
+        if status == "ok":
+            if not isinstance(body.get("address"), str):
+                return "fail", "ok without an address"
+            beat = body.get("heartbeat")
+            if plan["heartbeat"] and isinstance(beat, dict):
+                for key in ("interval", "timeout"):
+                    if key in beat and not _positive_seconds(beat[key]):
+                        return "fail", "a bad heartbeat %s" % key
+            return "ok", body
+        return "fail", "status %r" % status
+    if plan["after"] in ("close-stream", "reset", "close-session"):
+        return "fail", "the relay ended before a final answer"
+    return "silence", "no final answer"
+
+
+def _fake_relay(case, listener, problems):
+    """The relay's side of a client case (its own thread)."""
+    plan = case.plan
+    name = "fuzz-c%d" % case.number
+    try:
+        sock, _ = listener.accept()
+    except OSError as exc:
+        problems.append("the service never connected: %r" % exc)
+        return
+    sock.settimeout(TIMEOUT)
+    if plan["mode"] == "frames":
+        try:
+            raw = RawSide(sock)
+            # (The service may be gone before all is written: then no more to do.)
+            if raw.send(case.data) and plan["after"] != "hold":
+                raw.shutdown_write()
+            # Until the service has gone (it must, by itself).
+            raw.read_until(lambda frames: False, "EOF from the service")
+        except (CaseFailure, OSError) as exc:
+            problems.append("the service did not close the connection: %s" % exc)
+        finally:
+            sock.close()
+        return
+    session = muxado.server(sock, name=name + "-relay")
+    try:
+        stream = session.accept(timeout=TIMEOUT)
+        stream.settimeout(TIMEOUT)
+        lines = Lines(stream)
+        request = lines.next_line(TIMEOUT)
+        body = json.loads(request.decode("utf-8"))
+        check(isinstance(body, dict) and body.get("version") == 1
+              and (body.get("auth") == AUTH_METHOD) == plan["secret"]
+              and bool(body.get("heartbeat")) == plan["heartbeat"],
+              "the service's request is not what it was asked to send: %r", request)
+        for line in plan["replies"]:
+            if plan["split"] == "chunks":
+                for i in range(0, len(line), 7):
+                    stream.sendall(line[i:i + 7])
+            else:
+                stream.sendall(line)
+            try:
+                reply = json.loads(line.decode("utf-8"))
+            except ValueError:
+                continue
+            if isinstance(reply, dict) and reply.get("status") == "challenge" and \
+                    client_model(dict(plan, replies=[line], after="hold"))[0] != "fail":
+                # The service must answer with the HMAC of this nonce (2.6).
+                answer = json.loads(lines.next_line(TIMEOUT).decode("utf-8"))
+                check(answer == {"hmac": hmac_answer(SECRET, binascii.unhexlify(
+                    reply["nonce"]))}, "the service's answer to the challenge is %r", answer)
+        after = plan["after"]
+        if after == "close-stream":
+            stream.close()
+        elif after == "reset":
+            stream.reset(ErrorCode.STREAM_CANCELLED)
+        elif after == "close-session":
+            session.close()
+        if not session.wait(TIMEOUT + CLIENT_SILENCE * 2):
+            problems.append("hang: the service kept its session after the case")
+    except (CaseFailure, socket.timeout) as exc:
+        problems.append("the fake relay: %s" % exc)
+    except (muxado.MuxadoError, OSError, ValueError, AttributeError):
+        pass   # the service went away (it may, on a failure)
+    finally:
+        session.close()
+
+
+def run_client_case(case, watch):
+    plan = case.plan
+    expect, why = client_model(plan) if plan["mode"] == "lines" else ("any", "frames")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    address = listener.getsockname()
+    watch.port_is(address[1], ("client", case.number))
+    where = "relay %s:%d" % address
+    problems = []
+    relay = threading.Thread(target=_fake_relay, args=(case, listener, problems),
+                             name="fuzz-c%d fake relay" % case.number)
+    relay.daemon = True
+    relay.start()
+    silent = expect in ("silence", "any")
+    connection = None
+    started = time.monotonic()
+    try:
+        try:
+            connection = relay_service.connect(
+                address, secret=SECRET if plan["secret"] else None, heartbeat=plan["heartbeat"],
+                timeout=CLIENT_SILENCE if silent else TIMEOUT,
+                max_wait=CLIENT_SILENCE if silent else None, name="fuzz-c%d" % case.number)
+        except CLIENT_FAILURES as exc:
+            result = exc
+        except Exception as exc:
+            raise CaseFailure("connect raised %r (not a clean failure)\n%s"
+                              % (exc, traceback.format_exc()))
+        else:
+            result = connection
+        took = time.monotonic() - started
+        check(took < TIMEOUT + 2 * CLIENT_SILENCE, "hang: connect took %.1fs", took)
+        if connection is not None:
+            check(expect in ("ok", "any"), "connect returned, but the script says %s (%s)",
+                  expect, why)
+            if expect == "ok":
+                # (As JSON: a NaN the relay sent is not equal to itself.)
+                got = [connection.address, connection.port, connection.lease]
+                check(json.dumps(got) == json.dumps([why["address"], why.get("port"),
+                                                     why.get("lease")]),
+                      "connect returned %r for the reply %r", got, why)
+            outcome = "connected"
+        else:
+            # An RST aborts the stream (docs/PROTOCOL.md 1): an ok still unread goes with it.
+            check(expect != "ok" or plan["after"] == "reset",
+                  "connect failed with %r, but the script says ok (%r)", result, why)
+            if expect == "silence":
+                check(isinstance(result, (socket.timeout, relay_service.RelayGone,
+                                          muxado.MuxadoError)) or plan["after"] != "hold",
+                      "connect failed with %r; the relay only went silent", result)
+            # (socket.timeout is TimeoutError from 3.10 on: one name for every version.)
+            outcome = "failed: %s" % ("socket.timeout" if isinstance(result, socket.timeout)
+                                      else type(result).__name__)
+    finally:
+        if connection is not None:
+            connection.close()
+            check(connection.closed, "close() left the session open")
+        relay.join(TIMEOUT + 3 * CLIENT_SILENCE)
+        listener.close()
+    check(not relay.is_alive(), "hang: the fake relay is still running")
+    check(not problems, "%s", "; ".join(problems))
+    _threads_done(where, where + "-writer", "heartbeat " + where)
+    return outcome + (" (frames)" if plan["mode"] == "frames" else "")
+
+
+def client_case_for(seed, number, pairs, watch, make_case=None):
+    case = (make_case or gen_client_case)(seed, number)
+    try:
+        outcome = run_client_case(case, watch)
+        errors = watch.errors_for(("client", number))
+        check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
+    except (CaseFailure, OSError, muxado.MuxadoError) as exc:
+        raise CaseFailure("%s\n  case: %s, plan %r\n  bytes: %s"
+                          % (exc, case.label, dict((k, v) for k, v in case.plan.items()
+                                                   if k != "replies"), hexdump(case.data)))
+    return Outcome(case, outcome)
+
+
+def run_client_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                    max_failures=None):
+    """The service library against a hostile fake relay (see above); returns a Report."""
+    return run_simple_fuzz("client", seed, numbers,
+                           lambda n, pairs, watch: client_case_for(seed, n, pairs, watch,
+                                                                   make_case),
+                           workers, report, progress, max_failures)
+
+
 def describe_simple_case(case, limit=4096):
     fields = ", ".join("%s=%r" % (k, v) for k, v in case._asdict().items()
                        if k not in ("kind", "number", "data", "label"))
@@ -2708,4 +3016,6 @@ def describe_simple_case(case, limit=4096):
 EXTRA_KINDS = {
     "proxy": (run_proxy_fuzz, gen_proxy_case,
               "PROXY v1/v2 headers, valid and mutated, through proxyproto.read_header"),
+    "client": (run_client_fuzz, gen_client_case,
+               "service.connect against a fake relay sending mutated replies and frames"),
 }

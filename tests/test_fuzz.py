@@ -1,6 +1,7 @@
-"""The fuzzer (tests/fuzzing.py) in CI: a fixed seed, 5,000 session cases and
-1,500 relay cases, every one checked; then the cases it found library bugs
-with, kept as named regression tests.
+"""The fuzzer (tests/fuzzing.py) in CI: a fixed seed, 4,500 session cases,
+1,500 relay cases, 1,000 PROXY header cases and 500 client (service library
+against a hostile relay) cases, every one checked; then the cases it found
+library bugs with, kept as named regression tests.
 
 A failing case is reported with its seed, its number and its bytes, and the
 command that replays it alone:
@@ -24,9 +25,10 @@ from fuzzing import FIN, SYN, ErrorCode, data_frame, frame
 from tcprelay import muxado
 
 SEED = fuzzing.DEFAULT_SEED
-SESSION_CASES = 5000
+SESSION_CASES = 4500
 RELAY_CASES = 1500
-PROXY_CASES = 1500
+PROXY_CASES = 1000
+CLIENT_CASES = 500
 MAX_FAILURES = 25      # a broken library fails fast instead of timing out case after case
 
 
@@ -96,6 +98,19 @@ def test_proxy_fuzz(no_leaks):
     for outcome in ("read (tcp)", "read (stream)", "refused (tcp)", "bad start (stream)",
                     "cut off (tcp)", "waited (incomplete, open)"):
         assert seen.get(outcome), (outcome, report.summary())
+
+
+def test_client_fuzz(no_leaks):
+    """service.connect against a fake relay sending mutated replies and frames: it
+    connects exactly when the script's first final answer is a valid ok, else fails
+    cleanly, and leaves nothing running."""
+    report = fuzzing.run_client_fuzz(SEED, range(CLIENT_CASES), max_failures=MAX_FAILURES)
+    assert_clean(report)
+    seen = outcomes(report, "client")
+    assert seen.get("connected", 0) > CLIENT_CASES // 10, report.summary()
+    for outcome in ("RegistrationError", "RegistrationRefused", "socket.timeout",
+                    "SessionClosedError (frames)"):
+        assert seen.get("failed: " + outcome), (outcome, report.summary())
 
 
 # -- regressions: library bugs the fuzzer found -----------------------------------------------
