@@ -73,7 +73,7 @@ def build_parser(fuzzing):
                              + "; ".join("%s: %s" % (k, v[2]) for k, v in
                                          sorted(fuzzing.EXTRA_KINDS.items())))
     parser.add_argument("--replay", type=non_negative, default=None, metavar="CASE",
-                        help="run only case number CASE of --kind (session or relay) for "
+                        help="run only case number CASE of --kind (one kind, not both) for "
                              "--seed, and print it in full")
     parser.add_argument("--repeat", type=positive, default=1, metavar="R",
                         help="with --replay: run the case R times (for a failure that "
