@@ -664,7 +664,7 @@ class Outcome(object):
 
 _NAME_PATTERN = re.compile(r"fuzz-([a-z])(\d+)")
 # The letter in a case's thread and session names (fuzz-s12, fuzz-p7...): its kind.
-KIND_LETTERS = {"s": "session", "r": "relay", "p": "proxy", "c": "client"}
+KIND_LETTERS = {"s": "session", "r": "relay", "p": "proxy", "c": "client", "u": "public"}
 _PORT_PATTERN = re.compile(r"127\.0\.0\.1:(\d+)")
 
 
@@ -1451,6 +1451,7 @@ class HealthyService(object):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.error = None
+        self.hostile_clients = False   # set for public cases
         self._spawn(self._accept_loop, "healthy accept")
 
     def _spawn(self, fn, name, *args):
@@ -1481,7 +1482,11 @@ class HealthyService(object):
                     break
                 stream.sendall(data)
         except (OSError, muxado.MuxadoError) as exc:
-            if not self._stop.is_set():
+            # With hostile clients on the port (public cases) a reset is theirs to
+            # send: the healthy traffic checks its own streams byte for byte.
+            hostile = self.hostile_clients and isinstance(
+                exc, (ConnectionResetError, BrokenPipeError, muxado.StreamResetError))
+            if not self._stop.is_set() and not hostile:
                 self.error = "healthy echo on stream %d failed: %r" % (stream.id, exc)
         finally:
             stream.close()
@@ -3005,6 +3010,148 @@ def run_client_fuzz(seed, numbers, workers=16, report=None, progress=None, make_
                            workers, report, progress, max_failures)
 
 
+# -- public cases: hostile clients of a registered service's public port ----------------------------
+#
+# The relay environment's healthy echo service (its checksummed traffic running
+# beside every case) gets hostile clients too: bytes then a reset, a reset at
+# once, a half-close with or without reading the echo, a slow reader, a client
+# that sends much and reads nothing. A client that half-closes and reads must get
+# exactly its bytes back; every case ends within its bounds; after the run the
+# relay holds no client, the healthy traffic's sha256 are equal and nothing
+# leaked (RelayEnv.finish, run_relay_fuzz's checks).
+
+PublicCase = collections.namedtuple("PublicCase", "kind number data plan label")
+PUBLIC_ACTIONS = ("echo", "echo", "echo-pieces", "reset-after", "reset-at-once",
+                  "half-close-no-read", "close-unread", "slow-read", "read-some-reset")
+
+
+def gen_public_case(seed, number):
+    rng = case_rng(seed, "public", number)
+    action = rng.choice(PUBLIC_ACTIONS)
+    size = rng.choice([0, 1, 7, 1460, 65536, 300000, rng.randint(1, 200000)])
+    chunk = rng.choice([1, 100, 4096])
+    if action == "slow-read":
+        # More than the windows hold, read in small bites.
+        size, chunk = rng.choice([100000, 300000]), rng.choice([512, 4096])
+    data = rand_bytes(rng, size)
+    plan = {"action": action,
+            "pieces": sorted(rng.randrange(size + 1) for _ in range(rng.choice([0, 1, 3, 8]))),
+            "chunk": chunk, "linger_reset": rng.random() < 0.5}
+    return PublicCase("public", number, data, plan, action)
+
+
+def run_public_case(case, env):
+    plan = case.plan
+    action = plan["action"]
+    sock = socket.create_connection((LOOPBACK, env.healthy_port), timeout=TIMEOUT)
+    env.watch.port_is(sock.getsockname()[1], ("public", case.number))
+    try:
+        if action == "reset-at-once":
+            abort(sock)
+            return "reset at once"
+        cuts = plan["pieces"] if action == "echo-pieces" else []
+        if action == "slow-read":
+            # Send it all from a thread while we read in small bites.
+            sender = threading.Thread(target=lambda: sock.sendall(case.data) or
+                                      sock.shutdown(socket.SHUT_WR),
+                                      name="fuzz-u%d sender" % case.number)
+            sender.daemon = True
+            sender.start()
+            echoed = bytearray()
+            while True:
+                chunk = sock.recv(plan["chunk"])
+                if not chunk:
+                    break
+                echoed += chunk
+            sender.join(TIMEOUT)
+            check(not sender.is_alive(), "hang: the slow reader's sender never finished")
+            check(bytes(echoed) == case.data, "the slow reader got %d bytes back, not its %d "
+                  "(or different ones)", len(echoed), len(case.data))
+            return "slow read, echoed exactly"
+        if action in ("reset-after", "read-some-reset"):
+            sock.sendall(case.data[:65536])
+            if action == "read-some-reset" and case.data:
+                sock.recv(plan["chunk"])
+            abort(sock)
+            return action
+        if action == "close-unread":
+            sock.sendall(case.data[:65536])
+            sock.close()
+            return "closed unread"
+        for a, b in zip([0] + cuts, cuts + [None]):
+            if case.data[a:b]:
+                sock.sendall(case.data[a:b])
+        sock.shutdown(socket.SHUT_WR)
+        if action == "half-close-no-read":
+            (abort if plan["linger_reset"] else socket.socket.close)(sock)
+            return "half-closed, left"
+        echoed = bytearray()
+        while True:
+            chunk = sock.recv(262144)
+            if not chunk:
+                break
+            echoed += chunk
+        check(bytes(echoed) == case.data, "the echo is %d bytes, not the %d sent (or differs)",
+              len(echoed), len(case.data))
+        return "echoed exactly"
+    except socket.timeout:
+        raise CaseFailure("hang: the public port gave no answer within %gs" % TIMEOUT)
+    finally:
+        sock.close()
+
+
+def public_case_for(seed, number, env, make_case=None):
+    case = (make_case or gen_public_case)(seed, number)
+    try:
+        outcome = run_public_case(case, env)
+        errors = env.watch.errors_for(("public", number))
+        check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
+    except (CaseFailure, OSError, muxado.MuxadoError) as exc:
+        text = str(exc) if isinstance(exc, CaseFailure) else "%r\n%s" % (
+            exc, traceback.format_exc())
+        raise CaseFailure("%s\n  case: %s, plan %r, %d bytes" % (text, case.label, case.plan,
+                                                                 len(case.data)))
+    return Outcome(case, outcome)
+
+
+def run_public_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                    max_failures=None):
+    """Hostile clients of the healthy service's public port (see above); returns a Report."""
+    report = report or Report(seed)
+    started = time.monotonic()
+    numbers = _as_range(numbers)
+    problems = []
+    fds = open_fds()
+    ran = 0
+    with Watch() as watch:
+        env = RelayEnv(seed, watch)
+        env.healthy.hostile_clients = True
+        try:
+            ran = run_pool(numbers, lambda n: public_case_for(seed, n, env, make_case),
+                           workers, progress, max_failures=max_failures,
+                           record=report.recorder("public"))
+            problems.extend(env.finish())
+            end = time.monotonic() + TIMEOUT
+            while env.relay.client_count and time.monotonic() < end:
+                time.sleep(0.05)
+            if env.relay.client_count:
+                problems.append("the relay still holds %d clients after the run"
+                                % env.relay.client_count)
+            report.notes.extend(env.notes())
+        finally:
+            problems.extend(env.close())
+        stray = watch.unattributed("public", numbers)
+    report.note_skipped("public", numbers, ran)
+    for problem in problems:
+        report.fail_run("public", problem)
+    for text in stray:
+        report.fail_run("public", "logged or raised outside any case:\n" + text)
+    if open_fds() != fds:
+        report.fail_run("public", "open files: %s before, %s after" % (fds, open_fds()))
+    report.elapsed += time.monotonic() - started
+    return report
+
+
 def describe_simple_case(case, limit=4096):
     fields = ", ".join("%s=%r" % (k, v) for k, v in case._asdict().items()
                        if k not in ("kind", "number", "data", "label"))
@@ -3018,4 +3165,6 @@ EXTRA_KINDS = {
               "PROXY v1/v2 headers, valid and mutated, through proxyproto.read_header"),
     "client": (run_client_fuzz, gen_client_case,
                "service.connect against a fake relay sending mutated replies and frames"),
+    "public": (run_public_fuzz, gen_public_case,
+               "hostile clients of a registered service's public port, healthy traffic beside"),
 }

@@ -1,6 +1,6 @@
 """The fuzzer (tests/fuzzing.py) in CI: a fixed seed, 4,500 session cases,
-1,500 relay cases, 1,000 PROXY header cases and 500 client (service library
-against a hostile relay) cases, every one checked; then the cases it found
+1,500 relay cases, 1,000 PROXY header cases, 500 client (service library
+against a hostile relay) cases and 300 public-port cases, every one checked; then the cases it found
 library bugs with, kept as named regression tests.
 
 A failing case is reported with its seed, its number and its bytes, and the
@@ -29,6 +29,7 @@ SESSION_CASES = 4500
 RELAY_CASES = 1500
 PROXY_CASES = 1000
 CLIENT_CASES = 500
+PUBLIC_CASES = 300
 MAX_FAILURES = 25      # a broken library fails fast instead of timing out case after case
 
 
@@ -111,6 +112,17 @@ def test_client_fuzz(no_leaks):
     for outcome in ("RegistrationError", "RegistrationRefused", "socket.timeout",
                     "SessionClosedError (frames)"):
         assert seen.get("failed: " + outcome), (outcome, report.summary())
+
+
+def test_public_fuzz(no_leaks):
+    """Hostile clients of a registered service's public port (resets, half-closes,
+    slow readers, clients that read nothing) beside the healthy service's traffic."""
+    report = fuzzing.run_public_fuzz(SEED, range(PUBLIC_CASES), max_failures=MAX_FAILURES)
+    assert_clean(report)
+    seen = outcomes(report, "public")
+    for outcome in ("echoed exactly", "slow read, echoed exactly", "reset at once",
+                    "half-closed, left", "closed unread"):
+        assert seen.get(outcome), (outcome, report.summary())
 
 
 # -- regressions: library bugs the fuzzer found -----------------------------------------------
