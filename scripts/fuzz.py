@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fuzz tcprelay with the engine the tests use (tests/fuzzing.py), any seed, any size.
 
-    python3 scripts/fuzz.py                              # the CI run: 4,500 session + 1,500 relay cases
+    python3 scripts/fuzz.py                              # the CI run: 3,500 session + 1,200 relay cases
     python3 scripts/fuzz.py --cases 100000 --seed 5      # more, with another seed
     python3 scripts/fuzz.py --kind relay --cases 20000
     python3 scripts/fuzz.py --seed 7000 --kind session --replay 1234   # one case again
@@ -61,8 +61,8 @@ def build_parser(fuzzing):
                     "Deterministic per seed; a failure prints the command that replays it.")
     parser.add_argument("--cases", type=positive, default=None, metavar="N",
                         help="how many cases to run: with --kind both, 4/5 of them session "
-                             "cases and 1/5 relay cases (default: the CI run, 4500 session "
-                             "and 1500 relay cases)")
+                             "cases and 1/5 relay cases (default: the CI run, 3500 session "
+                             "and 1200 relay cases)")
     parser.add_argument("--seed", type=int, default=fuzzing.DEFAULT_SEED, metavar="S",
                         help="seed for every case (default: %d, the one CI uses)"
                              % fuzzing.DEFAULT_SEED)
@@ -181,7 +181,7 @@ def main(argv=None):
     if args.repeat != 1:
         parser.error("--repeat goes with --replay")
     if args.cases is None:
-        counts = {"session": 4500, "relay": 1500}
+        counts = {"session": 3500, "relay": 1200}
     elif args.kind == "both":
         relay = max(1, args.cases // 5) if args.cases > 1 else 0
         counts = {"session": args.cases - relay, "relay": relay}

@@ -47,6 +47,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -58,7 +59,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tcprelay import limits, muxado, proxyproto, registration  # noqa: E402
+from tcprelay import limits, muxado, proxyproto, registration, tls  # noqa: E402
 from tcprelay import service as relay_service  # noqa: E402
 from tcprelay.muxado import ErrorCode  # noqa: E402
 from tcprelay.relay import Relay  # noqa: E402
@@ -69,6 +70,9 @@ QUIET = 0.3              # a bounded wait that must time out ("nothing more come
 LOOPBACK = "127.0.0.1"
 DEFAULT_SEED = 7000
 VECTORS_PATH = os.path.join(HERE, "data", "muxado-vectors.json")
+TLS_CA = os.path.join(HERE, "data", "test-ca.pem")
+TLS_CERT = os.path.join(HERE, "data", "test-server.pem")
+TLS_KEY = os.path.join(HERE, "data", "test-server.key")
 
 # -- the wire, written out here so the oracle does not lean on tcprelay.frames ----------
 
@@ -664,7 +668,9 @@ class Outcome(object):
 
 _NAME_PATTERN = re.compile(r"fuzz-([a-z])(\d+)")
 # The letter in a case's thread and session names (fuzz-s12, fuzz-p7...): its kind.
-KIND_LETTERS = {"s": "session", "r": "relay", "p": "proxy", "c": "client", "u": "public"}
+KIND_LETTERS = {"s": "session", "r": "relay", "p": "proxy", "c": "client", "u": "public",
+                "a": "adapter", "t": "tls"}
+LETTER_OF = dict((kind, letter) for letter, kind in KIND_LETTERS.items())
 _PORT_PATTERN = re.compile(r"127\.0\.0\.1:(\d+)")
 
 
@@ -970,6 +976,7 @@ class RawSide(object):
         self.frames = []
         self.eof = False
         self.reset = False
+        self.alert = None    # the TLS alert that ended the connection, if one did
 
     def send(self, data):
         """Send all of ``data``; False if the peer is gone (it may end a session early)."""
@@ -984,7 +991,8 @@ class RawSide(object):
 
     def shutdown_write(self):
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            # (socket's own: SSLSocket.shutdown would drop TLS for the reads after it)
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
         except OSError:
             pass
 
@@ -994,6 +1002,11 @@ class RawSide(object):
             data = self.sock.recv(256 * 1024)
         except ConnectionResetError:
             self.reset = True
+            data = b""
+        except ssl.SSLError as exc:
+            # Over TLS the relay may end with an alert instead (tls cases only).
+            self.reset = True
+            self.alert = exc
             data = b""
         if not data:
             self.eof = True
@@ -1430,18 +1443,19 @@ class Traffic(object):
 class HealthyService(object):
     """A service registered with ``tcprelay.service.connect`` that echoes every stream."""
 
-    def __init__(self, relay_address):
+    def __init__(self, relay_address, client_tls=None):
         # The relay's handshake timeout is short (HANDSHAKE_TIMEOUT): on a loaded
         # machine it may time us out (an error line) or drop us (the session ends).
         for attempt in range(5):
             try:
                 self.connection = relay_service.connect(relay_address, name="healthy",
-                                                        secret=SECRET, timeout=TIMEOUT)
+                                                        secret=SECRET, timeout=TIMEOUT,
+                                                        tls=client_tls)
                 break
             except relay_service.RegistrationRefused as exc:
                 if "not finished" not in exc.reason or attempt == 4:
                     raise
-            except (relay_service.RelayGone, muxado.MuxadoError,
+            except (relay_service.RelayGone, muxado.MuxadoError, ssl.SSLError,
                     registration.RegistrationError):
                 if attempt == 4:
                     raise
@@ -1502,11 +1516,14 @@ class HealthyService(object):
 class RelayEnv(object):
     """One live relay for a run, with the healthy service and its traffic."""
 
-    def __init__(self, seed, watch):
+    def __init__(self, seed, watch, use_tls=False):
         self.watch = watch
         self.threads_before = set(threading.enumerate())
         self.ports = free_port_range(POOL_SIZE, seed)
+        self.client_tls = tls.client_context(TLS_CA) if use_tls else None
         self.relay = Relay((LOOPBACK, 0), ports=self.ports, public_bind=LOOPBACK,
+                           tls_context=tls.server_context(TLS_CERT, TLS_KEY) if use_tls
+                           else None,
                            handshake_timeout=HANDSHAKE_TIMEOUT, registration_rate=10 ** 6,
                            secret=SECRET, lease_time=LEASE_TIME,
                            # Every case comes from 127.0.0.1, up to one per worker at
@@ -1521,13 +1538,25 @@ class RelayEnv(object):
         self.healthy = None
         self.traffic = []
         try:
-            self.healthy = HealthyService(self.relay_address)
+            self.healthy = HealthyService(self.relay_address, self.client_tls)
             self.healthy_port = self.healthy.port
             self.healthy_link = self._link_with_port(self.healthy_port)
             self.traffic = [Traffic(self.healthy_port, seed, churn=False),
                             Traffic(self.healthy_port, seed + 1, churn=True)]
         except BaseException:
             self._stop_relay()
+            raise
+
+    def dial(self):
+        """A connection to the relay's service port: TCP, or TLS (handshake done) if
+        the run uses TLS."""
+        sock = socket.create_connection(self.relay_address, timeout=TIMEOUT)
+        if self.client_tls is None:
+            return sock
+        try:
+            return self.client_tls.wrap_socket(sock, server_hostname=LOOPBACK)
+        except BaseException:
+            sock.close()
             raise
 
     def _link_with_port(self, port):
@@ -2099,11 +2128,19 @@ def run_register_case(case, env):
     as the plan says; every reply is checked against the oracle."""
     plan = case.plan
     clock = Clock(env)     # before the connect: the relay's deadline starts after it
-    sock = socket.create_connection(env.relay_address, timeout=TIMEOUT)
+    try:
+        sock = env.dial()
+    except (ssl.SSLError, ConnectionError) as exc:
+        # TLS shares the handshake deadline (relay.py): on a loaded machine it may pass.
+        check(env.client_tls is not None and clock.elapsed() >= HANDSHAKE_TIMEOUT,
+              "the TLS handshake failed: %r", exc)
+        return "dropped at the handshake timeout (TLS)"
     local_port = sock.getsockname()[1]
     clock.local_port = local_port
-    env.watch.port_is(local_port, ("relay", case.number))
-    session = muxado.client(sock, name="fuzz-r%d" % case.number, write_timeout=5.0)
+    env.watch.port_is(local_port, (case.kind, case.number))
+    transport = sock if env.client_tls is None else tls.TLSTransport(sock)
+    session = muxado.client(transport, name="fuzz-%s%d" % (LETTER_OF[case.kind], case.number),
+                            write_timeout=5.0)
     try:
         outcome = _register(case, env, session, clock)
     except CaseFailure as exc:
@@ -2282,9 +2319,15 @@ def abort(sock):
 def run_raw_relay_case(case, env):
     """Bytes straight at the service port: the relay must end the session cleanly,
     with well-formed frames, a GOAWAY last, and only well-formed replies."""
-    sock = socket.create_connection(env.relay_address, timeout=TIMEOUT)
+    started = time.monotonic()
+    try:
+        sock = env.dial()
+    except (ssl.SSLError, ConnectionError) as exc:
+        check(env.client_tls is not None and time.monotonic() - started >= HANDSHAKE_TIMEOUT,
+              "the TLS handshake failed: %r", exc)
+        return "dropped at the handshake timeout (TLS)"
     local_port = sock.getsockname()[1]
-    env.watch.port_is(local_port, ("relay", case.number))
+    env.watch.port_is(local_port, (case.kind, case.number))
     raw = RawSide(sock)
     analysis = analyse(case.data)
     allowed = set(analysis.maybe) | {ErrorCode.NO_ERROR}
@@ -2333,7 +2376,7 @@ def run_raw_relay_case(case, env):
     code = check_goaway_last(frames, "the relay")
     if code is None:
         check(raw.reset, "the relay closed the connection without GOAWAY: %s", describe(frames))
-        outcome = "relay reset the connection"
+        outcome = "relay reset the connection" if raw.alert is None else "relay sent a TLS alert"
     else:
         check(code in allowed, "the relay ended the session with %s; allowed: %s; %s",
               code_name(code), ", ".join(sorted(code_name(c) for c in allowed)), describe(frames))
@@ -2344,19 +2387,21 @@ def run_raw_relay_case(case, env):
     return outcome
 
 
-def relay_case_for(seed, number, env, make_case=None):
-    case = (make_case or gen_relay_case)(seed, number, env)
+def relay_case_for(seed, number, env, make_case=None, kind="relay"):
+    case = (make_case or gen_relay_case)(seed, number, env)._replace(kind=kind)
     try:
         if case.mode == "register":
             outcome = run_register_case(case, env)
+        elif case.mode.startswith("tls-"):
+            outcome = run_tls_garbage_case(case, env)
         else:
             outcome = run_raw_relay_case(case, env)
-        errors = env.watch.errors_for(("relay", number))
+        errors = env.watch.errors_for((kind, number))
         check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
     except (CaseFailure, OSError, muxado.MuxadoError) as exc:
         text = str(exc) if isinstance(exc, CaseFailure) else "%r\n%s" % (
             exc, traceback.format_exc())
-        errors = env.watch.errors_for(("relay", number))
+        errors = env.watch.errors_for((kind, number))
         if errors and "logged or raised" not in text:
             text += "\n  the relay logged:\n%s" % "\n".join(errors[:2])
         raise CaseFailure("%s\n  case: %s, plan %r\n  bytes: %s"
@@ -2365,11 +2410,15 @@ def relay_case_for(seed, number, env, make_case=None):
 
 
 def run_relay_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
-                   max_failures=None):
+                   max_failures=None, kind="relay"):
     """Run relay cases ``numbers`` for ``seed`` against one live relay; returns a Report.
 
     ``make_case(seed, n, env)`` replaces the generator (regression tests run fixed cases).
+    ``kind="tls"``: the relay and every connection to it use TLS (see gen_tls_case).
     """
+    use_tls = kind == "tls"
+    if use_tls and make_case is None:
+        make_case = gen_tls_case
     report = report or Report(seed)
     started = time.monotonic()
     numbers = _as_range(numbers)
@@ -2378,23 +2427,23 @@ def run_relay_fuzz(seed, numbers, workers=16, report=None, progress=None, make_c
     fds = open_fds()
     ran = 0
     with Watch() as watch:
-        env = RelayEnv(seed, watch)
+        env = RelayEnv(seed, watch, use_tls)
         try:
-            ran = run_pool(numbers, lambda n: relay_case_for(seed, n, env, make_case),
+            ran = run_pool(numbers, lambda n: relay_case_for(seed, n, env, make_case, kind),
                            workers, progress, max_failures=max_failures,
-                           record=report.recorder("relay"))
+                           record=report.recorder(kind))
             problems.extend(env.finish())
             report.notes.extend(env.notes())
         finally:
             problems.extend(env.close())
-        stray = watch.unattributed("relay", numbers)
-    report.note_skipped("relay", numbers, ran)
+        stray = watch.unattributed(kind, numbers)
+    report.note_skipped(kind, numbers, ran)
     for problem in problems:
-        report.fail_run("relay", problem)
+        report.fail_run(kind, problem)
     for text in stray:
-        report.fail_run("relay", "logged or raised outside any case:\n" + text)
+        report.fail_run(kind, "logged or raised outside any case:\n" + text)
     if open_fds() != fds:
-        report.fail_run("relay", "open files: %s before, %s after" % (fds, open_fds()))
+        report.fail_run(kind, "open files: %s before, %s after" % (fds, open_fds()))
     report.elapsed += time.monotonic() - started
     return report
 
@@ -3040,11 +3089,11 @@ def gen_public_case(seed, number):
     return PublicCase("public", number, data, plan, action)
 
 
-def run_public_case(case, env):
+def run_public_case(case, env, port=None, kind="public"):
     plan = case.plan
     action = plan["action"]
-    sock = socket.create_connection((LOOPBACK, env.healthy_port), timeout=TIMEOUT)
-    env.watch.port_is(sock.getsockname()[1], ("public", case.number))
+    sock = socket.create_connection((LOOPBACK, port or env.healthy_port), timeout=TIMEOUT)
+    env.watch.port_is(sock.getsockname()[1], (kind, case.number))
     try:
         if action == "reset-at-once":
             abort(sock)
@@ -3100,11 +3149,12 @@ def run_public_case(case, env):
         sock.close()
 
 
-def public_case_for(seed, number, env, make_case=None):
+def public_case_for(seed, number, env, make_case=None, port=None, kind="public"):
     case = (make_case or gen_public_case)(seed, number)
+    case = case._replace(kind=kind)
     try:
-        outcome = run_public_case(case, env)
-        errors = env.watch.errors_for(("public", number))
+        outcome = run_public_case(case, env, port, kind)
+        errors = env.watch.errors_for((kind, number))
         check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
     except (CaseFailure, OSError, muxado.MuxadoError) as exc:
         text = str(exc) if isinstance(exc, CaseFailure) else "%r\n%s" % (
@@ -3115,8 +3165,9 @@ def public_case_for(seed, number, env, make_case=None):
 
 
 def run_public_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
-                    max_failures=None):
-    """Hostile clients of the healthy service's public port (see above); returns a Report."""
+                    max_failures=None, kind="public"):
+    """Hostile clients of the healthy service's public port (see above), or with
+    ``kind="adapter"`` of an Adapter's (see below); returns a Report."""
     report = report or Report(seed)
     started = time.monotonic()
     numbers = _as_range(numbers)
@@ -3126,10 +3177,19 @@ def run_public_fuzz(seed, numbers, workers=16, report=None, progress=None, make_
     with Watch() as watch:
         env = RelayEnv(seed, watch)
         env.healthy.hostile_clients = True
+        adapter = None
         try:
-            ran = run_pool(numbers, lambda n: public_case_for(seed, n, env, make_case),
+            port = None
+            if kind == "adapter":
+                adapter = AdapterUnderTest(env)
+                port = adapter.port
+            ran = run_pool(numbers, lambda n: public_case_for(seed, n, env, make_case, port,
+                                                              kind),
                            workers, progress, max_failures=max_failures,
-                           record=report.recorder("public"))
+                           record=report.recorder(kind))
+            if adapter is not None:
+                problems.extend(adapter.close())
+                adapter = None
             problems.extend(env.finish())
             end = time.monotonic() + TIMEOUT
             while env.relay.client_count and time.monotonic() < end:
@@ -3139,17 +3199,272 @@ def run_public_fuzz(seed, numbers, workers=16, report=None, progress=None, make_
                                 % env.relay.client_count)
             report.notes.extend(env.notes())
         finally:
+            if adapter is not None:
+                problems.extend(adapter.close())
             problems.extend(env.close())
-        stray = watch.unattributed("public", numbers)
-    report.note_skipped("public", numbers, ran)
+        stray = watch.unattributed(kind, numbers)
+    report.note_skipped(kind, numbers, ran)
     for problem in problems:
-        report.fail_run("public", problem)
+        report.fail_run(kind, problem)
     for text in stray:
-        report.fail_run("public", "logged or raised outside any case:\n" + text)
+        report.fail_run(kind, "logged or raised outside any case:\n" + text)
     if open_fds() != fds:
-        report.fail_run("public", "open files: %s before, %s after" % (fds, open_fds()))
+        report.fail_run(kind, "open files: %s before, %s after" % (fds, open_fds()))
     report.elapsed += time.monotonic() - started
     return report
+
+
+# -- adapter cases: the public cases through tcprelay.adapter to a local service -----------------
+#
+# The same hostile clients (and the same checks) against the public port of an
+# Adapter registered with the run's relay, whose streams it joins to a plain
+# TCP echo service on loopback: every byte must cross relay, adapter and back.
+
+class LocalEcho(object):
+    """A TCP echo service on loopback, a thread per connection; resets are the client's."""
+
+    def __init__(self):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(128)
+        self.address = self.listener.getsockname()
+        self._lock = threading.Lock()
+        self._threads = []
+        self._conns = set()
+        self._spawn(self._accept_loop, "fuzz local echo")
+
+    def _spawn(self, fn, name, *args):
+        thread = threading.Thread(target=fn, args=args, name=name)
+        thread.daemon = True
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            conn.settimeout(TIMEOUT)
+            with self._lock:
+                self._conns.add(conn)
+            self._spawn(self._echo, "fuzz local echo conn", conn)
+
+    def _echo(self, conn):
+        try:
+            while True:
+                data = conn.recv(262144)
+                if not data:
+                    conn.shutdown(socket.SHUT_WR)
+                    break
+                conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            threads = list(self._threads)
+        return join_threads(threads)
+
+
+class AdapterUnderTest(object):
+    """An Adapter (no stdout announcement) registered with the env's relay, serving."""
+
+    def __init__(self, env):
+        from tcprelay.adapter import Adapter
+        from tcprelay.service import RelayServer
+
+        class QuietAdapter(Adapter):
+            def registered(self, previous_address, connection):
+                RelayServer.registered(self, previous_address, connection)
+
+        self.echo = LocalEcho()
+        try:
+            self.adapter = QuietAdapter(env.relay_address, self.echo.address, secret=SECRET,
+                                        name="fuzz-adapter")
+        except BaseException:
+            self.echo.close()
+            raise
+        self.port = self.adapter.server_address[1]
+        self._serve = threading.Thread(target=self.adapter.serve_forever, name="fuzz adapter")
+        self._serve.daemon = True
+        self._serve.start()
+
+    def close(self):
+        problems = []
+        self.adapter.shutdown()
+        self._serve.join(TIMEOUT)
+        if self._serve.is_alive():
+            problems.append("the adapter's serve_forever did not return after shutdown()")
+        self.adapter.server_close()
+        left = self.echo.close()
+        if left:
+            problems.append("local echo threads still running: %s" % left[:5])
+        return problems
+
+
+# -- tls cases: the relay with tls_context -------------------------------------------------------
+#
+# The whole relay fuzz (garbage, mutated frames, registrations) over TLS, the
+# healthy service registered over TLS too; and TLS-level garbage: random bytes,
+# made-up and mutated ClientHello records, oversized record headers, plain muxado
+# (a client that forgot TLS) before the handshake; after a real handshake, raw
+# bytes, records with a broken MAC, oversized and cut-off records. The relay must
+# close the connection (within its handshake deadline for what never gets that
+# far), log nothing at ERROR, and leave the healthy traffic unharmed.
+
+TLS_GARBAGE = ("random", "client-hello", "client-hello", "huge-record", "alert", "plain-muxado")
+TLS_AFTER = ("raw-bytes", "bad-mac", "bad-mac", "huge-record", "cut-record", "close-notify-then")
+
+
+def _tls_client_hello(rng):
+    """A made-up ClientHello record (TLS 1.2/1.3 shaped, random contents)."""
+    suites = [0x1301, 0x1302, 0x1303, 0xC02F, 0xC030, 0x009C] + [
+        rng.getrandbits(16) for _ in range(rng.randint(0, 4))]
+    extensions = b""
+    if rng.random() < 0.8:
+        extensions += struct.pack(">HHB", 0x2B, 5, 4) + b"\x03\x04\x03\x03"   # versions
+        extensions += struct.pack(">HHH", 0x0A, 4, 2) + b"\x00\x1d"           # x25519
+        extensions += struct.pack(">HHHHH", 0x33, 38, 36, 0x1D, 32) + rand_bytes(rng, 32)
+        extensions += struct.pack(">HHH", 0x0D, 4, 2) + b"\x08\x04"           # rsa_pss
+    extensions += rand_bytes(rng, rng.choice([0, 0, 4, 20]))
+    body = b"\x03\x03" + rand_bytes(rng, 32) + b"\x20" + rand_bytes(rng, 32) + struct.pack(
+        ">H", 2 * len(suites)) + b"".join(struct.pack(">H", c) for c in suites) + b"\x01\x00" + \
+        struct.pack(">H", len(extensions)) + extensions
+    handshake = b"\x01" + struct.pack(">I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack(">H", len(handshake)) + handshake
+
+
+def gen_tls_case(seed, number, env):
+    rng = case_rng(seed, "tls", number)
+    if rng.random() < 0.6:
+        # The relay fuzz's own cases, over TLS (a different stream of numbers).
+        return gen_relay_case(seed + 0x7F000000, number, env)
+    label = []
+    end = rng.choice(["shut", "shut", "reset", "wait"])
+    if rng.random() < 0.5:
+        how = rng.choice(TLS_GARBAGE)
+        if how == "random":
+            data = rand_bytes(rng, rng.choice([1, 5, 6, 100, rng.randint(1, 3000)]))
+        elif how == "client-hello":
+            data = _tls_client_hello(rng)
+        elif how == "huge-record":
+            data = bytes([rng.choice([0x16, 0x17, 0x15, 0x80])]) + b"\x03\x03\xff\xff" + \
+                rand_bytes(rng, rng.randint(0, 100))
+        elif how == "alert":
+            data = b"\x15\x03\x03\x00\x02" + bytes([rng.choice([1, 2]), rng.getrandbits(8)])
+        else:
+            data = data_frame(1, b'{"auth": "hmac-sha256"}\n', SYN)
+        if rng.random() < 0.4:
+            buf = bytearray(data)
+            for _ in range(rng.randint(1, 2)):
+                if buf:
+                    mutator = rng.choice(BYTE_MUTATORS)
+                    buf = mutator(rng, buf)
+                    label.append(mutator.__name__[2:])
+            data = bytes(buf)
+        mode = "tls-before"
+    else:
+        how = rng.choice(TLS_AFTER)
+        data = rand_bytes(rng, rng.choice([1, 5, 40, 1000, 20000]))
+        mode = "tls-after"
+    plan = {"end": end, "how": how, "flip": rng.randrange(1 << 16)}
+    return RelayCase("tls", number, mode, data, plan, "+".join([mode, how] + label))
+
+
+def _tls_handshake_bio(sock, context):
+    """A client TLS handshake over ``sock`` through memory BIOs, so that what goes
+    on the wire afterwards is ours to corrupt; returns (sslobject, outgoing)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_hostname=LOOPBACK)
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pending = outgoing.read()
+            if pending:
+                sock.sendall(pending)
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("EOF in the TLS handshake")
+            incoming.write(data)
+    pending = outgoing.read()
+    if pending:
+        sock.sendall(pending)
+    return obj, outgoing
+
+
+def run_tls_garbage_case(case, env):
+    """Bytes at a TLS relay, before or after a real handshake: it must close."""
+    plan = case.plan
+    started = time.monotonic()
+    sock = socket.create_connection(env.relay_address, timeout=TIMEOUT)
+    local_port = sock.getsockname()[1]
+    env.watch.port_is(local_port, (case.kind, case.number))
+    raw = RawSide(sock)
+    try:
+        data = case.data
+        if case.mode == "tls-after":
+            try:
+                obj, outgoing = _tls_handshake_bio(sock, env.client_tls)
+            except (ssl.SSLError, ConnectionError) as exc:
+                check(time.monotonic() - started >= HANDSHAKE_TIMEOUT,
+                      "the TLS handshake failed: %r", exc)
+                return "dropped at the handshake timeout (TLS)"
+            how = plan["how"]
+            if how in ("bad-mac", "cut-record", "close-notify-then"):
+                if how == "close-notify-then":
+                    try:
+                        obj.unwrap()
+                    except ssl.SSLError:
+                        pass
+                    record = outgoing.read() + data
+                else:
+                    obj.write(data)
+                    record = bytearray(outgoing.read())
+                    if how == "bad-mac":
+                        record[5 + plan["flip"] % (len(record) - 5)] ^= 0x01
+                    else:
+                        del record[5 + plan["flip"] % (len(record) - 5):]
+                data = bytes(record)
+            elif how == "huge-record":
+                data = b"\x17\x03\x03\xff\xff" + data
+        raw.send(data)
+        if plan["end"] == "reset":
+            abort(sock)
+            _relay_side_done(env, local_port)
+            return "%s: reset by us" % case.mode
+        if plan["end"] == "shut":
+            raw.shutdown_write()
+        # Whatever the relay says (a ServerHello, an alert), it must close.
+        raw.read_until(lambda frames: False, "the relay closing the connection")
+    finally:
+        sock.close()
+    _relay_side_done(env, local_port)
+    return "%s: closed by the relay%s" % (case.mode, " (reset)" if raw.reset else "")
+
+
+def run_tls_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                 max_failures=None):
+    """The relay over TLS (see above); returns a Report."""
+    return run_relay_fuzz(seed, numbers, workers, report, progress, make_case, max_failures,
+                          kind="tls")
 
 
 def describe_simple_case(case, limit=4096):
@@ -3167,4 +3482,8 @@ EXTRA_KINDS = {
                "service.connect against a fake relay sending mutated replies and frames"),
     "public": (run_public_fuzz, gen_public_case,
                "hostile clients of a registered service's public port, healthy traffic beside"),
+    "adapter": (lambda *a, **k: run_public_fuzz(*a, kind="adapter", **k), gen_public_case,
+                "the public cases through tcprelay.adapter to a local TCP echo service"),
+    "tls": (run_tls_fuzz, gen_tls_case,
+            "the relay fuzz over TLS, and TLS garbage before and after the handshake"),
 }

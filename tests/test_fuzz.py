@@ -1,6 +1,8 @@
-"""The fuzzer (tests/fuzzing.py) in CI: a fixed seed, 4,500 session cases,
-1,500 relay cases, 1,000 PROXY header cases, 500 client (service library
-against a hostile relay) cases and 300 public-port cases, every one checked; then the cases it found
+"""The fuzzer (tests/fuzzing.py) in CI: a fixed seed; 3,500 session cases,
+1,200 relay cases, 800 PROXY header cases, 400 client (service library
+against a hostile relay) cases, 300 public-port cases, 200 adapter cases and
+300 TLS cases, every one checked (fewer session and relay cases than before
+the new kinds came, to keep the time); then the cases it found
 library bugs with, kept as named regression tests.
 
 A failing case is reported with its seed, its number and its bytes, and the
@@ -25,11 +27,13 @@ from fuzzing import FIN, SYN, ErrorCode, data_frame, frame
 from tcprelay import muxado
 
 SEED = fuzzing.DEFAULT_SEED
-SESSION_CASES = 4500
-RELAY_CASES = 1500
-PROXY_CASES = 1000
-CLIENT_CASES = 500
+SESSION_CASES = 3500
+RELAY_CASES = 1200
+PROXY_CASES = 800
+CLIENT_CASES = 400
 PUBLIC_CASES = 300
+ADAPTER_CASES = 200
+TLS_CASES = 300
 MAX_FAILURES = 25      # a broken library fails fast instead of timing out case after case
 
 
@@ -123,6 +127,27 @@ def test_public_fuzz(no_leaks):
     for outcome in ("echoed exactly", "slow read, echoed exactly", "reset at once",
                     "half-closed, left", "closed unread"):
         assert seen.get(outcome), (outcome, report.summary())
+
+
+def test_adapter_fuzz(no_leaks):
+    """The public cases through tcprelay.adapter to a local TCP echo service."""
+    report = fuzzing.run_public_fuzz(SEED, range(ADAPTER_CASES), max_failures=MAX_FAILURES,
+                                     kind="adapter")
+    assert_clean(report)
+    seen = outcomes(report, "adapter")
+    for outcome in ("echoed exactly", "slow read, echoed exactly", "reset at once"):
+        assert seen.get(outcome), (outcome, report.summary())
+
+
+def test_tls_fuzz(no_leaks):
+    """The relay fuzz over TLS, and TLS garbage before and after the handshake."""
+    report = fuzzing.run_tls_fuzz(SEED, range(TLS_CASES), max_failures=MAX_FAILURES)
+    assert_clean(report)
+    seen = outcomes(report, "tls")
+    answered = lambda prefix: sum(n for o, n in seen.items() if o.startswith(prefix))
+    for prefix in ("register: answered: ok", "register: answered: error", "frames: relay",
+                   "tls-before: tls-before: closed", "tls-after: tls-after: closed"):
+        assert answered(prefix), (prefix, report.summary())
 
 
 # -- regressions: library bugs the fuzzer found -----------------------------------------------
