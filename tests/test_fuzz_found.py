@@ -12,6 +12,9 @@
 3. service.register (via _silence_in_line) took a waiting notice's interval of
    1e308 (doubled: infinity) or 10**400 as a silence limit: connect() raised
    OverflowError from deep in the stream's wait.
+4. tls.TLSTransport.recv_into raised an error met after it had copied records
+   into the caller's buffer, losing them (Python < 3.10 with OpenSSL 3, where an
+   EOF without close_notify is an SSLError: the relay's error reply was lost).
 """
 
 import socket
@@ -138,3 +141,52 @@ def test_service_waits_in_line_behind_a_relay_promising_an_endless_interval(no_l
             timer.join(TIMEOUT)
         relay.close()
     assert relay.error is None, relay.error
+
+
+def test_tls_transport_returns_the_records_it_read_before_an_error(no_leaks):
+    """4. TLSTransport.recv_into copied whole records into the caller's buffer, then
+    met an error on the next record (an EOF without close_notify raises SSLError on
+    Python < 3.10 with OpenSSL 3) and raised it: the bytes already taken were lost
+    (the relay's error reply, in the tls kind's cases on Python 3.6). They must come
+    first, the error after."""
+    import os
+    from tcprelay import tls
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    server_context = tls.server_context(os.path.join(data, "test-server.pem"),
+                                        os.path.join(data, "test-server.key"))
+    client_context = tls.client_context(os.path.join(data, "test-ca.pem"))
+    dialer, acceptor = tcp_pair()
+    results = {}
+
+    def serve():
+        try:
+            server = server_context.wrap_socket(acceptor, server_side=True)
+            server.sendall(b"hello")
+            server.sendall(b"world")
+            server.close()          # no close_notify: a ragged EOF
+        except Exception as exc:   # reported below
+            results["server"] = exc
+
+    thread = threading.Thread(target=serve, name="tls server")
+    thread.start()
+    try:
+        client = client_context.wrap_socket(dialer, server_hostname="127.0.0.1")
+        thread.join(TIMEOUT)
+        assert not thread.is_alive() and "server" not in results, results
+        transport = tls.TLSTransport(client)
+        received = bytearray()
+        buffer = bytearray(100)
+        while len(received) < 10:
+            try:
+                n = transport.recv_into(buffer)
+            except OSError as exc:
+                raise AssertionError("lost %r: %r" % (bytes(buffer[:10]), exc))
+            if not n:
+                break
+            received += buffer[:n]
+        assert bytes(received) == b"helloworld"
+        transport.close()
+    finally:
+        thread.join(TIMEOUT)
+        acceptor.close()
+        dialer.close()
