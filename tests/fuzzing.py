@@ -30,6 +30,16 @@ Two kinds of case:
   answer each request must get; an ``ok`` is proven by a client on the
   granted port.
 
+Further kinds (``EXTRA_KINDS``, ``scripts/fuzz.py --kind NAME``), each
+described where it is defined: **proxy** (PROXY headers through
+proxyproto.read_header), **client** (service.connect against a hostile fake
+relay), **public** (hostile clients of a registered service's public port),
+**adapter** (the same through tcprelay.adapter to a local service) and **tls**
+(the relay fuzz over TLS, and TLS garbage before and after the handshake).
+
+Memory stays flat however many cases run: run_pool hands each outcome to the
+Report as it ends, which keeps counts and failures only.
+
 Never allowed: an uncaught exception in any thread (``threading.excepthook``
 on 3.8+), an ERROR log record from a ``tcprelay`` logger, a hang (every wait
 is bounded; a watchdog names a case that runs too long), a leaked thread or
