@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Fuzz tcprelay with the engine the tests use (tests/fuzzing.py), any seed, any size.
 
-    python3 scripts/fuzz.py                              # the CI run: 5,000 + 1,500 cases
+    python3 scripts/fuzz.py                              # the CI run: 3,500 session + 1,200 relay cases
     python3 scripts/fuzz.py --cases 100000 --seed 5      # more, with another seed
     python3 scripts/fuzz.py --kind relay --cases 20000
     python3 scripts/fuzz.py --seed 7000 --kind session --replay 1234   # one case again
+    python3 scripts/fuzz.py --kind proxy --cases 100000   # PROXY headers (read_header)
+    python3 scripts/fuzz.py --kind client --cases 20000   # the service library vs a hostile relay
 
 Session cases feed mutated and random muxado frame streams to a Python server
 session over loopback TCP; relay cases send garbage, mutated frames and
@@ -59,16 +61,19 @@ def build_parser(fuzzing):
                     "Deterministic per seed; a failure prints the command that replays it.")
     parser.add_argument("--cases", type=positive, default=None, metavar="N",
                         help="how many cases to run: with --kind both, 4/5 of them session "
-                             "cases and 1/5 relay cases (default: the CI run, 5000 session "
-                             "and 1500 relay cases)")
+                             "cases and 1/5 relay cases (default: the CI run, 3500 session "
+                             "and 1200 relay cases)")
     parser.add_argument("--seed", type=int, default=fuzzing.DEFAULT_SEED, metavar="S",
                         help="seed for every case (default: %d, the one CI uses)"
                              % fuzzing.DEFAULT_SEED)
-    parser.add_argument("--kind", choices=["session", "relay", "both"], default="both",
+    parser.add_argument("--kind", choices=["session", "relay", "both"] + sorted(fuzzing.EXTRA_KINDS),
+                        default="both",
                         help="session: frame streams against a server session; relay: a live "
-                             "relay with a healthy service beside the cases; both (default)")
+                             "relay with a healthy service beside the cases; both (default); "
+                             + "; ".join("%s: %s" % (k, v[2]) for k, v in
+                                         sorted(fuzzing.EXTRA_KINDS.items())))
     parser.add_argument("--replay", type=non_negative, default=None, metavar="CASE",
-                        help="run only case number CASE of --kind (session or relay) for "
+                        help="run only case number CASE of --kind (one kind, not both) for "
                              "--seed, and print it in full")
     parser.add_argument("--repeat", type=positive, default=1, metavar="R",
                         help="with --replay: run the case R times (for a failure that "
@@ -82,8 +87,25 @@ def build_parser(fuzzing):
     return parser
 
 
+def memory():
+    """(resident, peak resident) of this process in MiB, from /proc (None elsewhere)."""
+    fields = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    fields[name] = int(value.split()[0]) / 1024.0
+    except (OSError, ValueError):
+        return None
+    if len(fields) != 2:
+        return None
+    return fields["VmRSS"], fields["VmHWM"]
+
+
 class Progress(object):
-    """A line on stderr at every tenth of the way."""
+    """A line on stderr at every tenth of the way (at least every 10,000 cases), with
+    the process's memory: it must stay flat however many cases run."""
 
     def __init__(self, kind, quiet):
         self.kind = kind
@@ -92,19 +114,24 @@ class Progress(object):
         self.shown = 0
 
     def __call__(self, done, total, failures):
-        step = max(1, total // 10)
+        step = max(1, min(total // 10, 10000))
         if self.quiet or (done < total and done // step == self.shown // step):
             return
         self.shown = done
-        sys.stderr.write("%s: %d/%d cases, %d failed, %.1fs\n"
-                         % (self.kind, done, total, failures, time.monotonic() - self.start))
+        rss = memory()
+        sys.stderr.write("%s: %d/%d cases, %d failed, %.1fs%s\n"
+                         % (self.kind, done, total, failures, time.monotonic() - self.start,
+                            ", rss %.0f MiB (peak %.0f MiB)" % rss if rss else ""))
         sys.stderr.flush()
 
 
 def run(fuzzing, kind, seed, numbers, args, report, make_case=None):
     workers = args.workers or (24 if kind == "session" else 16)
     progress = Progress(kind, args.quiet or len(numbers) < 10)
-    runner = fuzzing.run_session_fuzz if kind == "session" else fuzzing.run_relay_fuzz
+    if kind in fuzzing.EXTRA_KINDS:
+        runner = fuzzing.EXTRA_KINDS[kind][0]
+    else:
+        runner = fuzzing.run_session_fuzz if kind == "session" else fuzzing.run_relay_fuzz
     return runner(seed, numbers, workers=workers, report=report, progress=progress,
                   make_case=make_case, max_failures=args.max_failures or None)
 
@@ -112,9 +139,12 @@ def run(fuzzing, kind, seed, numbers, args, report, make_case=None):
 def replay(fuzzing, args):
     kind = args.kind
     seen = {}
-    if kind == "session":
+    if kind == "session" or kind in fuzzing.EXTRA_KINDS:
+        generate = fuzzing.gen_session_case if kind == "session" else \
+            fuzzing.EXTRA_KINDS[kind][1]
+
         def make_case(seed, n):
-            case = fuzzing.gen_session_case(seed, args.replay)
+            case = generate(seed, args.replay)
             seen["case"] = case
             return case._replace(number=n)
     else:
@@ -125,7 +155,10 @@ def replay(fuzzing, args):
     numbers = range(args.replay, args.replay + args.repeat)
     report = run(fuzzing, kind, args.seed, numbers, args, fuzzing.Report(args.seed), make_case)
     if "case" in seen:
-        print(fuzzing.describe_case(seen["case"]))
+        if kind in fuzzing.EXTRA_KINDS:
+            print(fuzzing.describe_simple_case(seen["case"]))
+        else:
+            print(fuzzing.describe_case(seen["case"]))
     print()
     print(report.summary())
     if report.failures:
@@ -141,14 +174,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.replay is not None:
         if args.kind == "both":
-            parser.error("--replay needs --kind session or --kind relay")
+            parser.error("--replay needs one --kind (not both)")
         if args.cases is not None:
             parser.error("--replay runs one case; leave out --cases")
         return replay(fuzzing, args)
     if args.repeat != 1:
         parser.error("--repeat goes with --replay")
     if args.cases is None:
-        counts = {"session": 5000, "relay": 1500}
+        counts = {"session": 3500, "relay": 1200}
     elif args.kind == "both":
         relay = max(1, args.cases // 5) if args.cases > 1 else 0
         counts = {"session": args.cases - relay, "relay": relay}
@@ -160,6 +193,9 @@ def main(argv=None):
         if counts.get(kind):
             run(fuzzing, kind, args.seed, range(counts[kind]), args, report)
     print(report.summary())
+    rss = memory()
+    if rss:
+        print("  memory: rss %.0f MiB, peak %.0f MiB" % rss)
     if report.failures:
         print()
         print(report.describe_failures(limit=10))

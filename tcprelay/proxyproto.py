@@ -7,12 +7,14 @@ off a socket or stream, leaving the client's own bytes in place.
 """
 
 import ipaddress
+import re
 import socket
 import struct
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107                      # the longest version 1 header, CRLF included
 _V2_FIXED = 16
+_PORT = re.compile(r"[0-9]{1,5}\Z")
 _V2_ADDRESSES = {0x11: (socket.AF_INET, 12), 0x21: (socket.AF_INET6, 36)}
 
 
@@ -96,11 +98,16 @@ def parse(header):
         if fields[0] not in ("TCP4", "TCP6") or len(fields) != 5:
             raise ProxyHeaderError("malformed PROXY v1 header: %r" % header[:V1_MAX])
         try:
-            source = (str(ipaddress.ip_address(fields[1])), int(fields[3]))
-            destination = (str(ipaddress.ip_address(fields[2])), int(fields[4]))
+            hosts = [ipaddress.ip_address(field) for field in fields[1:3]]
         except ValueError:
             raise ProxyHeaderError("malformed PROXY v1 header: %r" % header[:V1_MAX])
-        return source, destination
+        # Ports in decimal, 0 to 65535 (int() would take "-1", "+80", "1_0", "70000"),
+        # and addresses of the family the protocol names.
+        version = 4 if fields[0] == "TCP4" else 6
+        if any(host.version != version for host in hosts) or not all(
+                _PORT.match(field) and int(field) <= 65535 for field in fields[3:5]):
+            raise ProxyHeaderError("malformed PROXY v1 header: %r" % header[:V1_MAX])
+        return ((str(hosts[0]), int(fields[3])), (str(hosts[1]), int(fields[4])))
     raise ProxyHeaderError("not a PROXY header")
 
 

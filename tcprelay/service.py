@@ -246,11 +246,33 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
             stream.close()
 
 
+def _seconds(beat, key, default):
+    """The relay's heartbeat ``key`` (seconds): a positive finite number, else
+    RegistrationError (a hostile relay's value must not escape as ValueError)."""
+    value = beat.get(key, default)
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            pass
+    if seconds is None or not 0 < seconds < float("inf"):
+        raise registration.RegistrationError("the relay's heartbeat %s is not a positive "
+                                             "number of seconds: %.60r" % (key, value))
+    return seconds
+
+
 def _silence_in_line(interval, timeout):
     """How long a relay that has put us in line may be silent (None: no limit)."""
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
         return None   # no promise to repeat itself: silence is no sign of death
-    return max(timeout, 2.0 * interval)
+    try:
+        silence = max(timeout, 2.0 * interval)
+    except OverflowError:
+        return None   # a promise for longer than a float holds: none
+    if not interval > 0 or not silence < float("inf"):
+        return None   # (an infinite timeout would overflow the stream's wait)
+    return silence
 
 
 def _dial(relay_address, timeout, attempt):
@@ -317,6 +339,10 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
                                  timeout=timeout, on_waiting=on_waiting, lease=lease,
                                  heartbeat=heartbeat, proxy_protocol=proxy_protocol,
                                  secret=secret)
+        if stream is not None:
+            beat = reply["heartbeat"]
+            interval = _seconds(beat, "interval", keepalive / 3.0)
+            beat_timeout = _seconds(beat, "timeout", keepalive)
     except BaseException as exc:
         session.close()
         if attempt.cancelled:
@@ -326,9 +352,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
         raise
     sender = None
     if stream is not None:
-        beat = reply["heartbeat"]
-        sender = HeartbeatSender(session, stream, float(beat.get("interval", keepalive / 3.0)),
-                                 float(beat.get("timeout", keepalive)), "relay %s" % where)
+        sender = HeartbeatSender(session, stream, interval, beat_timeout, "relay %s" % where)
         sender.start()
     return ServiceConnection(session, reply, heartbeat=sender, proxy_protocol=proxy_protocol)
 

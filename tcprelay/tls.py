@@ -91,6 +91,13 @@ class TLSTransport(object):
                     events = select.POLLOUT
                 except ssl.SSLZeroReturnError:
                     return got   # the peer closed TLS cleanly
+                except OSError:
+                    # The records already taken are in the caller's buffer: they go
+                    # first, the error again on the next call (an EOF without
+                    # close_notify raises here on Python < 3.10 with OpenSSL 3).
+                    if got:
+                        return got
+                    raise
             if got:
                 return got
             self._wait(events, None)

@@ -30,6 +30,16 @@ Two kinds of case:
   answer each request must get; an ``ok`` is proven by a client on the
   granted port.
 
+Further kinds (``EXTRA_KINDS``, ``scripts/fuzz.py --kind NAME``), each
+described where it is defined: **proxy** (PROXY headers through
+proxyproto.read_header), **client** (service.connect against a hostile fake
+relay), **public** (hostile clients of a registered service's public port),
+**adapter** (the same through tcprelay.adapter to a local service) and **tls**
+(the relay fuzz over TLS, and TLS garbage before and after the handshake).
+
+Memory stays flat however many cases run: run_pool hands each outcome to the
+Report as it ends, which keeps counts and failures only.
+
 Never allowed: an uncaught exception in any thread (``threading.excepthook``
 on 3.8+), an ERROR log record from a ``tcprelay`` logger, a hang (every wait
 is bounded; a watchdog names a case that runs too long), a leaked thread or
@@ -40,12 +50,14 @@ import binascii
 import collections
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import random
 import re
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -57,7 +69,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tcprelay import limits, muxado, proxyproto  # noqa: E402
+from tcprelay import limits, muxado, proxyproto, registration, tls  # noqa: E402
 from tcprelay import service as relay_service  # noqa: E402
 from tcprelay.muxado import ErrorCode  # noqa: E402
 from tcprelay.relay import PENDING_READ_BUDGET, Relay  # noqa: E402
@@ -68,6 +80,9 @@ QUIET = 0.3              # a bounded wait that must time out ("nothing more come
 LOOPBACK = "127.0.0.1"
 DEFAULT_SEED = 7000
 VECTORS_PATH = os.path.join(HERE, "data", "muxado-vectors.json")
+TLS_CA = os.path.join(HERE, "data", "test-ca.pem")
+TLS_CERT = os.path.join(HERE, "data", "test-server.pem")
+TLS_KEY = os.path.join(HERE, "data", "test-server.key")
 
 # -- the wire, written out here so the oracle does not lean on tcprelay.frames ----------
 
@@ -661,7 +676,11 @@ class Outcome(object):
         self.failure = failure
 
 
-_NAME_PATTERN = re.compile(r"fuzz-([sr])(\d+)")
+_NAME_PATTERN = re.compile(r"fuzz-([a-z])(\d+)")
+# The letter in a case's thread and session names (fuzz-s12, fuzz-p7...): its kind.
+KIND_LETTERS = {"s": "session", "r": "relay", "p": "proxy", "c": "client", "u": "public",
+                "a": "adapter", "t": "tls"}
+LETTER_OF = dict((kind, letter) for letter, kind in KIND_LETTERS.items())
 _PORT_PATTERN = re.compile(r"127\.0\.0\.1:(\d+)")
 
 
@@ -695,8 +714,8 @@ class Watch(object):
 
     def _key_of(self, text):
         match = _NAME_PATTERN.search(text)
-        if match:
-            return ("session" if match.group(1) == "s" else "relay", int(match.group(2)))
+        if match and match.group(1) in KIND_LETTERS:
+            return (KIND_LETTERS[match.group(1)], int(match.group(2)))
         with self._lock:
             for port in _PORT_PATTERN.findall(text):
                 key = self._ports.get(int(port))
@@ -750,9 +769,16 @@ class Watch(object):
         with self._lock:
             return [text for k, text in self.errors if k == key]
 
-    def unattributed(self, keys):
+    def unattributed(self, kind, numbers):
+        """Errors tied to no case of ``kind`` in ``numbers`` (a range: no set of keys)."""
         with self._lock:
-            return [text for k, text in self.errors if k is None or k not in keys]
+            return [text for k, text in self.errors
+                    if k is None or k[0] != kind or k[1] not in numbers]
+
+
+def _as_range(numbers):
+    """``numbers`` as a range if it is one (a million cases: no list), else a list."""
+    return numbers if isinstance(numbers, range) else list(numbers)
 
 
 def open_fds():
@@ -776,31 +802,45 @@ def threads_named(*names):
 
 
 class Report(object):
-    """Cases run, outcomes by kind, failures (each with its replay command)."""
+    """Cases run, outcomes by kind, failures (each with its replay command).
+
+    Only counts and failures are kept (the first ``KEEP_FAILURES`` in full, the
+    rest counted): memory stays flat however many cases run.
+    """
+
+    KEEP_FAILURES = 1000
 
     def __init__(self, seed):
         self.seed = seed
         self.outcomes = collections.Counter()
         self.cases = collections.Counter()
-        self.failures = []          # (kind, number, text)
+        self.failures = []          # (kind, number, text), the first KEEP_FAILURES
+        self.failed = 0             # every failure, kept or not
         self.notes = []
         self.elapsed = 0.0
 
     def add(self, kind, number, outcome=None, failure=None):
         self.cases[kind] += 1
         if failure is not None:
-            self.failures.append((kind, number, failure))
+            self._keep(kind, number, failure)
             self.outcomes[(kind, "FAILED")] += 1
         else:
             self.outcomes[(kind, outcome)] += 1
 
-    def fail_run(self, kind, text):
-        self.failures.append((kind, None, text))
+    def _keep(self, kind, number, text):
+        self.failed += 1
+        if len(self.failures) < self.KEEP_FAILURES:
+            self.failures.append((kind, number, text))
 
-    def add_results(self, kind, numbers, results):
-        for n in sorted(results):
-            self.add(kind, n, results[n].outcome, results[n].failure)
-        skipped = len(numbers) - len(results)
+    def fail_run(self, kind, text):
+        self._keep(kind, None, text)
+
+    def recorder(self, kind):
+        """A ``record`` callback for run_pool: counts, and failures kept."""
+        return lambda n, result: self.add(kind, n, result.outcome, result.failure)
+
+    def note_skipped(self, kind, numbers, ran):
+        skipped = len(numbers) - ran
         if skipped:
             self.notes.append("%s: %d cases not run (stopped after too many failures)"
                               % (kind, skipped))
@@ -816,8 +856,8 @@ class Report(object):
             else:
                 parts.append("%s case %d (seed %d): %s\n  replay: %s"
                              % (kind, number, self.seed, text, self.replay_command(kind, number)))
-        if len(self.failures) > limit:
-            parts.append("... and %d more failures" % (len(self.failures) - limit))
+        if self.failed > limit:
+            parts.append("... and %d more failures" % (self.failed - limit))
         return "\n\n".join(parts)
 
     def summary(self):
@@ -829,31 +869,43 @@ class Report(object):
                 lines.append("    %-44s %6d" % (outcome, count))
         for note in self.notes:
             lines.append("  " + note)
-        lines.append("  failures: %d" % len(self.failures))
+        lines.append("  failures: %d" % self.failed)
         return "\n".join(lines)
 
 
-def run_pool(numbers, run_one, workers, progress=None, limit=CASE_LIMIT, max_failures=None):
-    """Run ``run_one(n)`` for every n on ``workers`` threads; returns {n: Outcome}.
+def run_pool(numbers, run_one, workers, progress=None, limit=CASE_LIMIT, max_failures=None,
+             record=None):
+    """Run ``run_one(n)`` for every n on ``workers`` threads; returns how many ran.
 
-    A watchdog names any case that runs past ``limit`` seconds (a hang): its
+    ``record(n, outcome)`` gets each case's Outcome as it ends (one call at a
+    time); nothing is kept here, so a million cases run in bounded memory. A
+    watchdog names any case that runs past ``limit`` seconds (a hang): its
     worker is left behind (a daemon thread) and the case reported. After
     ``max_failures`` failed cases no new case starts.
     """
-    numbers = list(numbers)
-    todo = collections.deque(numbers)
+    total = len(numbers)
+    todo = iter(numbers)
     lock = threading.Lock()
-    results = {}
     running = {}
-    failed = [0]
+    counts = {"done": 0, "failed": 0, "stop": False}
+
+    def finish(n, result):
+        # (lock held)
+        counts["done"] += 1
+        if result.failure is not None:
+            counts["failed"] += 1
+            if max_failures is not None and counts["failed"] >= max_failures:
+                counts["stop"] = True
+        if record is not None:
+            record(n, result)
 
     def worker():
         me = threading.current_thread()
         while True:
             with lock:
-                if not todo:
+                n = None if counts["stop"] else next(todo, None)
+                if n is None:
                     return
-                n = todo.popleft()
                 running[me] = (n, time.monotonic())
             try:
                 result = run_one(n)
@@ -861,41 +913,40 @@ def run_pool(numbers, run_one, workers, progress=None, limit=CASE_LIMIT, max_fai
                 result = Outcome(None, failure=str(exc))
             except Exception:
                 result = Outcome(None, failure="the harness raised:\n" + traceback.format_exc())
+            result.case = None     # its bytes: up to a megabyte each
             with lock:
-                results[n] = result
-                del running[me]
-                done = len(results)
-                if result.failure is not None:
-                    failed[0] += 1
-                    if max_failures is not None and failed[0] >= max_failures:
-                        todo.clear()
-                failures = failed[0]
+                if running.pop(me, None) is None:
+                    return         # reported as hung meanwhile
+                finish(n, result)
+                done, failures = counts["done"], counts["failed"]
             if progress is not None:
-                progress(done, len(numbers), failures)
+                progress(done, total, failures)
 
     threads = [threading.Thread(target=worker, name="fuzz-worker-%d" % i)
-               for i in range(max(1, min(workers, len(numbers))))]
+               for i in range(max(1, min(workers, total)))]
     for thread in threads:
         thread.daemon = True
         thread.start()
-    hung = {}
+    hung = False
     for thread in threads:
         while thread.is_alive():
             thread.join(1.0)
             now = time.monotonic()
             with lock:
-                late = [(n, now - t0) for n, t0 in running.values() if now - t0 > limit]
+                late = [(me, n, now - t0) for me, (n, t0) in running.items() if now - t0 > limit]
+                for me, n, took in late:
+                    del running[me]
+                    finish(n, Outcome(None, failure="hang: still running after %.0fs" % took))
+                if late:
+                    counts["stop"] = True
             if late:
-                for n, took in late:
-                    hung[n] = Outcome(None, failure="hang: still running after %.0fs" % took)
-                with lock:
-                    todo.clear()
+                hung = True
                 break
         if hung:
             break
     with lock:
-        results.update(hung)
-    return results
+        counts["stop"] = True
+        return counts["done"]
 
 
 # -- the session runner ----------------------------------------------------------------------
@@ -935,6 +986,7 @@ class RawSide(object):
         self.frames = []
         self.eof = False
         self.reset = False
+        self.alert = None    # the TLS alert that ended the connection, if one did
 
     def send(self, data):
         """Send all of ``data``; False if the peer is gone (it may end a session early)."""
@@ -949,7 +1001,8 @@ class RawSide(object):
 
     def shutdown_write(self):
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            # (socket's own: SSLSocket.shutdown would drop TLS for the reads after it)
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
         except OSError:
             pass
 
@@ -959,6 +1012,11 @@ class RawSide(object):
             data = self.sock.recv(256 * 1024)
         except ConnectionResetError:
             self.reset = True
+            data = b""
+        except ssl.SSLError as exc:
+            # Over TLS the relay may end with an alert instead (tls cases only).
+            self.reset = True
+            self.alert = exc
             data = b""
         if not data:
             self.eof = True
@@ -1248,21 +1306,20 @@ def run_session_fuzz(seed, numbers, workers=24, report=None, progress=None, make
     """
     report = report or Report(seed)
     started = time.monotonic()
-    numbers = list(numbers)
+    numbers = _as_range(numbers)
     vector_corpus()
     fds = open_fds()
     pairs = Pairs()
     before = set(threading.enumerate())
     try:
         with Watch() as watch:
-            results = run_pool(numbers, lambda n: session_case_for(seed, n, pairs, watch,
-                                                                   make_case),
-                               workers, progress, max_failures=max_failures)
-            keys = set(("session", n) for n in numbers)
-            stray = watch.unattributed(keys)
+            ran = run_pool(numbers, lambda n: session_case_for(seed, n, pairs, watch, make_case),
+                           workers, progress, max_failures=max_failures,
+                           record=report.recorder("session"))
+            stray = watch.unattributed("session", numbers)
     finally:
         pairs.close()
-    report.add_results("session", numbers, results)
+    report.note_skipped("session", numbers, ran)
     for text in stray:
         report.fail_run("session", "logged or raised outside any case:\n" + text)
     left = join_threads([t for t in threading.enumerate()
@@ -1282,6 +1339,9 @@ AUTH_METHOD = "hmac-sha256"
 AUTH_CONTEXT = b"tcprelay registration v1\x00"   # docs: HMAC-SHA256(secret, context + nonce)
 MAX_REQUEST = 4096                                # docs/PROTOCOL.md 2.2
 HANDSHAKE_TIMEOUT = 0.5
+# Bytes a connection may send before it has registered (a window and 64 KiB; then
+# the relay ends its session with ENHANCE_YOUR_CALM).
+PENDING_BUDGET = WINDOW + 64 * 1024
 LEASE_TIME = 0.5
 POOL_SIZE = 48
 REPLY_STATUSES = ("challenge", "waiting", "ok", "error")
@@ -1394,14 +1454,21 @@ class Traffic(object):
 class HealthyService(object):
     """A service registered with ``tcprelay.service.connect`` that echoes every stream."""
 
-    def __init__(self, relay_address):
-        for attempt in range(3):
+    def __init__(self, relay_address, client_tls=None):
+        # The relay's handshake timeout is short (HANDSHAKE_TIMEOUT): on a loaded
+        # machine it may time us out (an error line) or drop us (the session ends).
+        for attempt in range(5):
             try:
                 self.connection = relay_service.connect(relay_address, name="healthy",
-                                                        secret=SECRET, timeout=TIMEOUT)
+                                                        secret=SECRET, timeout=TIMEOUT,
+                                                        tls=client_tls)
                 break
             except relay_service.RegistrationRefused as exc:
-                if "not finished" not in exc.reason or attempt == 2:
+                if "not finished" not in exc.reason or attempt == 4:
+                    raise
+            except (relay_service.RelayGone, muxado.MuxadoError, ssl.SSLError,
+                    registration.RegistrationError):
+                if attempt == 4:
                     raise
         self.port = self.connection.port
         self.address = self.connection.session.getsockname()
@@ -1409,6 +1476,7 @@ class HealthyService(object):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.error = None
+        self.hostile_clients = False   # set for public cases
         self._spawn(self._accept_loop, "healthy accept")
 
     def _spawn(self, fn, name, *args):
@@ -1439,7 +1507,11 @@ class HealthyService(object):
                     break
                 stream.sendall(data)
         except (OSError, muxado.MuxadoError) as exc:
-            if not self._stop.is_set():
+            # With hostile clients on the port (public cases) a reset is theirs to
+            # send: the healthy traffic checks its own streams byte for byte.
+            hostile = self.hostile_clients and isinstance(
+                exc, (ConnectionResetError, BrokenPipeError, muxado.StreamResetError))
+            if not self._stop.is_set() and not hostile:
                 self.error = "healthy echo on stream %d failed: %r" % (stream.id, exc)
         finally:
             stream.close()
@@ -1455,13 +1527,19 @@ class HealthyService(object):
 class RelayEnv(object):
     """One live relay for a run, with the healthy service and its traffic."""
 
-    def __init__(self, seed, watch):
+    def __init__(self, seed, watch, use_tls=False):
         self.watch = watch
         self.threads_before = set(threading.enumerate())
         self.ports = free_port_range(POOL_SIZE, seed)
+        self.client_tls = tls.client_context(TLS_CA) if use_tls else None
         self.relay = Relay((LOOPBACK, 0), ports=self.ports, public_bind=LOOPBACK,
+                           tls_context=tls.server_context(TLS_CERT, TLS_KEY) if use_tls
+                           else None,
                            handshake_timeout=HANDSHAKE_TIMEOUT, registration_rate=10 ** 6,
-                           secret=SECRET, lease_time=LEASE_TIME)
+                           secret=SECRET, lease_time=LEASE_TIME,
+                           # Every case comes from 127.0.0.1, up to one per worker at
+                           # once (--workers may be more than the default cap of 16).
+                           max_pending_per_host=None)
         # Wrong answers are part of the fuzzing: they must not get 127.0.0.1 banned.
         self.relay.auth_failures = limits.FailureBans(limit=1 << 30)
         self.relay_address = self.relay.server_address
@@ -1471,13 +1549,25 @@ class RelayEnv(object):
         self.healthy = None
         self.traffic = []
         try:
-            self.healthy = HealthyService(self.relay_address)
+            self.healthy = HealthyService(self.relay_address, self.client_tls)
             self.healthy_port = self.healthy.port
             self.healthy_link = self._link_with_port(self.healthy_port)
             self.traffic = [Traffic(self.healthy_port, seed, churn=False),
                             Traffic(self.healthy_port, seed + 1, churn=True)]
         except BaseException:
             self._stop_relay()
+            raise
+
+    def dial(self):
+        """A connection to the relay's service port: TCP, or TLS (handshake done) if
+        the run uses TLS."""
+        sock = socket.create_connection(self.relay_address, timeout=TIMEOUT)
+        if self.client_tls is None:
+            return sock
+        try:
+            return self.client_tls.wrap_socket(sock, server_hostname=LOOPBACK)
+        except BaseException:
+            sock.close()
             raise
 
     def _link_with_port(self, port):
@@ -1946,15 +2036,47 @@ def parse_reply(line):
 
 
 class Clock(object):
-    def __init__(self):
+    """Time against the relay's own handshake deadline for one connection.
+
+    The relay's ServiceLink sets the deadline when it accepts the connection,
+    which on a loaded machine can be well after our connect: so the clock
+    looks the link up (by our local port) and keeps its deadline. Until it has
+    found the link, our own clock, started before the connect (so never behind
+    the relay's), stands in.
+    """
+
+    def __init__(self, env=None):
         self.start = time.monotonic()
+        self.env = env
+        self.local_port = None
+        self._deadline = None
 
     def elapsed(self):
         return time.monotonic() - self.start
 
+    def deadline(self):
+        """The relay's deadline (time.monotonic()), None while its link is unknown."""
+        if self._deadline is None and self.env is not None and self.local_port is not None:
+            for link in self.env.links_of(self.local_port):
+                self._deadline = link._handshake_deadline
+        return self._deadline
 
-def expect_reply(lines, verdict, clock, step):
-    """Read the next reply and check it against ``verdict``; returns it (None for quiet)."""
+    def passed(self):
+        """True once the relay's handshake deadline for this connection has passed."""
+        deadline = self.deadline()
+        if deadline is None:
+            return self.elapsed() >= HANDSHAKE_TIMEOUT
+        return time.monotonic() >= deadline
+
+
+# docs/PROTOCOL.md 2: a registration not done by the handshake timeout is dropped.
+DROPPED = {"status": "dropped"}
+
+
+def expect_reply(lines, verdict, clock, step, handshake=True):
+    """Read the next reply and check it against ``verdict``; returns it (None for quiet,
+    DROPPED if the relay ended the session at its handshake deadline). ``handshake``:
+    False once the relay has taken the registration (no deadline any more)."""
     quiet = "quiet" in verdict.allowed or verdict.allowed == {"waiting"}
     try:
         reply = lines.next(QUIET if quiet else TIMEOUT)
@@ -1962,17 +2084,22 @@ def expect_reply(lines, verdict, clock, step):
         check(quiet, "hang: no reply to the %s within %gs (expected %r)", step, TIMEOUT, verdict)
         return None
     except (muxado.MuxadoError, OSError) as exc:
+        # At its handshake deadline the relay drops the connection, with or without
+        # an error line first; before it, only an answer may end the session.
+        if handshake and clock.passed():
+            return DROPPED
         raise CaseFailure("the relay ended the session instead of answering the %s "
                           "(expected %r): %r" % (step, verdict, exc))
+    if reply is None and handshake and clock.passed():
+        return DROPPED
     check(reply is not None, "the relay closed the registration stream without answering the "
           "%s (expected %r)", step, verdict)
     status = reply["status"]
     timed_out = status == "error" and "not finished within" in reply["error"]
-    if timed_out:
-        check(clock.elapsed() >= HANDSHAKE_TIMEOUT * 0.95, "the relay timed out the handshake "
-              "after only %.3fs", clock.elapsed())
-        if "timeout" in verdict.allowed or clock.elapsed() >= HANDSHAKE_TIMEOUT:
-            return reply
+    if timed_out and handshake:
+        check(clock.passed(), "the relay timed out the handshake after only %.3fs (before its "
+              "deadline)", clock.elapsed())
+        return reply
     if status == "error" and "timeout" in verdict.allowed:
         raise CaseFailure("the relay answered the %s with %r, expected a handshake timeout"
                           % (step, reply))
@@ -2001,7 +2128,7 @@ def _write(action, verdict, clock, step):
         action()
         return True
     except (muxado.MuxadoError, OSError) as exc:
-        check(verdict.allowed & {"error", "timeout"} or clock.elapsed() >= HANDSHAKE_TIMEOUT,
+        check(verdict.allowed & {"error", "timeout"} or clock.passed(),
               "the relay closed the connection before our %s (expected %r): %r",
               step, verdict, exc)
         return False
@@ -2011,13 +2138,27 @@ def run_register_case(case, env):
     """A real muxado client registers with a mutated request and answers the challenge
     as the plan says; every reply is checked against the oracle."""
     plan = case.plan
-    sock = socket.create_connection(env.relay_address, timeout=TIMEOUT)
+    clock = Clock(env)     # before the connect: the relay's deadline starts after it
+    try:
+        sock = env.dial()
+    except (ssl.SSLError, ConnectionError) as exc:
+        # TLS shares the handshake deadline (relay.py): on a loaded machine it may pass.
+        check(env.client_tls is not None and clock.elapsed() >= HANDSHAKE_TIMEOUT,
+              "the TLS handshake failed: %r", exc)
+        return "dropped at the handshake timeout (TLS)"
     local_port = sock.getsockname()[1]
-    env.watch.port_is(local_port, ("relay", case.number))
-    clock = Clock()
-    session = muxado.client(sock, name="fuzz-r%d" % case.number, write_timeout=5.0)
+    clock.local_port = local_port
+    env.watch.port_is(local_port, (case.kind, case.number))
+    transport = sock if env.client_tls is None else tls.TLSTransport(sock)
+    session = muxado.client(transport, name="fuzz-%s%d" % (LETTER_OF[case.kind], case.number),
+                            write_timeout=5.0)
     try:
         outcome = _register(case, env, session, clock)
+    except CaseFailure as exc:
+        raise CaseFailure("%s\n  our session: %s, the relay's GOAWAY %r, %.3fs after the "
+                          "connect, the relay's deadline %s" % (
+                              exc, session.error, session.remote_goaway, clock.elapsed(),
+                              "passed" if clock.passed() else "not passed"))
     finally:
         session.close()
     check(session.wait(TIMEOUT), "hang: our session did not end")
@@ -2028,7 +2169,17 @@ def run_register_case(case, env):
 def _register(case, env, session, clock):
     plan = case.plan
     closed_early = "answered: error (the relay closed before our last write)"
-    stream = session.open(announce=plan["announce"])
+    if plan.get("late"):
+        # (Regression tests only: a stall past the relay's deadline, as on a loaded machine.)
+        end = time.monotonic() + TIMEOUT
+        while (clock.deadline() is None or not clock.passed()) and time.monotonic() < end:
+            time.sleep(0.01)
+    clock.deadline()     # the relay's link is there now, unless it is already done with us
+    try:
+        stream = session.open(announce=plan["announce"])
+    except muxado.MuxadoError as exc:
+        check(clock.passed(), "the relay ended the session before we opened a stream: %r", exc)
+        return _dropped(session, clock)
     stream.settimeout(TIMEOUT)
     lines = Lines(stream)
     verdict, rest = judge_request(case.data, plan["half_close"])
@@ -2039,7 +2190,7 @@ def _register(case, env, session, clock):
     if plan["half_close"] and not _write(stream.close_write, verdict, clock, "FIN"):
         return closed_early
     reply = expect_reply(lines, verdict, clock, "request")
-    if reply["status"] == "challenge":
+    if reply is not None and reply["status"] == "challenge":
         nonce = binascii.unhexlify(reply["nonce"])
         eof = plan["half_close"]
         answer = b""
@@ -2063,9 +2214,11 @@ def _register(case, env, session, clock):
             check(_is_int(reply.get("position")) and reply["position"] >= 1,
                   "a waiting notice without a position: %r", reply)
             reply = expect_reply(lines, Verdict(verdict.allowed | {"quiet"}, verdict.why),
-                                 clock, "wait")
+                                 clock, "wait", handshake=False)
     if reply is None:
         return "answered: waiting in line"
+    if reply is DROPPED:
+        return _dropped(session, clock)
     if reply["status"] == "ok":
         return "answered: ok" + _after_ok(case, env, session, stream, lines, reply)
     check(lines.next(TIMEOUT) is None, "more after the relay's error reply")
@@ -2074,6 +2227,16 @@ def _register(case, env, session, clock):
     check(goaway is not None and goaway[1] == ErrorCode.NO_ERROR,
           "after its error reply the relay ended the session with %r", goaway)
     return "answered: error"
+
+
+def _dropped(session, clock):
+    """The relay dropped us at its handshake deadline: the session must end, and
+    the relay's GOAWAY (if it got one out) says NO_ERROR."""
+    check(session.wait(TIMEOUT), "hang: the relay's session did not end after a drop")
+    goaway = session.remote_goaway
+    check(goaway is None or goaway[1] == ErrorCode.NO_ERROR,
+          "the relay dropped the connection at its deadline with %r", goaway)
+    return "dropped at the handshake timeout"
 
 
 def reply_body(data):
@@ -2167,12 +2330,21 @@ def abort(sock):
 def run_raw_relay_case(case, env):
     """Bytes straight at the service port: the relay must end the session cleanly,
     with well-formed frames, a GOAWAY last, and only well-formed replies."""
-    sock = socket.create_connection(env.relay_address, timeout=TIMEOUT)
+    started = time.monotonic()
+    try:
+        sock = env.dial()
+    except (ssl.SSLError, ConnectionError) as exc:
+        check(env.client_tls is not None and time.monotonic() - started >= HANDSHAKE_TIMEOUT,
+              "the TLS handshake failed: %r", exc)
+        return "dropped at the handshake timeout (TLS)"
     local_port = sock.getsockname()[1]
-    env.watch.port_is(local_port, ("relay", case.number))
+    env.watch.port_is(local_port, (case.kind, case.number))
     raw = RawSide(sock)
     analysis = analyse(case.data)
     allowed = set(analysis.maybe) | {ErrorCode.NO_ERROR}
+    if len(case.data) > PENDING_BUDGET:
+        # A connection that never registers may send only so much (relay.py).
+        allowed.add(ErrorCode.ENHANCE_YOUR_CALM)
     if analysis.fault is not None:
         allowed.add(analysis.fault[1])
     if len(case.data) > PENDING_READ_BUDGET:
@@ -2218,7 +2390,7 @@ def run_raw_relay_case(case, env):
     code = check_goaway_last(frames, "the relay")
     if code is None:
         check(raw.reset, "the relay closed the connection without GOAWAY: %s", describe(frames))
-        outcome = "relay reset the connection"
+        outcome = "relay reset the connection" if raw.alert is None else "relay sent a TLS alert"
     else:
         check(code in allowed, "the relay ended the session with %s; allowed: %s; %s",
               code_name(code), ", ".join(sorted(code_name(c) for c in allowed)), describe(frames))
@@ -2229,19 +2401,21 @@ def run_raw_relay_case(case, env):
     return outcome
 
 
-def relay_case_for(seed, number, env, make_case=None):
-    case = (make_case or gen_relay_case)(seed, number, env)
+def relay_case_for(seed, number, env, make_case=None, kind="relay"):
+    case = (make_case or gen_relay_case)(seed, number, env)._replace(kind=kind)
     try:
         if case.mode == "register":
             outcome = run_register_case(case, env)
+        elif case.mode.startswith("tls-"):
+            outcome = run_tls_garbage_case(case, env)
         else:
             outcome = run_raw_relay_case(case, env)
-        errors = env.watch.errors_for(("relay", number))
+        errors = env.watch.errors_for((kind, number))
         check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
     except (CaseFailure, OSError, muxado.MuxadoError) as exc:
         text = str(exc) if isinstance(exc, CaseFailure) else "%r\n%s" % (
             exc, traceback.format_exc())
-        errors = env.watch.errors_for(("relay", number))
+        errors = env.watch.errors_for((kind, number))
         if errors and "logged or raised" not in text:
             text += "\n  the relay logged:\n%s" % "\n".join(errors[:2])
         raise CaseFailure("%s\n  case: %s, plan %r\n  bytes: %s"
@@ -2250,34 +2424,40 @@ def relay_case_for(seed, number, env, make_case=None):
 
 
 def run_relay_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
-                   max_failures=None):
+                   max_failures=None, kind="relay"):
     """Run relay cases ``numbers`` for ``seed`` against one live relay; returns a Report.
 
     ``make_case(seed, n, env)`` replaces the generator (regression tests run fixed cases).
+    ``kind="tls"``: the relay and every connection to it use TLS (see gen_tls_case).
     """
+    use_tls = kind == "tls"
+    if use_tls and make_case is None:
+        make_case = gen_tls_case
     report = report or Report(seed)
     started = time.monotonic()
-    numbers = list(numbers)
+    numbers = _as_range(numbers)
     vector_corpus()
     problems = []
     fds = open_fds()
+    ran = 0
     with Watch() as watch:
-        env = RelayEnv(seed, watch)
+        env = RelayEnv(seed, watch, use_tls)
         try:
-            results = run_pool(numbers, lambda n: relay_case_for(seed, n, env, make_case),
-                               workers, progress, max_failures=max_failures)
+            ran = run_pool(numbers, lambda n: relay_case_for(seed, n, env, make_case, kind),
+                           workers, progress, max_failures=max_failures,
+                           record=report.recorder(kind))
             problems.extend(env.finish())
             report.notes.extend(env.notes())
         finally:
             problems.extend(env.close())
-        stray = watch.unattributed(set(("relay", n) for n in numbers))
-    report.add_results("relay", numbers, results)
+        stray = watch.unattributed(kind, numbers)
+    report.note_skipped(kind, numbers, ran)
     for problem in problems:
-        report.fail_run("relay", problem)
+        report.fail_run(kind, problem)
     for text in stray:
-        report.fail_run("relay", "logged or raised outside any case:\n" + text)
+        report.fail_run(kind, "logged or raised outside any case:\n" + text)
     if open_fds() != fds:
-        report.fail_run("relay", "open files: %s before, %s after" % (fds, open_fds()))
+        report.fail_run(kind, "open files: %s before, %s after" % (fds, open_fds()))
     report.elapsed += time.monotonic() - started
     return report
 
@@ -2297,3 +2477,1027 @@ def describe_case(case, limit=4096):
         lines.append("mode %s, plan %r" % (case.mode, case.plan))
     lines.append("bytes (%d): %s" % (len(case.data), hexdump(case.data, limit)))
     return "\n".join(lines)
+
+
+# -- kinds beside session and relay: a shared runner ----------------------------------------------
+
+def run_simple_fuzz(kind, seed, numbers, case_for, workers=16, report=None, progress=None,
+                    max_failures=None):
+    """Run ``case_for(n, pairs, watch)`` (an Outcome) for each n; returns a Report.
+
+    The run must leave no thread or descriptor behind, and log no error outside its cases.
+    """
+    report = report or Report(seed)
+    started = time.monotonic()
+    numbers = _as_range(numbers)
+    fds = open_fds()
+    pairs = Pairs()
+    before = set(threading.enumerate())
+    try:
+        with Watch() as watch:
+            ran = run_pool(numbers, lambda n: case_for(n, pairs, watch), workers, progress,
+                           max_failures=max_failures, record=report.recorder(kind))
+            stray = watch.unattributed(kind, numbers)
+    finally:
+        pairs.close()
+    report.note_skipped(kind, numbers, ran)
+    for text in stray:
+        report.fail_run(kind, "logged or raised outside any case:\n" + text)
+    left = join_threads([t for t in threading.enumerate()
+                         if t not in before and not t.name.startswith("fuzz-worker")])
+    if left:
+        report.fail_run(kind, "threads left running: %s" % left[:10])
+    if open_fds() != fds:
+        report.fail_run(kind, "open files: %s before, %s after" % (fds, open_fds()))
+    report.elapsed += time.monotonic() - started
+    return report
+
+
+def _threads_done(*names):
+    left = join_threads(threads_named(*names))
+    check(not left, "threads left running: %s", left)
+
+
+# -- proxy cases: PROXY protocol headers (tcprelay/proxyproto.py read_header) --------------------
+#
+# A header, valid or not (HAProxy's spec, written out here), mutated now and
+# then, with the client's own bytes after it, over loopback TCP or a muxado
+# stream, with or without EOF. read_header must return (only for a whole
+# header, with well-formed addresses, the right ones for a header left valid)
+# or raise ProxyHeaderError; wait only while the header is incomplete and the
+# connection open (then socket.timeout at the connection's timeout); and never
+# take a byte past the header.
+
+ProxyCase = collections.namedtuple("ProxyCase", "kind number data expect pieces eof transport "
+                                                "label")
+PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V1_MAX = 107           # the spec's longest v1 line, CRLF included
+PROXY_OPEN_WAIT = 0.2        # the connection's timeout when we send no EOF
+
+
+def _rand_ip(rng, version):
+    bits = rng.choice([0, rng.getrandbits(8 if version == 4 else 16), rng.getrandbits(
+        32 if version == 4 else 128)])
+    return str(ipaddress.ip_address(bits) if version == 4 else ipaddress.IPv6Address(bits))
+
+
+def _v2(ver_cmd, fam, body, length=None):
+    return PROXY_SIGNATURE + bytes([ver_cmd & 255, fam & 255]) + struct.pack(
+        ">H", len(body) if length is None else length) + body
+
+
+def gen_proxy_case(seed, number):
+    rng = case_rng(seed, "proxy", number)
+    label = []
+    expect = None
+    pick = rng.random()
+    if pick < 0.25:
+        version = rng.choice([4, 6])
+        src, dst = (_rand_ip(rng, version), rng.randint(0, 65535)), \
+            (_rand_ip(rng, version), rng.randint(0, 65535))
+        header = ("PROXY TCP%d %s %s %d %d\r\n" % (version, src[0], dst[0], src[1], dst[1])
+                  ).encode("ascii")
+        expect = (src, dst)
+        label.append("v1")
+    elif pick < 0.45:
+        version = rng.choice([4, 6])
+        src, dst = (_rand_ip(rng, version), rng.randint(0, 65535)), \
+            (_rand_ip(rng, version), rng.randint(0, 65535))
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+        body = socket.inet_pton(family, src[0]) + socket.inet_pton(family, dst[0]) + \
+            struct.pack(">HH", src[1], dst[1])
+        tlv = rand_bytes(rng, rng.choice([0, 0, 0, 3, 40]))    # TLVs are skipped
+        header = _v2(0x21, 0x11 if version == 4 else 0x21, body + tlv)
+        expect = (src, dst)
+        label.append("v2")
+    elif pick < 0.65:
+        ports = ["0", "65535", "65536", "70000", "-1", "+80", "1_0", "080", "", "0x10",
+                 "\u0663", str(rng.randint(0, 65535))]
+        hosts = ["1.2.3.4", "::1", "01.2.3.4", "1.2.3", "::ffff:1.2.3.4", "fe80::1%eth0",
+                 "", "x", _rand_ip(rng, 4), _rand_ip(rng, 6)]
+        fields = [rng.choice(["TCP4", "TCP6", "TCP4", "TCP6", "UNKNOWN", "UDP4", "tcp4", ""]),
+                  rng.choice(hosts), rng.choice(hosts), rng.choice(ports), rng.choice(ports)]
+        if rng.random() < 0.2:
+            del fields[rng.choice([4, 4, 1])]                 # a field too few
+        elif rng.random() < 0.1:
+            fields.append(str(rng.randint(0, 9)))             # one too many
+        line = "PROXY " + rng.choice([" ", " ", " ", "  ", "\t"]).join(fields)
+        header = line.encode("utf-8") + rng.choice([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r",
+                                                    b" \r\n", b""])
+        label.append("v1-fields")
+    elif pick < 0.85:
+        body = rand_bytes(rng, rng.choice([0, 4, 11, 12, 35, 36, 100]))
+        header = _v2(rng.choice([0x20, 0x21, 0x21, 0x22, 0x11, 0x31, rng.getrandbits(8)]),
+                     rng.choice([0x00, 0x11, 0x12, 0x21, 0x22, 0x31, rng.getrandbits(8)]),
+                     body, length=rng.choice([None, None, 0, len(body) + 1, 0xFFFF,
+                                              rng.getrandbits(16)]))
+        label.append("v2-fields")
+    elif pick < 0.92:
+        header = b"PROXY UNKNOWN" + rng.choice([b"", b" ", b" " + rand_bytes(rng, 20)]) + b"\r\n"
+        header = header.replace(b"\r\n", b"..") + b"\r\n" if b"\r\n" in header[:-2] else header
+        expect = (None, None) if len(header) <= PROXY_V1_MAX else None
+        label.append("unknown")
+    else:
+        header = rng.choice([rand_bytes(rng, rng.randint(1, 40)), PROXY_SIGNATURE[:rng.randint(
+            1, 12)] + rand_bytes(rng, rng.randint(0, 10)), b"PROXY" + rand_bytes(rng, 3),
+            b"PROXY " + b"x" * rng.choice([99, 100, 101, 102, 200])])
+        label.append("random")
+    if rng.random() < 0.3:
+        data = bytearray(header)
+        for _ in range(rng.randint(1, 2)):
+            if not data:
+                break
+            mutator = rng.choice(BYTE_MUTATORS)
+            data = mutator(rng, data)
+            label.append(mutator.__name__[2:])
+        if bytes(data) != header:
+            header, expect = bytes(data), None
+    data = header + rand_bytes(rng, rng.choice([0, 1, 5, 64, 300]))
+    pieces = sorted(rng.randrange(len(data) + 1) for _ in range(rng.choice([0, 0, 1, 2])))
+    eof = rng.random() < 0.92
+    transport = rng.choice(["tcp", "stream"])
+    if transport == "tcp":
+        # read_header on a socket with a timeout takes a header still on its way for
+        # one cut off by EOF (MSG_WAITALL does not wait on a socket that is
+        # non-blocking inside): a known fault (see the report), kept out of the way
+        # here: one write, and no open connection with half a header.
+        pieces = []
+        if not eof and proxy_model(data)[0] == "short":
+            transport = "stream"
+    return ProxyCase("proxy", number, data, expect, pieces, eof, transport, "+".join(label))
+
+
+def proxy_model(data):
+    """What the bytes hold, by the spec: ("header", length), ("short", None) while a
+    header could still come, or ("bad", None) when no header can start this way."""
+    if data[:len(PROXY_SIGNATURE)] == PROXY_SIGNATURE[:len(data)]:
+        if len(data) < 16:
+            return "short", None
+        length = 16 + struct.unpack_from(">H", data, 14)[0]
+        return ("header", length) if len(data) >= length else ("short", None)
+    if data[:6] == b"PROXY "[:len(data)]:
+        end = data[:PROXY_V1_MAX].find(b"\r\n")
+        if end >= 0:
+            return "header", end + 2
+        return ("bad", None) if len(data) >= PROXY_V1_MAX else ("short", None)
+    return "bad", None
+
+
+def _check_address(value, version=None):
+    check(isinstance(value, tuple) and len(value) == 2, "a PROXY address %r", value)
+    host, port = value
+    check(isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535,
+          "a PROXY port out of range: %r", value)
+    try:
+        parsed = ipaddress.ip_address(host)
+    except ValueError:
+        raise CaseFailure("a PROXY host that is no address: %r" % (value,))
+    check(version is None or parsed.version == version,
+          "a PROXY address of the wrong family: %r (TCP%s)", value, version)
+
+
+def run_proxy_case(case, pairs):
+    name = "fuzz-p%d" % case.number
+    dialer, acceptor = pairs.pair()
+    sessions = []
+    try:
+        if case.transport == "stream":
+            sessions = [muxado.client(dialer, name=name + "-c"),
+                        muxado.server(acceptor, name=name + "-s")]
+            writer = sessions[0].open()
+            writer.settimeout(TIMEOUT)
+            reader = sessions[1].accept(timeout=TIMEOUT)
+            shut = writer.close_write
+        else:
+            writer, reader = dialer, acceptor
+            shut = lambda: dialer.shutdown(socket.SHUT_WR)
+        for a, b in zip([0] + case.pieces, case.pieces + [None]):
+            if case.data[a:b]:
+                writer.sendall(case.data[a:b])
+        if case.eof:
+            shut()
+        reader.settimeout(TIMEOUT if case.eof else PROXY_OPEN_WAIT)
+        state, length = proxy_model(case.data)
+        try:
+            result = proxyproto.read_header(reader)
+        except proxyproto.ProxyHeaderError as exc:
+            check(state != "short" or case.eof, "ProxyHeaderError (%s) while the header "
+                  "was incomplete and the connection open", exc)
+            result = exc
+        except socket.timeout:
+            # (A v2 receiver may wait for the 16 fixed bytes before it looks at them.)
+            may_wait = state == "short" or (state == "bad" and len(case.data) < 16
+                                             and case.data[:1] == PROXY_SIGNATURE[:1])
+            check(may_wait and not case.eof, "socket.timeout, but the bytes hold a %s",
+                  "whole header" if state == "header" else "bad start or EOF")
+            return "waited (incomplete, open)"
+        except Exception as exc:
+            raise CaseFailure("read_header raised %r (only ProxyHeaderError may come)\n%s"
+                              % (exc, traceback.format_exc()))
+        if not isinstance(result, Exception):
+            check(state == "header", "read_header returned %r from a %s", result,
+                  "bad start" if state == "bad" else "cut-off header")
+            source, destination = result
+            check((source is None) == (destination is None), "half an address: %r", result)
+            if source is not None:
+                version = None
+                if case.data.startswith(b"PROXY TCP4 ") or case.data.startswith(b"PROXY TCP6 "):
+                    version = int(case.data[9:10])
+                _check_address(source, version)
+                _check_address(destination, version)
+            if case.expect is not None:
+                expect = tuple(None if a is None else (str(ipaddress.ip_address(a[0])), a[1])
+                               for a in case.expect)
+                check(result == expect, "read_header returned %r, the header says %r",
+                      result, expect)
+        # What is left on the connection: all of it after the header, nothing taken past it.
+        reader.settimeout(TIMEOUT if case.eof else PROXY_OPEN_WAIT)
+        rest = bytearray()
+        try:
+            while True:
+                chunk = reader.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+        except socket.timeout:
+            check(not case.eof, "hang: no EOF after the header")
+        taken = len(case.data) - len(rest)
+        check(case.data[taken:] == bytes(rest), "the bytes left after read_header are not the "
+              "end of what we sent")
+        if state == "header":
+            check(taken == length, "read_header took %d bytes; the header is %d", taken, length)
+            outcome = "read" if not isinstance(result, Exception) else "refused"
+        elif state == "bad":
+            check(taken == 0, "read_header took %d bytes of a bad start", taken)
+            outcome = "bad start"
+        else:
+            outcome = "cut off"
+        return "%s (%s)" % (outcome, case.transport)
+    finally:
+        for session in sessions:
+            session.close()
+        dialer.close()
+        acceptor.close()
+        if sessions:
+            _threads_done(*[n + suffix for n in (name + "-c", name + "-s")
+                            for suffix in ("", "-writer")])
+
+
+def proxy_case_for(seed, number, pairs, watch, make_case=None):
+    case = (make_case or gen_proxy_case)(seed, number)
+    try:
+        outcome = run_proxy_case(case, pairs)
+        errors = watch.errors_for(("proxy", number))
+        check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
+    except (CaseFailure, OSError, muxado.MuxadoError) as exc:
+        raise CaseFailure("%s\n  case: %s, transport %s, eof %s, pieces %r\n  bytes: %s"
+                          % (exc, case.label, case.transport, case.eof, case.pieces,
+                             hexdump(case.data)))
+    return Outcome(case, outcome)
+
+
+def run_proxy_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                   max_failures=None):
+    """PROXY headers through read_header (see above); returns a Report."""
+    return run_simple_fuzz("proxy", seed, numbers,
+                           lambda n, pairs, watch: proxy_case_for(seed, n, pairs, watch,
+                                                                  make_case),
+                           workers, report, progress, max_failures)
+
+
+# -- client cases: the service library against a hostile relay (tcprelay/service.py) --------------
+#
+# A fake relay on loopback answers service.connect with a script of reply lines
+# (challenges, waiting notices, ok and error replies, valid and mutated, split
+# as they come), then closes the stream, resets it, ends the session or holds
+# on; or it writes mutated muxado frames at the service's session. connect must
+# return a working ServiceConnection exactly when the script's first final
+# answer is a valid ok (docs/PROTOCOL.md 2.2, 2.6), else fail cleanly with
+# RegistrationError, RegistrationRefused, RelayGone, socket.timeout or a
+# MuxadoError/OSError; either way, no thread or descriptor left behind. The
+# fake relay checks the service's request line and its answer to the challenge.
+
+ClientCase = collections.namedtuple("ClientCase", "kind number data plan label")
+CLIENT_SILENCE = 0.3        # the service's timeout when the script ends in silence
+CLIENT_FAILURES = (registration.RegistrationError, relay_service.RegistrationRefused,
+                   relay_service.RelayGone, socket.timeout, muxado.MuxadoError, OSError)
+
+
+def _render_any(value):
+    if isinstance(value, dict):
+        return "{" + ", ".join("%s: %s" % (json.dumps(k), _render_any(v))
+                               for k, v in value.items()) + "}"
+    return render(value)
+
+
+def _json_line(body):
+    return _render_any(body).encode("utf-8", "surrogatepass") + b"\n"
+
+
+def _client_reply(rng, kind, plan, label):
+    """One reply line of ``kind`` (bytes, newline included), valid or mutated."""
+    port = rng.randint(1, 65535)
+    if kind == "challenge":
+        body = {"status": "challenge", "method": AUTH_METHOD, "nonce": "%064x" % rng.getrandbits(256)}
+        if rng.random() < 0.25:
+            field = rng.choice(["method", "nonce"])
+            body[field] = rng.choice(["hmac-sha1", "", None, 12, [1], "zz", "abc", "0" * 63])
+            label.append("bad-challenge:" + field)
+    elif kind == "waiting":
+        body = {"status": "waiting", "position": rng.choice([1, 2, 0, -1, "x", None, 10 ** 30])}
+        if rng.random() < 0.8:
+            body["interval"] = rng.choice([3, 0.05, 0, -1, "x", None, True, 1e308, 10 ** 400])
+    elif kind == "ok":
+        body = {"status": "ok", "address": "localhost:%d" % port, "port": port, "version": 1,
+                "lease": "%d-%032x" % (port, rng.getrandbits(128)), "lease_seconds": 30}
+        if plan["heartbeat"] and rng.random() < 0.9:
+            body["heartbeat"] = {"interval": 5, "timeout": 15}
+        if rng.random() < 0.3:
+            field = rng.choice(["address", "port", "heartbeat", "interval", "timeout", "version",
+                                "lease"])
+            value = rng.choice(WRONG_VALUES + (10 ** 400,))
+            if field in ("interval", "timeout"):
+                body.setdefault("heartbeat", {"interval": 5, "timeout": 15})[field] = value
+            elif rng.random() < 0.2:
+                body.pop(field, None)
+            else:
+                body[field] = value
+            label.append("bad-ok:" + field)
+    elif kind == "error":
+        body = {"status": "error", "error": rng.choice(["no", "", "x" * 300, None, 7, [1]])}
+        if rng.random() < 0.2:
+            del body["error"]
+    else:
+        line = rng.choice([b"not json\n", b"[1]\n", b"null\n", b'{"status": 1}\n', b"{}\n",
+                           b'{"status": "later"}\n', b"\n", b"\xff\xfe\n", b'{"status": NaN}\n',
+                           b"x" * (registration.MAX_REPLY + 10) + b"\n",
+                           b'{"status": "ok", "address": "a:1"' + b' ' * 10 + b"\n"])
+        return line
+    line = _json_line(body)
+    if rng.random() < 0.05:
+        line = rng.choice([b"\xef\xbb\xbf", b" ", b"\r"]) + line
+        label.append("prefix")
+    return line
+
+
+def gen_client_case(seed, number):
+    rng = case_rng(seed, "client", number)
+    label = []
+    plan = {"secret": rng.random() < 0.7, "heartbeat": rng.random() < 0.5,
+            "after": rng.choice(["hold"] * 4 + ["close-stream", "reset", "close-session"]),
+            "split": rng.choice(["whole", "lines", "lines", "chunks"]), "max_wait": None}
+    if rng.random() < 0.15:
+        plan["mode"] = "frames"
+        data = gen_frames(rng, {}, label)
+        label.insert(0, "frames")
+        return ClientCase("client", number, data, plan, "+".join(label))
+    plan["mode"] = "lines"
+    kinds = []
+    if plan["secret"] and rng.random() < 0.9 or rng.random() < 0.1:
+        kinds.append("challenge")
+    kinds.extend(["waiting"] * rng.choice([0, 0, 1, 2]))
+    kinds.append(rng.choice(["ok"] * 6 + ["error", "garbage", "challenge", "none"]))
+    if rng.random() < 0.2:
+        kinds.append(rng.choice(["ok", "error", "garbage", "waiting"]))
+    replies = [_client_reply(rng, k, plan, label) for k in kinds if k != "none"]
+    label.insert(0, "+".join(kinds))
+    if replies and rng.random() < 0.08:
+        replies[-1] = replies[-1][:rng.randrange(len(replies[-1]))]   # cut off, no newline
+        label.append("cut")
+    plan["replies"] = replies
+    return ClientCase("client", number, b"".join(replies), plan, "+".join(label))
+
+
+def _positive_seconds(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) < float("inf")
+    except OverflowError:
+        return False
+
+
+def client_model(plan):
+    """What connect must do with the script: ("ok", reply), ("fail", why) or
+    ("silence", why) (the relay said nothing final: the service times out)."""
+    secret = plan["secret"]
+    for line in plan["replies"]:
+        if not line.endswith(b"\n"):
+            break
+        text = line[:-1]
+        if len(line) > registration.MAX_REPLY:
+            return "fail", "a reply line past MAX_REPLY"
+        try:
+            body = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return "fail", "a reply that is not JSON"
+        if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+            return "fail", "a reply without a status"
+        status = body["status"]
+        if status == "waiting":
+            continue
+        if status == "challenge":
+            nonce = body.get("nonce")
+            if not secret or body.get("method") != AUTH_METHOD:
+                return "fail", "a challenge we cannot answer"
+            if not isinstance(nonce, str) or not re.match(r"^([0-9a-fA-F]{2})*$", nonce):
+                return "fail", "a malformed nonce"
+            continue
+        if status == "ok":
+            if not isinstance(body.get("address"), str):
+                return "fail", "ok without an address"
+            beat = body.get("heartbeat")
+            if plan["heartbeat"] and isinstance(beat, dict):
+                for key in ("interval", "timeout"):
+                    if key in beat and not _positive_seconds(beat[key]):
+                        return "fail", "a bad heartbeat %s" % key
+            return "ok", body
+        return "fail", "status %r" % status
+    if plan["after"] in ("close-stream", "reset", "close-session"):
+        return "fail", "the relay ended before a final answer"
+    return "silence", "no final answer"
+
+
+def _fake_relay(case, listener, problems):
+    """The relay's side of a client case (its own thread)."""
+    plan = case.plan
+    name = "fuzz-c%d" % case.number
+    try:
+        sock, _ = listener.accept()
+    except OSError as exc:
+        problems.append("the service never connected: %r" % exc)
+        return
+    sock.settimeout(TIMEOUT)
+    if plan["mode"] == "frames":
+        try:
+            raw = RawSide(sock)
+            # (The service may be gone before all is written: then no more to do.)
+            if raw.send(case.data) and plan["after"] != "hold":
+                raw.shutdown_write()
+            # Until the service has gone (it must, by itself).
+            raw.read_until(lambda frames: False, "EOF from the service")
+        except (CaseFailure, OSError) as exc:
+            problems.append("the service did not close the connection: %s" % exc)
+        finally:
+            sock.close()
+        return
+    session = muxado.server(sock, name=name + "-relay")
+    try:
+        stream = session.accept(timeout=TIMEOUT)
+        stream.settimeout(TIMEOUT)
+        lines = Lines(stream)
+        request = lines.next_line(TIMEOUT)
+        body = json.loads(request.decode("utf-8"))
+        check(isinstance(body, dict) and body.get("version") == 1
+              and (body.get("auth") == AUTH_METHOD) == plan["secret"]
+              and bool(body.get("heartbeat")) == plan["heartbeat"],
+              "the service's request is not what it was asked to send: %r", request)
+        for line in plan["replies"]:
+            if plan["split"] == "chunks":
+                for i in range(0, len(line), 7):
+                    stream.sendall(line[i:i + 7])
+            else:
+                stream.sendall(line)
+            try:
+                reply = json.loads(line.decode("utf-8"))
+            except ValueError:
+                continue
+            if isinstance(reply, dict) and reply.get("status") == "challenge" and \
+                    client_model(dict(plan, replies=[line], after="hold"))[0] != "fail":
+                # The service must answer with the HMAC of this nonce (2.6).
+                answer = json.loads(lines.next_line(TIMEOUT).decode("utf-8"))
+                check(answer == {"hmac": hmac_answer(SECRET, binascii.unhexlify(
+                    reply["nonce"]))}, "the service's answer to the challenge is %r", answer)
+        after = plan["after"]
+        if after == "close-stream":
+            stream.close()
+        elif after == "reset":
+            stream.reset(ErrorCode.STREAM_CANCELLED)
+        elif after == "close-session":
+            session.close()
+        if not session.wait(TIMEOUT + CLIENT_SILENCE * 2):
+            problems.append("hang: the service kept its session after the case")
+    except (CaseFailure, socket.timeout) as exc:
+        problems.append("the fake relay: %s" % exc)
+    except (muxado.MuxadoError, OSError, ValueError, AttributeError):
+        pass   # the service went away (it may, on a failure)
+    finally:
+        session.close()
+
+
+def run_client_case(case, watch):
+    plan = case.plan
+    expect, why = client_model(plan) if plan["mode"] == "lines" else ("any", "frames")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    address = listener.getsockname()
+    watch.port_is(address[1], ("client", case.number))
+    where = "relay %s:%d" % address
+    problems = []
+    relay = threading.Thread(target=_fake_relay, args=(case, listener, problems),
+                             name="fuzz-c%d fake relay" % case.number)
+    relay.daemon = True
+    relay.start()
+    silent = expect in ("silence", "any")
+    connection = None
+    started = time.monotonic()
+    try:
+        try:
+            connection = relay_service.connect(
+                address, secret=SECRET if plan["secret"] else None, heartbeat=plan["heartbeat"],
+                timeout=CLIENT_SILENCE if silent else TIMEOUT,
+                max_wait=CLIENT_SILENCE if silent else None, name="fuzz-c%d" % case.number)
+        except CLIENT_FAILURES as exc:
+            result = exc
+        except Exception as exc:
+            raise CaseFailure("connect raised %r (not a clean failure)\n%s"
+                              % (exc, traceback.format_exc()))
+        else:
+            result = connection
+        took = time.monotonic() - started
+        check(took < TIMEOUT + 2 * CLIENT_SILENCE, "hang: connect took %.1fs", took)
+        if connection is not None:
+            check(expect in ("ok", "any"), "connect returned, but the script says %s (%s)",
+                  expect, why)
+            if expect == "ok":
+                # (As JSON: a NaN the relay sent is not equal to itself.)
+                got = [connection.address, connection.port, connection.lease]
+                check(json.dumps(got) == json.dumps([why["address"], why.get("port"),
+                                                     why.get("lease")]),
+                      "connect returned %r for the reply %r", got, why)
+            outcome = "connected"
+        else:
+            # An RST aborts the stream (docs/PROTOCOL.md 1): an ok still unread goes with it.
+            check(expect != "ok" or plan["after"] == "reset",
+                  "connect failed with %r, but the script says ok (%r)", result, why)
+            if expect == "silence":
+                check(isinstance(result, (socket.timeout, relay_service.RelayGone,
+                                          muxado.MuxadoError)) or plan["after"] != "hold",
+                      "connect failed with %r; the relay only went silent", result)
+            # (socket.timeout is TimeoutError from 3.10 on: one name for every version.)
+            outcome = "failed: %s" % ("socket.timeout" if isinstance(result, socket.timeout)
+                                      else type(result).__name__)
+    finally:
+        if connection is not None:
+            connection.close()
+            check(connection.closed, "close() left the session open")
+        relay.join(TIMEOUT + 3 * CLIENT_SILENCE)
+        listener.close()
+    check(not relay.is_alive(), "hang: the fake relay is still running")
+    check(not problems, "%s", "; ".join(problems))
+    _threads_done(where, where + "-writer", "heartbeat " + where)
+    return outcome + (" (frames)" if plan["mode"] == "frames" else "")
+
+
+def client_case_for(seed, number, pairs, watch, make_case=None):
+    case = (make_case or gen_client_case)(seed, number)
+    try:
+        outcome = run_client_case(case, watch)
+        errors = watch.errors_for(("client", number))
+        check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
+    except (CaseFailure, OSError, muxado.MuxadoError) as exc:
+        raise CaseFailure("%s\n  case: %s, plan %r\n  bytes: %s"
+                          % (exc, case.label, dict((k, v) for k, v in case.plan.items()
+                                                   if k != "replies"), hexdump(case.data)))
+    return Outcome(case, outcome)
+
+
+def run_client_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                    max_failures=None):
+    """The service library against a hostile fake relay (see above); returns a Report."""
+    return run_simple_fuzz("client", seed, numbers,
+                           lambda n, pairs, watch: client_case_for(seed, n, pairs, watch,
+                                                                   make_case),
+                           workers, report, progress, max_failures)
+
+
+# -- public cases: hostile clients of a registered service's public port ----------------------------
+#
+# The relay environment's healthy echo service (its checksummed traffic running
+# beside every case) gets hostile clients too: bytes then a reset, a reset at
+# once, a half-close with or without reading the echo, a slow reader, a client
+# that sends much and reads nothing. A client that half-closes and reads must get
+# exactly its bytes back; every case ends within its bounds; after the run the
+# relay holds no client, the healthy traffic's sha256 are equal and nothing
+# leaked (RelayEnv.finish, run_relay_fuzz's checks).
+
+PublicCase = collections.namedtuple("PublicCase", "kind number data plan label")
+PUBLIC_ACTIONS = ("echo", "echo", "echo-pieces", "reset-after", "reset-at-once",
+                  "half-close-no-read", "close-unread", "slow-read", "read-some-reset")
+
+
+def gen_public_case(seed, number):
+    rng = case_rng(seed, "public", number)
+    action = rng.choice(PUBLIC_ACTIONS)
+    size = rng.choice([0, 1, 7, 1460, 65536, 300000, rng.randint(1, 200000)])
+    chunk = rng.choice([1, 100, 4096])
+    if action == "slow-read":
+        # More than the windows hold, read in small bites.
+        size, chunk = rng.choice([100000, 300000]), rng.choice([512, 4096])
+    data = rand_bytes(rng, size)
+    plan = {"action": action,
+            "pieces": sorted(rng.randrange(size + 1) for _ in range(rng.choice([0, 1, 3, 8]))),
+            "chunk": chunk, "linger_reset": rng.random() < 0.5}
+    return PublicCase("public", number, data, plan, action)
+
+
+def run_public_case(case, env, port=None, kind="public"):
+    plan = case.plan
+    action = plan["action"]
+    sock = socket.create_connection((LOOPBACK, port or env.healthy_port), timeout=TIMEOUT)
+    env.watch.port_is(sock.getsockname()[1], (kind, case.number))
+    try:
+        if action == "reset-at-once":
+            abort(sock)
+            return "reset at once"
+        cuts = plan["pieces"] if action == "echo-pieces" else []
+        if action == "slow-read":
+            # Send it all from a thread while we read in small bites.
+            sender = threading.Thread(target=lambda: sock.sendall(case.data) or
+                                      sock.shutdown(socket.SHUT_WR),
+                                      name="fuzz-u%d sender" % case.number)
+            sender.daemon = True
+            sender.start()
+            echoed = bytearray()
+            while True:
+                chunk = sock.recv(plan["chunk"])
+                if not chunk:
+                    break
+                echoed += chunk
+            sender.join(TIMEOUT)
+            check(not sender.is_alive(), "hang: the slow reader's sender never finished")
+            check(bytes(echoed) == case.data, "the slow reader got %d bytes back, not its %d "
+                  "(or different ones)", len(echoed), len(case.data))
+            return "slow read, echoed exactly"
+        if action in ("reset-after", "read-some-reset"):
+            sock.sendall(case.data[:65536])
+            if action == "read-some-reset" and case.data:
+                sock.recv(plan["chunk"])
+            abort(sock)
+            return action
+        if action == "close-unread":
+            sock.sendall(case.data[:65536])
+            sock.close()
+            return "closed unread"
+        for a, b in zip([0] + cuts, cuts + [None]):
+            if case.data[a:b]:
+                sock.sendall(case.data[a:b])
+        sock.shutdown(socket.SHUT_WR)
+        if action == "half-close-no-read":
+            (abort if plan["linger_reset"] else socket.socket.close)(sock)
+            return "half-closed, left"
+        echoed = bytearray()
+        while True:
+            chunk = sock.recv(262144)
+            if not chunk:
+                break
+            echoed += chunk
+        check(bytes(echoed) == case.data, "the echo is %d bytes, not the %d sent (or differs)",
+              len(echoed), len(case.data))
+        return "echoed exactly"
+    except socket.timeout:
+        raise CaseFailure("hang: the public port gave no answer within %gs" % TIMEOUT)
+    finally:
+        sock.close()
+
+
+def public_case_for(seed, number, env, make_case=None, port=None, kind="public"):
+    case = (make_case or gen_public_case)(seed, number)
+    case = case._replace(kind=kind)
+    try:
+        outcome = run_public_case(case, env, port, kind)
+        errors = env.watch.errors_for((kind, number))
+        check(not errors, "logged or raised in a thread:\n%s", "\n".join(errors[:3]))
+    except (CaseFailure, OSError, muxado.MuxadoError) as exc:
+        text = str(exc) if isinstance(exc, CaseFailure) else "%r\n%s" % (
+            exc, traceback.format_exc())
+        raise CaseFailure("%s\n  case: %s, plan %r, %d bytes" % (text, case.label, case.plan,
+                                                                 len(case.data)))
+    return Outcome(case, outcome)
+
+
+def run_public_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                    max_failures=None, kind="public"):
+    """Hostile clients of the healthy service's public port (see above), or with
+    ``kind="adapter"`` of an Adapter's (see below); returns a Report."""
+    report = report or Report(seed)
+    started = time.monotonic()
+    numbers = _as_range(numbers)
+    problems = []
+    fds = open_fds()
+    ran = 0
+    with Watch() as watch:
+        env = RelayEnv(seed, watch)
+        env.healthy.hostile_clients = True
+        adapter = None
+        try:
+            port = None
+            if kind == "adapter":
+                adapter = AdapterUnderTest(env)
+                port = adapter.port
+            ran = run_pool(numbers, lambda n: public_case_for(seed, n, env, make_case, port,
+                                                              kind),
+                           workers, progress, max_failures=max_failures,
+                           record=report.recorder(kind))
+            if adapter is not None:
+                problems.extend(adapter.close())
+                adapter = None
+            problems.extend(env.finish())
+            end = time.monotonic() + TIMEOUT
+            while env.relay.client_count and time.monotonic() < end:
+                time.sleep(0.05)
+            if env.relay.client_count:
+                problems.append("the relay still holds %d clients after the run"
+                                % env.relay.client_count)
+            report.notes.extend(env.notes())
+        finally:
+            if adapter is not None:
+                problems.extend(adapter.close())
+            problems.extend(env.close())
+        stray = watch.unattributed(kind, numbers)
+    report.note_skipped(kind, numbers, ran)
+    for problem in problems:
+        report.fail_run(kind, problem)
+    for text in stray:
+        report.fail_run(kind, "logged or raised outside any case:\n" + text)
+    if open_fds() != fds:
+        report.fail_run(kind, "open files: %s before, %s after" % (fds, open_fds()))
+    report.elapsed += time.monotonic() - started
+    return report
+
+
+# -- adapter cases: the public cases through tcprelay.adapter to a local service -----------------
+#
+# The same hostile clients (and the same checks) against the public port of an
+# Adapter registered with the run's relay, whose streams it joins to a plain
+# TCP echo service on loopback: every byte must cross relay, adapter and back.
+
+class LocalEcho(object):
+    """A TCP echo service on loopback, a thread per connection; resets are the client's."""
+
+    def __init__(self):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(128)
+        self.address = self.listener.getsockname()
+        self._lock = threading.Lock()
+        self._threads = []
+        self._conns = set()
+        self._spawn(self._accept_loop, "fuzz local echo")
+
+    def _spawn(self, fn, name, *args):
+        thread = threading.Thread(target=fn, args=args, name=name)
+        thread.daemon = True
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            conn.settimeout(TIMEOUT)
+            with self._lock:
+                self._conns.add(conn)
+            self._spawn(self._echo, "fuzz local echo conn", conn)
+
+    def _echo(self, conn):
+        try:
+            while True:
+                data = conn.recv(262144)
+                if not data:
+                    conn.shutdown(socket.SHUT_WR)
+                    break
+                conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            threads = list(self._threads)
+        return join_threads(threads)
+
+
+class AdapterUnderTest(object):
+    """An Adapter (no stdout announcement) registered with the env's relay, serving."""
+
+    def __init__(self, env):
+        from tcprelay.adapter import Adapter
+        from tcprelay.service import RelayServer
+
+        class QuietAdapter(Adapter):
+            def registered(self, previous_address, connection):
+                RelayServer.registered(self, previous_address, connection)
+
+        self.echo = LocalEcho()
+        try:
+            self.adapter = QuietAdapter(env.relay_address, self.echo.address, secret=SECRET,
+                                        name="fuzz-adapter")
+        except BaseException:
+            self.echo.close()
+            raise
+        self.port = self.adapter.server_address[1]
+        self._serve = threading.Thread(target=self.adapter.serve_forever, name="fuzz adapter")
+        self._serve.daemon = True
+        self._serve.start()
+
+    def close(self):
+        problems = []
+        self.adapter.shutdown()
+        self._serve.join(TIMEOUT)
+        if self._serve.is_alive():
+            problems.append("the adapter's serve_forever did not return after shutdown()")
+        self.adapter.server_close()
+        left = self.echo.close()
+        if left:
+            problems.append("local echo threads still running: %s" % left[:5])
+        return problems
+
+
+# -- tls cases: the relay with tls_context -------------------------------------------------------
+#
+# The whole relay fuzz (garbage, mutated frames, registrations) over TLS, the
+# healthy service registered over TLS too; and TLS-level garbage: random bytes,
+# made-up and mutated ClientHello records, oversized record headers, plain muxado
+# (a client that forgot TLS) before the handshake; after a real handshake, raw
+# bytes, records with a broken MAC, oversized and cut-off records. The relay must
+# close the connection (within its handshake deadline for what never gets that
+# far), log nothing at ERROR, and leave the healthy traffic unharmed.
+
+TLS_GARBAGE = ("random", "client-hello", "client-hello", "huge-record", "alert", "plain-muxado")
+TLS_AFTER = ("raw-bytes", "bad-mac", "bad-mac", "huge-record", "cut-record", "close-notify-then")
+
+
+def _tls_client_hello(rng):
+    """A made-up ClientHello record (TLS 1.2/1.3 shaped, random contents)."""
+    suites = [0x1301, 0x1302, 0x1303, 0xC02F, 0xC030, 0x009C] + [
+        rng.getrandbits(16) for _ in range(rng.randint(0, 4))]
+    extensions = b""
+    if rng.random() < 0.8:
+        extensions += struct.pack(">HHB", 0x2B, 5, 4) + b"\x03\x04\x03\x03"   # versions
+        extensions += struct.pack(">HHH", 0x0A, 4, 2) + b"\x00\x1d"           # x25519
+        extensions += struct.pack(">HHHHH", 0x33, 38, 36, 0x1D, 32) + rand_bytes(rng, 32)
+        extensions += struct.pack(">HHH", 0x0D, 4, 2) + b"\x08\x04"           # rsa_pss
+    extensions += rand_bytes(rng, rng.choice([0, 0, 4, 20]))
+    body = b"\x03\x03" + rand_bytes(rng, 32) + b"\x20" + rand_bytes(rng, 32) + struct.pack(
+        ">H", 2 * len(suites)) + b"".join(struct.pack(">H", c) for c in suites) + b"\x01\x00" + \
+        struct.pack(">H", len(extensions)) + extensions
+    handshake = b"\x01" + struct.pack(">I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack(">H", len(handshake)) + handshake
+
+
+def gen_tls_case(seed, number, env):
+    rng = case_rng(seed, "tls", number)
+    if rng.random() < 0.6:
+        # The relay fuzz's own cases, over TLS (a different stream of numbers).
+        return gen_relay_case(seed + 0x7F000000, number, env)
+    label = []
+    end = rng.choice(["shut", "shut", "reset", "wait"])
+    if rng.random() < 0.5:
+        how = rng.choice(TLS_GARBAGE)
+        if how == "random":
+            data = rand_bytes(rng, rng.choice([1, 5, 6, 100, rng.randint(1, 3000)]))
+        elif how == "client-hello":
+            data = _tls_client_hello(rng)
+        elif how == "huge-record":
+            data = bytes([rng.choice([0x16, 0x17, 0x15, 0x80])]) + b"\x03\x03\xff\xff" + \
+                rand_bytes(rng, rng.randint(0, 100))
+        elif how == "alert":
+            data = b"\x15\x03\x03\x00\x02" + bytes([rng.choice([1, 2]), rng.getrandbits(8)])
+        else:
+            data = data_frame(1, b'{"auth": "hmac-sha256"}\n', SYN)
+        if rng.random() < 0.4:
+            buf = bytearray(data)
+            for _ in range(rng.randint(1, 2)):
+                if buf:
+                    mutator = rng.choice(BYTE_MUTATORS)
+                    buf = mutator(rng, buf)
+                    label.append(mutator.__name__[2:])
+            data = bytes(buf)
+        mode = "tls-before"
+    else:
+        how = rng.choice(TLS_AFTER)
+        data = rand_bytes(rng, rng.choice([1, 5, 40, 1000, 20000]))
+        mode = "tls-after"
+    plan = {"end": end, "how": how, "flip": rng.randrange(1 << 16)}
+    return RelayCase("tls", number, mode, data, plan, "+".join([mode, how] + label))
+
+
+def _tls_handshake_bio(sock, context):
+    """A client TLS handshake over ``sock`` through memory BIOs, so that what goes
+    on the wire afterwards is ours to corrupt; returns (sslobject, outgoing)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_hostname=LOOPBACK)
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pending = outgoing.read()
+            if pending:
+                sock.sendall(pending)
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("EOF in the TLS handshake")
+            incoming.write(data)
+    pending = outgoing.read()
+    if pending:
+        sock.sendall(pending)
+    return obj, outgoing
+
+
+def run_tls_garbage_case(case, env):
+    """Bytes at a TLS relay, before or after a real handshake: it must close."""
+    plan = case.plan
+    started = time.monotonic()
+    sock = socket.create_connection(env.relay_address, timeout=TIMEOUT)
+    local_port = sock.getsockname()[1]
+    env.watch.port_is(local_port, (case.kind, case.number))
+    raw = RawSide(sock)
+    try:
+        data = case.data
+        if case.mode == "tls-after":
+            try:
+                obj, outgoing = _tls_handshake_bio(sock, env.client_tls)
+            except (ssl.SSLError, ConnectionError) as exc:
+                check(time.monotonic() - started >= HANDSHAKE_TIMEOUT,
+                      "the TLS handshake failed: %r", exc)
+                return "dropped at the handshake timeout (TLS)"
+            how = plan["how"]
+            if how in ("bad-mac", "cut-record", "close-notify-then"):
+                if how == "close-notify-then":
+                    try:
+                        obj.unwrap()
+                    except ssl.SSLError:
+                        pass
+                    record = outgoing.read() + data
+                else:
+                    obj.write(data)
+                    record = bytearray(outgoing.read())
+                    if how == "bad-mac":
+                        record[5 + plan["flip"] % (len(record) - 5)] ^= 0x01
+                    else:
+                        del record[5 + plan["flip"] % (len(record) - 5):]
+                data = bytes(record)
+            elif how == "huge-record":
+                data = b"\x17\x03\x03\xff\xff" + data
+        raw.send(data)
+        if plan["end"] == "reset":
+            abort(sock)
+            _relay_side_done(env, local_port)
+            return "%s: reset by us" % case.mode
+        if plan["end"] == "shut":
+            raw.shutdown_write()
+        # Whatever the relay says (a ServerHello, an alert), it must close.
+        raw.read_until(lambda frames: False, "the relay closing the connection")
+    finally:
+        sock.close()
+    _relay_side_done(env, local_port)
+    return "%s: closed by the relay%s" % (case.mode, " (reset)" if raw.reset else "")
+
+
+def run_tls_fuzz(seed, numbers, workers=16, report=None, progress=None, make_case=None,
+                 max_failures=None):
+    """The relay over TLS (see above); returns a Report."""
+    return run_relay_fuzz(seed, numbers, workers, report, progress, make_case, max_failures,
+                          kind="tls")
+
+
+def describe_simple_case(case, limit=4096):
+    fields = ", ".join("%s=%r" % (k, v) for k, v in case._asdict().items()
+                       if k not in ("kind", "number", "data", "label"))
+    return "%s case %d: %s\n%s\nbytes (%d): %s" % (case.kind, case.number, case.label, fields,
+                                                 len(case.data), hexdump(case.data, limit))
+
+
+# Kinds beyond session and relay: name -> (runner, generator, what it fuzzes).
+EXTRA_KINDS = {
+    "proxy": (run_proxy_fuzz, gen_proxy_case,
+              "PROXY v1/v2 headers, valid and mutated, through proxyproto.read_header"),
+    "client": (run_client_fuzz, gen_client_case,
+               "service.connect against a fake relay sending mutated replies and frames"),
+    "public": (run_public_fuzz, gen_public_case,
+               "hostile clients of a registered service's public port, healthy traffic beside"),
+    "adapter": (lambda *a, **k: run_public_fuzz(*a, kind="adapter", **k), gen_public_case,
+                "the public cases through tcprelay.adapter to a local TCP echo service"),
+    "tls": (run_tls_fuzz, gen_tls_case,
+            "the relay fuzz over TLS, and TLS garbage before and after the handshake"),
+}

@@ -1,6 +1,9 @@
-"""The fuzzer (tests/fuzzing.py) in CI: a fixed seed, 5,000 session cases and
-1,500 relay cases, every one checked; then the cases it found library bugs
-with, kept as named regression tests.
+"""The fuzzer (tests/fuzzing.py) in CI: a fixed seed; 3,500 session cases,
+1,200 relay cases, 800 PROXY header cases, 400 client (service library
+against a hostile relay) cases, 300 public-port cases, 200 adapter cases and
+300 TLS cases, every one checked (fewer session and relay cases than before
+the new kinds came, to keep the time); then the cases it found
+library bugs with, kept as named regression tests.
 
 A failing case is reported with its seed, its number and its bytes, and the
 command that replays it alone:
@@ -24,8 +27,13 @@ from fuzzing import FIN, SYN, ErrorCode, data_frame, frame
 from tcprelay import muxado
 
 SEED = fuzzing.DEFAULT_SEED
-SESSION_CASES = 5000
-RELAY_CASES = 1500
+SESSION_CASES = 3500
+RELAY_CASES = 1200
+PROXY_CASES = 800
+CLIENT_CASES = 400
+PUBLIC_CASES = 300
+ADAPTER_CASES = 200
+TLS_CASES = 300
 MAX_FAILURES = 25      # a broken library fails fast instead of timing out case after case
 
 
@@ -84,6 +92,62 @@ def test_relay_fuzz(no_leaks):
     assert answered("register: answered: error") > RELAY_CASES // 10, report.summary()
     for mode in ("bytes", "frames", "syn-garbage"):
         assert answered(mode + ": relay ended"), (mode, report.summary())
+
+
+def test_proxy_fuzz(no_leaks):
+    """PROXY v1/v2 headers, valid, made up and mutated, through proxyproto.read_header
+    over loopback TCP and muxado streams."""
+    report = fuzzing.run_proxy_fuzz(SEED, range(PROXY_CASES), max_failures=MAX_FAILURES)
+    assert_clean(report)
+    seen = outcomes(report, "proxy")
+    for outcome in ("read (tcp)", "read (stream)", "refused (tcp)", "bad start (stream)",
+                    "cut off (tcp)", "waited (incomplete, open)"):
+        assert seen.get(outcome), (outcome, report.summary())
+
+
+def test_client_fuzz(no_leaks):
+    """service.connect against a fake relay sending mutated replies and frames: it
+    connects exactly when the script's first final answer is a valid ok, else fails
+    cleanly, and leaves nothing running."""
+    report = fuzzing.run_client_fuzz(SEED, range(CLIENT_CASES), max_failures=MAX_FAILURES)
+    assert_clean(report)
+    seen = outcomes(report, "client")
+    assert seen.get("connected", 0) > CLIENT_CASES // 10, report.summary()
+    for outcome in ("RegistrationError", "RegistrationRefused", "socket.timeout",
+                    "SessionClosedError (frames)"):
+        assert seen.get("failed: " + outcome), (outcome, report.summary())
+
+
+def test_public_fuzz(no_leaks):
+    """Hostile clients of a registered service's public port (resets, half-closes,
+    slow readers, clients that read nothing) beside the healthy service's traffic."""
+    report = fuzzing.run_public_fuzz(SEED, range(PUBLIC_CASES), max_failures=MAX_FAILURES)
+    assert_clean(report)
+    seen = outcomes(report, "public")
+    for outcome in ("echoed exactly", "slow read, echoed exactly", "reset at once",
+                    "half-closed, left", "closed unread"):
+        assert seen.get(outcome), (outcome, report.summary())
+
+
+def test_adapter_fuzz(no_leaks):
+    """The public cases through tcprelay.adapter to a local TCP echo service."""
+    report = fuzzing.run_public_fuzz(SEED, range(ADAPTER_CASES), max_failures=MAX_FAILURES,
+                                     kind="adapter")
+    assert_clean(report)
+    seen = outcomes(report, "adapter")
+    for outcome in ("echoed exactly", "slow read, echoed exactly", "reset at once"):
+        assert seen.get(outcome), (outcome, report.summary())
+
+
+def test_tls_fuzz(no_leaks):
+    """The relay fuzz over TLS, and TLS garbage before and after the handshake."""
+    report = fuzzing.run_tls_fuzz(SEED, range(TLS_CASES), max_failures=MAX_FAILURES)
+    assert_clean(report)
+    seen = outcomes(report, "tls")
+    answered = lambda prefix: sum(n for o, n in seen.items() if o.startswith(prefix))
+    for prefix in ("register: answered: ok", "register: answered: error", "frames: relay",
+                   "tls-before: tls-before: closed", "tls-after: tls-after: closed"):
+        assert answered(prefix), (prefix, report.summary())
 
 
 # -- regressions: library bugs the fuzzer found -----------------------------------------------
@@ -210,3 +274,50 @@ def test_regression_lease_token_with_digits_int_does_not_take(no_leaks, lease):
                                     make_case=lambda seed, n, env: case)
     assert_clean(report)
     assert outcomes(report, "relay") == {"register: answered: ok, client served": 1}
+
+
+# -- the checker's own faults (issue "Hold under abuse and exhaustion") -----------------------
+#
+# 4. Relay case 7944 of seed 20251129: the client opens its stream lazily (no SYN
+#    until the first write) and writes nothing. docs/PROTOCOL.md 2: the relay drops
+#    the connection at the handshake timeout; the checker wanted an error line.
+# 5. Relay cases 412, 5817 of seed 20251129: more bytes than an unregistered
+#    connection may send (a window and 64 KiB); the relay's GOAWAY ENHANCE_YOUR_CALM
+#    was not in the model.
+# 6. Relay cases 18449, 18452 of seed 20251129, under load only: the relay's 0.5 s
+#    deadline passed before the client opened its stream (or answered), and the
+#    checker measured from after its connect, not from the relay's own deadline.
+
+def _run_relay_cases(seed, make_case, count=1, workers=1):
+    report = fuzzing.run_relay_fuzz(seed, range(count), workers=workers, max_failures=1,
+                                    make_case=make_case)
+    assert_clean(report)
+    return outcomes(report, "relay")
+
+
+def test_checker_a_stream_never_opened_is_dropped_at_the_deadline(no_leaks):
+    seen = _run_relay_cases(20251129, lambda seed, n, env: fuzzing.gen_relay_case(
+        20251129, 7944, env)._replace(number=n))
+    assert seen == {"register: dropped at the handshake timeout": 1}
+
+
+@pytest.mark.parametrize("number", [412, 5817])
+def test_checker_knows_the_read_budget_of_unregistered_connections(no_leaks, number):
+    case = lambda seed, n, env: fuzzing.gen_relay_case(20251129, number, env)._replace(number=n)
+    assert len(case(0, 0, None).data) > fuzzing.PENDING_BUDGET
+    seen = _run_relay_cases(20251129, case, count=3, workers=3)
+    assert sum(seen.values()) == 3
+
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_checker_measures_against_the_relays_own_deadline(no_leaks, announce):
+    """A client stalled past the relay's deadline (a loaded machine) is dropped, or
+    told it was too late: both fine; the checker must not call either a failure."""
+    request = b'{"auth": "hmac-sha256", "version": 1}\n'
+    plan = {"end": "close", "announce": announce, "cuts": [], "half_close": False,
+            "answer": "good", "probe": False, "pings": [], "late": True}
+    case = fuzzing.RelayCase("relay", 0, "register", request, plan, "regression: late")
+    seen = _run_relay_cases(3, lambda seed, n, env: case._replace(number=n), count=4,
+                            workers=4)
+    assert set(seen) <= {"register: dropped at the handshake timeout", "register: answered: error",
+                         "register: answered: error (the relay closed before our last write)"}
