@@ -73,7 +73,10 @@ class _RequestLines(object):
         self._eof = False
 
     def _fill(self):
-        self._stream.settimeout(clock.capped(max(0.0, self._deadline - time.monotonic())))
+        left = self._deadline - time.monotonic()
+        if left <= 0:   # a 0 timeout would make the stream non-blocking, not time out
+            raise socket.timeout("registration deadline passed")
+        self._stream.settimeout(clock.capped(left))
         chunk = self._stream.recv(registration.MAX_REQUEST + 1)
         if not chunk:
             self._eof = True
