@@ -93,6 +93,7 @@ _FIRST_RECV_SIZE = 64 * 1024
 _DATA_HEADER = struct.Struct(">II")
 _RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
 _DATA_TYPE = 1 << 4
+_MAIN_THREAD = threading.main_thread()
 _STRAYS_PER_STREAM = 4   # frames a closed stream may still draw from the peer
 
 
@@ -1647,6 +1648,11 @@ class Session(object):
         set before the caller drops the stream's lock, so whoever changes that
         stream next sees it (see _wake_leader).
         """
+        if threading.current_thread() is _MAIN_THREAD:
+            # Signal handlers run in the main thread and may raise anywhere
+            # (KeyboardInterrupt, a timeout's alarm): never in the middle of
+            # frames that the whole session depends on. It waits instead.
+            return False
         with self._lead:
             if self._leader is None and not self._dead:
                 self._leader = _CONSUMER

@@ -170,3 +170,32 @@ def test_a_relay_restart_costs_new_clients_nothing(env):
         serving.join(TIMEOUT)
         server.server_close()
         r1.server_close()
+
+
+class _Interrupted(Exception):
+    """Raised in the main thread, as a signal handler's exception would be."""
+
+
+def test_an_exception_in_the_main_thread_never_ends_the_session(sessions, monkeypatch):
+    # A signal handler may raise wherever the main thread is. If the main
+    # thread were reading frames for the session when it did, the session
+    # would end and every stream with it: the main thread must never do that.
+    from tcprelay import muxado
+    real = muxado._FrameDispatch.data
+
+    def data(self, stream_id, flags, payload):
+        if threading.current_thread() is threading.main_thread():
+            raise _Interrupted()
+        return real(self, stream_id, flags, payload)
+
+    monkeypatch.setattr(muxado._FrameDispatch, "data", data)
+    opened, accepted = sessions.stream_pair()
+    for n in range(50):
+        message = b"message %d" % n
+        sender = threading.Timer(0.001, opened.sendall, (message,))
+        sender.start()
+        try:
+            assert recv_exact(accepted, len(message)) == message
+        finally:
+            sender.join(TIMEOUT)
+    assert not sessions.server.closed, sessions.server.error

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT, RawPeer
+from conftest import TIMEOUT, RawPeer, Worker
 from tcprelay import muxado
 from tcprelay.frames import FIN, SYN, encode_data
 
@@ -53,10 +53,8 @@ class Collector(object):
             return self.got.wait_for(lambda: len(self.data) >= n, TIMEOUT)
 
 
-def test_request_response_is_read_by_the_waiting_thread(sessions, monkeypatch):
-    reads = ReadLog(monkeypatch)
-    opened, accepted = sessions.stream_pair()
-    me = threading.current_thread().name
+def _ping_pong(opened, accepted, rounds):
+    """``rounds`` request/response rounds: this thread pings, an "echoer" thread echoes."""
 
     def echo():
         while True:
@@ -68,7 +66,7 @@ def test_request_response_is_read_by_the_waiting_thread(sessions, monkeypatch):
     echoer = threading.Thread(target=echo, name="echoer")
     echoer.start()
     buf = bytearray(5)
-    for _ in range(200):
+    for _ in range(rounds):
         opened.sendall(b"ping!")
         got = 0
         while got < 5:
@@ -77,10 +75,29 @@ def test_request_response_is_read_by_the_waiting_thread(sessions, monkeypatch):
     opened.close_write()
     echoer.join(TIMEOUT)
     assert not echoer.is_alive()
+
+
+def test_request_response_is_read_by_the_waiting_thread(sessions, monkeypatch):
+    reads = ReadLog(monkeypatch)
+    opened, accepted = sessions.stream_pair()
+    # Not the main thread, which never leads the reads (see below).
+    Worker(_ping_pong, opened, accepted, 200, name="pinger").finish()
     # Nearly every read on each side ran in the thread that wanted the data;
     # the reader threads read only at the start and end (SYN, FIN).
-    assert reads.readers.count(me) >= 190, reads.readers[:20]
+    assert reads.readers.count("pinger") >= 190, reads.readers[:20]
     assert reads.readers.count("echoer") >= 190, reads.readers[:20]
+
+
+def test_the_main_thread_never_reads_for_the_session(sessions, monkeypatch):
+    # Signal handlers run in the main thread and may raise at any point
+    # (KeyboardInterrupt, an alarm-based timeout): never inside the frames the
+    # whole session depends on. So the main thread waits; another thread reads.
+    reads = ReadLog(monkeypatch)
+    opened, accepted = sessions.stream_pair()
+    _ping_pong(opened, accepted, 50)
+    assert threading.current_thread() is threading.main_thread()
+    assert reads.readers.count(threading.current_thread().name) == 0, reads.readers[:20]
+    assert reads.readers.count("echoer") >= 45, reads.readers[:20]
 
 
 def test_a_leading_thread_delivers_other_streams_data(sessions):
