@@ -13,7 +13,6 @@ end-to-end cases, and Go's muxado (``bin-muxpeer``) when ../shared is there.
 """
 
 import hashlib
-import logging
 import os
 import socket
 import subprocess
@@ -25,40 +24,15 @@ from conftest import TIMEOUT, Worker
 from relay_helpers import (
     LOOPBACK, MIB, RESET_ERRORS, ROOT, recv_exact, wait_until,
 )
+from test_muxado_streams import frames_until, pattern, raw_open
 from test_relay import link_of
-from test_service import ServiceEnv
+from test_service import env  # noqa: F401 (fixture)
 from tcprelay import frames, muxado
 from tcprelay.muxado import Data, ErrorCode, Rst, SessionClosedError, StreamResetError, WndInc
 
 WINDOW = 256 * 1024
 PROMPTLY = 5.0          # a reset that takes longer than this has not come "promptly"
 MUXPEER = os.path.join(os.path.dirname(ROOT), "shared", "go-peers", "bin-muxpeer")
-
-
-def pattern(n, seed=0):
-    block = bytes((i * 7 + seed) & 0xFF for i in range(251))
-    return (block * (n // 251 + 1))[:n]
-
-
-def raw_open(peer, stream_id, payload=b"", fin=False):
-    """The raw peer opens ``stream_id``; returns the accepted stream."""
-    flags = frames.SYN | (frames.FIN if fin else 0)
-    peer.send(frames.encode_data(stream_id, payload, flags))
-    stream = peer.session.accept(timeout=TIMEOUT)
-    stream.settimeout(TIMEOUT)
-    assert stream.id == stream_id
-    return stream
-
-
-def frames_until(peer, stop):
-    """Frames read by the raw peer up to and including the first for which ``stop`` is true."""
-    out = []
-    while True:
-        frame = peer.read_frame(TIMEOUT)
-        assert frame is not None, "EOF before the expected frame; got %r" % (out,)
-        out.append(frame)
-        if stop(frame):
-            return out
 
 
 def marker_after(peer, frames_of_stream):
@@ -222,17 +196,6 @@ def test_data_after_a_local_reset_mid_frame_is_not_read(raw_peer):
 
 
 # -- the same through a real relay ------------------------------------------------------------
-
-@pytest.fixture
-def env(no_leaks, caplog):
-    caplog.set_level(logging.INFO, logger="tcprelay")
-    environment = ServiceEnv()
-    yield environment
-    environment.close()
-    crashes = [r for r in caplog.records
-               if r.name.startswith("tcprelay") and r.levelno >= logging.ERROR]
-    assert not crashes, "tcprelay logged errors: %s" % [r.getMessage() for r in crashes]
-
 
 def test_a_handler_that_returns_with_unread_data_resets_the_client(env):
     """A handler reads 10 bytes, replies and returns while the client is uploading:

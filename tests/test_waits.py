@@ -14,8 +14,6 @@ Timings are scaled down: the relay repeats ``waiting`` every 0.3 s, services
 give up on a silent relay after 1 s, and a port is held for about 3 s.
 """
 
-import json
-import logging
 import re
 import signal
 import socket
@@ -26,10 +24,9 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    LOOPBACK, Process, Service, Worker, connect_client, echo_roundtrip, free_port_range,
-    wait_until,
+    LOOPBACK, Process, Worker, echo_roundtrip, free_port_range, wait_until,
 )
-from test_service import FreezableProxy, LogWatcher, ServiceEnv, Serving
+from test_service import Serving, env, logs  # noqa: F401 (fixtures)
 from tcprelay import muxado, service
 from tcprelay.echoserver import EchoHandler
 from tcprelay.service import RelayGone, RelayServer, connect
@@ -38,31 +35,6 @@ NOTICE = 0.3          # the relay's waiting_interval in these tests
 SILENCE = 1.0         # the service's timeout: a relay silent this long is dead
 HELD = 3.0            # how long a port stays taken while someone waits for it
 PROMPT = 1.0          # "promptly": a stage cut short ends within this
-
-
-@pytest.fixture
-def env(no_leaks, caplog):
-    caplog.set_level(logging.INFO, logger="tcprelay")
-    environment = ServiceEnv()
-    yield environment
-    environment.close()
-    crashes = [r for r in caplog.records
-               if r.name.startswith("tcprelay") and r.levelno >= logging.ERROR]
-    assert not crashes, "tcprelay logged errors: %s" % [r.getMessage() for r in crashes]
-
-
-@pytest.fixture
-def logs():
-    watcher = LogWatcher()
-    logger = logging.getLogger("tcprelay")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(watcher)
-    try:
-        yield watcher
-    finally:
-        logger.removeHandler(watcher)
-        logger.setLevel(level)
 
 
 @pytest.fixture
