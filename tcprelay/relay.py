@@ -126,6 +126,7 @@ class ServiceLink(object):
         self._ticket = None
         self._listener = None
         self._stopping = threading.Event()   # set when the public listener is shut down
+        self._port_given_back = False        # before the session ended (_hand_over)
         self._ended = False
         self._draining = False
         self._closing = False       # close(): clients are reset, with no drain_timeout
@@ -269,7 +270,7 @@ class ServiceLink(object):
                 bridge.join()
             if self._heartbeat is not None:
                 self._heartbeat.join()
-            if granted is not None:
+            if granted is not None and not self._port_given_back:
                 held = relay._release_port(self, granted[0])
                 log.info("%s: left; port %d is free again%s (%d clients served)",
                          self.label, granted[0],
@@ -510,13 +511,14 @@ class ServiceLink(object):
                     log.info("%s: cannot open a stream for client %s: %s",
                              self.label, _address(client_address), exc)
                     return
+                if getattr(exc, "code", None) == muxado.ErrorCode.STREAMS_EXHAUSTED:
+                    self._hand_over(client_address)
+                    return
                 if (isinstance(exc, muxado.RemoteGoneAwayError)
-                        or session.remote_goaway is not None
-                        or getattr(exc, "code", None) == muxado.ErrorCode.STREAMS_EXHAUSTED):
-                    # The service takes no new clients (it is shutting down, or
-                    # this session has used up its stream ids): the ones it
-                    # serves carry on, as when the relay drains. (Its GOAWAY may
-                    # also come while the new stream's first frame goes out.)
+                        or session.remote_goaway is not None):
+                    # The service takes no new clients (it is shutting down):
+                    # the ones it serves carry on, as when the relay drains. (Its
+                    # GOAWAY may also come while the new stream's first frame goes out.)
                     log.info("%s: takes no new clients (%s); refusing %s, finishing the %d open",
                              self.label, exc, _address(client_address), self.client_count)
                     with self._lock:
@@ -540,6 +542,25 @@ class ServiceLink(object):
             log.debug("%s: client %s on stream %d", self.label,
                       _address(client_address), stream.id)
             bridge.start()
+
+    def _hand_over(self, client_address):
+        """This session has used up its stream ids: GOAWAY asks the service to
+        register a fresh session (its lease brings it the same port, which is
+        given back now); the clients open here finish here."""
+        log.info("%s: its session has used up its stream ids; refusing %s, asking the "
+                 "service to register again and finishing the %d open here", self.label,
+                 _address(client_address), self.client_count)
+        with self._lock:
+            self._draining = True
+        self._stop_listening()
+        self._close_listener()
+        try:
+            self._session.goaway(muxado.ErrorCode.NO_ERROR, b"stream ids exhausted; "
+                                                            b"register again")
+        except muxado.MuxadoError:
+            pass
+        port, self._port_given_back = self.port, True
+        self.relay._release_port(self, port)
 
     def _client_closed(self, bridge):
         with self._lock:

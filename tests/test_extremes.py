@@ -199,3 +199,54 @@ def test_an_exception_in_the_main_thread_never_ends_the_session(sessions, monkey
         finally:
             sender.join(TIMEOUT)
     assert not sessions.server.closed, sessions.server.error
+
+
+def test_out_of_stream_ids_the_service_moves_to_a_fresh_session(env):
+    # The relay's stream ids for one service's session run out: it asks the
+    # service to register again (GOAWAY) and gives its port to the new session
+    # at once; the clients open on the old one finish there, unharmed.
+    from tcprelay.frames import MAX_STREAM_ID
+    relay = env.relay(ports=1)
+    port = relay.pool.ports[0]
+    server = RelayServer(relay.server_address, _Echo, timeout=TIMEOUT)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"reconnect": True},
+                               name="service")
+    serving.start()
+    clients = []
+    try:
+        old_link = [link for link in relay.services if link.port == port][0]
+        old_link._session._next_id = MAX_STREAM_ID - 3   # the last two even ids: two clients more
+        for _ in range(2):
+            clients.append(socket.create_connection((LOOPBACK, port), timeout=TIMEOUT))
+            assert echo_roundtrip(clients[-1], b"on the old session", half_close=False) \
+                == b"on the old session"
+        # The next client finds no stream id left: refused, and the service moves.
+        try:
+            refused = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+        except ConnectionResetError:
+            pass   # reset before connect() returned
+        else:
+            with refused:
+                try:
+                    assert refused.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+        wait_until(lambda: any(link.port == port and link is not old_link
+                               for link in relay.services),
+                   what="the service's fresh session to hold the port")
+        new_client = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+        with new_client:
+            assert echo_roundtrip(new_client, b"on the new one") == b"on the new one"
+        for client in clients:   # the old session's clients never noticed
+            assert echo_roundtrip(client, b"still here", half_close=False) == b"still here"
+        assert not old_link._session.closed
+        for client in clients:
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""
+        assert old_link.join(TIMEOUT), "the old session did not end once its clients had"
+    finally:
+        for client in clients:
+            client.close()
+        server.shutdown()
+        serving.join(TIMEOUT)
+        server.server_close()
