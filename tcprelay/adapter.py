@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from . import cli, limits
+from . import cli, clock, limits
 from .bridge import Bridge, Flusher
 from .workers import WorkerPool
 
@@ -57,7 +57,8 @@ class Adapter(cli.AnnouncingServer):
     def _join(self, stream, client_address):
         """Connect to the local service and pump until both directions end."""
         try:
-            sock = socket.create_connection(self.local_address, self.local_connect_timeout)
+            sock = socket.create_connection(self.local_address,
+                                            min(self.local_connect_timeout, clock.MAX_TIMEOUT))
         except OSError as exc:
             self._log_unreachable("cannot reach the local service at %s (%s); resetting the "
                                   "client's stream", self.local_label,

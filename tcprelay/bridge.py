@@ -388,6 +388,7 @@ class Bridge(object):
 
     def _set_read_timeout(self, seconds):
         """Bound the pump's next reads with SO_RCVTIMEO: sends are unaffected (see top)."""
+        seconds = min(seconds, clock.MAX_TIMEOUT)   # any size, as socket timeouts
         whole = int(seconds)
         micro = int((seconds - whole) * 1e6)
         if not whole and not micro:

@@ -4,10 +4,13 @@ life of a service process (register, print the address, serve, stop)."""
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 
 from . import auth, tls
+from .muxado import MuxadoError
+from .registration import RegistrationError
 from .service import DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ def positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError("%r is not a finite number" % text)
         if value <= 0:
             raise argparse.ArgumentTypeError("%r must be more than 0" % text)
         return value
@@ -120,6 +125,20 @@ def service_main(prog, parser, argv, make_server):
     return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
 
 
+def _registration_hint(exc, args):
+    """What to try when registering failed with ``exc`` (may be empty)."""
+    retry = "" if args.retry else "; --retry keeps trying"
+    if isinstance(exc, socket.timeout):
+        return " (is the relay's address right? --timeout waits longer)"
+    if isinstance(exc, ConnectionRefusedError) and not isinstance(exc, MuxadoError):
+        return " (is the relay running on that port?%s)" % (" --retry keeps trying" if not args.retry else "")
+    if isinstance(exc, (ConnectionError, MuxadoError, RegistrationError)):
+        return (" (the relay may be busy or refusing this address, it may require --tls, "
+                "or %s:%d may not be a tcprelay service port%s)"
+                % (args.relay_host, args.relay_port, retry))
+    return ""
+
+
 def run_service(prog, args, make_server, **server_options):
     """Register, serve until a signal or (without reconnecting) the relay goes; exit code.
 
@@ -151,8 +170,9 @@ def run_service(prog, args, make_server, **server_options):
             sys.stderr.write("%s: lost the relay at %s: %s\n" % (prog, relay, exc))
             status = 1
     except (OSError, ValueError) as exc:
-        sys.stderr.write("%s: cannot register with the relay at %s: %s\n"
-                         % (prog, relay, getattr(exc, "strerror", None) or exc))
+        sys.stderr.write("%s: cannot register with the relay at %s: %s%s\n"
+                         % (prog, relay, getattr(exc, "strerror", None) or exc,
+                            _registration_hint(exc, args)))
         status = 1
     finally:
         if server.connection is not None:

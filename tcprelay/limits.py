@@ -106,12 +106,12 @@ class RateLimit(object):
 class LogGate(object):
     """A log line that a remote party can trigger at will, rate-limited: up to
     ``burst`` at once, then ``per_second``; a line that comes after some were
-    left out says how many ("(and N more like it)"). One gate per kind of line.
+    left out says how many ("(and N more left out)"). One gate per kind of line.
     The default, one a second, is the relay's refusals' rule.
     """
 
     def __init__(self, logger, level=logging.WARNING, per_second=1.0, burst=1,
-                 more="like it", clock=time.monotonic):
+                 more="left out", clock=time.monotonic):
         self._logger = logger
         self._level = level
         self._more = more

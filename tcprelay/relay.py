@@ -17,6 +17,7 @@ writer threads.
 
 import argparse
 import binascii
+import errno
 import logging
 import secrets
 import signal
@@ -945,6 +946,8 @@ def _non_negative(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a finite number" % text)
     if value < 0:
         raise argparse.ArgumentTypeError("%r must not be negative" % text)
     return value
@@ -1032,16 +1035,36 @@ def _network(text):
     return text
 
 
+def _public_bind_problem(host):
+    """Why no public port could listen on ``host`` (an address this machine lacks,
+    say), or None. Checked once at start: otherwise every service would be told
+    that every port is taken."""
+    if not host:
+        return None
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                          socket.SOCK_STREAM)
+    try:
+        probe.bind((host, 0))
+    except (OSError, OverflowError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    finally:
+        probe.close()
+    return None
+
+
 def _check_open_file_limit(args):
     """Raise the soft open-file limit to the hard one; warn if the limits cannot fit."""
     resources.preload_thread_exit()
     limit = resources.raise_open_file_limit()
     need = resources.descriptors_needed(args.max_services, args.max_clients, args.max_waiting)
     if limit is not None and limit < need:
-        log.warning("the open file limit is %d, but --max-services %d with --max-clients %d "
-                    "may need about %d; past the limit new connections wait until others "
-                    "close. Raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd) "
-                    "or lower --max-clients", limit, args.max_services, args.max_clients, need)
+        # A warning if one busy service can reach the limit; else worth knowing only.
+        one_service = resources.descriptors_needed(1, args.max_clients, args.max_waiting)
+        log.log(logging.WARNING if limit < one_service else logging.INFO,
+                "the open file limit is %d, but --max-services %d with --max-clients %d "
+                "may need about %d; past the limit new connections wait until others "
+                "close. Raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd) "
+                "or lower --max-clients", limit, args.max_services, args.max_clients, need)
 
 
 def main(argv=None):
@@ -1067,6 +1090,11 @@ def main(argv=None):
         except (OSError, ValueError) as exc:
             parser.error("cannot load the TLS certificate and key: %s" % exc)
     threading.stack_size(THREAD_STACK_SIZE)
+    problem = _public_bind_problem(args.public_bind)
+    if problem is not None:
+        sys.stderr.write("tcprelay.relay: cannot listen on public ports at %s: %s (check "
+                         "--public-bind)\n" % (args.public_bind, problem))
+        return 1
     try:
         relay = Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,
                       public_host=args.public_host, max_services=args.max_services,
@@ -1080,8 +1108,14 @@ def main(argv=None):
                       max_pending_per_host=args.max_pending_per_host)
     except OSError as exc:
         where = "%s:%d" % (args.host or "*", args.port)
-        sys.stderr.write("tcprelay.relay: cannot listen on %s: %s (is another relay running? "
-                         "choose another port)\n" % (where, exc.strerror or exc))
+        if exc.errno == errno.EADDRINUSE:
+            hint = "is another relay running? choose another port"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = "this machine has no such address: check --host"
+        else:
+            hint = "check --host and the port"
+        sys.stderr.write("tcprelay.relay: cannot listen on %s: %s (%s)\n"
+                         % (where, exc.strerror or exc, hint))
         return 1
 
     def stop(signum, frame):

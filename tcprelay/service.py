@@ -284,7 +284,7 @@ def _dial(relay_address, timeout, attempt):
         sock = socket.socket(family, kind, proto)
         try:
             attempt.hold(sock)
-            sock.settimeout(timeout)
+            sock.settimeout(None if timeout is None else min(timeout, clock.MAX_TIMEOUT))
             sock.connect(address)
             return sock
         except BaseException as exc:
@@ -450,18 +450,29 @@ class RelayServer(object):
                 if self._shutdown_requested.is_set():
                     raise RelayGone("shut down while registering with the relay")
                 self._attempt = attempt
+            options = dict(self.connect_options)
+            told = options.pop("on_waiting", None)
+            in_line = []
+
+            def on_waiting(position):
+                in_line.append(position)
+                if told is not None:
+                    told(position)
+
             try:
                 connection = connect(self.relay_address, port=self.requested_port,
                                      name=self.name, timeout=self.connect_timeout,
                                      lease=self._lease, heartbeat=self.heartbeat,
                                      proxy_protocol=self.proxy_protocol, attempt=attempt,
-                                     **self.connect_options)
+                                     on_waiting=on_waiting, **options)
             except RegistrationRefused:
                 raise
             except (OSError, registration.RegistrationError, muxado.MuxadoError) as exc:
                 if self._shutdown_requested.is_set():
                     raise RelayGone("shut down while registering with the relay")
-                if not retry:
+                # A relay that had us in line was reachable and took us: it
+                # went away (a restart, say), so we try again, --retry or not.
+                if not retry and not in_line:
                     raise
                 delay = backoff.next()
                 log.warning("cannot register with the relay at %s: %s; trying again in %.1fs",

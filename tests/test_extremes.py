@@ -250,3 +250,50 @@ def test_out_of_stream_ids_the_service_moves_to_a_fresh_session(env):
         server.shutdown()
         serving.join(TIMEOUT)
         server.server_close()
+
+
+def test_a_service_waiting_in_line_follows_a_relay_restart(env):
+    # A service the relay had in line was reachable and taken: when the relay
+    # restarts it tries again, --retry or not, and waits in line at the new one.
+    ports = free_port_range(2)
+    service_port, public_port = ports
+    r1 = Relay((LOOPBACK, service_port), ports=[public_port], public_bind=LOOPBACK,
+               drain_timeout=TIMEOUT, waiting_interval=0.2)
+    r1_thread = threading.Thread(target=r1.serve_forever, name="r1")
+    r1_thread.start()
+    holder = RelayServer((LOOPBACK, service_port), _Echo, timeout=TIMEOUT)
+    holding = threading.Thread(target=holder.serve_forever, kwargs={"reconnect": True},
+                               name="holder")
+    holding.start()
+    in_line = threading.Event()
+    waiter = RelayServer((LOOPBACK, service_port), _Echo, timeout=TIMEOUT,
+                         bind_and_activate=False, on_waiting=lambda position: in_line.set())
+    registering = Worker(waiter.server_activate, name="waiter")
+    r2 = None
+    try:
+        assert in_line.wait(TIMEOUT)
+        in_line.clear()
+        r1.shutdown()
+        r1_thread.join(TIMEOUT)
+        assert r1.drain() is True
+        r1.server_close()
+        r2 = Relay((LOOPBACK, service_port), ports=[public_port], public_bind=LOOPBACK,
+                   waiting_interval=0.2)
+        r2_thread = threading.Thread(target=r2.serve_forever, name="r2")
+        r2_thread.start()
+        env.defer(r2_thread.join, TIMEOUT)
+        env.defer(r2.server_close)
+        env.defer(r2.shutdown)
+        assert in_line.wait(2 * TIMEOUT), "the waiter did not come back to the line"
+        assert registering.is_alive(), registering.error
+        holder.shutdown()
+        holding.join(TIMEOUT)
+        holder.server_close()
+        registering.finish()    # the port came
+        assert waiter.server_address[1] == public_port
+    finally:
+        holder.shutdown()
+        holding.join(TIMEOUT)
+        holder.server_close()
+        waiter.server_close()
+        r1.server_close()

@@ -234,11 +234,11 @@ def drain_all(socks, timeout=TIMEOUT):
 
 def logged_count(text, phrase):
     """How often ``phrase`` was logged, counting what a log gate left out
-    ("... (and N more like it)")."""
+    ("... (and N more left out)")."""
     count = 0
     for line in text.splitlines():
         if phrase in line:
-            more = re.search(r"\(and (\d+) more like it\)$", line)
+            more = re.search(r"\(and (\d+) more left out\)$", line)
             count += 1 + (int(more.group(1)) if more else 0)
     return count
 

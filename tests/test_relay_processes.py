@@ -201,6 +201,37 @@ def test_service_port_in_use_clear_message_exit_1(procs):
     assert_no_traceback(process)
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--public-bind", "192.0.2.1"),   # TEST-NET-1: an address this machine does not have
+    ("--host", "192.0.2.1"),
+])
+def test_an_address_this_machine_lacks_is_one_line_and_exit_1(procs, option, value):
+    # Nothing is sent anywhere: bind() fails at once for an address not ours.
+    port = free_port_range(1)[0]
+    args = ["--host", LOOPBACK, "--public-bind", LOOPBACK, option, value]
+    process = procs.start("tcprelay.relay", port, *args)
+    assert process.wait() == 1
+    lines = process.stderr_lines()
+    assert len(lines) == 1, process.stderr_text()
+    assert value in lines[0] and "check %s" % option in lines[0], lines[0]
+    assert "another relay" not in lines[0]   # that hint is for a port in use only
+    assert_no_traceback(process)
+
+
+@pytest.mark.parametrize("module, option", [
+    ("tcprelay.relay", "--idle-timeout"), ("tcprelay.relay", "--keepalive"),
+    ("tcprelay.relay", "--lease-time"), ("tcprelay.echoserver", "--timeout"),
+])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_durations_must_be_finite(procs, module, option, value):
+    port = free_port_range(1)[0]
+    first = [port] if module == "tcprelay.relay" else [LOOPBACK, port]
+    process = procs.start(module, *(first + [option, value]))
+    assert process.wait() == 2
+    lines = process.stderr_lines()
+    assert len(lines) == 1 and "not a finite number" in lines[0], process.stderr_text()
+
+
 def test_ports_and_public_host_options(procs):
     ports = free_port_range(5)
     relay_port, pool = ports[0], ports[3:5]   # a pool that is not PORT+1...
