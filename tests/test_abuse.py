@@ -3,29 +3,19 @@
 Every test runs under ``no_leaks`` and bounds each blocking call.
 """
 
-import logging
 import socket
 import time
 
-import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
     LOOPBACK, Service, Worker, echo_handler, echo_roundtrip, read_until_end, recv_exact,
     wait_until,
 )
-from test_relay import Env, registered
+from test_relay import env, registered  # noqa: F401 (env: a fixture)
 from tcprelay import frames
 from tcprelay.muxado import ErrorCode
 from tcprelay.relay import PENDING_READ_BUDGET
-
-
-@pytest.fixture
-def env(no_leaks, caplog):
-    caplog.set_level(logging.INFO, logger="tcprelay")
-    environment = Env()
-    yield environment
-    environment.close()
 
 
 def test_streams_the_service_refuses_end_those_clients_not_the_service(env, caplog):
