@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from . import cli, clock, limits
+from . import addresses, cli, clock, limits
 from .bridge import Bridge, Flusher
 from .workers import WorkerPool
 
@@ -37,7 +37,7 @@ class Adapter(cli.AnnouncingServer):
     def __init__(self, relay_address, local_address, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
                  drain_timeout=DEFAULT_DRAIN_TIMEOUT, **options):
         self.local_address = tuple(local_address)
-        self.local_label = "%s:%d" % self.local_address
+        self.local_label = addresses.format_sockaddr(self.local_address)
         self.local_connect_timeout = connect_timeout
         self._log_unreachable = limits.LogGate(log)   # once a second, however many clients
         self.drain_timeout = drain_timeout
@@ -97,10 +97,10 @@ class Adapter(cli.AnnouncingServer):
 
 
 def _host_port(text):
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError("%r is not HOST:PORT, like 127.0.0.1:5432" % text)
-    return host.strip("[]"), int(port)
+    try:
+        return addresses.split_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 def build_parser():

@@ -8,7 +8,7 @@ import socket
 import sys
 import threading
 
-from . import auth, tls
+from . import addresses, auth, tls
 from .muxado import MuxadoError
 from .registration import RegistrationError
 from .service import DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer
@@ -54,10 +54,19 @@ def positive(kind):
     return parse
 
 
+def _host(text):
+    try:
+        return addresses.host_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def service_parser(prog, description):
     """The options every service program takes."""
     parser = Parser(prog=prog, description=description)
-    parser.add_argument("relay_host", help="host name or address of the relay")
+    parser.add_argument("relay_host", type=_host,
+                        help="host name or address of the relay (IPv6 with or without "
+                             "brackets)")
     parser.add_argument("relay_port", type=port_number, help="the relay's service port")
     parser.add_argument("--port", type=port_number, default=None,
                         help="ask the relay for this public port (wait until it is free)")
@@ -134,8 +143,8 @@ def _registration_hint(exc, args):
         return " (is the relay running on that port?%s)" % (" --retry keeps trying" if not args.retry else "")
     if isinstance(exc, (ConnectionError, MuxadoError, RegistrationError)):
         return (" (the relay may be busy or refusing this address, it may require --tls, "
-                "or %s:%d may not be a tcprelay service port%s)"
-                % (args.relay_host, args.relay_port, retry))
+                "or %s may not be a tcprelay service port%s)"
+                % (addresses.join_host_port(args.relay_host, args.relay_port), retry))
     return ""
 
 
@@ -145,7 +154,7 @@ def run_service(prog, args, make_server, **server_options):
     SIGINT and SIGTERM stop it at any stage (connecting, waiting in line,
     backing off, serving) within about a second, with exit code 0.
     """
-    relay = "%s:%d" % (args.relay_host, args.relay_port)
+    relay = addresses.join_host_port(args.relay_host, args.relay_port)
     server = make_server(port=args.port, name=args.name, retry=args.retry,
                          timeout=args.timeout, bind_and_activate=False, **server_options)
     signalled = []

@@ -119,6 +119,27 @@ class PortPool(object):
         with self._cond:
             return {"free": len(self._free), "in_use": self._in_use, "waiting": len(self._line)}
 
+    def why_waiting(self, ticket):
+        """Why ``ticket`` has no port yet, as a phrase for logs and replies."""
+        with self._cond:
+            now = time.monotonic()
+            port = ticket.port
+            if port is not None:
+                if port not in self._free:
+                    return "port %d is held by another service" % port
+                held = self._held.get(port)
+                if held is not None and held[1] > now and held[0] != ticket.lease:
+                    return ("port %d is held for the lease of the service that had it"
+                            % port)
+                if self._cooldown.get(port, now) > now:
+                    return "port %d cannot be bound now (another program has it)" % port
+            if self._in_use + self._binding >= self._limit:
+                return "%d services hold ports already, the most this relay serves" % (
+                    self._in_use + self._binding)
+            if port is not None:
+                return "port %d is promised to a service ahead in line" % port
+            return "every public port is taken"
+
     @property
     def waiting(self):
         with self._cond:

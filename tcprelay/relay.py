@@ -26,7 +26,8 @@ import sys
 import threading
 import time
 
-from . import auth, cli, clock, limits, muxado, proxyproto, registration, resources, tls
+from . import (addresses, auth, cli, clock, limits, muxado, proxyproto, registration,
+               resources, tls)
 from .bridge import Bridge, Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
 from .portpool import Cancelled, PoolError, PortPool
@@ -58,10 +59,7 @@ _EARLY_READ = 16 * 1024          # a new client's first bytes, sent with its SYN
 
 
 def _address(addr):
-    try:
-        return "%s:%d" % addr[:2]
-    except TypeError:
-        return str(addr)
+    return addresses.format_sockaddr(addr)
 
 
 class _RequestLines(object):
@@ -408,17 +406,24 @@ class ServiceLink(object):
                 now = time.monotonic()
                 due = next_notice is not None and now >= next_notice
                 if position and (position != reported or due):
+                    why = relay.pool.why_waiting(ticket)
                     if reported is None:
-                        log.info("%s: every port is taken; waiting in line at position %d",
-                                 self.label, position)
+                        log.info("%s: %s; waiting in line for %s at position %d", self.label,
+                                 why, "it" if ticket.port is not None else "a port", position)
                     if request.notices:
-                        stream.sendall(self._waiting_line(position, interval))
+                        stream.sendall(self._waiting_line(position, interval, ticket.port, why))
                     reported = position
                     next_notice = None if interval is None else now + interval
                 remaining = None if end is None else max(0.0, end - now)
                 if remaining == 0.0:
-                    log.info("%s: no port became free within %gs", self.label, request.max_wait)
-                    self._refuse(stream, "no port became free within %gs" % request.max_wait)
+                    why = relay.pool.why_waiting(ticket)
+                    if ticket.port is None:
+                        reason = "no port became free within %gs (%s)" % (request.max_wait, why)
+                    else:
+                        reason = "%s, and it did not become free within %gs" % (
+                            why, request.max_wait)
+                    log.info("%s: %s", self.label, reason)
+                    self._refuse(stream, reason)
                     ticket.cancel()
                     return None
                 wait = remaining
@@ -443,16 +448,25 @@ class ServiceLink(object):
         return granted
 
     @staticmethod
-    def _waiting_line(position, interval):
-        if interval is None:
-            return registration.encode_reply("waiting", position=position)
-        # ``interval`` promises the next line within that time, nobody moving or not.
-        return registration.encode_reply("waiting", position=position, interval=interval)
+    def _waiting_line(position, interval, port=None, reason=None):
+        fields = {"position": position}
+        if reason is not None:
+            fields["reason"] = reason
+        if interval is not None:
+            # A promise of the next line within that time, nobody moving or not.
+            fields["interval"] = interval
+        if port is not None:
+            fields["port"] = port   # the one port this service waits for
+        return registration.encode_reply("waiting", **fields)
 
     def _announce(self, request, stream, port):
         """Tell the service its public address, in the form it registered with."""
         relay = self.relay
-        address = "%s:%d" % (relay.public_host, port)
+        host = relay.public_host
+        if host is None:
+            # The address this service dialled reaches us from its side.
+            host = addresses.dialled_host(self._sock.getsockname())
+        address = addresses.join_host_port(host, port)
         if request.minimal:
             stream.sendall(address.encode("ascii"))
             stream.close()
@@ -622,13 +636,15 @@ class Relay(object):
     ``server_address``: where services connect. ``ports``: the public port
     pool (default: the 50 ports after the service port). ``public_bind``:
     the address public ports listen on. ``public_host``: the host name in
-    the address handed to services. ``waiting_interval``: seconds between
+    the address handed to services (None: the address each service dialled;
+    a non-ASCII name goes out in IDNA; ValueError if it is no host name).
+    ``waiting_interval``: seconds between
     the ``waiting`` lines a service in line gets even when nobody moved
     (None: only when its place changes, as relays before it did). ``write_timeout``: seconds a write to a
     service may make no progress before its session ends (muxado's).
     """
 
-    def __init__(self, server_address, ports=None, public_bind="", public_host="localhost",
+    def __init__(self, server_address, ports=None, public_bind="", public_host=None,
                  max_services=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
                  drain_timeout=DEFAULT_DRAIN_TIMEOUT, window_size=DEFAULT_WINDOW,
                  lease_time=DEFAULT_LEASE_TIME, keepalive=DEFAULT_KEEPALIVE,
@@ -644,7 +660,7 @@ class Relay(object):
                 raise ValueError("give ports= when the service port is chosen by the system")
             ports = range(port + 1, port + 1 + DEFAULT_POOL_SIZE)
         self.public_bind = public_bind
-        self.public_host = public_host
+        self.public_host = None if public_host is None else addresses.public_host(public_host)
         self.handshake_timeout = handshake_timeout
         self.drain_timeout = drain_timeout
         self.window_size = window_size
@@ -961,13 +977,17 @@ def build_parser():
                     "service as a new stream.",
     )
     parser.add_argument("port", type=cli.port_number, help="port where services connect")
-    parser.add_argument("--host", default="",
-                        help="address services connect to (default: all interfaces)")
-    parser.add_argument("--public-bind", default="", metavar="HOST",
+    parser.add_argument("--host", default="", type=_host,
+                        help="address services connect to; an IPv6 one with or without "
+                             "brackets (default: all interfaces)")
+    parser.add_argument("--public-bind", default="", metavar="HOST", type=_host,
                         help="address the public ports listen on (default: all interfaces)")
-    parser.add_argument("--public-host", default="localhost", metavar="NAME",
-                        help="host name put in the address handed to services "
-                             "(default: localhost)")
+    parser.add_argument("--public-host", default=None, metavar="NAME", type=_public_host,
+                        help="host name or address put in the address handed to services, "
+                             "as clients should reach the public ports; a non-ASCII name "
+                             "goes out in IDNA (default: the address each service dialled, "
+                             "so set this when clients reach the relay by another name, "
+                             "or through NAT)")
     parser.add_argument("--ports", type=_port_range, metavar="LOW-HIGH",
                         help="the public port pool (default: PORT+1 to PORT+50)")
     parser.add_argument("--max-services", type=cli.positive(int), default=DEFAULT_POOL_SIZE,
@@ -1025,6 +1045,20 @@ def build_parser():
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
     return parser
+
+
+def _host(text):
+    try:
+        return addresses.host_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _public_host(text):
+    try:
+        return addresses.public_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 def _network(text):
@@ -1107,7 +1141,7 @@ def main(argv=None):
                       max_pending=args.max_pending,
                       max_pending_per_host=args.max_pending_per_host)
     except OSError as exc:
-        where = "%s:%d" % (args.host or "*", args.port)
+        where = addresses.join_host_port(args.host or "*", args.port)
         if exc.errno == errno.EADDRINUSE:
             hint = "is another relay running? choose another port"
         elif exc.errno == errno.EADDRNOTAVAIL:

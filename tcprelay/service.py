@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 
-from . import auth, clock, limits, muxado, proxyproto, registration
+from . import addresses, auth, clock, limits, muxado, proxyproto, registration
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
 from .tls import TLSTransport
 from .workers import WorkerPool
@@ -216,8 +216,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                 silence = _silence_in_line(reply.get("interval"), timeout)
                 silent = "went silent for %gs while we waited in line"
                 if position != reported:
-                    log.info("every public port is taken; waiting in line (position %s)",
-                             position)
+                    log.info("%s; waiting in line (position %s)", _why_waiting(reply), position)
                     reported = position
                     if on_waiting is not None:
                         on_waiting(position)
@@ -244,6 +243,18 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
     finally:
         if not keep:
             stream.close()
+
+
+def _why_waiting(reply):
+    """What a ``waiting`` line says we wait for, and why (older relays say neither)."""
+    port, reason = reply.get("port"), reply.get("reason")
+    if not (isinstance(reason, str) and reason.isprintable() and 0 < len(reason) <= 200):
+        reason = None
+    if reason is not None:
+        return reason
+    if isinstance(port, int) and not isinstance(port, bool):
+        return "public port %d is held by another service" % port
+    return "every public port is taken"
 
 
 def _seconds(beat, key, default):
@@ -314,7 +325,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     (the wait in line: see ``register``). ``attempt`` (an ``Attempt``) lets
     another thread cut it all short: then ``ConnectCancelled`` is raised.
     """
-    where = "%s:%d" % tuple(relay_address[:2])
+    where = addresses.join_host_port(*relay_address[:2])
     if attempt is None:
         attempt = Attempt()
     sock = _dial(relay_address, timeout, attempt)
@@ -436,7 +447,7 @@ class RelayServer(object):
 
     @property
     def relay_label(self):
-        return "%s:%d" % self.relay_address
+        return addresses.join_host_port(*self.relay_address)
 
     def server_activate(self):
         """Connect to the relay and register (socketserver's bind + listen)."""
@@ -496,8 +507,7 @@ class RelayServer(object):
             break
         self._lease = connection.lease
         self.public_address = connection.address
-        host, _, port = self.public_address.rpartition(":")
-        self.server_address = (host, int(port))
+        self.server_address = addresses.split_host_port(self.public_address)
         log.info("registered with the relay at %s; public address %s",
                  self.relay_label, self.public_address)
         self.registered(previous, connection)

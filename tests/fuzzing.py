@@ -2251,7 +2251,7 @@ def _after_ok(case, env, session, stream, lines, reply):
     check(_is_int(port) and port in env.ports and port != env.healthy_port,
           "ok with port %r (the pool is %d-%d, the healthy service has %d)", port,
           env.ports[0], env.ports[-1], env.healthy_port)
-    check(reply.get("address") == "localhost:%d" % port and reply.get("version") == 1,
+    check(reply.get("address") == "127.0.0.1:%d" % port and reply.get("version") == 1,
           "ok reply with a wrong address or version: %r", reply)
     check(isinstance(reply.get("lease"), str) and reply["lease"].startswith("%d-" % port)
           and reply.get("lease_seconds") == LEASE_TIME, "ok reply with a bad lease: %r", reply)

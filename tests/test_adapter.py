@@ -339,7 +339,7 @@ def test_cli_exposes_a_local_service_and_stops_on_a_signal(procs, backends, sign
     backend = start_backend(backends, EchoHandler)
     adapter = adapter_process(procs, relay_port, backend.server_address,
                               "--name", "db-adapter", "--port", pool[1])
-    assert adapter.readline() == "localhost:%d" % pool[1]   # the first line, at once
+    assert adapter.readline() == "127.0.0.1:%d" % pool[1]   # the first line, at once
     wait_until(lambda: "service 'db-adapter'" in relay.stderr_text(), what="the name in the log")
     data = os.urandom(256 * 1024)
     client = connect_client(pool[1])
@@ -368,7 +368,7 @@ def test_cli_proxy_protocol_passes_the_header_on(procs, backends):
     listener = listening_socket(backends)
     service = Worker(serve_once, listener, recv_to_eof)
     adapter = adapter_process(procs, ports[0], listener.getsockname(), "--proxy-protocol", "v2")
-    assert adapter.readline() == "localhost:%d" % ports[1]
+    assert adapter.readline() == "127.0.0.1:%d" % ports[1]
     client = connect_client(ports[1])
     try:
         client.sendall(b"after the header")
@@ -385,7 +385,7 @@ def test_cli_connect_timeout_resets_the_client_and_names_the_local_address(procs
     procs.relay(ports[0], *quick(*pool_args(ports[1:])))
     silent = unanswering_listener(backends)
     adapter = adapter_process(procs, ports[0], silent.getsockname(), "--connect-timeout", "0.5")
-    assert adapter.readline() == "localhost:%d" % ports[1]
+    assert adapter.readline() == "127.0.0.1:%d" % ports[1]
     client = connect_client(ports[1])
     try:
         started = time.monotonic()
@@ -436,7 +436,7 @@ def test_cli_retry_waits_for_the_relay(procs, backends):
              "trying again in" % relay_port
     wait_until(lambda: wanted in adapter.stderr_text(), what="a logged failed attempt")
     procs.relay(relay_port, *quick(*pool_args(ports[1:])))
-    assert adapter.readline() == "localhost:%d" % ports[1]
+    assert adapter.readline() == "127.0.0.1:%d" % ports[1]
     client = connect_client(ports[1])
     try:
         assert echo_roundtrip(client, b"it waited") == b"it waited"
@@ -470,10 +470,10 @@ def test_relay_killed_and_restarted_services_come_back_on_their_ports(procs, bac
     # The lowest port goes to one that will not come back (--no-reconnect), so
     # that after a restart the others must each ask for their own port.
     quitter = adapter_process(procs, relay_port, backend.server_address, "--no-reconnect")
-    assert quitter.readline() == "localhost:%d" % pool[0]
+    assert quitter.readline() == "127.0.0.1:%d" % pool[0]
     echo, echo_port = procs.echo(relay_port)   # reconnects by default
     adapter = adapter_process(procs, relay_port, backend.server_address)
-    assert (echo_port, adapter.readline()) == (pool[1], "localhost:%d" % pool[2])
+    assert (echo_port, adapter.readline()) == (pool[1], "127.0.0.1:%d" % pool[2])
     for outage in (1, 2):
         relay.kill()   # SIGKILL: no goodbye
         if outage == 1:

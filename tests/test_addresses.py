@@ -215,8 +215,9 @@ def test_a_requested_port_held_by_another_service_is_named_in_the_wait(env, capl
     waiter = env.service(relay)
     registration = waiter.register({"port": wanted, "notices": True, "name": "waiter"})
     line = registration.reply()
-    # Two ports are free: the line says which port it waits for.
-    assert line == {"status": "waiting", "position": 1, "port": wanted}, line
+    # Two ports are free: the line says which port it waits for, and why.
+    assert line == {"status": "waiting", "position": 1, "port": wanted,
+                    "reason": "port %d is held by another service" % wanted}, line
     logged = [m for m in messages(caplog, "tcprelay.relay") if "'waiter'" in m and "line" in m]
     assert logged and "port %d" % wanted in logged[0] and "held" in logged[0], logged
     assert not any("every port is taken" in m for m in messages(caplog)), messages(caplog)

@@ -37,7 +37,7 @@ def procs():
         def echo(self, relay_port):
             echo = Process("tcprelay.echoserver", (LOOPBACK, relay_port))
             started.append(echo)
-            match = re.match(r"^localhost:(\d+)$", echo.readline())
+            match = re.match(r"^127\.0\.0\.1:(\d+)$", echo.readline())
             assert match
             return echo, int(match.group(1))
 

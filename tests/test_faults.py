@@ -244,7 +244,7 @@ def logged_count(text, phrase):
 
 
 def public_port(line):
-    match = re.match(r"^localhost:(\d+)$", line)
+    match = re.match(r"^127\.0\.0\.1:(\d+)$", line)
     assert match, "first line %r" % line
     return int(match.group(1))
 
@@ -575,13 +575,13 @@ def test_kill_9_of_the_relay_services_come_back_to_their_ports(procs):
 
     def registered():
         text = second.stderr_text()
-        return all(re.search(r"'%s' \(.*\): registered; public address localhost:(\d+)" % name,
+        return all(re.search(r"'%s' \(.*\): registered; public address 127\.0\.0\.1:(\d+)" % name,
                              text) for name in ("b", "c"))
 
     wait_until(registered, timeout=2 * TIMEOUT, what="b and c to register again")
     text = second.stderr_text()
     again = dict((name, int(re.search(r"'%s' \(.*\): registered; public address "
-                                      r"localhost:(\d+)" % name, text).group(1)))
+                                      r"127\.0\.0\.1:(\d+)" % name, text).group(1)))
                  for name in ("b", "c"))
     # The new relay never issued their tokens, but a token names its port: each gets
     # its own back, although a lower port (the gone service's) is free.
@@ -633,7 +633,7 @@ def test_a_transport_that_goes_silent_is_noticed_within_keepalive(procs):
         proxy.thaw()
 
         def registrations():
-            return len(re.findall(r"'silent' \(.*\): registered; public address localhost:%d$"
+            return len(re.findall(r"'silent' \(.*\): registered; public address 127\.0\.0\.1:%d$"
                                   % silent_port, relay.stderr_text(), re.M))
 
         wait_until(lambda: registrations() == 2, what="the service to register again")

@@ -93,7 +93,7 @@ def env(no_leaks, caplog):
 
 
 def address(port):
-    return "localhost:%d" % port
+    return "127.0.0.1:%d" % port
 
 
 def link_of(relay, port):

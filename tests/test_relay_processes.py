@@ -53,7 +53,7 @@ def procs():
             """An echo server registered with the relay: (process, public port)."""
             echo = self.start("tcprelay.echoserver", LOOPBACK, relay_port, *args)
             line = echo.readline()
-            match = re.match(r"^localhost:(\d+)$", line)
+            match = re.match(r"^127\.0\.0\.1:(\d+)$", line)
             assert match, "first line %r" % line
             return echo, int(match.group(1))
 
@@ -85,7 +85,7 @@ def test_transcript_relay_and_echo_server(procs):
     relay = procs.relay(relay_port, *quick())
     echo = procs.start("tcprelay.echoserver", LOOPBACK, relay_port)
     # The first stdout line, flushed at once while the server keeps running.
-    assert echo.readline() == "localhost:%d" % (relay_port + 1)
+    assert echo.readline() == "127.0.0.1:%d" % (relay_port + 1)
     assert echo.alive()
     # Bound where asked, and only there.
     assert listeners(relay_port) == [LOOPBACK]
@@ -143,7 +143,8 @@ def test_help_describes_every_option(procs):
         described[option] = " ".join(match.group(1).split())
         assert len(described[option].split()) >= 3, \
             "%s has no help text: %r" % (option, described[option])
-    assert "default: localhost" in described["--public-host"], described["--public-host"]
+    assert "the address each service dialled" in described["--public-host"], \
+        described["--public-host"]
 
 
 def bad_arguments():
@@ -258,7 +259,7 @@ def test_max_services_option(procs):
     wait_until(lambda: "waiting in line" in relay.stderr_text(), what="the second in line")
     first.kill()
     # ...and hands it the port the first one held.
-    assert second.readline() == "localhost:%d" % ports[1]
+    assert second.readline() == "127.0.0.1:%d" % ports[1]
 
 
 def test_handshake_timeout_option_drops_a_silent_service(procs):
@@ -372,7 +373,7 @@ def test_echo_server_exits_when_the_relay_is_killed(procs):
     # Reconnecting is the default (see the service tests); this is the other choice.
     echo = procs.start("tcprelay.echoserver", LOOPBACK, ports[0], "--log-level", "warning",
                        "--no-reconnect")
-    assert echo.readline() == "localhost:%d" % ports[1]
+    assert echo.readline() == "127.0.0.1:%d" % ports[1]
     relay.kill()   # SIGKILL: no GOAWAY, just gone
     assert echo.wait() > 0
     lines = echo.stderr_lines()

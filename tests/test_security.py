@@ -1063,7 +1063,7 @@ def procs(monkeypatch):
             """A service program registered with the relay: (process, public port)."""
             process = self.start(module, kw.pop("host", LOOPBACK), relay_port, *args, **kw)
             line = process.readline()
-            match = re.match(r"^localhost:(\d+)$", line)
+            match = re.match(r"^127\.0\.0\.1:(\d+)$", line)
             assert match, "first line %r" % line
             return process, int(match.group(1))
 

@@ -340,7 +340,7 @@ class RecordingServer(RelayServer):
 
 
 def public(port):
-    return "localhost:%d" % port
+    return "127.0.0.1:%d" % port
 
 
 def assert_echoes(port, data=b"echo me"):
@@ -375,7 +375,7 @@ def test_stream_request_handler_over_the_relay(env):
     port = relay.pool.ports[0]
     server = env.server(relay.server_address, UpperLines, cls=RecordingServer)
     # The socketserver attributes name the public address.
-    assert server.server_address == ("localhost", port)
+    assert server.server_address == ("127.0.0.1", port)
     assert server.public_address == public(port)
     env.serve(server)
     client = env.client(port)
@@ -729,7 +729,7 @@ def test_retry_makes_the_first_connection_retry(env, logs):
     relay = env.relay(pool, port=relay_port)
     server = starting.finish()
     env.defer(server.server_close)
-    assert server.server_address == ("localhost", pool[0])
+    assert server.server_address == ("127.0.0.1", pool[0])
     env.serve(server)
     assert_echoes(pool[0])
     assert relay.services

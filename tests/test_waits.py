@@ -200,7 +200,7 @@ def test_the_echo_server_waits_in_line_longer_than_its_timeout(env, procs):
             code, echo.stderr_text())
     finally:
         first.close()
-    assert echo.readline() == "localhost:%d" % port
+    assert echo.readline() == "127.0.0.1:%d" % port
     client = env.client(port)
     assert echo_roundtrip(client, b"served at last") == b"served at last"
     echo.send_signal(signal.SIGTERM)
@@ -413,7 +413,7 @@ def _stage_backoff(env, procs, program, extra):
 def _stage_serving(env, procs, program, extra):
     relay = env.relay(ports=1)
     process = procs(program, LOOPBACK, relay.server_address[1], *extra)
-    assert process.readline() == "localhost:%d" % relay.pool.ports[0]
+    assert process.readline() == "127.0.0.1:%d" % relay.pool.ports[0]
     return process
 
 
