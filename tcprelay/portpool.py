@@ -119,8 +119,11 @@ class PortPool(object):
         with self._cond:
             return {"free": len(self._free), "in_use": self._in_use, "waiting": len(self._line)}
 
+    ALL_TAKEN = "every public port is taken"
+
     def why_waiting(self, ticket):
-        """Why ``ticket`` has no port yet, as a phrase for logs and replies."""
+        """Why ``ticket`` has no port yet, as a phrase for logs and replies
+        (``ALL_TAKEN`` when that is all there is to say)."""
         with self._cond:
             now = time.monotonic()
             port = ticket.port
@@ -133,12 +136,28 @@ class PortPool(object):
                             % port)
                 if self._cooldown.get(port, now) > now:
                     return "port %d cannot be bound now (another program has it)" % port
+            if port is None and not self._free:
+                return self.ALL_TAKEN
             if self._in_use + self._binding >= self._limit:
-                return "%d services hold ports already, the most this relay serves" % (
-                    self._in_use + self._binding)
+                return ("the relay serves as many services as it may at once (%d), with "
+                        "ports free" % self._limit)
             if port is not None:
                 return "port %d is promised to a service ahead in line" % port
-            return "every public port is taken"
+            unbindable = held = 0
+            for free in self._free:
+                if self._cooldown.get(free, now) > now:
+                    unbindable += 1
+                elif self._held.get(free, (None, now))[1] > now:
+                    held += 1
+            parts = []
+            if unbindable:
+                parts.append("%d cannot be bound now (another program has it)" % unbindable)
+            if held:
+                parts.append("%d held for the leases of services that left" % held)
+            if len(self._free) > unbindable + held:
+                parts.append("%d promised to services ahead in line"
+                             % (len(self._free) - unbindable - held))
+            return "of the free ports, " + ", ".join(parts)
 
     @property
     def waiting(self):

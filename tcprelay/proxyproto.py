@@ -47,8 +47,15 @@ def encode_v2(source, destination):
     return V2_SIGNATURE + bytes([0x21, fam]) + struct.pack(">H", len(body)) + body
 
 
+def _unzoned(address):
+    # A header has no room for an IPv6 zone ("fe80::1%eth0"), which means
+    # nothing off this machine anyway.
+    return (address[0].split("%", 1)[0], address[1])
+
+
 def encode(version, source, destination):
-    """``version`` is "v1" or "v2"."""
+    """``version`` is "v1" or "v2"; ``source`` and ``destination`` are (host, port)."""
+    source, destination = _unzoned(source), _unzoned(destination)
     if version == "v1":
         return encode_v1(source, destination)
     if version == "v2":

@@ -450,8 +450,8 @@ class ServiceLink(object):
     @staticmethod
     def _waiting_line(position, interval, port=None, reason=None):
         fields = {"position": position}
-        if reason is not None:
-            fields["reason"] = reason
+        if reason is not None and reason != PortPool.ALL_TAKEN:
+            fields["reason"] = reason   # said only when it is more than that
         if interval is not None:
             # A promise of the next line within that time, nobody moving or not.
             fields["interval"] = interval

@@ -278,3 +278,52 @@ def test_relay_help_says_what_the_default_public_host_is():
     match = re.search(r"^\s+--public-host(?:[ =]\S+)?(.*(?:\n\s{6,}\S.*)*)", text, re.M)
     described = " ".join(match.group(1).split())
     assert "dialled" in described and "default: localhost" not in described, described
+
+
+# -- siblings: every address handed on ---------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_header_of_a_link_local_client_drops_the_zone(version):
+    # getpeername() of a link-local IPv6 client carries our interface's zone,
+    # which no PROXY header can hold (v2 raised OSError; v1 wrote it, unparseable).
+    from tcprelay import proxyproto
+    header = proxyproto.encode(version, ("fe80::1%eth0", 1234), ("fe80::2%eth0", 8081))
+    assert proxyproto.parse(header) == (("fe80::1", 1234), ("fe80::2", 8081))
+
+
+def test_the_service_library_logs_an_older_relays_waiting_line_as_before():
+    assert service._why_waiting({"status": "waiting", "position": 2}) \
+        == "every public port is taken"
+    assert service._why_waiting({"status": "waiting", "position": 1, "port": 8081}) \
+        == "public port 8081 is held by another service"
+    # A relay's text is logged only if it is short printable text.
+    assert service._why_waiting({"status": "waiting", "port": 8081, "reason": "x\x1b[2J"}) \
+        == "public port 8081 is held by another service"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:5432", ("127.0.0.1", 5432)),
+    ("[::1]:5432", ("::1", 5432)),
+    ("[fe80::1%eth0]:80", ("fe80::1%eth0", 80)),
+    ("db.example:5432", ("db.example", 5432)),
+])
+def test_split_host_port_takes_what_go_joins(text, expected):
+    from tcprelay import addresses
+    assert addresses.split_host_port(text) == expected
+    assert addresses.join_host_port(*expected) == text
+
+
+@pytest.mark.parametrize("text", ["::1:5432", "5432", "host:", "host:0", "host:65536",
+                                  "[::1]5432", "[::1", "[db.example]:80", ":80"])
+def test_split_host_port_refuses_with_a_reason(text):
+    from tcprelay import addresses
+    with pytest.raises(ValueError) as refused:
+        addresses.split_host_port(text)
+    assert repr(text) in str(refused.value)
+
+
+def test_dialled_host_unmaps_ipv4_and_drops_the_zone():
+    from tcprelay import addresses
+    assert addresses.dialled_host(("::ffff:127.0.0.1", 8080, 0, 0)) == "127.0.0.1"
+    assert addresses.dialled_host(("fe80::1%eth0", 8080, 0, 2)) == "fe80::1"
+    assert addresses.dialled_host(("10.0.0.1", 8080)) == "10.0.0.1"

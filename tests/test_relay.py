@@ -346,7 +346,8 @@ def test_requested_port_is_granted_when_it_becomes_free(env):
     assert holder.register_ok({"port": wanted}) == wanted
     asker = env.service(relay)
     asking = asker.register({"port": wanted, "notices": True})
-    assert asking.reply() == {"status": "waiting", "position": 1}
+    assert asking.reply() == {"status": "waiting", "position": 1, "port": wanted,
+                              "reason": "port %d is held by another service" % wanted}
     # Anyone else still gets the other free port meanwhile.
     assert env.service(relay).register_ok() == other
     holder.close()
@@ -362,7 +363,10 @@ def test_max_services_makes_services_wait_with_ports_free(env):
     assert holder.register_ok() == first
     waiter = env.service(relay)
     registration = waiter.register({"notices": True})
-    assert registration.reply() == {"status": "waiting", "position": 1}
+    reply = registration.reply()
+    assert (reply["status"], reply["position"]) == ("waiting", 1), reply
+    # Not "every port is taken": two are free.
+    assert "ports free" in reply["reason"] and "port" not in reply, reply
     holder.close()
     waiting, reply = registration.final()
     assert (reply["status"], reply["port"]) == ("ok", first)
@@ -409,7 +413,9 @@ def test_unbindable_port_is_skipped_logged_and_retried(env, caplog):
     assert warnings, "the relay did not log the port it could not bind"
     second = env.service(relay)
     registration = second.register({"notices": True})
-    assert registration.reply() == {"status": "waiting", "position": 1}
+    reply = registration.reply()
+    assert (reply["status"], reply["position"]) == ("waiting", 1), reply
+    assert "1 cannot be bound" in reply["reason"], reply   # not "every port is taken"
     blocker.close()   # the other program lets go: the port must come back
     waiting, reply = registration.final()
     assert waiting == []
