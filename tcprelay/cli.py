@@ -11,7 +11,8 @@ import threading
 from . import auth, tls
 from .muxado import MuxadoError
 from .registration import RegistrationError
-from .service import DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer
+from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
+                      ServicePortError)
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,11 @@ def service_main(prog, parser, argv, make_server):
 def _registration_hint(exc, args):
     """What to try when registering failed with ``exc`` (may be empty)."""
     retry = "" if args.retry else "; --retry keeps trying"
+    if isinstance(exc, ServicePortError):
+        return ""   # it says what to try
     if isinstance(exc, socket.timeout):
-        return " (is the relay's address right? --timeout waits longer)"
+        return (" (is the relay's address right, and %s:%d its service port, not a public "
+                "port? --timeout waits longer)" % (args.relay_host, args.relay_port))
     if isinstance(exc, ConnectionRefusedError) and not isinstance(exc, MuxadoError):
         return " (is the relay running on that port?%s)" % (" --retry keeps trying" if not args.retry else "")
     if isinstance(exc, (ConnectionError, MuxadoError, RegistrationError)):
@@ -169,7 +173,7 @@ def run_service(prog, args, make_server, **server_options):
         if server.connection is not None and not signalled and not server.shutdown_requested:
             sys.stderr.write("%s: lost the relay at %s: %s\n" % (prog, relay, exc))
             status = 1
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RegistrationError) as exc:
         sys.stderr.write("%s: cannot register with the relay at %s: %s%s\n"
                          % (prog, relay, getattr(exc, "strerror", None) or exc,
                             _registration_hint(exc, args)))

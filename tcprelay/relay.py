@@ -26,7 +26,8 @@ import sys
 import threading
 import time
 
-from . import auth, cli, clock, limits, muxado, proxyproto, registration, resources, tls
+from . import (auth, cli, clock, frames, limits, muxado, proxyproto, registration,
+               resources, tls)
 from .bridge import Bridge, Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
 from .portpool import Cancelled, PoolError, PortPool
@@ -54,7 +55,18 @@ DEFAULT_MAX_PENDING_PER_HOST = 16  # ... and from one address
 PENDING_READ_BUDGET = muxado.DEFAULT_WINDOW + 64 * 1024
 THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
 LISTEN_BACKLOG = 1024            # bursts of new clients queue in the kernel, not fail
+# The debug text of the GOAWAY a plain service gets from a TLS relay (the service
+# library reads it: tcprelay.service).
+TLS_REQUIRED = registration.TLS_REQUIRED
 _EARLY_READ = 16 * 1024          # a new client's first bytes, sent with its SYN
+# A service's first bytes are a muxado frame header (a SYN DATA frame: its first
+# byte is 0 for any request under 64 KiB), a TLS record starts with 0x16: text
+# like these is someone at the wrong port.
+_HTTP_METHODS = (b"GET ", b"HEAD", b"POST", b"PUT ", b"DELE", b"OPTI", b"PATC", b"CONN",
+                 b"TRAC", b"PRI ")
+_TLS_HANDSHAKE = 0x16
+_GOODBYE_TIME = 1.0              # seconds to hand a wrong-port peer its answer
+_GOODBYE_READ = 64 * 1024        # what we read away from it meanwhile, at most
 
 
 def _address(addr):
@@ -204,6 +216,8 @@ class ServiceLink(object):
         granted = None
         try:
             enable_tcp_keepalive(self._sock, relay.keepalive)
+            if self._wrong_port(self._peek()):
+                return
             transport = self._sock
             if relay.tls_context is not None:
                 transport = self._tls_handshake()
@@ -279,6 +293,82 @@ class ServiceLink(object):
                          self.clients_served)
             relay._registered(self)   # if it never got that far
             relay._forget_service(self)
+
+    def _peek(self):
+        """The connection's first bytes (up to 8), left unread; b"" if it ends,
+        fails or says nothing within the handshake deadline."""
+        left = self._handshake_deadline - time.monotonic()
+        if left <= 0:
+            return b""
+        try:
+            self._sock.settimeout(clock.capped(left))
+            return self._sock.recv(8, socket.MSG_PEEK)
+        except OSError:   # the timeout included: the handshake's own paths report it
+            return b""
+        finally:
+            try:
+                self._sock.settimeout(None)
+            except OSError:
+                pass
+
+    def _wrong_port(self, first):
+        """Answer and log a peer that is plainly not a service we can serve (an
+        HTTP client, TLS on one side only); True if it was one (then we are done)."""
+        relay = self.relay
+        public = "%s, ports %s" % (relay.public_host, relay.pool.describe())
+        if first[:4] in _HTTP_METHODS:
+            relay._log_remote("http", "%s: an HTTP request on the service port: a client "
+                              "sent to the wrong port? Clients connect to the public ports "
+                              "(%s); answered 400", self.label, public)
+            body = ("This is a tcprelay service port: services register here, in muxado, "
+                    "not HTTP. Clients connect to a public port: %s.\n" % public).encode("ascii")
+            self._goodbye(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; "
+                          b"charset=us-ascii\r\nContent-Length: %d\r\nConnection: close"
+                          b"\r\n\r\n%s" % (len(body), body))
+            return True
+        if not first:
+            return False
+        if relay.tls_context is None and first[0] == _TLS_HANDSHAKE:
+            relay._log_remote("tls on plain", "%s: a TLS handshake on this plain service "
+                              "port: the service uses --tls, but this relay has no "
+                              "--tls-cert (or it dialed the wrong port); closing",
+                              self.label)
+            self._goodbye(b"")
+            return True
+        if relay.tls_context is not None and first[0] != _TLS_HANDSHAKE:
+            relay._log_remote("plain on tls", "%s: a plain (non-TLS) connection on this TLS "
+                              "service port: the service needs --tls (or it is not a "
+                              "tcprelay service); closing", self.label)
+            # In plain muxado, which is what such a service reads.
+            self._goodbye(frames.encode_goaway(0, muxado.ErrorCode.PROTOCOL_ERROR,
+                                               TLS_REQUIRED))
+            return True
+        return False
+
+    def _goodbye(self, reply):
+        """Send ``reply`` and close with a FIN, within _GOODBYE_TIME. What the
+        peer sent is read away first: a close with unread data is a reset,
+        which may destroy the reply before the peer reads it."""
+        sock = self._sock
+        end = time.monotonic() + _GOODBYE_TIME
+        taken = 0
+        try:
+            sock.settimeout(_GOODBYE_TIME)
+            taken += len(sock.recv(_GOODBYE_READ, socket.MSG_DONTWAIT))
+            if reply:
+                sock.sendall(reply)
+            sock.shutdown(socket.SHUT_WR)
+            while taken < _GOODBYE_READ:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                chunk = sock.recv(_GOODBYE_READ)
+                if not chunk:
+                    break
+                taken += len(chunk)
+        except OSError:
+            pass   # it left, or took too long: the close below is all it gets
 
     def _tls_handshake(self):
         """The TLS handshake, within the handshake timeout; the transport, or None."""
