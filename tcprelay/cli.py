@@ -8,7 +8,7 @@ import socket
 import sys
 import threading
 
-from . import auth, tls
+from . import __version__, auth, tls
 from .muxado import MuxadoError
 from .registration import RegistrationError
 from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
@@ -20,7 +20,12 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2), as the CLIs promise."""
+    """argparse with one-line errors (exit code 2), as the CLIs promise, and --version."""
+
+    def __init__(self, *args, **kwargs):
+        argparse.ArgumentParser.__init__(self, *args, **kwargs)
+        self.add_argument("--version", action="version",
+                          version="%%(prog)s (tcprelay) %s" % __version__)
 
     def error(self, message):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))

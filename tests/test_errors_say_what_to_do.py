@@ -164,3 +164,21 @@ def test_http_requests_at_the_service_port_are_logged_once_a_second(env, logs):
             sock.close()
         assert data.startswith(b"HTTP/1.0 400 "), data
     assert len(logs.messages("an HTTP request on the service port")) == 1
+
+
+# -- item 11: --version -------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", ["tcprelay.relay", "tcprelay.echoserver", "tcprelay.adapter"])
+def test_every_cli_has_version(module):
+    done = subprocess.run([sys.executable, "-m", module, "--version"], cwd=ROOT,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == ["python3", "-m", module, "(tcprelay)",
+                                            tcprelay.__version__], done.stdout
+
+
+def test_setup_py_reads_the_one_version():
+    with open(ROOT + "/setup.py", encoding="utf-8") as f:
+        setup = f.read()
+    assert "version=version" in setup and tcprelay.__version__ not in setup
