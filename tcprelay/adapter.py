@@ -121,6 +121,7 @@ def build_parser():
     return parser
 
 
+@cli.interruptible
 def main(argv=None):
     def make(args, **options):
         proxy = None if args.proxy_protocol == "none" else args.proxy_protocol

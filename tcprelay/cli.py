@@ -2,6 +2,7 @@
 life of a service process (register, print the address, serve, stop)."""
 
 import argparse
+import functools
 import logging
 import signal
 import socket
@@ -29,6 +30,20 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def interruptible(main):
+    """``main(argv)`` with a Ctrl-C that comes while no handler of ours is set
+    (starting up) ending it with one line and exit code 130, not a
+    KeyboardInterrupt traceback."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            return 130
+    return run
 
 
 def configure_logging(level):

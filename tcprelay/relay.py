@@ -767,6 +767,7 @@ class Relay(object):
         self._clients = 0
         self._accepting = True
         self._stopping = threading.Event()   # set by _stop_accepting
+        self._drain_cut = False              # cut_drain(): stop waiting for clients
         self._serving = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -853,13 +854,22 @@ class Relay(object):
             link.goaway()
         end = time.monotonic() + (self.drain_timeout if timeout is None else timeout)
         with self._lock:
-            while self._clients:
+            while self._clients and not self._drain_cut:
                 left = end - time.monotonic()
                 if left <= 0:
                     log.info("drain timed out with %d clients open; resetting them", self._clients)
                     return False
                 self._lock.wait(clock.capped(left))
+            if self._clients:
+                log.info("drain cut short with %d clients open; resetting them", self._clients)
+                return False
         return True
+
+    def cut_drain(self):
+        """Make ``drain()`` (running or to come) return at once, as if its time were up."""
+        with self._lock:
+            self._drain_cut = True
+            self._lock.notify_all()
 
     def server_close(self):
         """Close everything: services (their clients are reset), listeners, threads."""
@@ -1157,6 +1167,7 @@ def _check_open_file_limit(args):
                 "or lower --max-clients", limit, args.max_services, args.max_clients, need)
 
 
+@cli.interruptible
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1208,9 +1219,18 @@ def main(argv=None):
                          % (where, exc.strerror or exc, hint))
         return 1
 
+    signalled = []
+
     def stop(signum, frame):
-        log.info("%s received; shutting down", signal.Signals(signum).name)
-        threading.Thread(target=relay.shutdown, name="shutdown").start()
+        # Threads, not here: the main thread may hold the locks they take.
+        signalled.append(signum)
+        if len(signalled) == 1:
+            log.info("%s received; shutting down (once more to quit at once)",
+                     signal.Signals(signum).name)
+            threading.Thread(target=relay.shutdown, name="shutdown").start()
+        elif len(signalled) == 2:
+            log.info("%s received again; quitting now", signal.Signals(signum).name)
+            threading.Thread(target=relay.cut_drain, name="quit").start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -1227,7 +1247,7 @@ def main(argv=None):
     finally:
         relay.server_close()
     log.info("stopped")
-    return 0
+    return 130 if len(signalled) > 1 else 0
 
 
 if __name__ == "__main__":

@@ -182,3 +182,38 @@ def test_setup_py_reads_the_one_version():
     with open(ROOT + "/setup.py", encoding="utf-8") as f:
         setup = f.read()
     assert "version=version" in setup and tcprelay.__version__ not in setup
+
+
+# -- item 10: Ctrl-C ----------------------------------------------------------------------
+
+def test_a_second_ctrl_c_while_draining_quits_at_once(procs):
+    ports = free_port_range(2)
+    relay = procs.relay(ports[0], "--ports", "%d-%d" % (ports[1], ports[1]),
+                        "--drain-timeout", "60")
+    echo, port = procs.echo(ports[0])
+    client = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+    try:
+        assert echo_roundtrip(client, b"held open", half_close=False) == b"held open"
+        relay.send_signal(signal.SIGINT)
+        wait_until(lambda: "draining: 1 services, 1 clients open" in relay.stderr_text(),
+                   what="the relay to drain")
+        started = time.monotonic()
+        relay.send_signal(signal.SIGINT)
+        assert relay.wait(5.0) == 130
+        assert time.monotonic() - started < 5.0
+        data, how = read_until_end(client)   # the held client is reset, not left hanging
+        assert data == b""
+    finally:
+        client.close()
+    text = relay.stderr_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert "SIGINT received again; quitting now" in text, text
+
+
+def test_one_ctrl_c_still_drains_and_exits_0(procs):
+    ports = free_port_range(2)
+    relay = procs.relay(ports[0], "--ports", "%d-%d" % (ports[1], ports[1]),
+                        "--drain-timeout", "60")
+    relay.send_signal(signal.SIGINT)
+    assert relay.wait() == 0
+    assert "Traceback" not in relay.stderr_text()
