@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
+class StartError(Exception):
+    """A service program cannot go on; the message says why and what to do
+    (``run_service`` prints it as one line, exit code 1)."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2), as the CLIs promise, and --version."""
 
@@ -170,8 +175,12 @@ def run_service(prog, args, make_server, **server_options):
     backing off, serving) within about a second, with exit code 0.
     """
     relay = "%s:%d" % (args.relay_host, args.relay_port)
-    server = make_server(port=args.port, name=args.name, retry=args.retry,
-                         timeout=args.timeout, bind_and_activate=False, **server_options)
+    try:
+        server = make_server(port=args.port, name=args.name, retry=args.retry,
+                             timeout=args.timeout, bind_and_activate=False, **server_options)
+    except StartError as exc:
+        sys.stderr.write("%s: %s\n" % (prog, exc))
+        return 1
     signalled = []
 
     def stop(signum, frame):
@@ -188,6 +197,9 @@ def run_service(prog, args, make_server, **server_options):
         server.serve_forever(reconnect=not args.no_reconnect)
     except RegistrationRefused as exc:
         sys.stderr.write("%s: the relay at %s refused us: %s\n" % (prog, relay, exc.reason))
+        status = 1
+    except StartError as exc:
+        sys.stderr.write("%s: %s\n" % (prog, exc))
         status = 1
     except RelayGone as exc:
         if server.connection is not None and not signalled and not server.shutdown_requested:

@@ -217,3 +217,37 @@ def test_one_ctrl_c_still_drains_and_exits_0(procs):
     relay.send_signal(signal.SIGINT)
     assert relay.wait() == 0
     assert "Traceback" not in relay.stderr_text()
+
+
+# -- item 12: the adapter's local target ------------------------------------------------------
+
+def test_the_adapter_refuses_its_own_public_address_as_its_target(env, procs):
+    ports = free_port_range(1)
+    relay = env.relay(ports=ports)
+    for target in ("127.0.0.1:%d" % ports[0], "localhost:%d" % ports[0]):
+        adapter = procs.start("tcprelay.adapter", LOOPBACK, relay.server_address[1], target)
+        line = assert_clean_exit(adapter, 1, "tcprelay.adapter: %s, the local service" % target)
+        assert "own public address (localhost:%d)" % ports[0] in line, line
+        assert adapter.stdout_rest() == ""   # no address was announced
+        wait_until(lambda: relay.pool.stats()["free"] == 1, what="the port to be free again")
+
+
+def test_the_adapter_says_at_start_when_its_target_does_not_resolve(env, procs):
+    relay = env.relay(ports=1)
+    # A label over 63 characters is no host name: refused without any lookup.
+    target = "%s.test:5432" % ("a" * 64)
+    adapter = procs.start("tcprelay.adapter", LOOPBACK, relay.server_address[1], target)
+    line = assert_clean_exit(adapter, 1, "tcprelay.adapter: cannot resolve the local service")
+    assert "check LOCAL_HOST:LOCAL_PORT" in line, line
+    assert relay.services == []   # it never dialed the relay
+
+
+def test_the_adapter_warns_at_start_when_its_target_refuses(env, procs):
+    relay = env.relay(ports=1)
+    closed = free_port_range(1)[0]   # nothing listens there
+    adapter, port = procs.service("tcprelay.adapter", relay.server_address[1],
+                                  "127.0.0.1:%d" % closed)
+    warned = [l for l in adapter.stderr_lines() if "cannot connect to the local service" in l]
+    assert len(warned) == 1 and " WARNING " in warned[0] and "refused" in warned[0], \
+        adapter.stderr_text()
+    assert adapter.alive()   # it serves: the local service may start later
