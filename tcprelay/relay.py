@@ -19,7 +19,9 @@ import argparse
 import binascii
 import errno
 import logging
+import math
 import secrets
+import select
 import signal
 import socket
 import sys
@@ -149,6 +151,8 @@ class ServiceLink(object):
         self.request = None
         self.lease = None           # the token we handed out, once registered
         self.clients_served = 0
+        # Its own gate: one service's overload says so once a second, whatever else is refused.
+        self.log_over_max_clients = limits.LogGate(log, more="refusals")
         self._thread = threading.Thread(target=self._run, name="service %s" % _address(address))
         self._thread.daemon = True
 
@@ -569,16 +573,22 @@ class ServiceLink(object):
         relay = self.relay
         acceptor = resources.Acceptor(self._listener, self._stopping,
                                       "%s's port %d" % (self.label, self.port))
+        refused = self.log_over_max_clients
         while True:
+            owed = refused.owed()
+            if owed is not None and not _readable(self._listener, owed):
+                refused.flush()   # a burst's count, told within a second even if it ended
+                continue
             try:
                 conn, client_address = acceptor.accept()
             except OSError:
                 return  # the listener was shut down: session ended, or the relay is leaving
             if relay.max_clients is not None and self.client_count >= relay.max_clients:
+                # A raw TCP client can be told nothing: a reset at once says "refused"
+                # (a FIN would look like a service that took it and hung up).
                 _reset(conn)
-                relay._log_refusal("%s: refused a client from %s: %d clients already "
-                                   "(--max-clients)", self.label, client_address[0],
-                                   relay.max_clients)
+                refused("%s: refused a client from %s: %d clients already (--max-clients)",
+                        self.label, client_address[0], relay.max_clients)
                 continue
             enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
             stream = None
@@ -696,6 +706,14 @@ def _early_bytes(conn):
         return conn.recv(_EARLY_READ, socket.MSG_DONTWAIT)
     except OSError:
         return b""   # nothing yet; or a reset, which the pump's own read reports
+
+
+def _readable(sock, timeout):
+    """True if ``sock`` (a listener) has something for accept() (or was shut
+    down) within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(int(math.ceil(min(timeout, clock.MAX_TIMEOUT) * 1000))))
 
 
 def _reset(sock):

@@ -251,3 +251,30 @@ def test_the_adapter_warns_at_start_when_its_target_refuses(env, procs):
     assert len(warned) == 1 and " WARNING " in warned[0] and "refused" in warned[0], \
         adapter.stderr_text()
     assert adapter.alive()   # it serves: the local service may start later
+
+
+# -- item 13: over --max-clients ----------------------------------------------------------------
+
+def test_over_max_clients_a_bursts_count_is_logged_within_a_second(env, logs):
+    relay = env.relay(ports=1, max_clients=1)
+    holder = env.service(relay)
+    port = holder.register_ok()
+    holder.serve(echo_handler)
+    admitted = env.client(port)
+    assert echo_roundtrip(admitted, b"in", half_close=False) == b"in"
+    started = time.monotonic()
+    for _ in range(5):
+        sock = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+        try:
+            data, how = read_until_end(sock)
+        finally:
+            sock.close()
+        assert data == b"" and isinstance(how, ConnectionResetError), how   # refused at once
+    # No sixth refusal comes: the count must not wait for one.
+    refusals = logs.wait_for("clients already (--max-clients)", count=2, timeout=3.0)
+    assert time.monotonic() - started < 2.5
+    assert len(refusals) == 2, refusals
+    assert "1 clients already" in refusals[0] and "more" not in refusals[0], refusals
+    assert refusals[1].endswith("(and 3 more refusals)"), refusals   # 1 + 1 + 3 = 5
+    # A refused service connection elsewhere does not swallow these lines.
+    assert "refused a service connection" not in " ".join(logs.messages(""))
