@@ -333,12 +333,11 @@ class ServiceLink(object):
         if not first:
             return False
         if relay.tls_context is None and first[0] == _TLS_HANDSHAKE:
+            # Said here; the session then ends it as any bytes that are not muxado.
             relay._log_remote("tls on plain", "%s: a TLS handshake on this plain service "
                               "port: the service uses --tls, but this relay has no "
-                              "--tls-cert (or it dialed the wrong port); closing",
-                              self.label)
-            self._goodbye(b"")
-            return True
+                              "--tls-cert (or it dialed the wrong port)", self.label)
+            return False
         if relay.tls_context is not None and first[0] != _TLS_HANDSHAKE:
             relay._log_remote("plain on tls", "%s: a plain (non-TLS) connection on this TLS "
                               "service port: the service needs --tls (or it is not a "

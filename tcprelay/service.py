@@ -350,7 +350,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
     session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
     session = muxado.client(sock, name="relay %s" % where, **session_options)
-    in_line = []
+    in_line = []   # the relay answered: what goes wrong from then on is no wrong port
 
     def waiting(position):
         in_line.append(position)
@@ -363,6 +363,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
                                  timeout=timeout, on_waiting=waiting, lease=lease,
                                  heartbeat=heartbeat, proxy_protocol=proxy_protocol,
                                  secret=secret)
+        in_line.append(None)
         if stream is not None:
             beat = reply["heartbeat"]
             interval = _seconds(beat, "interval", keepalive / 3.0)
