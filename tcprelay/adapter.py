@@ -13,6 +13,7 @@ client's address, and the adapter passes that header on to the backend
 """
 
 import argparse
+import ipaddress
 import logging
 import socket
 import sys
@@ -26,6 +27,7 @@ from .workers import WorkerPool
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
+PROBE_TIMEOUT = 1.0   # seconds the start-up check of the local service waits, at most
 DEFAULT_DRAIN_TIMEOUT = 5.0   # seconds a local service gets to take a finished stream at close
 
 
@@ -35,8 +37,9 @@ class Adapter(cli.AnnouncingServer):
     consume_proxy_header = False   # the backend reads it, not us
 
     def __init__(self, relay_address, local_address, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, **options):
+                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, probe_local=False, **options):
         self.local_address = tuple(local_address)
+        self.probe_local = probe_local   # try the local service once, at the first registration
         self.local_label = addresses.format_sockaddr(self.local_address)
         self.local_connect_timeout = connect_timeout
         self._log_unreachable = limits.LogGate(log)   # once a second, however many clients
@@ -50,6 +53,19 @@ class Adapter(cli.AnnouncingServer):
         except BaseException:
             self._close_pumps()
             raise
+
+    def registered(self, previous_address, connection):
+        # Before the address is announced: a loop must not be handed out.
+        loop = _same_place(self.local_address, connection.address)
+        if loop:
+            raise cli.StartError(
+                "%s, the local service to expose, is this adapter's own public address "
+                "(%s): each client would come back through the relay to a new client, "
+                "for ever. Give the address of the service itself" % (self.local_label,
+                                                                      connection.address))
+        if self.probe_local and previous_address is None:
+            _probe(self.local_address, min(self.local_connect_timeout, PROBE_TIMEOUT))
+        cli.AnnouncingServer.registered(self, previous_address, connection)
 
     def process_request(self, request, client_address):
         self.workers.submit(self._join, request, client_address)
@@ -96,6 +112,62 @@ class Adapter(cli.AnnouncingServer):
         self.flusher.close()
 
 
+def _resolve(host, port):
+    """The set of (address, port) ``host`` resolves to; raises OSError or
+    UnicodeError (a name that cannot be one)."""
+    return set((info[4][0], info[4][1])
+               for info in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+
+
+def _this_machine(address):
+    """True for an address that reaches this machine whatever its interfaces:
+    loopback, or the unspecified address (connect() takes it as loopback)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified
+
+
+def _same_place(local, public):
+    """True if ``local`` (host, port) and the public ``host:port`` name the same
+    listener (a name that does not resolve here: False)."""
+    host, _, port = public.rpartition(":")
+    try:
+        theirs = _resolve(host.strip("[]"), int(port))
+        ours = _resolve(*local)
+    except (OSError, ValueError):
+        return False
+    if ours & theirs:
+        return True
+    return any(_this_machine(a) and p == local[1] for a, p in theirs) and \
+        any(_this_machine(a) for a, _ in ours)
+
+
+def check_local(local):
+    """At start: raise ``cli.StartError`` if the local service's name does not resolve."""
+    try:
+        _resolve(*local)
+    except (OSError, UnicodeError) as exc:
+        raise cli.StartError("cannot resolve the local service %s:%d: %s (check "
+                             "LOCAL_HOST:LOCAL_PORT)" % (local[0], local[1],
+                                                         getattr(exc, "strerror", None) or exc))
+
+
+def _probe(local, timeout):
+    """Warn if the local service does not take a connection (it may start later)."""
+    try:
+        probe = socket.create_connection(local, timeout)
+    except OSError as exc:
+        log.warning("cannot connect to the local service at %s:%d (%s): clients will be "
+                    "reset until it accepts connections", local[0], local[1],
+                    getattr(exc, "strerror", None) or exc)
+    else:
+        probe.close()
+
+
 def _host_port(text):
     try:
         return addresses.split_host_port(text)
@@ -121,11 +193,14 @@ def build_parser():
     return parser
 
 
+@cli.interruptible
 def main(argv=None):
     def make(args, **options):
         proxy = None if args.proxy_protocol == "none" else args.proxy_protocol
+        check_local(args.local)
         return Adapter((args.relay_host, args.relay_port), args.local,
-                       connect_timeout=args.connect_timeout, proxy_protocol=proxy, **options)
+                       connect_timeout=args.connect_timeout, proxy_protocol=proxy,
+                       probe_local=True, **options)
     return cli.service_main("tcprelay.adapter", build_parser(), argv, make)
 
 

@@ -2,27 +2,53 @@
 life of a service process (register, print the address, serve, stop)."""
 
 import argparse
+import functools
 import logging
 import signal
 import socket
 import sys
 import threading
 
-from . import addresses, auth, tls
+from . import __version__, addresses, auth, tls
 from .muxado import MuxadoError
 from .registration import RegistrationError
-from .service import DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer
+from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
+                      ServicePortError)
 
 log = logging.getLogger(__name__)
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
+class StartError(Exception):
+    """A service program cannot go on; the message says why and what to do
+    (``run_service`` prints it as one line, exit code 1)."""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2), as the CLIs promise."""
+    """argparse with one-line errors (exit code 2), as the CLIs promise, and --version."""
+
+    def __init__(self, *args, **kwargs):
+        argparse.ArgumentParser.__init__(self, *args, **kwargs)
+        self.add_argument("--version", action="version",
+                          version="%%(prog)s (tcprelay) %s" % __version__)
 
     def error(self, message):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def interruptible(main):
+    """``main(argv)`` with a Ctrl-C that comes while no handler of ours is set
+    (starting up) ending it with one line and exit code 130, not a
+    KeyboardInterrupt traceback."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            return 130
+    return run
 
 
 def configure_logging(level):
@@ -137,8 +163,11 @@ def service_main(prog, parser, argv, make_server):
 def _registration_hint(exc, args):
     """What to try when registering failed with ``exc`` (may be empty)."""
     retry = "" if args.retry else "; --retry keeps trying"
+    if isinstance(exc, ServicePortError):
+        return ""   # it says what to try
     if isinstance(exc, socket.timeout):
-        return " (is the relay's address right? --timeout waits longer)"
+        return (" (is the relay's address right, and %s:%d its service port, not a public "
+                "port? --timeout waits longer)" % (args.relay_host, args.relay_port))
     if isinstance(exc, ConnectionRefusedError) and not isinstance(exc, MuxadoError):
         return " (is the relay running on that port?%s)" % (" --retry keeps trying" if not args.retry else "")
     if isinstance(exc, (ConnectionError, MuxadoError, RegistrationError)):
@@ -155,8 +184,12 @@ def run_service(prog, args, make_server, **server_options):
     backing off, serving) within about a second, with exit code 0.
     """
     relay = addresses.join_host_port(args.relay_host, args.relay_port)
-    server = make_server(port=args.port, name=args.name, retry=args.retry,
-                         timeout=args.timeout, bind_and_activate=False, **server_options)
+    try:
+        server = make_server(port=args.port, name=args.name, retry=args.retry,
+                             timeout=args.timeout, bind_and_activate=False, **server_options)
+    except StartError as exc:
+        sys.stderr.write("%s: %s\n" % (prog, exc))
+        return 1
     signalled = []
 
     def stop(signum, frame):
@@ -174,11 +207,14 @@ def run_service(prog, args, make_server, **server_options):
     except RegistrationRefused as exc:
         sys.stderr.write("%s: the relay at %s refused us: %s\n" % (prog, relay, exc.reason))
         status = 1
+    except StartError as exc:
+        sys.stderr.write("%s: %s\n" % (prog, exc))
+        status = 1
     except RelayGone as exc:
         if server.connection is not None and not signalled and not server.shutdown_requested:
             sys.stderr.write("%s: lost the relay at %s: %s\n" % (prog, relay, exc))
             status = 1
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RegistrationError) as exc:
         sys.stderr.write("%s: cannot register with the relay at %s: %s%s\n"
                          % (prog, relay, getattr(exc, "strerror", None) or exc,
                             _registration_hint(exc, args)))

@@ -50,6 +50,7 @@ def build_parser():
     return parser
 
 
+@cli.interruptible
 def main(argv=None):
     return cli.service_main(
         "tcprelay.echoserver", build_parser(), argv,

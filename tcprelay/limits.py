@@ -121,18 +121,48 @@ class LogGate(object):
         self._clock = clock
         self._stamp = clock()
         self._skipped = 0
+        self._last = None   # the last line left out: (message, args)
         self._lock = threading.Lock()
+
+    def _refill(self):
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
 
     def __call__(self, message, *args):
         with self._lock:
-            now = self._clock()
-            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
+            self._refill()
             if self._tokens < 1.0:
                 self._skipped += 1
+                self._last = (message, args)
                 return
             self._tokens -= 1.0
-            skipped, self._skipped = self._skipped, 0
+            skipped, self._skipped, self._last = self._skipped, 0, None
+        if skipped:
+            message += " (and %d more %s)" % (skipped, self._more)
+        self._logger.log(self._level, message, *args)
+
+    def owed(self):
+        """Seconds until lines left out may be told (by ``flush``); None if none were."""
+        with self._lock:
+            if not self._skipped:
+                return None
+            self._refill()
+            return max(0.0, (1.0 - self._tokens) / self._rate)
+
+    def flush(self):
+        """Tell the lines left out, if the rate allows now: the last one, with how
+        many more there were. Without this a burst's count waits for the next line,
+        which may never come."""
+        with self._lock:
+            if not self._skipped:
+                return
+            self._refill()
+            if self._tokens < 1.0:
+                return
+            self._tokens -= 1.0
+            (message, args), skipped = self._last, self._skipped - 1
+            self._skipped, self._last = 0, None
         if skipped:
             message += " (and %d more %s)" % (skipped, self._more)
         self._logger.log(self._level, message, *args)

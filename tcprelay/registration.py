@@ -16,6 +16,9 @@ import json
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST = 4096          # bytes of request the relay reads at most
+# The debug text of the GOAWAY a TLS relay sends a plain connection, in plain
+# muxado, before it closes: the service library tells its user to use TLS.
+TLS_REQUIRED = b"this relay requires TLS"
 MAX_REPLY = 64 * 1024       # bytes of one reply line a service reads at most
 MAX_NAME = 64
 MAX_LEASE = 128

@@ -19,14 +19,16 @@ import argparse
 import binascii
 import errno
 import logging
+import math
 import secrets
+import select
 import signal
 import socket
 import sys
 import threading
 import time
 
-from . import (addresses, auth, cli, clock, limits, muxado, proxyproto, registration,
+from . import (addresses, auth, cli, clock, frames, limits, muxado, proxyproto, registration,
                resources, tls)
 from .bridge import Bridge, Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
@@ -55,7 +57,18 @@ DEFAULT_MAX_PENDING_PER_HOST = 16  # ... and from one address
 PENDING_READ_BUDGET = muxado.DEFAULT_WINDOW + 64 * 1024
 THREAD_STACK_SIZE = 256 * 1024   # thousands of pump threads stay cheap
 LISTEN_BACKLOG = 1024            # bursts of new clients queue in the kernel, not fail
+# The debug text of the GOAWAY a plain service gets from a TLS relay (the service
+# library reads it: tcprelay.service).
+TLS_REQUIRED = registration.TLS_REQUIRED
 _EARLY_READ = 16 * 1024          # a new client's first bytes, sent with its SYN
+# A service's first bytes are a muxado frame header (a SYN DATA frame: its first
+# byte is 0 for any request under 64 KiB), a TLS record starts with 0x16: text
+# like these is someone at the wrong port.
+_HTTP_METHODS = (b"GET ", b"HEAD", b"POST", b"PUT ", b"DELE", b"OPTI", b"PATC", b"CONN",
+                 b"TRAC", b"PRI ")
+_TLS_HANDSHAKE = 0x16
+_GOODBYE_TIME = 1.0              # seconds to hand a wrong-port peer its answer
+_GOODBYE_READ = 64 * 1024        # what we read away from it meanwhile, at most
 
 
 def _address(addr):
@@ -135,6 +148,8 @@ class ServiceLink(object):
         self.request = None
         self.lease = None           # the token we handed out, once registered
         self.clients_served = 0
+        # Its own gate: one service's overload says so once a second, whatever else is refused.
+        self.log_over_max_clients = limits.LogGate(log, more="refusals")
         self._thread = threading.Thread(target=self._run, name="service %s" % _address(address))
         self._thread.daemon = True
 
@@ -202,6 +217,8 @@ class ServiceLink(object):
         granted = None
         try:
             enable_tcp_keepalive(self._sock, relay.keepalive)
+            if self._wrong_port(self._peek()):
+                return
             transport = self._sock
             if relay.tls_context is not None:
                 transport = self._tls_handshake()
@@ -277,6 +294,81 @@ class ServiceLink(object):
                          self.clients_served)
             relay._registered(self)   # if it never got that far
             relay._forget_service(self)
+
+    def _peek(self):
+        """The connection's first bytes (up to 8), left unread; b"" if it ends,
+        fails or says nothing within the handshake deadline."""
+        left = self._handshake_deadline - time.monotonic()
+        if left <= 0:
+            return b""
+        try:
+            self._sock.settimeout(clock.capped(left))
+            return self._sock.recv(8, socket.MSG_PEEK)
+        except OSError:   # the timeout included: the handshake's own paths report it
+            return b""
+        finally:
+            try:
+                self._sock.settimeout(None)
+            except OSError:
+                pass
+
+    def _wrong_port(self, first):
+        """Answer and log a peer that is plainly not a service we can serve (an
+        HTTP client, TLS on one side only); True if it was one (then we are done)."""
+        relay = self.relay
+        public = "%s, ports %s" % (relay.public_host, relay.pool.describe())
+        if first[:4] in _HTTP_METHODS:
+            relay._log_remote("http", "%s: an HTTP request on the service port: a client "
+                              "sent to the wrong port? Clients connect to the public ports "
+                              "(%s); answered 400", self.label, public)
+            body = ("This is a tcprelay service port: services register here, in muxado, "
+                    "not HTTP. Clients connect to a public port: %s.\n" % public).encode("ascii")
+            self._goodbye(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; "
+                          b"charset=us-ascii\r\nContent-Length: %d\r\nConnection: close"
+                          b"\r\n\r\n%s" % (len(body), body))
+            return True
+        if not first:
+            return False
+        if relay.tls_context is None and first[0] == _TLS_HANDSHAKE:
+            # Said here; the session then ends it as any bytes that are not muxado.
+            relay._log_remote("tls on plain", "%s: a TLS handshake on this plain service "
+                              "port: the service uses --tls, but this relay has no "
+                              "--tls-cert (or it dialed the wrong port)", self.label)
+            return False
+        if relay.tls_context is not None and first[0] != _TLS_HANDSHAKE:
+            relay._log_remote("plain on tls", "%s: a plain (non-TLS) connection on this TLS "
+                              "service port: the service needs --tls (or it is not a "
+                              "tcprelay service); closing", self.label)
+            # In plain muxado, which is what such a service reads.
+            self._goodbye(frames.encode_goaway(0, muxado.ErrorCode.PROTOCOL_ERROR,
+                                               TLS_REQUIRED))
+            return True
+        return False
+
+    def _goodbye(self, reply):
+        """Send ``reply`` and close with a FIN, within _GOODBYE_TIME. What the
+        peer sent is read away first: a close with unread data is a reset,
+        which may destroy the reply before the peer reads it."""
+        sock = self._sock
+        end = time.monotonic() + _GOODBYE_TIME
+        taken = 0
+        try:
+            sock.settimeout(_GOODBYE_TIME)
+            taken += len(sock.recv(_GOODBYE_READ, socket.MSG_DONTWAIT))
+            if reply:
+                sock.sendall(reply)
+            sock.shutdown(socket.SHUT_WR)
+            while taken < _GOODBYE_READ:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                chunk = sock.recv(_GOODBYE_READ)
+                if not chunk:
+                    break
+                taken += len(chunk)
+        except OSError:
+            pass   # it left, or took too long: the close below is all it gets
 
     def _tls_handshake(self):
         """The TLS handshake, within the handshake timeout; the transport, or None."""
@@ -493,16 +585,22 @@ class ServiceLink(object):
         relay = self.relay
         acceptor = resources.Acceptor(self._listener, self._stopping,
                                       "%s's port %d" % (self.label, self.port))
+        refused = self.log_over_max_clients
         while True:
+            owed = refused.owed()
+            if owed is not None and not _readable(self._listener, owed):
+                refused.flush()   # a burst's count, told within a second even if it ended
+                continue
             try:
                 conn, client_address = acceptor.accept()
             except OSError:
                 return  # the listener was shut down: session ended, or the relay is leaving
             if relay.max_clients is not None and self.client_count >= relay.max_clients:
+                # A raw TCP client can be told nothing: a reset at once says "refused"
+                # (a FIN would look like a service that took it and hung up).
                 _reset(conn)
-                relay._log_refusal("%s: refused a client from %s: %d clients already "
-                                   "(--max-clients)", self.label, client_address[0],
-                                   relay.max_clients)
+                refused("%s: refused a client from %s: %d clients already (--max-clients)",
+                        self.label, client_address[0], relay.max_clients)
                 continue
             enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
             stream = None
@@ -622,6 +720,14 @@ def _early_bytes(conn):
         return b""   # nothing yet; or a reset, which the pump's own read reports
 
 
+def _readable(sock, timeout):
+    """True if ``sock`` (a listener) has something for accept() (or was shut
+    down) within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(int(math.ceil(min(timeout, clock.MAX_TIMEOUT) * 1000))))
+
+
 def _reset(sock):
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -693,6 +799,7 @@ class Relay(object):
         self._clients = 0
         self._accepting = True
         self._stopping = threading.Event()   # set by _stop_accepting
+        self._drain_cut = False              # cut_drain(): stop waiting for clients
         self._serving = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -779,13 +886,22 @@ class Relay(object):
             link.goaway()
         end = time.monotonic() + (self.drain_timeout if timeout is None else timeout)
         with self._lock:
-            while self._clients:
+            while self._clients and not self._drain_cut:
                 left = end - time.monotonic()
                 if left <= 0:
                     log.info("drain timed out with %d clients open; resetting them", self._clients)
                     return False
                 self._lock.wait(clock.capped(left))
+            if self._clients:
+                log.info("drain cut short with %d clients open; resetting them", self._clients)
+                return False
         return True
+
+    def cut_drain(self):
+        """Make ``drain()`` (running or to come) return at once, as if its time were up."""
+        with self._lock:
+            self._drain_cut = True
+            self._lock.notify_all()
 
     def server_close(self):
         """Close everything: services (their clients are reset), listeners, threads."""
@@ -1101,6 +1217,7 @@ def _check_open_file_limit(args):
                 "or lower --max-clients", limit, args.max_services, args.max_clients, need)
 
 
+@cli.interruptible
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1152,9 +1269,18 @@ def main(argv=None):
                          % (where, exc.strerror or exc, hint))
         return 1
 
+    signalled = []
+
     def stop(signum, frame):
-        log.info("%s received; shutting down", signal.Signals(signum).name)
-        threading.Thread(target=relay.shutdown, name="shutdown").start()
+        # Threads, not here: the main thread may hold the locks they take.
+        signalled.append(signum)
+        if len(signalled) == 1:
+            log.info("%s received; shutting down (once more to quit at once)",
+                     signal.Signals(signum).name)
+            threading.Thread(target=relay.shutdown, name="shutdown").start()
+        elif len(signalled) == 2:
+            log.info("%s received again; quitting now", signal.Signals(signum).name)
+            threading.Thread(target=relay.cut_drain, name="quit").start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -1171,7 +1297,7 @@ def main(argv=None):
     finally:
         relay.server_close()
     log.info("stopped")
-    return 0
+    return 130 if len(signalled) > 1 else 0
 
 
 if __name__ == "__main__":

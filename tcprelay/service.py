@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -49,6 +50,17 @@ class RegistrationRefused(Exception):
 
 class RelayGone(ConnectionError):
     """The connection to the relay ended."""
+
+
+class ServicePortError(ConnectionError):
+    """Registering failed because of what answered at the relay's address: not
+    a tcprelay service port (a public port, another server), TLS on one side
+    only, or a relay that closed the connection without a word. The message
+    says which, and what to try; ``cause`` is the error as it came."""
+
+    def __init__(self, message, cause=None):
+        super(ServicePortError, self).__init__(message)
+        self.cause = cause
 
 
 class ConnectCancelled(RelayGone):
@@ -333,10 +345,15 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     if tls is not None:
         try:
             sock = tls.wrap_socket(sock, server_hostname=relay_address[0])
-        except BaseException:
+        except BaseException as exc:
             sock.close()
             if attempt.cancelled:
                 raise ConnectCancelled("connecting to the relay was cancelled")
+            if isinstance(exc, OSError) and not _trust_failure(exc) \
+                    and not isinstance(exc, socket.timeout):
+                raise ServicePortError(
+                    "TLS with %s failed: %s (it may not use TLS: try without --tls; or %s "
+                    "may not be a tcprelay service port)" % (where, _reason(exc), where), exc)
             raise
         sock = TLSTransport(sock)
     session_options.setdefault("window_size", DEFAULT_WINDOW)
@@ -344,12 +361,20 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
     session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
     session = muxado.client(sock, name="relay %s" % where, **session_options)
+    in_line = []   # the relay answered: what goes wrong from then on is no wrong port
+
+    def waiting(position):
+        in_line.append(position)
+        if on_waiting is not None:
+            on_waiting(position)
+
     try:
         attempt.hold(session)
         reply, stream = register(session, port=port, name=name, max_wait=max_wait,
-                                 timeout=timeout, on_waiting=on_waiting, lease=lease,
+                                 timeout=timeout, on_waiting=waiting, lease=lease,
                                  heartbeat=heartbeat, proxy_protocol=proxy_protocol,
                                  secret=secret)
+        in_line.append(None)
         if stream is not None:
             beat = reply["heartbeat"]
             interval = _seconds(beat, "interval", keepalive / 3.0)
@@ -360,12 +385,60 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
             raise ConnectCancelled("connecting to the relay was cancelled")
         if isinstance(exc, socket.timeout):
             raise socket.timeout("the relay at %s %s" % (where, exc))
+        if not in_line:
+            failure = _what_answered(where, session, exc, tls is not None)
+            if failure is not None:
+                raise failure
         raise
     sender = None
     if stream is not None:
         sender = HeartbeatSender(session, stream, interval, beat_timeout, "relay %s" % where)
         sender.start()
     return ServiceConnection(session, reply, heartbeat=sender, proxy_protocol=proxy_protocol)
+
+
+# The session died of bytes that are not muxado (or not a relay's muxado).
+_NOT_A_RELAY = frozenset((muxado.ErrorCode.PROTOCOL_ERROR, muxado.ErrorCode.FRAME_SIZE_ERROR,
+                          muxado.ErrorCode.FLOW_CONTROL_ERROR))
+_HUNG_UP = frozenset((muxado.ErrorCode.PEER_EOF, muxado.ErrorCode.SESSION_CLOSED))
+
+
+def _reason(exc):
+    return getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc)
+
+
+def _trust_failure(exc):
+    """True for a TLS error about the relay's certificate (it does speak TLS)."""
+    return (isinstance(exc, ssl.CertificateError)
+            or getattr(exc, "reason", None) == "CERTIFICATE_VERIFY_FAILED")
+
+
+def _what_answered(where, session, exc, tls):
+    """A ServicePortError saying what to try, for ``exc`` raised while registering
+    before the relay answered anything; None if ``exc`` says it well already."""
+    if isinstance(exc, (RegistrationRefused, socket.timeout)):
+        return None
+    goaway = session.remote_goaway
+    if goaway is not None:
+        if goaway[2].startswith(registration.TLS_REQUIRED):
+            return ServicePortError("the relay at %s requires TLS: connect with --tls "
+                                    "(tls= in connect())" % where, exc)
+        return None   # a relay, which said why
+    error = session.error if session.error is not None else exc
+    code = getattr(error, "code", None)
+    if isinstance(exc, registration.RegistrationError) or code in _NOT_A_RELAY:
+        return ServicePortError(
+            "%s does not look like a tcprelay service port (%s): is it a public port, or "
+            "another kind of server? Services dial the relay's service port"
+            % (where, _reason(error if code in _NOT_A_RELAY else exc)), exc)
+    if code in _HUNG_UP or isinstance(exc, ConnectionError):
+        maybe = "refuse this address (--allow-from, rate limits)"
+        if not tls:
+            maybe = "require TLS (--tls), " + maybe
+        return ServicePortError(
+            "the relay at %s closed the connection before answering (%s): it may %s, or %s "
+            "may not be a tcprelay service port" % (where, _reason(error), maybe, where), exc)
+    return None
 
 
 class Backoff(object):

@@ -366,9 +366,11 @@ def test_cli_proxy_protocol_passes_the_header_on(procs, backends):
     ports = free_port_range(2)
     procs.relay(ports[0], *quick(*pool_args(ports[1:])))
     listener = listening_socket(backends)
-    service = Worker(serve_once, listener, recv_to_eof)
+    probe = Worker(serve_once, listener, recv_to_eof)   # the adapter's check at start
     adapter = adapter_process(procs, ports[0], listener.getsockname(), "--proxy-protocol", "v2")
     assert adapter.readline() == "127.0.0.1:%d" % ports[1]
+    assert probe.finish() == b""
+    service = Worker(serve_once, listener, recv_to_eof)
     client = connect_client(ports[1])
     try:
         client.sendall(b"after the header")
