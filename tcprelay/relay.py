@@ -447,7 +447,8 @@ class ServiceLink(object):
         if interval is None:
             return registration.encode_reply("waiting", position=position)
         # ``interval`` promises the next line within that time, nobody moving or not.
-        return registration.encode_reply("waiting", position=position, interval=interval)
+        return registration.encode_reply("waiting", position=position,
+                                         interval=registration.seconds(interval))
 
     def _announce(self, request, stream, port):
         """Tell the service its public address, in the form it registered with."""
@@ -461,9 +462,11 @@ class ServiceLink(object):
         reply = {"address": address, "port": port, "version": registration.PROTOCOL_VERSION}
         if relay.lease_time > 0:
             self.lease = relay._issue_lease(self, port)
-            reply.update(lease=self.lease, lease_seconds=relay.lease_time)
+            reply.update(lease=self.lease, lease_seconds=registration.seconds(relay.lease_time))
         if request.heartbeat:
-            reply["heartbeat"] = {"interval": relay.keepalive / 3.0, "timeout": relay.keepalive}
+            # Whole seconds go out as integers; only a fraction makes a float.
+            reply["heartbeat"] = {"interval": registration.seconds(relay.keepalive / 3.0),
+                                  "timeout": registration.seconds(relay.keepalive)}
         stream.sendall(registration.encode_reply("ok", **reply))
         if request.heartbeat:
             # The registration stream carries the heartbeat from now on.
