@@ -9,7 +9,9 @@
   commands read is made by an earlier line, and every command line parses;
 - .gitignore keeps secrets and keys out of git;
 - the registration lines carry whole durations as JSON integers (Go's decoder
-  refuses ``30.0`` for an int field), fractions to the millisecond.
+  refuses ``30.0`` for an int field), fractions to the millisecond, and Go's
+  bin-v2-service (when ../shared is there) registers with them;
+- what docs/PROTOCOL.md tells a minimal client and an HMAC answerer holds.
 
 Every subprocess and socket wait has a timeout; relays bind 127.0.0.1 only.
 """
@@ -28,9 +30,9 @@ import time
 import pytest
 
 from conftest import TIMEOUT
-from relay_helpers import ROOT
+from relay_helpers import ROOT, recv_to_eof
 from test_relay import env  # noqa: F401 (a fixture)
-from tcprelay import adapter, echoserver, registration, relay as relay_module
+from tcprelay import adapter, auth, echoserver, registration, relay as relay_module
 from tcprelay.service import connect
 
 README = os.path.join(ROOT, "README.md")
@@ -350,3 +352,40 @@ def test_go_service_takes_the_ok_line_with_the_heartbeat(env, keepalive):
         if service.poll() is None:
             service.terminate()
         service.communicate(timeout=TIMEOUT)
+
+
+# -- what docs/PROTOCOL.md 2.1 says a minimal client meets ------------------------------------
+
+def test_a_minimal_service_past_max_waiting_reads_an_error_line(env):
+    relay = env.relay(ports=1, max_waiting=1)
+    env.service(relay).register_ok()        # holds the only port
+    waiter = env.service(relay).register({"notices": True})
+    assert waiter.reply()["status"] == "waiting"
+    reply = env.service(relay).register_minimal()
+    assert reply.startswith(b"{"), reply
+    body = json.loads(reply.decode("utf-8"))
+    assert body["status"] == "error" and "waiting" in body["error"], body
+
+
+def test_a_minimal_service_that_never_half_closes_gets_an_error_not_an_address(env):
+    """The 2014 service's way (open, write nothing, wait): no FIN, no address."""
+    relay = env.relay(ports=1, handshake_timeout=0.5)
+    service = env.service(relay)
+    stream = service.session.open(announce=True)
+    stream.settimeout(TIMEOUT)
+    try:
+        reply = recv_to_eof(stream)
+    finally:
+        stream.close()
+    assert json.loads(reply.decode("utf-8"))["status"] == "error", reply
+
+
+def test_an_uppercase_hmac_answer_is_refused(env):
+    secret = b"s" * 32
+    relay = env.relay(ports=1, secret=secret)
+    registration_ = env.service(relay).register({"auth": "hmac-sha256"})
+    challenge = registration_.reply()
+    nonce = bytes.fromhex(challenge["nonce"])
+    answer = auth.answer(secret, nonce)
+    registration_.stream.sendall(b'{"hmac": "%s"}\n' % answer.upper().encode("ascii"))
+    assert registration_.reply() == {"status": "error", "error": "authentication failed"}
