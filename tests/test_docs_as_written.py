@@ -16,6 +16,7 @@
 Every subprocess and socket wait has a timeout; relays bind 127.0.0.1 only.
 """
 
+import argparse
 import fnmatch
 import json
 import os
@@ -166,12 +167,18 @@ def option_tables(lines):
     return [table for table in tables if table]
 
 
+def listed(action):
+    """An option the README's tables list: not a positional, --help or --version."""
+    return bool(action.option_strings) and not isinstance(
+        action, (argparse._HelpAction, argparse._VersionAction))
+
+
 def help_groups(parser):
     """The options of each ``--help`` group, in its order (-h and positionals left out)."""
     groups = []
     for group in parser._action_groups:
         options = [action.option_strings[-1] for action in group._group_actions
-                   if action.option_strings and action.option_strings[-1] != "--help"]
+                   if listed(action)]
         if options:
             groups.append((group.title, options))
     return groups
@@ -196,12 +203,20 @@ def test_readme_relay_option_defaults_match_help():
         if len(cells) == 3 and cells[0].startswith("`--"):
             rows[cells[0].strip("`").split()[0]] = cells[1]
     for action in parser._actions:
-        if not action.option_strings or action.option_strings[-1] == "--help":
+        if not listed(action):
             continue
         said = re.search(r"\(default: ([^)]*)\)", action.help or "")
         if said:
             row = rows[action.option_strings[-1]].strip("`").replace(",", "")
             assert row == said.group(1), (action.option_strings[-1], row, said.group(1))
+
+
+def test_readme_adapter_options_are_every_option():
+    lines = section(readme(), "## Exposing any TCP service: the adapter")
+    tables = option_tables(lines)
+    assert len(tables) == 1, tables
+    wanted = [option for _, options in help_groups(adapter.build_parser()) for option in options]
+    assert sorted(tables[0]) == sorted(wanted)
 
 
 # -- the security example (items 14, 15) -------------------------------------------------------
