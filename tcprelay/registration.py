@@ -65,6 +65,8 @@ class Request(object):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
+        if isinstance(self.max_wait, float):
+            body["max_wait"] = seconds(self.max_wait)
         for key in ("notices", "heartbeat"):
             if getattr(self, key):
                 body[key] = True
@@ -136,6 +138,24 @@ def parse_request(data):
         version=version,
         extra=extra,
     )
+
+
+# JSON integers are exact up to here in every decoder (JavaScript's doubles too).
+_EXACT_INTEGER = 2 ** 53
+
+
+def seconds(value):
+    """A duration in seconds as a JSON number: an ``int`` when whole (Go's
+    decoder refuses ``30.0`` for an int field), else a ``float`` rounded to
+    the millisecond (``4 / 3`` gives 1.333), or as it is if that would make
+    it 0. Whole values past 2**53 stay floats. ``value``: a finite number."""
+    value = float(value)
+    rounded = round(value, 3)
+    if rounded == 0 and value != 0:
+        return value   # a sub-millisecond duration must not read as none
+    if rounded.is_integer() and abs(rounded) < _EXACT_INTEGER:
+        return int(rounded)
+    return rounded
 
 
 def encode_reply(status, **fields):

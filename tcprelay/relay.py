@@ -546,7 +546,7 @@ class ServiceLink(object):
             fields["reason"] = reason   # said only when it is more than that
         if interval is not None:
             # A promise of the next line within that time, nobody moving or not.
-            fields["interval"] = interval
+            fields["interval"] = registration.seconds(interval)
         if port is not None:
             fields["port"] = port   # the one port this service waits for
         return registration.encode_reply("waiting", **fields)
@@ -567,9 +567,11 @@ class ServiceLink(object):
         reply = {"address": address, "port": port, "version": registration.PROTOCOL_VERSION}
         if relay.lease_time > 0:
             self.lease = relay._issue_lease(self, port)
-            reply.update(lease=self.lease, lease_seconds=relay.lease_time)
+            reply.update(lease=self.lease, lease_seconds=registration.seconds(relay.lease_time))
         if request.heartbeat:
-            reply["heartbeat"] = {"interval": relay.keepalive / 3.0, "timeout": relay.keepalive}
+            # Whole seconds go out as integers; only a fraction makes a float.
+            reply["heartbeat"] = {"interval": registration.seconds(relay.keepalive / 3.0),
+                                  "timeout": registration.seconds(relay.keepalive)}
         stream.sendall(registration.encode_reply("ok", **reply))
         if request.heartbeat:
             # The registration stream carries the heartbeat from now on.
