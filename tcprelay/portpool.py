@@ -15,6 +15,8 @@ from . import clock
 
 log = logging.getLogger(__name__)
 
+DEFAULT_RETRY_AFTER = 5.0   # seconds a port that could not be bound is skipped
+
 
 class PoolError(Exception):
     """A request the pool can never grant (a port outside it, say)."""
@@ -64,7 +66,7 @@ class PortPool(object):
     fails is skipped for ``retry_after`` seconds.
     """
 
-    def __init__(self, ports, bind, limit=None, retry_after=5.0):
+    def __init__(self, ports, bind, limit=None, retry_after=DEFAULT_RETRY_AFTER):
         self._ports = sorted(set(int(p) for p in ports))
         if not self._ports:
             raise ValueError("the port pool is empty")

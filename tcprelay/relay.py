@@ -32,6 +32,7 @@ from . import (addresses, auth, cli, clock, frames, limits, muxado, proxyproto, 
                resources, tls)
 from .bridge import Bridge, Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
+from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
 from .portpool import Cancelled, PoolError, PortPool
 from .workers import WorkerPool
 
@@ -749,7 +750,8 @@ class Relay(object):
     ``waiting_interval``: seconds between
     the ``waiting`` lines a service in line gets even when nobody moved
     (None: only when its place changes, as relays before it did). ``write_timeout``: seconds a write to a
-    service may make no progress before its session ends (muxado's).
+    service may make no progress before its session ends (muxado's). ``port_retry_after``:
+    seconds a public port that could not be bound is skipped before it is tried again.
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -761,7 +763,8 @@ class Relay(object):
                  registration_rate=DEFAULT_REGISTRATION_RATE, max_pending=DEFAULT_MAX_PENDING,
                  max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST,
                  waiting_interval=DEFAULT_WAITING_INTERVAL,
-                 write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True):
+                 write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
+                 port_retry_after=DEFAULT_PORT_RETRY_AFTER):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -794,7 +797,8 @@ class Relay(object):
         self.max_pending = max_pending
         self.max_pending_per_host = max_pending_per_host
         self._pending = {}   # ServiceLink not yet registered -> its host
-        self.pool = PortPool(ports, self._bind_public, limit=max_services)
+        self.pool = PortPool(ports, self._bind_public, limit=max_services,
+                             retry_after=port_retry_after)
         self._leases = {}   # token -> [port, holding ServiceLink or None, expiry]
         self._lock = threading.Condition()
         self._services = set()

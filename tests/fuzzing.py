@@ -3315,7 +3315,8 @@ class AdapterUnderTest(object):
             self.echo.close()
             raise
         self.port = self.adapter.server_address[1]
-        self._serve = threading.Thread(target=self.adapter.serve_forever, name="fuzz adapter")
+        self._serve = threading.Thread(target=self.adapter.serve_forever, args=(0.1,),
+                                       name="fuzz adapter")   # shutdown() in 0.1 s
         self._serve.daemon = True
         self._serve.start()
 

@@ -185,8 +185,9 @@ def test_idle_timeout_counts_what_the_flusher_delivers(env):
     stop = threading.Event()
     streaming = Worker(stream_until, stream, stop)
     try:
-        # A slow reader: everything reaches it through the flusher's backlog.
-        end = time.monotonic() + 3.0
+        # A slow reader: everything reaches it through the flusher's backlog,
+        # for twice the idle timeout.
+        end = time.monotonic() + 2.0
         got = 0
         while time.monotonic() < end:
             chunk = client.recv(16 * 1024)
@@ -237,7 +238,7 @@ def test_a_slow_client_never_blocks_the_session_reader_or_the_flusher(env, idle_
         # (Never, if sends to the slow socket block instead of leaving a backlog.)
         wait_until(backlog, timeout=3, what="a backlog for the slow client, not a blocked send")
         worst = 0.0
-        end = time.monotonic() + 2.0
+        end = time.monotonic() + 1.0
         while time.monotonic() < end:
             started = time.monotonic()
             lively.sendall(b"ping" * 25)

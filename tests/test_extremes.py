@@ -21,6 +21,8 @@ from tcprelay.relay import Relay
 from tcprelay.service import RelayServer
 
 THIRTY_DAYS = 30 * 24 * 3600.0
+# serve_forever with reconnect, noticing shutdown() within 0.1 s (its default poll is 0.5 s)
+RECONNECT = {"reconnect": True, "poll_interval": 0.1}
 EXTREMES = [THIRTY_DAYS, 10 * 365 * 24 * 3600.0, clock.MAX_TIMEOUT]
 
 
@@ -136,7 +138,7 @@ def test_a_relay_restart_costs_new_clients_nothing(env):
     r1_thread = threading.Thread(target=r1.serve_forever, name="r1")
     r1_thread.start()
     server = RelayServer((LOOPBACK, service_port), _Echo, timeout=TIMEOUT)
-    serving = threading.Thread(target=server.serve_forever, kwargs={"reconnect": True},
+    serving = threading.Thread(target=server.serve_forever, kwargs=RECONNECT,
                                name="service")
     serving.start()
     old_client = socket.create_connection((LOOPBACK, public_port), timeout=TIMEOUT)
@@ -209,7 +211,7 @@ def test_out_of_stream_ids_the_service_moves_to_a_fresh_session(env):
     relay = env.relay(ports=1)
     port = relay.pool.ports[0]
     server = RelayServer(relay.server_address, _Echo, timeout=TIMEOUT)
-    serving = threading.Thread(target=server.serve_forever, kwargs={"reconnect": True},
+    serving = threading.Thread(target=server.serve_forever, kwargs=RECONNECT,
                                name="service")
     serving.start()
     clients = []
@@ -262,7 +264,7 @@ def test_a_service_waiting_in_line_follows_a_relay_restart(env):
     r1_thread = threading.Thread(target=r1.serve_forever, name="r1")
     r1_thread.start()
     holder = RelayServer((LOOPBACK, service_port), _Echo, timeout=TIMEOUT)
-    holding = threading.Thread(target=holder.serve_forever, kwargs={"reconnect": True},
+    holding = threading.Thread(target=holder.serve_forever, kwargs=RECONNECT,
                                name="holder")
     holding.start()
     in_line = threading.Event()

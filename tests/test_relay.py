@@ -399,7 +399,7 @@ def test_session_end_resets_clients_stops_listening_and_frees_the_port(env):
 
 
 def test_unbindable_port_is_skipped_logged_and_retried(env, caplog):
-    relay = env.relay(ports=2)
+    relay = env.relay(ports=2, port_retry_after=0.5)   # the retry, without its 5 s
     blocked, free = relay.pool.ports
     blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     env.defer(blocker.close)

@@ -228,12 +228,15 @@ class FreezableProxy(object):
             connection.close()
 
 
+POLL = 0.1   # serve_forever's poll_interval: shutdown() is noticed within it (default 0.5 s)
+
+
 class Serving(object):
-    """``server.serve_forever(reconnect=...)`` on a thread of its own."""
+    """``server.serve_forever(POLL, reconnect)`` on a thread of its own."""
 
     def __init__(self, server, reconnect):
         self.server = server
-        self.worker = Worker(server.serve_forever, None, reconnect, name="serve_forever")
+        self.worker = Worker(server.serve_forever, POLL, reconnect, name="serve_forever")
         self.checked = False
 
     def result(self, timeout=TIMEOUT):

@@ -11,7 +11,7 @@
   SIGINT or SIGTERM in each stage, with a log line and no traceback.
 
 Timings are scaled down: the relay repeats ``waiting`` every 0.3 s, services
-give up on a silent relay after 1 s, and a port is held for about 3 s.
+give up on a silent relay after 1 s, and a port is held for about 2 s.
 """
 
 import re
@@ -33,7 +33,7 @@ from tcprelay.service import RelayGone, RelayServer, connect
 
 NOTICE = 0.3          # the relay's waiting_interval in these tests
 SILENCE = 1.0         # the service's timeout: a relay silent this long is dead
-HELD = 3.0            # how long a port stays taken while someone waits for it
+HELD = 2.0            # how long a port stays taken while someone waits for it (2 x SILENCE)
 PROMPT = 1.0          # "promptly": a stage cut short ends within this
 
 
