@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from . import addresses, cli, clock, limits
+from . import addresses, cli, clock, limits, servicecli
 from .bridge import Bridge, Flusher
 from .workers import WorkerPool
 
@@ -31,7 +31,7 @@ PROBE_TIMEOUT = 1.0   # seconds the start-up check of the local service waits, a
 DEFAULT_DRAIN_TIMEOUT = 5.0   # seconds a local service gets to take a finished stream at close
 
 
-class Adapter(cli.AnnouncingServer):
+class Adapter(servicecli.AnnouncingServer):
     """A RelayServer whose clients are joined to a local TCP service."""
 
     consume_proxy_header = False   # the backend reads it, not us
@@ -49,7 +49,7 @@ class Adapter(cli.AnnouncingServer):
         self.flusher = Flusher(name="adapter-flusher")
         self.workers = WorkerPool(name="adapter-pump")
         try:
-            cli.AnnouncingServer.__init__(self, relay_address, None, **options)
+            servicecli.AnnouncingServer.__init__(self, relay_address, None, **options)
         except BaseException:
             self._close_pumps()
             raise
@@ -58,14 +58,14 @@ class Adapter(cli.AnnouncingServer):
         # Before the address is announced: a loop must not be handed out.
         loop = _same_place(self.local_address, connection.address)
         if loop:
-            raise cli.StartError(
+            raise servicecli.StartError(
                 "%s, the local service to expose, is this adapter's own public address "
                 "(%s): each client would come back through the relay to a new client, "
                 "for ever. Give the address of the service itself" % (self.local_label,
                                                                       connection.address))
         if self.probe_local and previous_address is None:
             _probe(self.local_address, min(self.local_connect_timeout, PROBE_TIMEOUT))
-        cli.AnnouncingServer.registered(self, previous_address, connection)
+        servicecli.AnnouncingServer.registered(self, previous_address, connection)
 
     def process_request(self, request, client_address):
         self.workers.submit(self._join, request, client_address)
@@ -93,7 +93,7 @@ class Adapter(cli.AnnouncingServer):
                 self._bridges.discard(bridge)
 
     def server_close(self):
-        cli.AnnouncingServer.server_close(self)
+        servicecli.AnnouncingServer.server_close(self)
         self._close_pumps()
 
     def _close_pumps(self):
@@ -147,11 +147,11 @@ def _same_place(local, public):
 
 
 def check_local(local):
-    """At start: raise ``cli.StartError`` if the local service's name does not resolve."""
+    """At start: raise ``servicecli.StartError`` if the local service's name does not resolve."""
     try:
         _resolve(*local)
     except (OSError, UnicodeError) as exc:
-        raise cli.StartError("cannot resolve the local service %s:%d: %s (check "
+        raise servicecli.StartError("cannot resolve the local service %s:%d: %s (check "
                              "LOCAL_HOST:LOCAL_PORT)" % (local[0], local[1],
                                                          getattr(exc, "strerror", None) or exc))
 
@@ -176,7 +176,7 @@ def _host_port(text):
 
 
 def build_parser():
-    parser = cli.service_parser(
+    parser = servicecli.service_parser(
         "python3 -m tcprelay.adapter",
         "Expose a local TCP service through a relay. The first line on stdout is the "
         "public address clients connect to.")
@@ -201,7 +201,7 @@ def main(argv=None):
         return Adapter((args.relay_host, args.relay_port), args.local,
                        connect_timeout=args.connect_timeout, proxy_protocol=proxy,
                        probe_local=True, **options)
-    return cli.service_main("tcprelay.adapter", build_parser(), argv, make)
+    return servicecli.service_main("tcprelay.adapter", build_parser(), argv, make)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,15 @@
-"""What the command-line programs share: argument errors, logging, and the
-life of a service process (register, print the address, serve, stop)."""
+"""What the command-line programs share: the parser (one-line errors,
+--version), argument types, logging, and a Ctrl-C while starting. The life of
+a service process is in ``servicecli``; the relay's own options in ``relay``."""
 
 import argparse
 import functools
 import logging
-import signal
-import socket
 import sys
-import threading
 
-from . import __version__, addresses, auth, tls
-from .muxado import MuxadoError
-from .registration import RegistrationError
-from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
-                      ServicePortError)
-
-log = logging.getLogger(__name__)
+from . import __version__, addresses, limits
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
-
-
-class StartError(Exception):
-    """A service program cannot go on; the message says why and what to do
-    (``run_service`` prints it as one line, exit code 1)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -80,149 +67,47 @@ def positive(kind):
     return parse
 
 
-def _host(text):
+def port_range(text):
+    try:
+        low, _, high = text.partition("-")
+        low = int(low)
+        high = int(high) if high else low
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port range like 8081-8130" % text)
+    if not 1 <= low <= high <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a port range within 1-65535" % text)
+    return range(low, high + 1)
+
+
+def non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a finite number" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r must not be negative" % text)
+    return value
+
+
+def host(text):
     try:
         return addresses.host_option(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc))
 
 
-def service_parser(prog, description):
-    """The options every service program takes."""
-    parser = Parser(prog=prog, description=description)
-    parser.add_argument("relay_host", type=_host,
-                        help="host name or address of the relay (IPv6 with or without "
-                             "brackets)")
-    parser.add_argument("relay_port", type=port_number, help="the relay's service port")
-    parser.add_argument("--port", type=port_number, default=None,
-                        help="ask the relay for this public port (wait until it is free)")
-    parser.add_argument("--name", default=None, help="our name in the relay's logs")
-    parser.add_argument("--retry", action="store_true",
-                        help="keep trying if the relay cannot be reached at first "
-                             "(by default that is an error at once)")
-    parser.add_argument("--no-reconnect", action="store_true",
-                        help="exit when the relay goes away, instead of reconnecting "
-                             "(with backoff, keeping the port while the lease holds)")
-    parser.add_argument("--timeout", type=positive(float), default=DEFAULT_TIMEOUT,
-                        metavar="SECONDS",
-                        help="give up on a relay that does not answer within this time "
-                             "(connecting, each step of registering; in line, a relay "
-                             "that stops saying we are waiting) (default: %g)"
-                             % DEFAULT_TIMEOUT)
-    parser.add_argument("--secret-file", metavar="PATH",
-                        help="the relay's shared secret, to answer its challenge "
-                             "(or set $TCPRELAY_SECRET)")
-    parser.add_argument("--tls", action="store_true", help="connect to the relay with TLS")
-    parser.add_argument("--tls-ca", metavar="FILE",
-                        help="trust the relay's certificate if this CA signed it "
-                             "(default: the system's store)")
-    parser.add_argument("--tls-insecure", action="store_true",
-                        help="do not verify the relay's certificate (logs a warning; for "
-                             "testing only)")
-    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
-                        help="how much to log to stderr (default: info)")
-    return parser
-
-
-def security_options(parser, args):
-    """``secret=`` and ``tls=`` for connect(), from the parsed options (exits on error)."""
+def public_host(text):
     try:
-        secret = auth.load_secret(args.secret_file)
-    except auth.SecretError as exc:
-        parser.error(str(exc))
-    context = None
-    if args.tls or args.tls_ca or args.tls_insecure:
-        try:
-            context = tls.client_context(args.tls_ca, insecure=args.tls_insecure)
-        except (OSError, ValueError) as exc:
-            parser.error("cannot load the TLS CA file: %s" % exc)
-    return {"secret": secret, "tls": context}
+        return addresses.public_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
-class AnnouncingServer(RelayServer):
-    """Prints the public address on stdout: first, and again if it changes."""
-
-    def registered(self, previous_address, connection):
-        RelayServer.registered(self, previous_address, connection)
-        if connection.address != previous_address:
-            sys.stdout.write(connection.address + "\n")
-            sys.stdout.flush()
-
-
-def service_main(prog, parser, argv, make_server):
-    """A service program's main(): parse, set up logging and security, run.
-
-    ``make_server(args, **options)`` builds the RelayServer; returns the exit code.
-    """
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level)
-    security = security_options(parser, args)
-    return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
-
-
-def _registration_hint(exc, args):
-    """What to try when registering failed with ``exc`` (may be empty)."""
-    retry = "" if args.retry else "; --retry keeps trying"
-    if isinstance(exc, ServicePortError):
-        return ""   # it says what to try
-    if isinstance(exc, socket.timeout):
-        return (" (is the relay's address right, and %s:%d its service port, not a public "
-                "port? --timeout waits longer)" % (args.relay_host, args.relay_port))
-    if isinstance(exc, ConnectionRefusedError) and not isinstance(exc, MuxadoError):
-        return " (is the relay running on that port?%s)" % (" --retry keeps trying" if not args.retry else "")
-    if isinstance(exc, (ConnectionError, MuxadoError, RegistrationError)):
-        return (" (the relay may be busy or refusing this address, it may require --tls, "
-                "or %s may not be a tcprelay service port%s)"
-                % (addresses.join_host_port(args.relay_host, args.relay_port), retry))
-    return ""
-
-
-def run_service(prog, args, make_server, **server_options):
-    """Register, serve until a signal or (without reconnecting) the relay goes; exit code.
-
-    SIGINT and SIGTERM stop it at any stage (connecting, waiting in line,
-    backing off, serving) within about a second, with exit code 0.
-    """
-    relay = addresses.join_host_port(args.relay_host, args.relay_port)
+def network(text):
     try:
-        server = make_server(port=args.port, name=args.name, retry=args.retry,
-                             timeout=args.timeout, bind_and_activate=False, **server_options)
-    except StartError as exc:
-        sys.stderr.write("%s: %s\n" % (prog, exc))
-        return 1
-    signalled = []
-
-    def stop(signum, frame):
-        log.info("%s received; stopping", signal.Signals(signum).name)
-        signalled.append(signum)
-        # Not here: shutdown() waits for the main thread, which this handler holds.
-        threading.Thread(target=server.shutdown, name="shutdown").start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    status = 0
-    try:
-        server.server_activate()
-        server.serve_forever(reconnect=not args.no_reconnect)
-    except RegistrationRefused as exc:
-        sys.stderr.write("%s: the relay at %s refused us: %s\n" % (prog, relay, exc.reason))
-        status = 1
-    except StartError as exc:
-        sys.stderr.write("%s: %s\n" % (prog, exc))
-        status = 1
-    except RelayGone as exc:
-        if server.connection is not None and not signalled and not server.shutdown_requested:
-            sys.stderr.write("%s: lost the relay at %s: %s\n" % (prog, relay, exc))
-            status = 1
-    except (OSError, ValueError, RegistrationError) as exc:
-        sys.stderr.write("%s: cannot register with the relay at %s: %s%s\n"
-                         % (prog, relay, getattr(exc, "strerror", None) or exc,
-                            _registration_hint(exc, args)))
-        status = 1
-    finally:
-        if server.connection is not None:
-            server.connection.close()   # ends clients still connected
-        server.server_close()
-    if signalled:
-        log.info("stopped")
-    return status
+        limits.Networks([text])
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a network like 10.0.0.0/8" % text)
+    return text

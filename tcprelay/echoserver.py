@@ -11,7 +11,7 @@ import logging
 import socketserver
 import sys
 
-from . import cli
+from . import cli, servicecli
 from .service import RelayServer
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,14 @@ class EchoHandler(socketserver.BaseRequestHandler):
             self.request.sendall(data)
 
 
-class EchoServer(cli.AnnouncingServer):
+class EchoServer(servicecli.AnnouncingServer):
     # The handler keeps no per-thread state, so threads can be reused
     # between clients: starting a thread per client costs more than an echo.
     reuse_threads = True
 
 
 def build_parser():
-    parser = cli.service_parser(
+    parser = servicecli.service_parser(
         "python3 -m tcprelay.echoserver",
         "Register with a relay and echo every client's bytes back. The first line on "
         "stdout is the public address clients connect to.")
@@ -52,7 +52,7 @@ def build_parser():
 
 @cli.interruptible
 def main(argv=None):
-    return cli.service_main(
+    return servicecli.service_main(
         "tcprelay.echoserver", build_parser(), argv,
         lambda args, **kw: EchoServer((args.relay_host, args.relay_port), EchoHandler, **kw))
 

@@ -758,7 +758,7 @@ def test_service_goaway_as_a_new_clients_first_bytes_go_out_drains_the_service(e
     first = env.client(port)
     assert echo_roundtrip(first, b"before", half_close=False) == b"before"
     link = link_of(relay, port)
-    from tcprelay import relay as relay_module
+    from tcprelay import servicelink as relay_module   # its accept loop calls _early_bytes
     original = relay_module._early_bytes
 
     def goaway_first(conn):

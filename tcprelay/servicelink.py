@@ -1,0 +1,364 @@
+"""One service's connection at the relay: ``ServiceLink``.
+
+Its thread registers the service (``registrar.Registrar``), then runs the
+accept loop of its public port: each client becomes a stream of the
+service's session, joined to the client by a ``bridge.Bridge``. When the
+session ends, open clients get ``drain_timeout`` to read the service's last
+bytes, and the port goes back to the pool (held for the service's lease if
+it left without saying goodbye).
+"""
+
+import logging
+import math
+import select
+import socket
+import threading
+import time
+
+from . import addresses, clock, limits, muxado, proxyproto, resources
+from .bridge import Bridge
+from .heartbeat import enable_tcp_keepalive
+from .registrar import Registrar
+
+# The relay's lines, wherever its code lives: operators and tests know them by this name.
+log = logging.getLogger("tcprelay.relay")
+
+DEFAULT_WINDOW = 1 << 20         # per stream; 256 KiB stalls a fast stream on window updates
+MAX_FRAME = DEFAULT_WINDOW // 2   # bulk data in fewer, bigger writes; half a window stays free
+# What a connection may send before it has registered: a request (4 KiB at
+# most, but an oversized one still fills a window to be refused with a
+# reason), an authentication answer, and the frames around them.
+PENDING_READ_BUDGET = muxado.DEFAULT_WINDOW + 64 * 1024
+_EARLY_READ = 16 * 1024          # a new client's first bytes, sent with its SYN
+
+
+def _address(addr):
+    return addresses.format_sockaddr(addr)
+
+
+class ServiceLink(Registrar):
+    """One service's connection: its session, registration, public port and clients."""
+
+    def __init__(self, relay, sock, address):
+        self.relay = relay
+        self.address = address
+        # One deadline from accept to registered: TLS and the request share it.
+        self._handshake_deadline = time.monotonic() + relay.handshake_timeout
+        self.name = None
+        self.port = None
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._session = None
+        self._ticket = None
+        self._listener = None
+        self._stopping = threading.Event()   # set when the public listener is shut down
+        self._port_given_back = False        # before the session ended (_hand_over)
+        self._ended = False
+        self._draining = False
+        self._closing = False       # close(): clients are reset, with no drain_timeout
+        self._bridges = set()
+        self._idle = threading.Condition(self._lock)   # a client left, or the session ended
+        self._heartbeat = None
+        self.request = None
+        self.lease = None           # the token we handed out, once registered
+        self.clients_served = 0
+        # Its own gate: one service's overload says so once a second, whatever else is refused.
+        self.log_over_max_clients = limits.LogGate(log, more="refusals")
+        self._thread = threading.Thread(target=self._run, name="service %s" % _address(address))
+        self._thread.daemon = True
+
+    def __repr__(self):
+        return "<ServiceLink %s%s>" % (self.name or _address(self.address),
+                                       " port %d" % self.port if self.port else "")
+
+    @property
+    def label(self):
+        if self.name:
+            return "service %r (%s)" % (self.name, _address(self.address))
+        return "service %s" % _address(self.address)
+
+    def start(self):
+        self._thread.start()
+
+    def join(self, timeout=None):
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def client_count(self):
+        with self._lock:
+            return len(self._bridges)
+
+    @property
+    def said_goodbye(self):
+        """True if the service ended its session on purpose (GOAWAY NO_ERROR)."""
+        goaway = self._session.remote_goaway if self._session is not None else None
+        return goaway is not None and goaway[1] == muxado.ErrorCode.NO_ERROR
+
+    def goaway(self):
+        """Refuse new clients and tell the service we are leaving; clients carry on."""
+        with self._lock:
+            self._draining = True
+            ticket = self._ticket
+        if ticket is not None:
+            # Still in line: no port for it while we leave (a no-op once granted).
+            ticket.cancel()
+        self._stop_listening()
+        session = self._session
+        if session is not None:
+            try:
+                session.goaway(muxado.ErrorCode.NO_ERROR, b"relay shutting down")
+            except muxado.MuxadoError:
+                pass
+
+    def close(self):
+        """End the service's session: its clients are reset."""
+        with self._lock:
+            self._closing = True
+        self._stop_listening()
+        if self._session is not None:
+            self._session.close()
+        else:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- the service thread -----------------------------------------------------------
+
+    def _run(self):
+        relay = self.relay
+        granted = None
+        try:
+            enable_tcp_keepalive(self._sock, relay.keepalive)
+            if self._wrong_port(self._peek()):
+                return
+            transport = self._sock
+            if relay.tls_context is not None:
+                transport = self._tls_handshake()
+                if transport is None:
+                    return
+            # A service opens its registration stream and little else: small
+            # limits bound what a hostile one can make us hold.
+            # Until it has registered, a connection gets the smallest session
+            # that can register: the protocol's least window, a small read
+            # buffer and a budget of bytes, after which it is dropped.
+            session = muxado.server(transport, name="service %s" % _address(self.address),
+                                    max_streams=16, accept_backlog=8,
+                                    max_frame_size=min(MAX_FRAME, relay.window_size),
+                                    read_budget=PENDING_READ_BUDGET,
+                                    write_timeout=relay.write_timeout)
+            with self._lock:
+                self._session = session
+            session.add_done_callback(self._session_ended)
+            request, stream = self._handshake(session)
+            relay._registered(self)
+            if request is None:
+                return
+            session.set_read_budget(None)
+            session.set_window_size(relay.window_size)
+            self.request = request
+            granted = self._wait_for_port(request, stream)
+            if granted is None:
+                return
+            self._announce(request, stream, granted[0])
+            self._serve_clients(session)
+            # Draining: open clients finish before the session goes (close() cuts it short).
+            with self._lock:
+                while self._draining and self._bridges and not self._ended:
+                    self._idle.wait()
+        except (muxado.MuxadoError, OSError) as exc:
+            if resources.is_exhaustion(exc):
+                log.warning("%s: out of file descriptors (%s); dropping this connection",
+                            self.label, exc.strerror)
+            elif self.request is None:   # never registered: anyone can do this
+                relay._log_pending_ended("%s: connection ended: %s", self.label, exc)
+            else:
+                log.info("%s: connection ended: %s", self.label, exc)
+        except Exception:
+            log.exception("%s: failed", self.label)
+        finally:
+            self._close_listener()
+            if self._session is not None:
+                self._session.close()
+            else:
+                self._sock.close()
+            with self._lock:
+                bridges = list(self._bridges)
+                grace = 0.0 if self._closing else relay.drain_timeout
+            # A client may still be taking the service's last bytes: it gets
+            # drain_timeout to read them, then a reset, so that a client that
+            # never reads cannot hold the port for ever. (Not after close():
+            # the relay is leaving, and Relay.drain has had its time.)
+            end = time.monotonic() + grace
+            for bridge in bridges:
+                if not bridge.join(max(0.0, end - time.monotonic())):
+                    log.info("%s: client on stream %d still had data to read %gs after the "
+                             "service left; resetting it", self.label, bridge.stream.id, grace)
+                    bridge.abort("the service has left and the client stopped reading")
+            for bridge in bridges:
+                bridge.join()
+            if self._heartbeat is not None:
+                self._heartbeat.join()
+            if granted is not None and not self._port_given_back:
+                held = relay._release_port(self, granted[0])
+                log.info("%s: left; port %d is free again%s (%d clients served)",
+                         self.label, granted[0],
+                         " once its lease ends in %gs" % relay.lease_time if held else "",
+                         self.clients_served)
+            relay._registered(self)   # if it never got that far
+            relay._forget_service(self)
+
+    def _serve_clients(self, session):
+        relay = self.relay
+        acceptor = resources.Acceptor(self._listener, self._stopping,
+                                      "%s's port %d" % (self.label, self.port))
+        refused = self.log_over_max_clients
+        while True:
+            owed = refused.owed()
+            if owed is not None and not _readable(self._listener, owed):
+                refused.flush()   # a burst's count, told within a second even if it ended
+                continue
+            try:
+                conn, client_address = acceptor.accept()
+            except OSError:
+                return  # the listener was shut down: session ended, or the relay is leaving
+            if relay.max_clients is not None and self.client_count >= relay.max_clients:
+                # A raw TCP client can be told nothing: a reset at once says "refused"
+                # (a FIN would look like a service that took it and hung up).
+                _reset(conn)
+                refused("%s: refused a client from %s: %d clients already (--max-clients)",
+                        self.label, client_address[0], relay.max_clients)
+                continue
+            enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
+            stream = None
+            try:
+                # The SYN goes out here, in accept order, carrying what the
+                # client sent with its connect if anything: one frame, not two.
+                stream = session.open(announce=False)
+                if self.request.proxy_protocol:
+                    stream.sendall(proxyproto.encode(self.request.proxy_protocol,
+                                                     client_address[:2], conn.getsockname()[:2]))
+                early = _early_bytes(conn)
+                if early:
+                    stream.sendall(early)
+                else:
+                    stream.announce()   # the service may be the one to speak first
+            except (muxado.MuxadoError, OSError) as exc:
+                if stream is not None:
+                    stream.reset(wait=False)
+                _reset(conn)
+                if session.closed:
+                    log.info("%s: cannot open a stream for client %s: %s",
+                             self.label, _address(client_address), exc)
+                    return
+                if getattr(exc, "code", None) == muxado.ErrorCode.STREAMS_EXHAUSTED:
+                    self._hand_over(client_address)
+                    return
+                if (isinstance(exc, muxado.RemoteGoneAwayError)
+                        or session.remote_goaway is not None):
+                    # The service takes no new clients (it is shutting down):
+                    # the ones it serves carry on, as when the relay drains. (Its
+                    # GOAWAY may also come while the new stream's first frame goes out.)
+                    log.info("%s: takes no new clients (%s); refusing %s, finishing the %d open",
+                             self.label, exc, _address(client_address), self.client_count)
+                    with self._lock:
+                        self._draining = True
+                    self._stop_listening()
+                    return
+                # This stream's own error (the service reset it, or the client
+                # left already): it ends this client only.
+                relay._log_refusal("%s: client %s refused: %s", self.label,
+                                   _address(client_address), exc)
+                continue
+            bridge = Bridge(conn, stream, relay.flusher,
+                            name="client %s" % _address(client_address),
+                            on_close=self._client_closed, workers=relay.workers,
+                            idle_timeout=relay.idle_timeout)
+            bridge.bytes_up = len(early)
+            with self._lock:
+                self._bridges.add(bridge)
+                self.clients_served += 1
+            relay._client_opened()
+            log.debug("%s: client %s on stream %d", self.label,
+                      _address(client_address), stream.id)
+            bridge.start()
+
+    def _hand_over(self, client_address):
+        """This session has used up its stream ids: GOAWAY asks the service to
+        register a fresh session (its lease brings it the same port, which is
+        given back now); the clients open here finish here."""
+        log.info("%s: its session has used up its stream ids; refusing %s, asking the "
+                 "service to register again and finishing the %d open here", self.label,
+                 _address(client_address), self.client_count)
+        with self._lock:
+            self._draining = True
+        self._stop_listening()
+        self._close_listener()
+        try:
+            self._session.goaway(muxado.ErrorCode.NO_ERROR, b"stream ids exhausted; "
+                                                            b"register again")
+        except muxado.MuxadoError:
+            pass
+        port, self._port_given_back = self.port, True
+        self.relay._release_port(self, port)
+
+    def _client_closed(self, bridge):
+        with self._lock:
+            self._bridges.discard(bridge)
+            self._idle.notify_all()
+        log.debug("%s: client on stream %d done (%d bytes in, %d out)", self.label,
+                  bridge.stream.id, bridge.bytes_up, bridge.bytes_down)
+        self.relay._client_closed()
+
+    def _session_ended(self, session):
+        # The session's reader thread: wake whatever the service thread waits on.
+        with self._lock:
+            self._ended = True
+            ticket = self._ticket
+            self._idle.notify_all()
+        if ticket is not None:
+            ticket.cancel()
+        self._stop_listening()
+
+    def _stop_listening(self):
+        self._stopping.set()
+        with self._lock:
+            listener = self._listener
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)   # wakes accept()
+            except OSError:
+                pass
+
+    def _close_listener(self):
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+
+def _early_bytes(conn):
+    """What a new client has already sent, without waiting (b"" if nothing yet)."""
+    if conn.gettimeout() is not None:
+        conn.settimeout(None)   # with a timeout, Python waits before even MSG_DONTWAIT reads
+    try:
+        return conn.recv(_EARLY_READ, socket.MSG_DONTWAIT)
+    except OSError:
+        return b""   # nothing yet; or a reset, which the pump's own read reports
+
+
+def _readable(sock, timeout):
+    """True if ``sock`` (a listener) has something for accept() (or was shut
+    down) within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(int(math.ceil(min(timeout, clock.MAX_TIMEOUT) * 1000))))
+
+
+def _reset(sock):
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
