@@ -1,40 +1,73 @@
-"""Leases: a service's way back to its port after its connection is lost."""
+"""Leases: a service's way back to its port after its connection is lost.
+
+A token is handed to a service when it registers. Re-registering with it
+within ``lease_time`` gets the same port back; while the lease holds, the port
+goes to no one else. A token this relay does not know (it restarted, or the
+lease ran out) still names its port: taken if free, as a preference.
+
+When a lease runs out is kept in one place: the port pool, which holds the
+port back for the token (``PortPool.release(hold_for=...)``) and knows until when.
+"""
 
 import logging
 import secrets
-import time
+import threading
 
 # The relay's lines, wherever its code lives: operators and tests know them by this name.
 log = logging.getLogger("tcprelay.relay")
 
 
+class Lease(object):
+    """One lease: its ``token`` (text), the public ``port`` it names, and its
+    ``holder``, the ``ServiceLink`` registered with it (None once that left)."""
+
+    __slots__ = ("token", "port", "holder")
+
+    def __init__(self, token, port, holder):
+        self.token = token
+        self.port = port
+        self.holder = holder
+
+    def __repr__(self):
+        return "<Lease port %d%s>" % (self.port, "" if self.holder else ", holder gone")
+
+
 class Leases(object):
-    """A part of ``relay.Relay``: uses its ``_lock``, ``_leases``, ``pool``,
-    ``lease_time`` and ``_accepting``."""
+    """The leases a relay has handed out.
 
-    # Leases: a token handed to a service at registration. Re-registering with
-    # it within lease_time gets the same port back; while the lease holds, the
-    # port goes to no one else. A token this relay does not know (it restarted,
-    # or the lease ran out) still names its port: taken if free, as a preference.
+    ``pool``: the relay's ``PortPool``; ``lease_time``: seconds a lost
+    service's port is held back for its lease (0: no leases are handed out).
+    """
 
-    def _issue_lease(self, link, port):
+    def __init__(self, pool, lease_time):
+        self._pool = pool
+        self.lease_time = lease_time
+        self._lock = threading.Lock()
+        self._leases = {}   # token -> Lease
+
+    def issue(self, link, port):
+        """A new token for ``link``, registered on ``port``; older leases of that port end."""
         token = "%d-%s" % (port, secrets.token_hex(16))
         with self._lock:
-            for old in [t for t, entry in self._leases.items() if entry[0] == port]:
+            for old in [t for t, lease in self._leases.items() if lease.port == port]:
                 del self._leases[old]
-            self._leases[token] = [port, link, None]
+            self._leases[token] = Lease(token, port, link)
         return token
 
-    def _claim_lease(self, token, link):
-        """(lease token to wait with, preferred port) for a re-registering service."""
-        now = time.monotonic()
+    def claim(self, token, link):
+        """(lease token to wait with, preferred port) for ``link``, re-registering
+        with ``token``: ``(token, its port)`` while the lease holds, else
+        ``(None, the port the token names, or None)``. An old connection still
+        holding the lease is closed."""
         with self._lock:
-            entry = self._leases.get(token)
-            if entry is not None and entry[2] is not None and entry[2] <= now:
+            lease = self._leases.get(token)
+            # A lease whose service left holds while the pool holds its port for it.
+            if lease is not None and lease.holder is None \
+                    and self._pool.held_for(lease.port) != token:
                 del self._leases[token]
-                entry = None
-            holder = entry[1] if entry is not None else None
-        if entry is None:
+                lease = None
+            holder = lease.holder if lease is not None else None
+        if lease is None:
             port = token.split("-", 1)[0]
             return None, int(port) if port.isdecimal() else None   # exactly what int() takes
         if holder is not None and holder is not link:
@@ -43,28 +76,27 @@ class Leases(object):
             log.info("%s: presents the lease of %s; closing the old connection",
                      link.label, holder.label)
             holder.close()
-        return token, entry[0]
+        return token, lease.port
 
-    def _release_port(self, link, port):
-        """Give ``link``'s port back; True if it is held for the service's lease.
+    def release(self, link, port, hold=True):
+        """Give ``link``'s ``port`` back to the pool; True if it is held for the lease.
 
         A service that said goodbye (GOAWAY NO_ERROR, as muxado's close does)
         left on purpose: its port is free at once. One whose connection was
-        lost keeps its port for lease_time, to come back to.
+        lost keeps its port for ``lease_time``, to come back to, unless ``hold``
+        is False (the relay is leaving).
         """
         with self._lock:
-            entry = self._leases.get(link.lease) if link.lease else None
-            if entry is not None and entry[1] is link:
-                if link.said_goodbye:
-                    del self._leases[link.lease]
-                    entry = None
-                else:
-                    entry[1] = None
-                    entry[2] = time.monotonic() + self.lease_time
+            lease = self._leases.get(link.lease) if link.lease else None
+            if lease is None or lease.holder is not link:
+                lease = None
+            elif link.said_goodbye or not hold:
+                del self._leases[link.lease]
+                lease = None
             else:
-                entry = None
-        if entry is not None and self._accepting:
-            self.pool.release(port, hold_for=link.lease, hold_seconds=self.lease_time)
-            return True
-        self.pool.release(port)
+                # Under the lock: a claim must not see the holder gone before the hold.
+                lease.holder = None
+                self._pool.release(port, hold_for=lease.token, hold_seconds=self.lease_time)
+                return True
+        self._pool.release(port)
         return False

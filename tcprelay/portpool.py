@@ -111,6 +111,14 @@ class PortPool(object):
             self._free.add(port)
             self._cond.notify_all()
 
+    def held_for(self, port):
+        """The lease token ``port`` is held back for, or None (not held, or the hold ended)."""
+        with self._cond:
+            held = self._held.get(port)
+            if held is None or held[1] <= time.monotonic():
+                return None
+            return held[0]
+
     def describe(self):
         low, high = self._ports[0], self._ports[-1]
         if high - low + 1 == len(self._ports):

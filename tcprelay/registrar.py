@@ -256,12 +256,36 @@ class Registrar(object):
             pass
 
     def _wait_for_port(self, request, stream):
-        """Wait in line for a port, reporting the place if asked; returns (port, listener)."""
+        """Wait in line for a port, reporting the place if asked: ``(port, listener)``,
+        or None if refused or the line was left."""
+        ticket = self._join_line(request)
+        try:
+            granted = self._wait_in_line(ticket, request, stream)
+        except Cancelled:
+            log.info("%s: left the line%s", self.label,
+                     " (the relay is leaving)" if self._draining else "")
+            return None
+        except (muxado.MuxadoError, OSError):
+            ticket.cancel()
+            raise
+        if granted is None:
+            return None
+        port, listener = granted
+        self.port = port
+        with self._lock:
+            self._listener = listener
+            ended = self._ended
+        if ended:
+            self._stop_listening()   # the session ended as the port came: don't serve it
+        return granted
+
+    def _join_line(self, request):
+        """The ticket for the port ``request`` asks for (its lease's, if that holds)."""
         relay = self.relay
         lease = prefer = None
         port = request.port
         if request.lease is not None:
-            lease, prefer = relay._claim_lease(request.lease, self)
+            lease, prefer = relay.leases.claim(request.lease, self)
             if lease is not None:
                 # A valid lease waits for its own port: an old connection may
                 # still be letting go of it.
@@ -272,66 +296,59 @@ class Registrar(object):
             ended = self._ended
         if ended:
             ticket.cancel()
+        return ticket
+
+    def _wait_in_line(self, ticket, request, stream):
+        """``ticket.wait`` until granted, with the ``waiting`` lines and the
+        refusals: ``(port, listener)``, or None if refused. Raises ``Cancelled``."""
+        relay = self.relay
         end = None if request.max_wait is None else time.monotonic() + request.max_wait
         # The waiting line is repeated every interval even when nobody moved.
         interval = relay.waiting_interval if request.notices else None
         reported = None
         next_notice = None
-        try:
-            granted = ticket.wait(0)   # a free port: no line to report
-            if granted is None and relay.max_waiting is not None \
-                    and relay.pool.waiting > relay.max_waiting:
-                ticket.cancel()
-                log.warning("%s: refused: %d services already wait for a port (--max-waiting)",
-                            self.label, relay.max_waiting)
-                self._refuse(stream, "too many services are waiting for a port (%d); try "
-                             "again later" % relay.max_waiting)
-                return None
-            while granted is None:
-                position = ticket.position
-                now = time.monotonic()
-                due = next_notice is not None and now >= next_notice
-                if position and (position != reported or due):
-                    why = relay.pool.why_waiting(ticket)
-                    if reported is None:
-                        log.info("%s: %s; waiting in line for %s at position %d", self.label,
-                                 why, "it" if ticket.port is not None else "a port", position)
-                    if request.notices:
-                        stream.sendall(self._waiting_line(position, interval, ticket.port, why))
-                    reported = position
-                    next_notice = None if interval is None else now + interval
-                remaining = None if end is None else max(0.0, end - now)
-                if remaining == 0.0:
-                    why = relay.pool.why_waiting(ticket)
-                    if ticket.port is None:
-                        reason = "no port became free within %gs (%s)" % (request.max_wait, why)
-                    else:
-                        reason = "%s, and it did not become free within %gs" % (
-                            why, request.max_wait)
-                    log.info("%s: %s", self.label, reason)
-                    self._refuse(stream, reason)
-                    ticket.cancel()
-                    return None
-                wait = remaining
-                if next_notice is not None:
-                    until_notice = max(0.0, next_notice - now)
-                    wait = until_notice if wait is None else min(wait, until_notice)
-                granted = ticket.wait(wait, position=reported)
-        except Cancelled:
-            log.info("%s: left the line%s", self.label,
-                     " (the relay is leaving)" if self._draining else "")
-            return None
-        except (muxado.MuxadoError, OSError):
+        granted = ticket.wait(0)   # a free port: no line to report
+        if granted is None and relay.max_waiting is not None \
+                and relay.pool.waiting > relay.max_waiting:
             ticket.cancel()
-            raise
-        port, listener = granted
-        self.port = port
-        with self._lock:
-            self._listener = listener
-            ended = self._ended
-        if ended:
-            self._stop_listening()   # the session ended as the port came: don't serve it
+            log.warning("%s: refused: %d services already wait for a port (--max-waiting)",
+                        self.label, relay.max_waiting)
+            self._refuse(stream, "too many services are waiting for a port (%d); try "
+                         "again later" % relay.max_waiting)
+            return None
+        while granted is None:
+            position = ticket.position
+            now = time.monotonic()
+            due = next_notice is not None and now >= next_notice
+            if position and (position != reported or due):
+                why = relay.pool.why_waiting(ticket)
+                if reported is None:
+                    log.info("%s: %s; waiting in line for %s at position %d", self.label,
+                             why, "it" if ticket.port is not None else "a port", position)
+                if request.notices:
+                    stream.sendall(self._waiting_line(position, interval, ticket.port, why))
+                reported = position
+                next_notice = None if interval is None else now + interval
+            remaining = None if end is None else max(0.0, end - now)
+            if remaining == 0.0:
+                self._refuse_after_max_wait(ticket, request, stream)
+                return None
+            wait = remaining
+            if next_notice is not None:
+                until_notice = max(0.0, next_notice - now)
+                wait = until_notice if wait is None else min(wait, until_notice)
+            granted = ticket.wait(wait, position=reported)
         return granted
+
+    def _refuse_after_max_wait(self, ticket, request, stream):
+        why = self.relay.pool.why_waiting(ticket)
+        if ticket.port is None:
+            reason = "no port became free within %gs (%s)" % (request.max_wait, why)
+        else:
+            reason = "%s, and it did not become free within %gs" % (why, request.max_wait)
+        log.info("%s: %s", self.label, reason)
+        self._refuse(stream, reason)
+        ticket.cancel()
 
     @staticmethod
     def _waiting_line(position, interval, port=None, reason=None):
@@ -360,7 +377,7 @@ class Registrar(object):
             return
         reply = {"address": address, "port": port, "version": registration.PROTOCOL_VERSION}
         if relay.lease_time > 0:
-            self.lease = relay._issue_lease(self, port)
+            self.lease = relay.leases.issue(self, port)
             reply.update(lease=self.lease, lease_seconds=registration.seconds(relay.lease_time))
         if request.heartbeat:
             # Whole seconds go out as integers; only a fraction makes a float.

@@ -57,7 +57,7 @@ def _address(addr):
     return addresses.format_sockaddr(addr)
 
 
-class Relay(Leases):
+class Relay(object):
     """The relay server, socketserver style.
 
     ``server_address``: where services connect. ``ports``: the public port
@@ -106,18 +106,13 @@ class Relay(Leases):
         self.auth_failures = limits.FailureBans(limit=5, window=60.0, ban=60.0)
         self.registration_rate = limits.RateLimit(per_minute=registration_rate,
                                                   burst=max(1, registration_rate // 3))
-        self._log_refusal = limits.LogGate(log, more="refusals")
-        # Lines anyone who reaches the service port can trigger, one gate per kind.
-        self._log_remote = limits.LogGates(log)
-        # Every new connection is told, unless they come faster than a person reads.
-        self._log_connected = limits.LogGate(log, logging.INFO, per_second=5, burst=20)
-        self._log_pending_ended = limits.LogGate(log, logging.INFO, per_second=5, burst=20)
+        self._open_log_gates()
         self.max_pending = max_pending
         self.max_pending_per_host = max_pending_per_host
         self._pending = {}   # ServiceLink not yet registered -> its host
         self.pool = PortPool(ports, self._bind_public, limit=max_services,
                              retry_after=port_retry_after)
-        self._leases = {}   # token -> [port, holding ServiceLink or None, expiry]
+        self.leases = Leases(self.pool, lease_time)
         self._lock = threading.Condition()
         self._services = set()
         self._clients = 0
@@ -132,14 +127,25 @@ class Relay(Leases):
         self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                     socket.SOCK_STREAM)
         if bind_and_activate:
-            try:
-                self.server_bind()
-                self.server_activate()
-            except BaseException:
-                self.socket.close()
-                raise
+            self._bind_and_activate()
         self.flusher = Flusher(name="relay-flusher")
         self.workers = WorkerPool(name="relay-pump")
+
+    def _open_log_gates(self):
+        self._log_refusal = limits.LogGate(log, more="refusals")
+        # Lines anyone who reaches the service port can trigger, one gate per kind.
+        self._log_remote = limits.LogGates(log)
+        # Every new connection is told, unless they come faster than a person reads.
+        self._log_connected = limits.LogGate(log, logging.INFO, per_second=5, burst=20)
+        self._log_pending_ended = limits.LogGate(log, logging.INFO, per_second=5, burst=20)
+
+    def _bind_and_activate(self):
+        try:
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.socket.close()
+            raise
 
     # -- socketserver-style interface ------------------------------------------------
 
@@ -300,6 +306,10 @@ class Relay(Leases):
             raise
         return listener
 
+    def _release_port(self, link, port):
+        """Give ``link``'s port back; True if it is held for the service's lease."""
+        return self.leases.release(link, port, hold=self._accepting)
+
     def _forget_service(self, link):
         with self._lock:
             self._services.discard(link)
@@ -368,6 +378,14 @@ def build_parser():
                         metavar="SECONDS",
                         help="notice a service that vanished (TCP keepalive, and the "
                              "heartbeat for services that ask) within this time (default: 30)")
+    _add_security_options(parser)
+    _add_limit_options(parser)
+    parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
+                        help="how much to log to stderr (default: info)")
+    return parser
+
+
+def _add_security_options(parser):
     security = parser.add_argument_group("who may register (docs/SECURITY.md)")
     security.add_argument("--secret-file", metavar="PATH",
                           help="services must prove they know the secret in this file "
@@ -375,7 +393,7 @@ def build_parser():
                                "Or set $TCPRELAY_SECRET")
     security.add_argument("--allow-from", action="append", default=[], metavar="CIDR",
                           type=cli.network, help="only networks like this may register "
-                                              "services; repeatable (default: any)")
+                                                 "services; repeatable (default: any)")
     security.add_argument("--tls-cert", metavar="FILE",
                           help="put TLS on the service port with this certificate (PEM)")
     security.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
@@ -383,6 +401,9 @@ def build_parser():
                           default=DEFAULT_REGISTRATION_RATE, metavar="N",
                           help="new service connections a minute from one address "
                                "(default: %d)" % DEFAULT_REGISTRATION_RATE)
+
+
+def _add_limit_options(parser):
     capacity = parser.add_argument_group("limits")
     capacity.add_argument("--max-waiting", type=cli.positive(int), default=DEFAULT_MAX_WAITING,
                           metavar="N", help="services that may wait in line for a port; "
@@ -401,9 +422,6 @@ def build_parser():
     capacity.add_argument("--idle-timeout", type=cli.positive(float), default=None,
                           metavar="SECONDS", help="close a public client after this long with "
                                                   "no bytes either way (default: never)")
-    parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
-                        help="how much to log to stderr (default: info)")
-    return parser
 
 
 def _public_bind_problem(host):
@@ -438,10 +456,9 @@ def _check_open_file_limit(args):
                 "or lower --max-clients", limit, args.max_services, args.max_clients, need)
 
 
-@cli.interruptible
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _settings(parser, args):
+    """The public ports, the secret and the TLS context the options give
+    (exits with a usage error if they do not fit)."""
     ports = args.ports if args.ports is not None else range(args.port + 1, args.port + 51)
     if ports[-1] > 65535:
         parser.error("the default pool %d-%d passes 65535; give --ports" % (ports[0], ports[-1]))
@@ -461,23 +478,27 @@ def main(argv=None):
             tls_context = tls.server_context(args.tls_cert, args.tls_key)
         except (OSError, ValueError) as exc:
             parser.error("cannot load the TLS certificate and key: %s" % exc)
-    threading.stack_size(THREAD_STACK_SIZE)
+    return ports, secret, tls_context
+
+
+def _start_relay(args, ports, secret, tls_context):
+    """The listening ``Relay``, or None once the reason it cannot listen is on stderr."""
     problem = _public_bind_problem(args.public_bind)
     if problem is not None:
         sys.stderr.write("tcprelay.relay: cannot listen on public ports at %s: %s (check "
                          "--public-bind)\n" % (args.public_bind, problem))
-        return 1
+        return None
     try:
-        relay = Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,
-                      public_host=args.public_host, max_services=args.max_services,
-                      handshake_timeout=args.handshake_timeout,
-                      drain_timeout=args.drain_timeout, lease_time=args.lease_time,
-                      keepalive=args.keepalive, secret=secret, allow_from=args.allow_from,
-                      tls_context=tls_context, max_waiting=args.max_waiting,
-                      max_clients=args.max_clients, idle_timeout=args.idle_timeout,
-                      registration_rate=args.registration_rate,
-                      max_pending=args.max_pending,
-                      max_pending_per_host=args.max_pending_per_host)
+        return Relay((args.host, args.port), ports=ports, public_bind=args.public_bind,
+                     public_host=args.public_host, max_services=args.max_services,
+                     handshake_timeout=args.handshake_timeout,
+                     drain_timeout=args.drain_timeout, lease_time=args.lease_time,
+                     keepalive=args.keepalive, secret=secret, allow_from=args.allow_from,
+                     tls_context=tls_context, max_waiting=args.max_waiting,
+                     max_clients=args.max_clients, idle_timeout=args.idle_timeout,
+                     registration_rate=args.registration_rate,
+                     max_pending=args.max_pending,
+                     max_pending_per_host=args.max_pending_per_host)
     except OSError as exc:
         where = addresses.join_host_port(args.host or "*", args.port)
         if exc.errno == errno.EADDRINUSE:
@@ -488,8 +509,12 @@ def main(argv=None):
             hint = "check --host and the port"
         sys.stderr.write("tcprelay.relay: cannot listen on %s: %s (%s)\n"
                          % (where, exc.strerror or exc, hint))
-        return 1
+        return None
 
+
+def _handle_signals(relay):
+    """SIGINT and SIGTERM: the first drains the relay, the second cuts the drain
+    short. Returns the list the signals received are appended to."""
     signalled = []
 
     def stop(signum, frame):
@@ -505,6 +530,19 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    return signalled
+
+
+@cli.interruptible
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ports, secret, tls_context = _settings(parser, args)
+    threading.stack_size(THREAD_STACK_SIZE)
+    relay = _start_relay(args, ports, secret, tls_context)
+    if relay is None:
+        return 1
+    signalled = _handle_signals(relay)
     _check_open_file_limit(args)
     log.info("listening for services on %s%s; public ports %s on %s",
              _address(relay.server_address), " (TLS)" if tls_context else "",

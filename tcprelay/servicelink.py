@@ -127,89 +127,110 @@ class ServiceLink(Registrar):
     # -- the service thread -----------------------------------------------------------
 
     def _run(self):
-        relay = self.relay
-        granted = None
         try:
-            enable_tcp_keepalive(self._sock, relay.keepalive)
-            if self._wrong_port(self._peek()):
-                return
-            transport = self._sock
-            if relay.tls_context is not None:
-                transport = self._tls_handshake()
-                if transport is None:
-                    return
-            # A service opens its registration stream and little else: small
-            # limits bound what a hostile one can make us hold.
-            # Until it has registered, a connection gets the smallest session
-            # that can register: the protocol's least window, a small read
-            # buffer and a budget of bytes, after which it is dropped.
-            session = muxado.server(transport, name="service %s" % _address(self.address),
-                                    max_streams=16, accept_backlog=8,
-                                    max_frame_size=min(MAX_FRAME, relay.window_size),
-                                    read_budget=PENDING_READ_BUDGET,
-                                    write_timeout=relay.write_timeout)
-            with self._lock:
-                self._session = session
-            session.add_done_callback(self._session_ended)
-            request, stream = self._handshake(session)
-            relay._registered(self)
-            if request is None:
-                return
-            session.set_read_budget(None)
-            session.set_window_size(relay.window_size)
-            self.request = request
-            granted = self._wait_for_port(request, stream)
-            if granted is None:
-                return
-            self._announce(request, stream, granted[0])
-            self._serve_clients(session)
-            # Draining: open clients finish before the session goes (close() cuts it short).
-            with self._lock:
-                while self._draining and self._bridges and not self._ended:
-                    self._idle.wait()
+            self._serve()
         except (muxado.MuxadoError, OSError) as exc:
             if resources.is_exhaustion(exc):
                 log.warning("%s: out of file descriptors (%s); dropping this connection",
                             self.label, exc.strerror)
             elif self.request is None:   # never registered: anyone can do this
-                relay._log_pending_ended("%s: connection ended: %s", self.label, exc)
+                self.relay._log_pending_ended("%s: connection ended: %s", self.label, exc)
             else:
                 log.info("%s: connection ended: %s", self.label, exc)
         except Exception:
             log.exception("%s: failed", self.label)
         finally:
-            self._close_listener()
-            if self._session is not None:
-                self._session.close()
-            else:
-                self._sock.close()
-            with self._lock:
-                bridges = list(self._bridges)
-                grace = 0.0 if self._closing else relay.drain_timeout
-            # A client may still be taking the service's last bytes: it gets
-            # drain_timeout to read them, then a reset, so that a client that
-            # never reads cannot hold the port for ever. (Not after close():
-            # the relay is leaving, and Relay.drain has had its time.)
-            end = time.monotonic() + grace
-            for bridge in bridges:
-                if not bridge.join(max(0.0, end - time.monotonic())):
-                    log.info("%s: client on stream %d still had data to read %gs after the "
-                             "service left; resetting it", self.label, bridge.stream.id, grace)
-                    bridge.abort("the service has left and the client stopped reading")
-            for bridge in bridges:
-                bridge.join()
-            if self._heartbeat is not None:
-                self._heartbeat.join()
-            if granted is not None and not self._port_given_back:
-                held = relay._release_port(self, granted[0])
-                log.info("%s: left; port %d is free again%s (%d clients served)",
-                         self.label, granted[0],
-                         " once its lease ends in %gs" % relay.lease_time if held else "",
-                         self.clients_served)
-            relay._registered(self)   # if it never got that far
-            relay._forget_service(self)
+            self._finish()
+
+    def _serve(self):
+        """Register the service, then serve its public port until its session ends."""
+        relay = self.relay
+        enable_tcp_keepalive(self._sock, relay.keepalive)
+        session = self._open_session()
+        if session is None:
+            return
+        request, stream = self._handshake(session)
+        relay._registered(self)
+        if request is None:
+            return
+        session.set_read_budget(None)
+        session.set_window_size(relay.window_size)
+        self.request = request
+        granted = self._wait_for_port(request, stream)
+        if granted is None:
+            return
+        self._announce(request, stream, granted[0])
+        self._serve_clients(session)
+        # Draining: open clients finish before the session goes (close() cuts it short).
+        with self._lock:
+            while self._draining and self._bridges and not self._ended:
+                self._idle.wait()
+
+    def _open_session(self):
+        """The connection's muxado session, after TLS if the relay has it; None if
+        the peer was answered as a wrong-port one, or TLS failed."""
+        relay = self.relay
+        if self._wrong_port(self._peek()):
+            return None
+        transport = self._sock
+        if relay.tls_context is not None:
+            transport = self._tls_handshake()
+            if transport is None:
+                return None
+        # A service opens its registration stream and little else: small
+        # limits bound what a hostile one can make us hold.
+        # Until it has registered, a connection gets the smallest session
+        # that can register: the protocol's least window, a small read
+        # buffer and a budget of bytes, after which it is dropped.
+        session = muxado.server(transport, name="service %s" % _address(self.address),
+                                max_streams=16, accept_backlog=8,
+                                max_frame_size=min(MAX_FRAME, relay.window_size),
+                                read_budget=PENDING_READ_BUDGET,
+                                write_timeout=relay.write_timeout)
+        with self._lock:
+            self._session = session
+        session.add_done_callback(self._session_ended)
+        return session
+
+    def _finish(self):
+        """The service thread's end: session, clients, heartbeat, port."""
+        relay = self.relay
+        self._close_listener()
+        if self._session is not None:
+            self._session.close()
+        else:
+            self._sock.close()
+        self._let_clients_finish()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self.port is not None and not self._port_given_back:
+            held = relay._release_port(self, self.port)
+            log.info("%s: left; port %d is free again%s (%d clients served)",
+                     self.label, self.port,
+                     " once its lease ends in %gs" % relay.lease_time if held else "",
+                     self.clients_served)
+        relay._registered(self)   # if it never got that far
+        relay._forget_service(self)
+
+    def _let_clients_finish(self):
+        with self._lock:
+            bridges = list(self._bridges)
+            grace = 0.0 if self._closing else self.relay.drain_timeout
+        # A client may still be taking the service's last bytes: it gets
+        # drain_timeout to read them, then a reset, so that a client that
+        # never reads cannot hold the port for ever. (Not after close():
+        # the relay is leaving, and Relay.drain has had its time.)
+        end = time.monotonic() + grace
+        for bridge in bridges:
+            if not bridge.join(max(0.0, end - time.monotonic())):
+                log.info("%s: client on stream %d still had data to read %gs after the "
+                         "service left; resetting it", self.label, bridge.stream.id, grace)
+                bridge.abort("the service has left and the client stopped reading")
+        for bridge in bridges:
+            bridge.join()
 
     def _serve_clients(self, session):
+        """The public port's accept loop: each client becomes a stream of ``session``."""
         relay = self.relay
         acceptor = resources.Acceptor(self._listener, self._stopping,
                                       "%s's port %d" % (self.label, self.port))
@@ -231,58 +252,78 @@ class ServiceLink(Registrar):
                         self.label, client_address[0], relay.max_clients)
                 continue
             enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
-            stream = None
             try:
-                # The SYN goes out here, in accept order, carrying what the
-                # client sent with its connect if anything: one frame, not two.
-                stream = session.open(announce=False)
-                if self.request.proxy_protocol:
-                    stream.sendall(proxyproto.encode(self.request.proxy_protocol,
-                                                     client_address[:2], conn.getsockname()[:2]))
-                early = _early_bytes(conn)
-                if early:
-                    stream.sendall(early)
-                else:
-                    stream.announce()   # the service may be the one to speak first
+                stream, early = self._open_stream(session, conn, client_address)
             except (muxado.MuxadoError, OSError) as exc:
-                if stream is not None:
-                    stream.reset(wait=False)
-                _reset(conn)
-                if session.closed:
-                    log.info("%s: cannot open a stream for client %s: %s",
-                             self.label, _address(client_address), exc)
+                if self._stream_failed(session, exc, client_address):
                     return
-                if getattr(exc, "code", None) == muxado.ErrorCode.STREAMS_EXHAUSTED:
-                    self._hand_over(client_address)
-                    return
-                if (isinstance(exc, muxado.RemoteGoneAwayError)
-                        or session.remote_goaway is not None):
-                    # The service takes no new clients (it is shutting down):
-                    # the ones it serves carry on, as when the relay drains. (Its
-                    # GOAWAY may also come while the new stream's first frame goes out.)
-                    log.info("%s: takes no new clients (%s); refusing %s, finishing the %d open",
-                             self.label, exc, _address(client_address), self.client_count)
-                    with self._lock:
-                        self._draining = True
-                    self._stop_listening()
-                    return
-                # This stream's own error (the service reset it, or the client
-                # left already): it ends this client only.
-                relay._log_refusal("%s: client %s refused: %s", self.label,
-                                   _address(client_address), exc)
                 continue
-            bridge = Bridge(conn, stream, relay.flusher,
-                            name="client %s" % _address(client_address),
-                            on_close=self._client_closed, workers=relay.workers,
-                            idle_timeout=relay.idle_timeout)
-            bridge.bytes_up = len(early)
+            self._start_bridge(conn, stream, early, client_address)
+
+    def _open_stream(self, session, conn, client_address):
+        """A new stream of ``session`` for the client ``conn``, with what it sent
+        already: ``(stream, those bytes)``. On an error both are reset, and it is raised."""
+        stream = None
+        try:
+            # The SYN goes out here, in accept order, carrying what the
+            # client sent with its connect if anything: one frame, not two.
+            stream = session.open(announce=False)
+            if self.request.proxy_protocol:
+                stream.sendall(proxyproto.encode(self.request.proxy_protocol,
+                                                 client_address[:2], conn.getsockname()[:2]))
+            early = _early_bytes(conn)
+            if early:
+                stream.sendall(early)
+            else:
+                stream.announce()   # the service may be the one to speak first
+            return stream, early
+        except (muxado.MuxadoError, OSError):
+            if stream is not None:
+                stream.reset(wait=False)
+            _reset(conn)
+            raise
+
+    def _stream_failed(self, session, exc, client_address):
+        """A client's stream could not open (``exc``); True if that ends the port's
+        accept loop, False if it ends this client only."""
+        if session.closed:
+            log.info("%s: cannot open a stream for client %s: %s",
+                     self.label, _address(client_address), exc)
+            return True
+        if getattr(exc, "code", None) == muxado.ErrorCode.STREAMS_EXHAUSTED:
+            self._hand_over(client_address)
+            return True
+        if isinstance(exc, muxado.RemoteGoneAwayError) or session.remote_goaway is not None:
+            # The service takes no new clients (it is shutting down):
+            # the ones it serves carry on, as when the relay drains. (Its
+            # GOAWAY may also come while the new stream's first frame goes out.)
+            log.info("%s: takes no new clients (%s); refusing %s, finishing the %d open",
+                     self.label, exc, _address(client_address), self.client_count)
             with self._lock:
-                self._bridges.add(bridge)
-                self.clients_served += 1
-            relay._client_opened()
-            log.debug("%s: client %s on stream %d", self.label,
-                      _address(client_address), stream.id)
-            bridge.start()
+                self._draining = True
+            self._stop_listening()
+            return True
+        # This stream's own error (the service reset it, or the client
+        # left already): it ends this client only.
+        self.relay._log_refusal("%s: client %s refused: %s", self.label,
+                                _address(client_address), exc)
+        return False
+
+    def _start_bridge(self, conn, stream, early, client_address):
+        """Join the client ``conn`` to its ``stream``; ``early``: bytes already sent up."""
+        relay = self.relay
+        bridge = Bridge(conn, stream, relay.flusher,
+                        name="client %s" % _address(client_address),
+                        on_close=self._client_closed, workers=relay.workers,
+                        idle_timeout=relay.idle_timeout)
+        bridge.bytes_up = len(early)
+        with self._lock:
+            self._bridges.add(bridge)
+            self.clients_served += 1
+        relay._client_opened()
+        log.debug("%s: client %s on stream %d", self.label,
+                  _address(client_address), stream.id)
+        bridge.start()
 
     def _hand_over(self, client_address):
         """This session has used up its stream ids: GOAWAY asks the service to
