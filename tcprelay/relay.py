@@ -317,7 +317,8 @@ class ServiceLink(object):
         """Answer and log a peer that is plainly not a service we can serve (an
         HTTP client, TLS on one side only); True if it was one (then we are done)."""
         relay = self.relay
-        public = "%s, ports %s" % (relay.public_host, relay.pool.describe())
+        host = relay.public_host or addresses.dialled_host(self._sock.getsockname())
+        public = "host %s, ports %s" % (host, relay.pool.describe())
         if first[:4] in _HTTP_METHODS:
             relay._log_remote("http", "%s: an HTTP request on the service port: a client "
                               "sent to the wrong port? Clients connect to the public ports "

@@ -1,0 +1,135 @@
+"""A new user's mistakes (issue 12, helper E): what a fresh user of the README
+typed, and what tcprelay should have said.
+
+- an HTTP client at the service port of a relay without --public-host is told
+  the host to dial, not "None";
+- a relay host given as HOST:PORT in one argument (``localhost:8080``,
+  ``[::1]:8080``) is refused saying to give the host and the port apart;
+- the adapter names an IPv6 local service in brackets;
+- a --name the relay would refuse is an argument error at once, not a
+  refusal after connecting.
+
+Everything on 127.0.0.1; every blocking call has a timeout.
+"""
+
+import logging
+import socket
+
+import pytest
+
+from conftest import TIMEOUT
+from relay_helpers import LOOPBACK, free_port_range, read_until_end
+from test_relay import env  # noqa: F401 (a fixture)
+from tcprelay import adapter, echoserver, registration, relay as relay_module
+
+
+def parse_error(parser, argv, capsys):
+    """The one-line error ``parser`` exits 2 with for ``argv``."""
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+# -- an HTTP client at the service port ------------------------------------------------------
+
+def test_an_http_request_at_the_service_port_names_the_host_clients_dial(env, caplog):
+    # No --public-host: services are handed the address they dialled, so the
+    # 400 names that too, never "None".
+    ports = free_port_range(2)
+    relay = env.relay(ports=ports)
+    sock = socket.create_connection(relay.server_address, timeout=TIMEOUT)
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data, how = read_until_end(sock)
+    finally:
+        sock.close()
+    assert how == "eof", how
+    body = data.partition(b"\r\n\r\n")[2]
+    assert b"None" not in body, body
+    assert b"host 127.0.0.1, ports %d-%d" % (ports[0], ports[-1]) in body, body
+    logged = [r.getMessage() for r in caplog.records
+              if "an HTTP request on the service port" in r.getMessage()]
+    assert len(logged) == 1 and "None" not in logged[0], logged
+    assert "host 127.0.0.1, ports %d-%d" % (ports[0], ports[-1]) in logged[0], logged
+
+
+def test_an_http_request_names_the_public_host_when_one_is_set(env):
+    ports = free_port_range(1)
+    relay = env.relay(ports=ports, public_host="relay.example.test")
+    sock = socket.create_connection(relay.server_address, timeout=TIMEOUT)
+    try:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data, _ = read_until_end(sock)
+    finally:
+        sock.close()
+    assert b"host relay.example.test, ports %d" % ports[0] in data, data
+
+
+# -- HOST:PORT where a host goes -------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, apart", [
+    (["localhost:8080"], "localhost 8080"),
+    (["localhost:8080", "8080"], "localhost 8080"),
+    (["[::1]:8080", "8080"], "[::1] 8080"),
+    (["relay.example:8080", "8080"], "relay.example 8080"),
+])
+def test_a_relay_host_given_with_its_port_says_to_give_them_apart(capsys, argv, apart):
+    for parser in (echoserver.build_parser(), adapter.build_parser()):
+        err = parse_error(parser, argv + ["127.0.0.1:5432"] * (parser.prog.endswith("adapter")
+                                                               and len(argv) == 2), capsys)
+        assert "relay_host" in err and apart in err, err
+
+
+def test_the_relay_host_option_given_with_a_port_says_to_give_it_alone(capsys):
+    err = parse_error(relay_module.build_parser(), ["8080", "--host", "127.0.0.1:8080"], capsys)
+    assert "--host" in err and "'127.0.0.1'" in err, err
+    err = parse_error(relay_module.build_parser(), ["8080", "--public-host", "relay.example:81"],
+                      capsys)
+    assert "--public-host" in err and "'relay.example'" in err, err
+
+
+def test_hosts_without_a_port_still_parse():
+    parser = echoserver.build_parser()
+    for host, parsed in [("::1", "::1"), ("[::1]", "::1"), ("localhost", "localhost"),
+                         ("fe80::1%lo", "fe80::1%lo"), ("127.0.0.1", "127.0.0.1")]:
+        assert parser.parse_args([host, "8080"]).relay_host == parsed, host
+
+
+# -- the adapter's local service, IPv6 ----------------------------------------------------------
+
+def test_the_adapter_names_an_ipv6_local_service_in_brackets(caplog):
+    caplog.set_level(logging.WARNING, logger="tcprelay.adapter")
+    # Nothing listens there (or this machine has no IPv6): either way a warning.
+    adapter._probe(("::1", free_port_range(1)[0]), 0.5)
+    warned = [r.getMessage() for r in caplog.records if r.name == "tcprelay.adapter"]
+    assert len(warned) == 1, warned
+    assert "[::1]:" in warned[0] and " ::1:" not in warned[0], warned
+
+
+def test_the_adapter_names_an_unresolvable_ipv6_zone_in_brackets():
+    with pytest.raises(adapter.cli.StartError) as info:
+        adapter.check_local(("fe80::1%no-such-interface", 5432))
+    assert "[fe80::1%no-such-interface]:5432" in str(info.value), info.value
+
+
+# -- a --name the relay would refuse -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["n" * (registration.MAX_NAME + 1), "bad\nname", "\x1b[31m",
+                                  "n" * 5000], ids=["65", "newline", "escape", "5000"])
+def test_a_name_the_relay_would_refuse_is_an_argument_error(capsys, name):
+    for parser in (echoserver.build_parser(), adapter.build_parser()):
+        argv = [LOOPBACK, "8080", "--name", name]
+        if parser.prog.endswith("adapter"):
+            argv.append("127.0.0.1:5432")
+        err = parse_error(parser, argv, capsys)
+        assert "--name" in err and str(registration.MAX_NAME) in err, err
+
+
+def test_names_the_relay_takes_still_parse():
+    for name in ["echo", "Zürich-服务", "n" * registration.MAX_NAME, "with space"]:
+        assert echoserver.build_parser().parse_args([LOOPBACK, "8080", "--name", name]).name \
+            == name
+        registration.parse_request(registration.Request(name=name).encode())
