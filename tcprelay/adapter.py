@@ -151,8 +151,8 @@ def check_local(local):
     try:
         _resolve(*local)
     except (OSError, UnicodeError) as exc:
-        raise cli.StartError("cannot resolve the local service %s:%d: %s (check "
-                             "LOCAL_HOST:LOCAL_PORT)" % (local[0], local[1],
+        raise cli.StartError("cannot resolve the local service %s: %s (check "
+                             "LOCAL_HOST:LOCAL_PORT)" % (addresses.join_host_port(*local),
                                                          getattr(exc, "strerror", None) or exc))
 
 
@@ -161,8 +161,8 @@ def _probe(local, timeout):
     try:
         probe = socket.create_connection(local, timeout)
     except OSError as exc:
-        log.warning("cannot connect to the local service at %s:%d (%s): clients will be "
-                    "reset until it accepts connections", local[0], local[1],
+        log.warning("cannot connect to the local service at %s (%s): clients will be "
+                    "reset until it accepts connections", addresses.join_host_port(*local),
                     getattr(exc, "strerror", None) or exc)
     else:
         probe.close()

@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 
-from . import __version__, addresses, auth, tls
+from . import __version__, addresses, auth, registration, tls
 from .muxado import MuxadoError
 from .registration import RegistrationError
 from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
@@ -80,23 +80,39 @@ def positive(kind):
     return parse
 
 
-def _host(text):
+def _relay_host(text):
+    host_port = addresses.with_port(text)
+    if host_port is not None:
+        raise argparse.ArgumentTypeError(
+            "%r is HOST:PORT; give the relay's host and its port as two arguments: %s %d"
+            % ((text, addresses.bracketed(host_port[0])) + host_port[1:]))
     try:
         return addresses.host_option(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc))
 
 
+def _service_name(text):
+    # The relay's rule, checked here: else the relay refuses it after we connect.
+    if not text or len(text) > registration.MAX_NAME or not text.isprintable():
+        raise argparse.ArgumentTypeError("%r must be printable text of 1 to %d characters"
+                                         % (text[:registration.MAX_NAME + 1],
+                                            registration.MAX_NAME))
+    return text
+
+
 def service_parser(prog, description):
     """The options every service program takes."""
     parser = Parser(prog=prog, description=description)
-    parser.add_argument("relay_host", type=_host,
+    parser.add_argument("relay_host", type=_relay_host,
                         help="host name or address of the relay (IPv6 with or without "
                              "brackets)")
     parser.add_argument("relay_port", type=port_number, help="the relay's service port")
     parser.add_argument("--port", type=port_number, default=None,
                         help="ask the relay for this public port (wait until it is free)")
-    parser.add_argument("--name", default=None, help="our name in the relay's logs")
+    parser.add_argument("--name", default=None, type=_service_name,
+                        help="our name in the relay's logs (printable, up to %d characters)"
+                             % registration.MAX_NAME)
     parser.add_argument("--retry", action="store_true",
                         help="keep trying if the relay cannot be reached at first "
                              "(by default that is an error at once)")
@@ -166,8 +182,9 @@ def _registration_hint(exc, args):
     if isinstance(exc, ServicePortError):
         return ""   # it says what to try
     if isinstance(exc, socket.timeout):
-        return (" (is the relay's address right, and %s:%d its service port, not a public "
-                "port? --timeout waits longer)" % (args.relay_host, args.relay_port))
+        return (" (is the relay's address right, and %s its service port, not a public "
+                "port? --timeout waits longer)"
+                % addresses.join_host_port(args.relay_host, args.relay_port))
     if isinstance(exc, ConnectionRefusedError) and not isinstance(exc, MuxadoError):
         return " (is the relay running on that port?%s)" % (" --retry keeps trying" if not args.retry else "")
     if isinstance(exc, (ConnectionError, MuxadoError, RegistrationError)):

@@ -20,7 +20,7 @@ import pytest
 from conftest import TIMEOUT
 from relay_helpers import LOOPBACK, free_port_range, read_until_end
 from test_relay import env  # noqa: F401 (a fixture)
-from tcprelay import adapter, echoserver, registration, relay as relay_module
+from tcprelay import adapter, cli, echoserver, registration, relay as relay_module
 
 
 def parse_error(parser, argv, capsys):
@@ -133,3 +133,9 @@ def test_names_the_relay_takes_still_parse():
         assert echoserver.build_parser().parse_args([LOOPBACK, "8080", "--name", name]).name \
             == name
         registration.parse_request(registration.Request(name=name).encode())
+
+
+def test_the_timeout_hint_names_an_ipv6_relay_in_brackets():
+    args = echoserver.build_parser().parse_args(["::1", "8080"])
+    hint = cli._registration_hint(socket.timeout("timed out"), args)
+    assert "[::1]:8080" in hint and " ::1:8080" not in hint, hint
