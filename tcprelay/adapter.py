@@ -2,7 +2,8 @@
 server) behind a relay.
 
     $ python3 -m tcprelay.adapter relay.example 8080 127.0.0.1:5432
-    relay.example:8081        <- first line on stdout: the public address
+    203.0.113.5:8081          <- first line on stdout: the public address
+                                 (relay.example:8081 if the relay has --public-host)
 
 Every client's stream from the relay is joined to a new connection to the
 local service, both ways, with half-close and resets carried across. It

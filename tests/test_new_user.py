@@ -13,14 +13,17 @@ Everything on 127.0.0.1; every blocking call has a timeout.
 """
 
 import logging
+import os
+import re
 import socket
 
 import pytest
 
 from conftest import TIMEOUT
-from relay_helpers import LOOPBACK, free_port_range, read_until_end
+from relay_helpers import LOOPBACK, ROOT, free_port_range, read_until_end
 from test_relay import env  # noqa: F401 (a fixture)
 from tcprelay import adapter, cli, echoserver, registration, relay as relay_module
+from tcprelay.service import connect
 
 
 def parse_error(parser, argv, capsys):
@@ -139,3 +142,49 @@ def test_the_timeout_hint_names_an_ipv6_relay_in_brackets():
     args = echoserver.build_parser().parse_args(["::1", "8080"])
     hint = cli._registration_hint(socket.timeout("timed out"), args)
     assert "[::1]:8080" in hint and " ::1:8080" not in hint, hint
+
+
+# -- the README's printed addresses ------------------------------------------------------------
+
+def readme_printed_addresses():
+    """``(relay_host, public_host, printed)`` for every README block line that starts
+    a service program and is followed by the address it prints; ``public_host`` is
+    the block's --public-host, or None."""
+    blocks, block = [], None
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        for line in f:
+            if line.strip().startswith("```"):
+                if block is not None:
+                    blocks.append("".join(block))
+                block = [] if block is None else None
+            elif block is not None:
+                block.append(line)
+    found = []
+    for block in blocks:
+        lines = re.sub(r"\\\n\s*", "", block).splitlines()   # join continued lines
+        public = re.search(r"--public-host (\S+)", block)
+        for i, line in enumerate(lines[:-1]):
+            command = re.match(r"\$ python3 -m tcprelay\.(echoserver|adapter) (\S+) ", line)
+            if command:
+                printed = lines[i + 1].split("#")[0].strip()
+                found.append((command.group(2), public and public.group(1), printed))
+    return found
+
+
+def test_the_readme_shows_the_address_a_service_prints(env):
+    examples = readme_printed_addresses()
+    assert len(examples) >= 6, examples   # Usage, four adapters, the two security ones
+    relay = env.relay(ports=1)
+    dialled = {}
+    for relay_host, public_host, printed in examples:
+        host = printed.rpartition(":")[0]
+        if public_host is not None:
+            assert host == public_host, (relay_host, printed)
+            continue
+        if relay_host not in dialled:
+            connection = connect((relay_host, relay.server_address[1]), timeout=TIMEOUT)
+            dialled[relay_host] = connection.address.rpartition(":")[0]
+            connection.close()
+        assert host == dialled[relay_host], (
+            "the README shows %s after dialling %s; a service prints %s:PORT"
+            % (printed, relay_host, dialled[relay_host]))
