@@ -1107,10 +1107,10 @@ def build_parser():
                         help="address the public ports listen on (default: all interfaces)")
     parser.add_argument("--public-host", default=None, metavar="NAME", type=_public_host,
                         help="host name or address put in the address handed to services, "
-                             "as clients should reach the public ports; a non-ASCII name "
-                             "goes out in IDNA (default: the address each service dialled, "
-                             "so set this when clients reach the relay by another name, "
-                             "or through NAT)")
+                             "as clients should reach the public ports; set it when "
+                             "clients reach the relay by another name, or through NAT; a "
+                             "non-ASCII name goes out in IDNA (default: the address each "
+                             "service dialled)")
     parser.add_argument("--ports", type=_port_range, metavar="LOW-HIGH",
                         help="the public port pool (default: PORT+1 to PORT+50)")
     parser.add_argument("--max-services", type=cli.positive(int), default=DEFAULT_POOL_SIZE,
