@@ -82,7 +82,7 @@ class Adapter(cli.AnnouncingServer):
                                   getattr(exc, "strerror", None) or exc)
             stream.reset()
             return
-        log.debug("client %s joined to %s on stream %d", client_address,
+        log.debug("client %s joined to %s on stream %d", addresses.format_sockaddr(client_address),
                   self.local_label, stream.id)
         bridge = Bridge(sock, stream, self.flusher, name="client stream %d" % stream.id)
         with self._bridges_lock:

@@ -797,10 +797,12 @@ class RelayServer(object):
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (ConnectionError, muxado.MuxadoError)):
-            self._log_client_gone("client %s: %s", client_address, sys.exc_info()[1])
+            self._log_client_gone("client %s: %s", addresses.format_sockaddr(client_address),
+                                  sys.exc_info()[1])
             return
         self._log_handler_error("exception while handling a client from %s:\n%s",
-                                client_address, traceback.format_exc().rstrip())
+                                addresses.format_sockaddr(client_address),
+                                traceback.format_exc().rstrip())
 
     def fileno(self):
         raise OSError("a RelayServer has no file descriptor to select on")

@@ -23,7 +23,8 @@ from conftest import TIMEOUT
 from relay_helpers import LOOPBACK, ROOT, free_port_range, read_until_end
 from test_relay import env  # noqa: F401 (a fixture)
 from tcprelay import adapter, cli, echoserver, registration, relay as relay_module
-from tcprelay.service import connect
+from tcprelay import limits
+from tcprelay.service import RelayServer, connect
 
 
 def parse_error(parser, argv, capsys):
@@ -188,3 +189,24 @@ def test_the_readme_shows_the_address_a_service_prints(env):
         assert host == dialled[relay_host], (
             "the README shows %s after dialling %s; a service prints %s:PORT"
             % (printed, relay_host, dialled[relay_host]))
+
+
+# -- the service's log of a client it lost -----------------------------------------------------
+
+def test_a_lost_client_is_logged_with_its_address_as_text(no_leaks, caplog):
+    caplog.set_level(logging.INFO, logger="tcprelay.service")
+    server = RelayServer((LOOPBACK, 1), None, bind_and_activate=False)
+    try:
+        for address, text in [(("127.0.0.1", 8095), "127.0.0.1:8095"),
+                              (("::1", 8095, 0, 0), "[::1]:8095")]:
+            caplog.clear()
+            server._log_client_gone = limits.LogGate(logging.getLogger("tcprelay.service"),
+                                                     logging.INFO)
+            try:
+                raise ConnectionResetError("reset by the relay")
+            except ConnectionResetError:
+                server.handle_error(None, address)
+            logged = [r.getMessage() for r in caplog.records]
+            assert logged == ["client %s: reset by the relay" % text], logged
+    finally:
+        server.server_close()
