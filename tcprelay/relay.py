@@ -18,6 +18,7 @@ writer threads.
 import argparse
 import binascii
 import errno
+import ipaddress
 import logging
 import math
 import secrets
@@ -317,8 +318,7 @@ class ServiceLink(object):
         """Answer and log a peer that is plainly not a service we can serve (an
         HTTP client, TLS on one side only); True if it was one (then we are done)."""
         relay = self.relay
-        host = relay.public_host or addresses.dialled_host(self._sock.getsockname())
-        public = "host %s, ports %s" % (host, relay.pool.describe())
+        public = "host %s, ports %s" % (self._public_host(), relay.pool.describe())
         if first[:4] in _HTTP_METHODS:
             relay._log_remote("http", "%s: an HTTP request on the service port: a client "
                               "sent to the wrong port? Clients connect to the public ports "
@@ -553,14 +553,20 @@ class ServiceLink(object):
             fields["port"] = port   # the one port this service waits for
         return registration.encode_reply("waiting", **fields)
 
+    def _public_host(self):
+        """--public-host; else the one address the public ports listen on; else
+        the address this service dialled (it reaches us from its side)."""
+        relay = self.relay
+        if relay.public_host is not None:
+            return relay.public_host
+        if relay.public_bind and not _unspecified(relay.public_bind):
+            return addresses.dialled_host((relay.public_bind,))
+        return addresses.dialled_host(self._sock.getsockname())
+
     def _announce(self, request, stream, port):
         """Tell the service its public address, in the form it registered with."""
         relay = self.relay
-        host = relay.public_host
-        if host is None:
-            # The address this service dialled reaches us from its side.
-            host = addresses.dialled_host(self._sock.getsockname())
-        address = addresses.join_host_port(host, port)
+        address = addresses.join_host_port(self._public_host(), port)
         if request.minimal:
             stream.sendall(address.encode("ascii"))
             stream.close()
@@ -746,8 +752,8 @@ class Relay(object):
     ``server_address``: where services connect. ``ports``: the public port
     pool (default: the 50 ports after the service port). ``public_bind``:
     the address public ports listen on. ``public_host``: the host name in
-    the address handed to services (None: the address each service dialled;
-    a non-ASCII name goes out in IDNA; ValueError if it is no host name).
+    the address handed to services (None: ``public_bind`` if that is one
+    address, else the address each service dialled; a non-ASCII name goes out in IDNA; ValueError if it is no host name).
     ``waiting_interval``: seconds between
     the ``waiting`` lines a service in line gets even when nobody moved
     (None: only when its place changes, as relays before it did). ``write_timeout``: seconds a write to a
@@ -1110,7 +1116,8 @@ def build_parser():
                              "as clients should reach the public ports; set it when "
                              "clients reach the relay by another name, or through NAT; a "
                              "non-ASCII name goes out in IDNA (default: the address each "
-                             "service dialled)")
+                             "service dialled; the --public-bind address if that is one "
+                             "address)")
     parser.add_argument("--ports", type=_port_range, metavar="LOW-HIGH",
                         help="the public port pool (default: PORT+1 to PORT+50)")
     parser.add_argument("--max-services", type=cli.positive(int), default=DEFAULT_POOL_SIZE,
@@ -1190,6 +1197,14 @@ def _network(text):
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a network like 10.0.0.0/8" % text)
     return text
+
+
+def _unspecified(host):
+    """True for 0.0.0.0 or :: (every interface); False for a name."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified
+    except ValueError:
+        return False
 
 
 def _public_bind_problem(host):

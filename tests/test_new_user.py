@@ -210,3 +210,29 @@ def test_a_lost_client_is_logged_with_its_address_as_text(no_leaks, caplog):
             assert logged == ["client %s: reset by the relay" % text], logged
     finally:
         server.server_close()
+
+
+# -- --public-bind on one address ----------------------------------------------------------------
+
+def test_a_relay_whose_public_ports_listen_on_one_address_hands_out_that_address(env):
+    # The service dials 127.0.0.1; the public ports listen on 127.0.0.2 only
+    # (Linux routes all of 127.0.0.0/8 to loopback), so 127.0.0.1:PORT is refused.
+    relay = env.relay(ports=1, public_bind="127.0.0.2")
+    port = relay.pool.ports[0]
+    connection = connect(relay.server_address, timeout=TIMEOUT)
+    try:
+        assert connection.address == "127.0.0.2:%d" % port
+        client = socket.create_connection(("127.0.0.2", port), timeout=TIMEOUT)
+        client.close()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", ""])
+def test_public_ports_on_every_interface_hand_out_the_address_dialled(env, bind):
+    relay = env.relay(ports=1, public_bind=bind)
+    connection = connect(relay.server_address, timeout=TIMEOUT)
+    try:
+        assert connection.address == "127.0.0.1:%d" % relay.pool.ports[0]
+    finally:
+        connection.close()
