@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -236,3 +238,26 @@ def test_public_ports_on_every_interface_hand_out_the_address_dialled(env, bind)
         assert connection.address == "127.0.0.1:%d" % relay.pool.ports[0]
     finally:
         connection.close()
+
+
+# -- the programs' names ----------------------------------------------------------------------
+
+def test_python_m_tcprelay_names_the_three_programs():
+    result = subprocess.run([sys.executable, "-m", "tcprelay"], cwd=ROOT, timeout=TIMEOUT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr and "cannot be directly executed" not in \
+        result.stderr, result.stderr
+    for program in ("tcprelay.relay", "tcprelay.echoserver", "tcprelay.adapter"):
+        assert "python3 -m %s" % program in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("module, script", [(relay_module, "tcprelay-relay"),
+                                            (echoserver, "tcprelay-echoserver"),
+                                            (adapter, "tcprelay-adapter")])
+def test_a_console_script_calls_itself_by_its_own_name(monkeypatch, module, script):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/" + script])
+    assert module.build_parser().prog == script
+    monkeypatch.setattr(sys, "argv", [module.__file__])   # python3 -m tcprelay.X
+    assert module.build_parser().prog == "python3 -m tcprelay." + script.split("-")[1]
