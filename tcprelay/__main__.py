@@ -3,11 +3,13 @@
 import sys
 
 USAGE = """\
-tcprelay is three programs:
-  python3 -m tcprelay.relay PORT [options]                                           the relay
-  python3 -m tcprelay.echoserver RELAY_HOST RELAY_PORT [options]                     an example service
-  python3 -m tcprelay.adapter RELAY_HOST RELAY_PORT LOCAL_HOST:LOCAL_PORT [options]  any TCP service
-Each takes --help. README.md shows them at work.
+tcprelay is three programs (each takes --help; README.md shows them at work):
+  the relay:
+    python3 -m tcprelay.relay PORT [options]
+  a service that echoes, the example:
+    python3 -m tcprelay.echoserver RELAY_HOST RELAY_PORT [options]
+  the adapter, for any TCP service:
+    python3 -m tcprelay.adapter RELAY_HOST RELAY_PORT LOCAL_HOST:LOCAL_PORT [options]
 """
 
 if __name__ == "__main__":
