@@ -220,6 +220,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
         deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
         silence, silent = timeout, "did not answer within %gs"
         reported = None
+        challenged = False
         while True:
             reply = replies.next(silence, deadline, silent)
             status = reply["status"]
@@ -235,6 +236,9 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
             elif status == "ok":
                 if not isinstance(reply.get("address"), str):
                     raise registration.RegistrationError("the relay's ok has no address")
+                if secret is not None and not challenged:
+                    log.warning("the relay did not ask for our secret: it lets anyone "
+                                "register (no --secret-file), or it is not the relay meant")
                 keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
                 return reply, (stream if keep else None)
             elif status == "challenge":
@@ -247,6 +251,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                     raise registration.RegistrationError("the relay's challenge is malformed")
                 stream.sendall((json.dumps({"hmac": auth.answer(secret, nonce)}) + "\n")
                                .encode("ascii"))
+                challenged = True
                 silence, silent = timeout, "did not answer within %gs"
             elif status == "error":
                 raise RegistrationRefused(str(reply.get("error", "refused")))

@@ -261,3 +261,21 @@ def test_a_console_script_calls_itself_by_its_own_name(monkeypatch, module, scri
     assert module.build_parser().prog == script
     monkeypatch.setattr(sys, "argv", [module.__file__])   # python3 -m tcprelay.X
     assert module.build_parser().prog == "python3 -m tcprelay." + script.split("-")[1]
+
+
+# -- a service with a secret at a relay without one ----------------------------------------------
+
+SECRET = b"s" * 32
+
+
+@pytest.mark.parametrize("relay_secret, warned", [(None, True), (SECRET, False)])
+def test_a_service_with_a_secret_is_warned_when_the_relay_does_not_ask_for_it(
+        env, caplog, relay_secret, warned):
+    caplog.set_level(logging.INFO, logger="tcprelay.service")
+    relay = env.relay(ports=1, secret=relay_secret)
+    connection = connect(relay.server_address, secret=SECRET, timeout=TIMEOUT)
+    connection.close()
+    said = [r for r in caplog.records if r.name == "tcprelay.service"
+            and "did not ask for our secret" in r.getMessage()]
+    assert len(said) == (1 if warned else 0), [r.getMessage() for r in caplog.records]
+    assert all(r.levelno == logging.WARNING for r in said)
