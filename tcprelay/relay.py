@@ -1129,8 +1129,9 @@ def build_parser():
                              "(default: 10)")
     parser.add_argument("--drain-timeout", type=cli.positive(float), default=DEFAULT_DRAIN_TIMEOUT,
                         metavar="SECONDS",
-                        help="on SIGINT or SIGTERM, let open clients finish for this long "
-                             "(default: 10)")
+                        help="on SIGINT or SIGTERM, let open clients finish for this long; "
+                             "and after a service left, let its clients take its last "
+                             "bytes for this long before they are reset (default: 10)")
     parser.add_argument("--lease-time", type=_non_negative, default=DEFAULT_LEASE_TIME,
                         metavar="SECONDS",
                         help="a service that reconnects within this time with its lease "
@@ -1159,7 +1160,7 @@ def build_parser():
                           metavar="N", help="services that may wait in line for a port; "
                                             "more are refused (default: %d)" % DEFAULT_MAX_WAITING)
     capacity.add_argument("--max-clients", type=cli.positive(int), default=DEFAULT_MAX_CLIENTS,
-                          metavar="N", help="clients at once per service; more are refused "
+                          metavar="N", help="clients at once per service; more are reset "
                                             "(default: %d)" % DEFAULT_MAX_CLIENTS)
     capacity.add_argument("--max-pending", type=cli.positive(int), default=DEFAULT_MAX_PENDING,
                           metavar="N", help="connections that may be registering at once "
