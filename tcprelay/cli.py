@@ -186,6 +186,9 @@ def _registration_hint(exc, args):
     retry = "" if args.retry else "; --retry keeps trying"
     if isinstance(exc, ServicePortError):
         return ""   # it says what to try
+    if isinstance(exc, socket.gaierror):
+        return " (check the relay's host name, %r: this machine cannot resolve it)" \
+            % args.relay_host
     if isinstance(exc, socket.timeout):
         return (" (is the relay's address right, and %s its service port, not a public "
                 "port? --timeout waits longer)"

@@ -115,7 +115,13 @@ def test_the_adapter_names_an_ipv6_local_service_in_brackets(caplog):
     assert "[::1]:" in warned[0] and " ::1:" not in warned[0], warned
 
 
-def test_the_adapter_names_an_unresolvable_ipv6_zone_in_brackets():
+def unresolvable(*args, **kwargs):
+    # No lookup leaves the machine: the resolver's answer for a name it lacks.
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+def test_the_adapter_names_an_unresolvable_ipv6_zone_in_brackets(monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
     with pytest.raises(adapter.cli.StartError) as info:
         adapter.check_local(("fe80::1%no-such-interface", 5432))
     assert "[fe80::1%no-such-interface]:5432" in str(info.value), info.value
@@ -279,3 +285,15 @@ def test_a_service_with_a_secret_is_warned_when_the_relay_does_not_ask_for_it(
             and "did not ask for our secret" in r.getMessage()]
     assert len(said) == (1 if warned else 0), [r.getMessage() for r in caplog.records]
     assert all(r.levelno == logging.WARNING for r in said)
+
+
+def test_a_relay_host_that_does_not_resolve_is_named_with_what_to_check(monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    args = echoserver.build_parser().parse_args(["relay.invalid", "8080"])
+    try:
+        connect((args.relay_host, args.relay_port), timeout=TIMEOUT)
+    except OSError as exc:
+        hint = cli._registration_hint(exc, args)
+    else:
+        raise AssertionError("connect() resolved relay.invalid")
+    assert "check the relay's host name, 'relay.invalid'" in hint, hint
