@@ -362,7 +362,7 @@ def test_go_service_takes_the_ok_line_with_the_heartbeat(env, keepalive):
                     out += chunk
         assert service.poll() is None, "bin-v2-service exited: %r" % service.communicate(
             timeout=TIMEOUT)[1]
-        assert bytes(out).split(b"\n")[0] == b"localhost:%d" % relay.pool.ports[0], out
+        assert bytes(out).split(b"\n")[0] == b"127.0.0.1:%d" % relay.pool.ports[0], out
     finally:
         if service.poll() is None:
             service.terminate()
