@@ -168,8 +168,9 @@ def option_tables(lines):
 
 
 def listed(action):
-    """An option the README's tables list: not a positional, --help or --version."""
-    return bool(action.option_strings) and not isinstance(
+    """An option the README's tables list: not a positional, --help, --version or
+    one hidden from --help (a knob for the tests)."""
+    return bool(action.option_strings) and action.help != argparse.SUPPRESS and not isinstance(
         action, (argparse._HelpAction, argparse._VersionAction))
 
 

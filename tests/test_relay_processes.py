@@ -433,8 +433,10 @@ class Streamer(object):
 def test_resources_return_to_baseline_after_services_killed_mid_transfer(procs):
     ports = free_port_range(7)
     relay_port, pool = ports[0], ports[1:]
-    # No leases: killed services' ports must come straight back to the pool.
-    relay = procs.relay(relay_port, *quick("--lease-time", "0", *pool_args(pool)),
+    # No leases: killed services' ports must come straight back to the pool. Idle
+    # pump threads end after 0.2 s (2 s by default), so the wait for the baseline is short.
+    relay = procs.relay(relay_port, *quick("--lease-time", "0", "--pump-idle-timeout", "0.2",
+                                           *pool_args(pool)),
                         ready="listening for services")
     base_threads, base_files = relay.threads(), relay.open_files()
 
