@@ -35,6 +35,7 @@ from .bridge import Bridge, Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatResponder, enable_tcp_keepalive
 from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
 from .portpool import Cancelled, PoolError, PortPool
+from .workers import DEFAULT_IDLE_TIMEOUT as DEFAULT_PUMP_IDLE_TIMEOUT
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -759,6 +760,7 @@ class Relay(object):
     (None: only when its place changes, as relays before it did). ``write_timeout``: seconds a write to a
     service may make no progress before its session ends (muxado's). ``port_retry_after``:
     seconds a public port that could not be bound is skipped before it is tried again.
+    ``pump_idle_timeout``: seconds an idle pump thread waits for a new client before it ends.
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -771,7 +773,8 @@ class Relay(object):
                  max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST,
                  waiting_interval=DEFAULT_WAITING_INTERVAL,
                  write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
-                 port_retry_after=DEFAULT_PORT_RETRY_AFTER):
+                 port_retry_after=DEFAULT_PORT_RETRY_AFTER,
+                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -828,7 +831,7 @@ class Relay(object):
                 self.socket.close()
                 raise
         self.flusher = Flusher(name="relay-flusher")
-        self.workers = WorkerPool(name="relay-pump")
+        self.workers = WorkerPool(name="relay-pump", idle_timeout=pump_idle_timeout)
 
     # -- socketserver-style interface ------------------------------------------------
 
@@ -1175,6 +1178,9 @@ def build_parser():
                                                   "no bytes either way (default: never)")
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
+    # Not in --help: for tests that wait for the relay's threads to go back.
+    parser.add_argument("--pump-idle-timeout", type=cli.positive(float),
+                        default=DEFAULT_PUMP_IDLE_TIMEOUT, help=argparse.SUPPRESS)
     return parser
 
 
@@ -1279,7 +1285,8 @@ def main(argv=None):
                       max_clients=args.max_clients, idle_timeout=args.idle_timeout,
                       registration_rate=args.registration_rate,
                       max_pending=args.max_pending,
-                      max_pending_per_host=args.max_pending_per_host)
+                      max_pending_per_host=args.max_pending_per_host,
+                      pump_idle_timeout=args.pump_idle_timeout)
     except OSError as exc:
         where = addresses.join_host_port(args.host or "*", args.port)
         if exc.errno == errno.EADDRINUSE:
