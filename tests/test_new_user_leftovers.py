@@ -11,17 +11,22 @@ blocking call has a timeout.
 import os
 import signal
 import socket
+import threading
 import time
 
 import pytest
 
 from conftest import TIMEOUT
-from relay_helpers import LOOPBACK, Worker, wait_until
+from relay_helpers import (
+    LOOPBACK, Worker, echo_roundtrip, free_port_range, read_until_end, wait_until,
+)
+from test_relay import Env
 from test_docs_as_written import help_groups, option_tables, readme, section
 from test_security import (  # noqa: F401 (env, logs, procs: fixtures)
     assert_clean_exit, env, logs, procs,
 )
 from tcprelay import adapter, cli, echoserver
+from tcprelay.relay import Relay
 
 MIB = 1024 * 1024
 SERVICE_PROGRAMS = ["tcprelay.echoserver", "tcprelay.adapter"]
@@ -204,3 +209,37 @@ def test_readme_echo_server_options_are_every_option_grouped_as_help():
     for title, _ in groups[1:]:
         title = title.split(" (")[0]
         assert '"%s"' % title in text, "the README does not name the group %r" % title
+
+
+# -- sibling: every session ends on a stop, the ones the relay is leaving too ----------------
+
+def start_relay(env, address, ports):
+    """A started relay on ``address`` (another relay's, once that one stops accepting)."""
+    relay = Relay(address, ports=ports, public_bind=LOOPBACK, handshake_timeout=5.0,
+                  waiting_interval=None)
+    thread = threading.Thread(target=relay.serve_forever, name="relay serve_forever")
+    thread.start()
+    env.defer(Env._stop_relay, relay, thread)
+    return relay
+
+
+def test_stopping_ends_clients_on_the_session_a_relay_is_leaving(env, procs):
+    # A relay restart: the old relay drains (GOAWAY; its clients may finish for
+    # --drain-timeout), the echo server registers with the new one. SIGTERM
+    # must end the echo server's clients on the old session too, not wait for
+    # them (it waited for the old relay's drain to end).
+    ports = free_port_range(2)
+    old = env.relay(ports=ports[:1], drain_timeout=TIMEOUT)
+    echo, port = procs.echo(old.server_address[1])
+    client = env.client(port)
+    assert echo_roundtrip(client, b"on the old relay", half_close=False) == b"on the old relay"
+    draining = Worker(old.drain, name="old relay draining")
+    start_relay(env, old.server_address, ports[1:])
+    assert echo.readline() == "127.0.0.1:%d" % ports[1]   # registered with the new relay
+    started = time.monotonic()
+    echo.send_signal(signal.SIGTERM)
+    assert echo.wait() == 0, echo.stderr_text()
+    assert time.monotonic() - started < 3.0, "the stop waited for the old relay's drain"
+    data, how = read_until_end(client)   # ended with the echo server, not left open
+    assert data == b""
+    draining.finish()
