@@ -1121,8 +1121,9 @@ def build_parser():
                              "(default: 10)")
     parser.add_argument("--drain-timeout", type=cli.positive(float), default=DEFAULT_DRAIN_TIMEOUT,
                         metavar="SECONDS",
-                        help="on SIGINT or SIGTERM, let open clients finish for this long "
-                             "(default: 10)")
+                        help="on SIGINT or SIGTERM, let open clients finish for this long; "
+                             "and after a service left, let its clients take its last bytes "
+                             "for this long before they are reset (default: 10)")
     parser.add_argument("--lease-time", type=_non_negative, default=DEFAULT_LEASE_TIME,
                         metavar="SECONDS",
                         help="a service that reconnects within this time with its lease "

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    LOOPBACK, Worker, echo_roundtrip, free_port_range, read_until_end, wait_until,
+    LOOPBACK, ROOT, Worker, echo_roundtrip, free_port_range, read_until_end, wait_until,
 )
 from test_relay import Env
 from test_docs_as_written import help_groups, option_tables, readme, section
@@ -243,3 +243,15 @@ def test_stopping_ends_clients_on_the_session_a_relay_is_leaving(env, procs):
     data, how = read_until_end(client)   # ended with the echo server, not left open
     assert data == b""
     draining.finish()
+
+
+# -- docs/PROTOCOL.md tells a third party what the relay answers at its service port ------
+
+def test_protocol_md_gives_the_wrong_port_answers_as_the_relay_sends_them():
+    from tcprelay import registration, relay as relay_module
+    with open(os.path.join(ROOT, "docs", "PROTOCOL.md"), encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    assert "debug text `%s`" % registration.TLS_REQUIRED.decode("ascii") in text
+    assert "`HTTP/1.0 400 Bad Request`" in text
+    for method in relay_module._HTTP_METHODS:
+        assert "`%s`" % method.decode("ascii") in text, method
