@@ -47,6 +47,7 @@ class Adapter(cli.AnnouncingServer):
         self.drain_timeout = drain_timeout
         self._bridges = set()
         self._bridges_lock = threading.Lock()
+        self._drain_cut = False   # cut_close(): reset what the local service has not taken
         self.flusher = Flusher(name="adapter-flusher")
         self.workers = WorkerPool(name="adapter-pump")
         try:
@@ -97,14 +98,32 @@ class Adapter(cli.AnnouncingServer):
         cli.AnnouncingServer.server_close(self)
         self._close_pumps()
 
+    def cut_close(self):
+        """Stop waiting for the local service at close: reset every client now."""
+        with self._bridges_lock:
+            self._drain_cut = True
+            bridges = list(self._bridges)
+        cli.AnnouncingServer.cut_close(self)
+        for bridge in bridges:
+            bridge.abort("quitting at once")
+
     def _close_pumps(self):
         # The relay's session has ended: a stream the relay had finished is
         # still delivered, but a local service that does not take it within
         # drain_timeout is reset (else close would wait on it for ever).
         with self._bridges_lock:
             bridges = list(self._bridges)
+            cut = self._drain_cut
+        if cut:
+            for bridge in bridges:
+                bridge.abort("quitting at once")
         end = time.monotonic() + self.drain_timeout
-        for bridge in bridges:
+        waiting = [bridge for bridge in bridges if not bridge.join(0)]
+        if waiting and not cut:
+            log.info("giving the local service up to %gs to take the last bytes of %d "
+                     "client streams (a second SIGINT or SIGTERM quits at once)",
+                     self.drain_timeout, len(waiting))
+        for bridge in waiting:
             if not bridge.join(max(0.0, end - time.monotonic())):
                 log.info("the local service did not take stream %d's last bytes within %gs; "
                          "resetting it", bridge.stream.id, self.drain_timeout)

@@ -41,11 +41,14 @@ DEFAULT_ACCEPT_BACKLOG = 4096
 
 
 class RegistrationRefused(Exception):
-    """The relay refused to register us; ``reason`` says why. Retrying will not help."""
+    """The relay refused to register us; ``reason`` says why. Retrying will not help.
+    ``in_line`` is True when it refused us after putting us in line (``max_wait``
+    ran out)."""
 
-    def __init__(self, reason):
+    def __init__(self, reason, in_line=False):
         super(RegistrationRefused, self).__init__(reason)
         self.reason = reason
+        self.in_line = in_line
 
 
 class RelayGone(ConnectionError):
@@ -221,10 +224,12 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
         silence, silent = timeout, "did not answer within %gs"
         reported = None
         challenged = False
+        in_line = False
         while True:
             reply = replies.next(silence, deadline, silent)
             status = reply["status"]
             if status == "waiting":
+                in_line = True
                 position = reply.get("position")
                 silence = _silence_in_line(reply.get("interval"), timeout)
                 silent = "went silent for %gs while we waited in line"
@@ -254,7 +259,8 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                 challenged = True
                 silence, silent = timeout, "did not answer within %gs"
             elif status == "error":
-                raise RegistrationRefused(str(reply.get("error", "refused")))
+                raise RegistrationRefused(str(reply.get("error", "refused")),
+                                          in_line=in_line)
             else:
                 raise registration.RegistrationError("unexpected reply status %r" % status)
     finally:
