@@ -2,7 +2,8 @@
 server) behind a relay.
 
     $ python3 -m tcprelay.adapter relay.example 8080 127.0.0.1:5432
-    relay.example:8081        <- first line on stdout: the public address
+    203.0.113.5:8081          <- first line on stdout: the public address
+                                 (relay.example:8081 if the relay has --public-host)
 
 Every client's stream from the relay is joined to a new connection to the
 local service, both ways, with half-close and resets carried across. It
@@ -46,6 +47,7 @@ class Adapter(servicecli.AnnouncingServer):
         self.drain_timeout = drain_timeout
         self._bridges = set()
         self._bridges_lock = threading.Lock()
+        self._drain_cut = False   # cut_close(): reset what the local service has not taken
         self.flusher = Flusher(name="adapter-flusher")
         self.workers = WorkerPool(name="adapter-pump")
         try:
@@ -81,7 +83,7 @@ class Adapter(servicecli.AnnouncingServer):
                                   getattr(exc, "strerror", None) or exc)
             stream.reset()
             return
-        log.debug("client %s joined to %s on stream %d", client_address,
+        log.debug("client %s joined to %s on stream %d", addresses.format_sockaddr(client_address),
                   self.local_label, stream.id)
         bridge = Bridge(sock, stream, self.flusher, name="client stream %d" % stream.id)
         with self._bridges_lock:
@@ -96,14 +98,32 @@ class Adapter(servicecli.AnnouncingServer):
         servicecli.AnnouncingServer.server_close(self)
         self._close_pumps()
 
+    def cut_close(self):
+        """Stop waiting for the local service at close: reset every client now."""
+        with self._bridges_lock:
+            self._drain_cut = True
+            bridges = list(self._bridges)
+        servicecli.AnnouncingServer.cut_close(self)
+        for bridge in bridges:
+            bridge.abort("quitting at once")
+
     def _close_pumps(self):
         # The relay's session has ended: a stream the relay had finished is
         # still delivered, but a local service that does not take it within
         # drain_timeout is reset (else close would wait on it for ever).
         with self._bridges_lock:
             bridges = list(self._bridges)
+            cut = self._drain_cut
+        if cut:
+            for bridge in bridges:
+                bridge.abort("quitting at once")
         end = time.monotonic() + self.drain_timeout
-        for bridge in bridges:
+        waiting = [bridge for bridge in bridges if not bridge.join(0)]
+        if waiting and not cut:
+            log.info("giving the local service up to %gs to take the last bytes of %d "
+                     "client streams (a second SIGINT or SIGTERM quits at once)",
+                     self.drain_timeout, len(waiting))
+        for bridge in waiting:
             if not bridge.join(max(0.0, end - time.monotonic())):
                 log.info("the local service did not take stream %d's last bytes within %gs; "
                          "resetting it", bridge.stream.id, self.drain_timeout)
@@ -151,8 +171,8 @@ def check_local(local):
     try:
         _resolve(*local)
     except (OSError, UnicodeError) as exc:
-        raise servicecli.StartError("cannot resolve the local service %s:%d: %s (check "
-                             "LOCAL_HOST:LOCAL_PORT)" % (local[0], local[1],
+        raise servicecli.StartError("cannot resolve the local service %s: %s (check "
+                                    "LOCAL_HOST:LOCAL_PORT)" % (addresses.join_host_port(*local),
                                                          getattr(exc, "strerror", None) or exc))
 
 
@@ -161,8 +181,8 @@ def _probe(local, timeout):
     try:
         probe = socket.create_connection(local, timeout)
     except OSError as exc:
-        log.warning("cannot connect to the local service at %s:%d (%s): clients will be "
-                    "reset until it accepts connections", local[0], local[1],
+        log.warning("cannot connect to the local service at %s (%s): clients will be "
+                    "reset until it accepts connections", addresses.join_host_port(*local),
                     getattr(exc, "strerror", None) or exc)
     else:
         probe.close()

@@ -63,16 +63,39 @@ def split_host_port(text, default_host=None):
     return host, int(port)
 
 
+def with_port(text):
+    """``(host, port)`` if ``text`` is ``host:port`` or ``[v6]:port``, else None
+    (a bare IPv6 address, ``::1``, is a host alone)."""
+    if is_ipv6_literal(text):
+        return None
+    try:
+        return split_host_port(text)
+    except ValueError:
+        return None
+
+
+def bracketed(host):
+    """``host`` as it is written before ``:port``: an IPv6 literal in brackets."""
+    return "[%s]" % host if ":" in host else host
+
+
 def host_option(text):
     """A host given alone (an option like ``--host``): ``[::1]`` and ``::1`` are both ``::1``.
 
-    Raises ValueError for brackets around anything but an IPv6 address.
+    Raises ValueError for a host with a port (``localhost:8080``), for brackets
+    around anything but an IPv6 address, and for any other colon.
     """
+    host_port = with_port(text)
+    if host_port is not None:
+        raise ValueError("%r is a host with a port; give the host alone, %r"
+                         % (text, bracketed(host_port[0])))
     if text.startswith("[") or text.endswith("]"):
         inner = text[1:-1] if text.startswith("[") and text.endswith("]") else None
         if inner is None or not is_ipv6_literal(inner):
             raise ValueError("%r: brackets go around an IPv6 address only, like [::1]" % text)
         return inner
+    if ":" in text and not is_ipv6_literal(text):
+        raise ValueError("%r is not a host: a colon goes only in an IPv6 address" % text)
     return text
 
 

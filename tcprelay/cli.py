@@ -5,6 +5,7 @@ a service process is in ``servicecli``; the relay's own options in ``relay``."""
 import argparse
 import functools
 import logging
+import os
 import sys
 
 from . import __version__, addresses, limits
@@ -16,6 +17,10 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2), as the CLIs promise, and --version."""
 
     def __init__(self, *args, **kwargs):
+        # Run as a console script (tcprelay-relay), say so in usage and errors.
+        script = os.path.basename(sys.argv[0]) if sys.argv else ""
+        if script.startswith("tcprelay-"):
+            kwargs["prog"] = script
         argparse.ArgumentParser.__init__(self, *args, **kwargs)
         self.add_argument("--version", action="version",
                           version="%%(prog)s (tcprelay) %s" % __version__)

@@ -1,7 +1,7 @@
 """The example service: echoes every client's bytes back, through a relay.
 
     $ python3 -m tcprelay.echoserver localhost 8080
-    localhost:8081            <- first line on stdout: the public address
+    127.0.0.1:8081            <- first line on stdout: the public address
 
 It is a plain socketserver-style handler on ``tcprelay.service.RelayServer``;
 read it as a template for your own service.

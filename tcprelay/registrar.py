@@ -14,6 +14,7 @@ requests and replies; this module decides what to answer.
 """
 
 import binascii
+import ipaddress
 import logging
 import socket
 import time
@@ -110,7 +111,7 @@ class Registrar(object):
         """Answer and log a peer that is plainly not a service we can serve (an
         HTTP client, TLS on one side only); True if it was one (then we are done)."""
         relay = self.relay
-        public = "%s, ports %s" % (relay.public_host, relay.pool.describe())
+        public = "host %s, ports %s" % (self._public_host(), relay.pool.describe())
         if first[:4] in _HTTP_METHODS:
             relay._log_remote("http", "%s: an HTTP request on the service port: a client "
                               "sent to the wrong port? Clients connect to the public ports "
@@ -362,14 +363,20 @@ class Registrar(object):
             fields["port"] = port   # the one port this service waits for
         return registration.encode_reply("waiting", **fields)
 
+    def _public_host(self):
+        """--public-host; else the one address the public ports listen on; else
+        the address this service dialled (it reaches us from its side)."""
+        relay = self.relay
+        if relay.public_host is not None:
+            return relay.public_host
+        if relay.public_bind and not _unspecified(relay.public_bind):
+            return addresses.dialled_host((relay.public_bind,))
+        return addresses.dialled_host(self._sock.getsockname())
+
     def _announce(self, request, stream, port):
         """Tell the service its public address, in the form it registered with."""
         relay = self.relay
-        host = relay.public_host
-        if host is None:
-            # The address this service dialled reaches us from its side.
-            host = addresses.dialled_host(self._sock.getsockname())
-        address = addresses.join_host_port(host, port)
+        address = addresses.join_host_port(self._public_host(), port)
         if request.minimal:
             stream.sendall(address.encode("ascii"))
             stream.close()
@@ -393,3 +400,11 @@ class Registrar(object):
             stream.close()
         log.info("%s: registered; public address %s%s", self.label, address,
                  " (PROXY %s headers)" % request.proxy_protocol if request.proxy_protocol else "")
+
+
+def _unspecified(host):
+    """True for 0.0.0.0 or :: (every interface); False for a name."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified
+    except ValueError:
+        return False

@@ -21,6 +21,7 @@ MAX_REQUEST = 4096          # bytes of request the relay reads at most
 TLS_REQUIRED = b"this relay requires TLS"
 MAX_REPLY = 64 * 1024       # bytes of one reply line a service reads at most
 MAX_NAME = 64
+MAX_WAIT = 10 ** 9          # seconds: the longest max_wait a relay takes
 MAX_LEASE = 128
 
 
@@ -129,7 +130,7 @@ def parse_request(data):
     return Request(
         port=_number(body, "port", 1, 65535, integer=True),
         name=name,
-        max_wait=_number(body, "max_wait", 0, 10 ** 9, integer=False),
+        max_wait=_number(body, "max_wait", 0, MAX_WAIT, integer=False),
         notices=body.get("notices", False),
         lease=lease,
         heartbeat=body.get("heartbeat", False),

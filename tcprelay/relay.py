@@ -15,6 +15,7 @@ finishes writes to slow clients; each muxado session has its reader and
 writer threads.
 """
 
+import argparse
 import errno
 import logging
 import signal
@@ -30,6 +31,7 @@ from .leases import Leases
 from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
 from .portpool import PortPool
 from .servicelink import DEFAULT_WINDOW, ServiceLink, _reset
+from .workers import DEFAULT_IDLE_TIMEOUT as DEFAULT_PUMP_IDLE_TIMEOUT
 from .workers import WorkerPool
 # Names callers and tests have always taken from this module.
 from .registrar import TLS_REQUIRED  # noqa: F401
@@ -63,13 +65,14 @@ class Relay(object):
     ``server_address``: where services connect. ``ports``: the public port
     pool (default: the 50 ports after the service port). ``public_bind``:
     the address public ports listen on. ``public_host``: the host name in
-    the address handed to services (None: the address each service dialled;
-    a non-ASCII name goes out in IDNA; ValueError if it is no host name).
+    the address handed to services (None: ``public_bind`` if that is one
+    address, else the address each service dialled; a non-ASCII name goes out in IDNA; ValueError if it is no host name).
     ``waiting_interval``: seconds between
     the ``waiting`` lines a service in line gets even when nobody moved
     (None: only when its place changes, as relays before it did). ``write_timeout``: seconds a write to a
     service may make no progress before its session ends (muxado's). ``port_retry_after``:
     seconds a public port that could not be bound is skipped before it is tried again.
+    ``pump_idle_timeout``: seconds an idle pump thread waits for a new client before it ends.
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -82,7 +85,8 @@ class Relay(object):
                  max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST,
                  waiting_interval=DEFAULT_WAITING_INTERVAL,
                  write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
-                 port_retry_after=DEFAULT_PORT_RETRY_AFTER):
+                 port_retry_after=DEFAULT_PORT_RETRY_AFTER,
+                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -129,7 +133,7 @@ class Relay(object):
         if bind_and_activate:
             self._bind_and_activate()
         self.flusher = Flusher(name="relay-flusher")
-        self.workers = WorkerPool(name="relay-pump")
+        self.workers = WorkerPool(name="relay-pump", idle_timeout=pump_idle_timeout)
 
     def _open_log_gates(self):
         self._log_refusal = limits.LogGate(log, more="refusals")
@@ -353,10 +357,11 @@ def build_parser():
                         help="address the public ports listen on (default: all interfaces)")
     parser.add_argument("--public-host", default=None, metavar="NAME", type=cli.public_host,
                         help="host name or address put in the address handed to services, "
-                             "as clients should reach the public ports; a non-ASCII name "
-                             "goes out in IDNA (default: the address each service dialled, "
-                             "so set this when clients reach the relay by another name, "
-                             "or through NAT)")
+                             "as clients should reach the public ports; set it when "
+                             "clients reach the relay by another name, or through NAT; a "
+                             "non-ASCII name goes out in IDNA (default: the address each "
+                             "service dialled; the --public-bind address if that is one "
+                             "address)")
     parser.add_argument("--ports", type=cli.port_range, metavar="LOW-HIGH",
                         help="the public port pool (default: PORT+1 to PORT+50)")
     parser.add_argument("--max-services", type=cli.positive(int), default=DEFAULT_POOL_SIZE,
@@ -368,8 +373,9 @@ def build_parser():
                              "(default: 10)")
     parser.add_argument("--drain-timeout", type=cli.positive(float), default=DEFAULT_DRAIN_TIMEOUT,
                         metavar="SECONDS",
-                        help="on SIGINT or SIGTERM, let open clients finish for this long "
-                             "(default: 10)")
+                        help="on SIGINT or SIGTERM, let open clients finish for this long; "
+                             "and after a service left, let its clients take its last "
+                             "bytes for this long before they are reset (default: 10)")
     parser.add_argument("--lease-time", type=cli.non_negative, default=DEFAULT_LEASE_TIME,
                         metavar="SECONDS",
                         help="a service that reconnects within this time with its lease "
@@ -382,6 +388,9 @@ def build_parser():
     _add_limit_options(parser)
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
+    # Not in --help: for tests that wait for the relay's threads to go back.
+    parser.add_argument("--pump-idle-timeout", type=cli.positive(float),
+                        default=DEFAULT_PUMP_IDLE_TIMEOUT, help=argparse.SUPPRESS)
     return parser
 
 
@@ -409,7 +418,7 @@ def _add_limit_options(parser):
                           metavar="N", help="services that may wait in line for a port; "
                                             "more are refused (default: %d)" % DEFAULT_MAX_WAITING)
     capacity.add_argument("--max-clients", type=cli.positive(int), default=DEFAULT_MAX_CLIENTS,
-                          metavar="N", help="clients at once per service; more are refused "
+                          metavar="N", help="clients at once per service; more are reset "
                                             "(default: %d)" % DEFAULT_MAX_CLIENTS)
     capacity.add_argument("--max-pending", type=cli.positive(int), default=DEFAULT_MAX_PENDING,
                           metavar="N", help="connections that may be registering at once "
@@ -498,7 +507,8 @@ def _start_relay(args, ports, secret, tls_context):
                      max_clients=args.max_clients, idle_timeout=args.idle_timeout,
                      registration_rate=args.registration_rate,
                      max_pending=args.max_pending,
-                     max_pending_per_host=args.max_pending_per_host)
+                     max_pending_per_host=args.max_pending_per_host,
+                     pump_idle_timeout=args.pump_idle_timeout)
     except OSError as exc:
         where = addresses.join_host_port(args.host or "*", args.port)
         if exc.errno == errno.EADDRINUSE:

@@ -41,11 +41,14 @@ DEFAULT_ACCEPT_BACKLOG = 4096
 
 
 class RegistrationRefused(Exception):
-    """The relay refused to register us; ``reason`` says why. Retrying will not help."""
+    """The relay refused to register us; ``reason`` says why. Retrying will not help.
+    ``in_line`` is True when it refused us after putting us in line (``max_wait``
+    ran out)."""
 
-    def __init__(self, reason):
+    def __init__(self, reason, in_line=False):
         super(RegistrationRefused, self).__init__(reason)
         self.reason = reason
+        self.in_line = in_line
 
 
 class RelayGone(ConnectionError):
@@ -220,10 +223,13 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
         deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
         silence, silent = timeout, "did not answer within %gs"
         reported = None
+        challenged = False
+        in_line = False
         while True:
             reply = replies.next(silence, deadline, silent)
             status = reply["status"]
             if status == "waiting":
+                in_line = True
                 position = reply.get("position")
                 silence = _silence_in_line(reply.get("interval"), timeout)
                 silent = "went silent for %gs while we waited in line"
@@ -235,6 +241,9 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
             elif status == "ok":
                 if not isinstance(reply.get("address"), str):
                     raise registration.RegistrationError("the relay's ok has no address")
+                if secret is not None and not challenged:
+                    log.warning("the relay did not ask for our secret: it lets anyone "
+                                "register (no --secret-file), or it is not the relay meant")
                 keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
                 return reply, (stream if keep else None)
             elif status == "challenge":
@@ -247,9 +256,11 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                     raise registration.RegistrationError("the relay's challenge is malformed")
                 stream.sendall((json.dumps({"hmac": auth.answer(secret, nonce)}) + "\n")
                                .encode("ascii"))
+                challenged = True
                 silence, silent = timeout, "did not answer within %gs"
             elif status == "error":
-                raise RegistrationRefused(str(reply.get("error", "refused")))
+                raise RegistrationRefused(str(reply.get("error", "refused")),
+                                          in_line=in_line)
             else:
                 raise registration.RegistrationError("unexpected reply status %r" % status)
     finally:
@@ -797,10 +808,12 @@ class RelayServer(object):
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (ConnectionError, muxado.MuxadoError)):
-            self._log_client_gone("client %s: %s", client_address, sys.exc_info()[1])
+            self._log_client_gone("client %s: %s", addresses.format_sockaddr(client_address),
+                                  sys.exc_info()[1])
             return
         self._log_handler_error("exception while handling a client from %s:\n%s",
-                                client_address, traceback.format_exc().rstrip())
+                                addresses.format_sockaddr(client_address),
+                                traceback.format_exc().rstrip())
 
     def fileno(self):
         raise OSError("a RelayServer has no file descriptor to select on")

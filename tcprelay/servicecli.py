@@ -1,16 +1,17 @@
 """The life of a service process (``tcprelay.echoserver``, ``tcprelay.adapter``):
 its options, register, print the address, serve, stop."""
 
+import argparse
 import logging
 import signal
 import socket
 import sys
 import threading
 
-from . import addresses, auth, tls
-from .cli import LOG_LEVELS, Parser, configure_logging, host, port_number, positive
+from . import addresses, auth, registration, tls
+from .cli import LOG_LEVELS, Parser, configure_logging, port_number, positive
 from .muxado import MuxadoError
-from .registration import RegistrationError
+from .registration import MAX_WAIT, RegistrationError
 from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
                       ServicePortError)
 
@@ -24,16 +25,63 @@ class StartError(Exception):
     (``run_service`` prints it as one line, exit code 1)."""
 
 
+def max_wait_seconds(text):
+    """--max-wait: seconds (float), 0 or more, at most what a relay takes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError("%r is not a finite number (leave --max-wait out "
+                                         "to wait for as long as it takes)" % text)
+    if not 0 <= value <= MAX_WAIT:
+        raise argparse.ArgumentTypeError("%r must be from 0 (fail at once) to %d seconds"
+                                         % (text, MAX_WAIT))
+    return value
+
+
+def _relay_host(text):
+    host_port = addresses.with_port(text)
+    if host_port is not None:
+        raise argparse.ArgumentTypeError(
+            "%r is HOST:PORT; give the relay's host and its port as two arguments: %s %d"
+            % ((text, addresses.bracketed(host_port[0])) + host_port[1:]))
+    try:
+        return addresses.host_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _service_name(text):
+    # The relay's rule, checked here: else the relay refuses it after we connect.
+    if not text or len(text) > registration.MAX_NAME or not text.isprintable():
+        raise argparse.ArgumentTypeError("%r must be printable text of 1 to %d characters"
+                                         % (text[:registration.MAX_NAME + 1],
+                                            registration.MAX_NAME))
+    return text
+
+
+SECURITY_GROUP = "a relay with a secret or TLS (docs/SECURITY.md)"
+
+
 def service_parser(prog, description):
     """The options every service program takes."""
     parser = Parser(prog=prog, description=description)
-    parser.add_argument("relay_host", type=host,
+    parser.add_argument("relay_host", type=_relay_host,
                         help="host name or address of the relay (IPv6 with or without "
                              "brackets)")
     parser.add_argument("relay_port", type=port_number, help="the relay's service port")
     parser.add_argument("--port", type=port_number, default=None,
                         help="ask the relay for this public port (wait until it is free)")
-    parser.add_argument("--name", default=None, help="our name in the relay's logs")
+    parser.add_argument("--max-wait", type=max_wait_seconds, default=None, metavar="SECONDS",
+                        help="give up (exit 1) when the relay has no port for us within this "
+                             "time: every public port taken, or the --port asked for held by "
+                             "another service; 0 fails at once. It bounds every "
+                             "registration, reconnects included (default: wait for as long "
+                             "as it takes)")
+    parser.add_argument("--name", default=None, type=_service_name,
+                        help="our name in the relay's logs (printable, up to %d characters)"
+                             % registration.MAX_NAME)
     parser.add_argument("--retry", action="store_true",
                         help="keep trying if the relay cannot be reached at first "
                              "(by default that is an error at once)")
@@ -46,18 +94,19 @@ def service_parser(prog, description):
                              "(connecting, each step of registering; in line, a relay "
                              "that stops saying we are waiting) (default: %g)"
                              % DEFAULT_TIMEOUT)
-    parser.add_argument("--secret-file", metavar="PATH",
-                        help="the relay's shared secret, to answer its challenge "
-                             "(or set $TCPRELAY_SECRET)")
-    parser.add_argument("--tls", action="store_true", help="connect to the relay with TLS")
-    parser.add_argument("--tls-ca", metavar="FILE",
-                        help="trust the relay's certificate if this CA signed it "
-                             "(default: the system's store)")
-    parser.add_argument("--tls-insecure", action="store_true",
-                        help="do not verify the relay's certificate (logs a warning; for "
-                             "testing only)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
+    security = parser.add_argument_group(SECURITY_GROUP)
+    security.add_argument("--secret-file", metavar="PATH",
+                          help="the relay's shared secret, to answer its challenge "
+                               "(or set $TCPRELAY_SECRET)")
+    security.add_argument("--tls", action="store_true", help="connect to the relay with TLS")
+    security.add_argument("--tls-ca", metavar="FILE",
+                          help="trust the relay's certificate if this CA signed it "
+                               "(default: the system's store)")
+    security.add_argument("--tls-insecure", action="store_true",
+                          help="do not verify the relay's certificate (logs a warning; for "
+                               "testing only)")
     return parser
 
 
@@ -79,6 +128,23 @@ def security_options(parser, args):
 class AnnouncingServer(RelayServer):
     """Prints the public address on stdout: first, and again if it changes."""
 
+    def leave_relay(self):
+        """End our sessions with the relay, the current one and any the relay is
+        leaving (after its GOAWAY): every client still connected is ended."""
+        self._stop_registering()
+        with self._attempt_lock:
+            connection = self.connection
+        with self._threads_lock:
+            retired = list(self._retired)
+        for each in [connection] + retired:
+            if each is not None:
+                each.close()
+
+    def cut_close(self):
+        """Make the close under way (or to come) end at once: a second signal.
+        Subclasses that wait for more at close stop waiting too."""
+        self.leave_relay()
+
     def registered(self, previous_address, connection):
         RelayServer.registered(self, previous_address, connection)
         if connection.address != previous_address:
@@ -89,7 +155,8 @@ class AnnouncingServer(RelayServer):
 def service_main(prog, parser, argv, make_server):
     """A service program's main(): parse, set up logging and security, run.
 
-    ``make_server(args, **options)`` builds the RelayServer; returns the exit code.
+    ``make_server(args, **options)`` builds the server (an ``AnnouncingServer``);
+    returns the exit code.
     """
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
@@ -97,14 +164,29 @@ def service_main(prog, parser, argv, make_server):
     return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
 
 
+def _refusal_hint(exc, args):
+    """What to try when the relay refused us (may be empty)."""
+    if not (exc.in_line and args.max_wait is not None):
+        return ""
+    hint = (" (--max-wait %g: give a longer one, or leave it out to wait for as long as "
+            "it takes" % args.max_wait)
+    if args.port is not None:
+        hint += "; without --port any free port will do"
+    return hint + ")"
+
+
 def _registration_hint(exc, args):
     """What to try when registering failed with ``exc`` (may be empty)."""
     retry = "" if args.retry else "; --retry keeps trying"
     if isinstance(exc, ServicePortError):
         return ""   # it says what to try
+    if isinstance(exc, socket.gaierror):
+        return " (check the relay's host name, %r: this machine cannot resolve it)" \
+            % args.relay_host
     if isinstance(exc, socket.timeout):
-        return (" (is the relay's address right, and %s:%d its service port, not a public "
-                "port? --timeout waits longer)" % (args.relay_host, args.relay_port))
+        return (" (is the relay's address right, and %s its service port, not a public "
+                "port? --timeout waits longer)"
+                % addresses.join_host_port(args.relay_host, args.relay_port))
     if isinstance(exc, ConnectionRefusedError) and not isinstance(exc, MuxadoError):
         return " (is the relay running on that port?%s)" % (" --retry keeps trying" if not args.retry else "")
     if isinstance(exc, (ConnectionError, MuxadoError, RegistrationError)):
@@ -118,22 +200,32 @@ def run_service(prog, args, make_server, **server_options):
     """Register, serve until a signal or (without reconnecting) the relay goes; exit code.
 
     SIGINT and SIGTERM stop it at any stage (connecting, waiting in line,
-    backing off, serving) within about a second, with exit code 0.
+    backing off, serving) within about a second, with exit code 0; clients
+    still connected are ended. A second signal while it stops (the adapter
+    gives a local service time to take its last bytes) quits at once, exit
+    code 130.
     """
     relay = addresses.join_host_port(args.relay_host, args.relay_port)
     try:
         server = make_server(port=args.port, name=args.name, retry=args.retry,
-                             timeout=args.timeout, bind_and_activate=False, **server_options)
+                             timeout=args.timeout, max_wait=args.max_wait,
+                             bind_and_activate=False, **server_options)
     except StartError as exc:
         sys.stderr.write("%s: %s\n" % (prog, exc))
         return 1
     signalled = []
 
     def stop(signum, frame):
-        log.info("%s received; stopping", signal.Signals(signum).name)
+        # Threads, not here: shutdown() waits for the main thread, which this
+        # handler holds, and a close may hold locks the handler would take.
         signalled.append(signum)
-        # Not here: shutdown() waits for the main thread, which this handler holds.
-        threading.Thread(target=server.shutdown, name="shutdown").start()
+        if len(signalled) == 1:
+            log.info("%s received; stopping (once more to quit at once)",
+                     signal.Signals(signum).name)
+            threading.Thread(target=server.shutdown, name="shutdown").start()
+        elif len(signalled) == 2:
+            log.info("%s received again; quitting now", signal.Signals(signum).name)
+            threading.Thread(target=server.cut_close, name="quit").start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -142,7 +234,8 @@ def run_service(prog, args, make_server, **server_options):
         server.server_activate()
         server.serve_forever(reconnect=not args.no_reconnect)
     except RegistrationRefused as exc:
-        sys.stderr.write("%s: the relay at %s refused us: %s\n" % (prog, relay, exc.reason))
+        sys.stderr.write("%s: the relay at %s refused us: %s%s\n"
+                         % (prog, relay, exc.reason, _refusal_hint(exc, args)))
         status = 1
     except StartError as exc:
         sys.stderr.write("%s: %s\n" % (prog, exc))
@@ -157,9 +250,8 @@ def run_service(prog, args, make_server, **server_options):
                             _registration_hint(exc, args)))
         status = 1
     finally:
-        if server.connection is not None:
-            server.connection.close()   # ends clients still connected
+        server.leave_relay()   # ends clients still connected, on every session
         server.server_close()
     if signalled:
         log.info("stopped")
-    return status
+    return 130 if len(signalled) > 1 else status

@@ -14,6 +14,8 @@ import threading
 
 log = logging.getLogger(__name__)
 
+DEFAULT_IDLE_TIMEOUT = 2.0   # seconds an idle thread waits for a task before it ends
+
 
 class _Worker(object):
     __slots__ = ("task", "wake")
@@ -27,7 +29,7 @@ class _Worker(object):
 class WorkerPool(object):
     """Runs each task on an idle thread, or on a new one if none is idle."""
 
-    def __init__(self, name="worker", idle_timeout=2.0):
+    def __init__(self, name="worker", idle_timeout=DEFAULT_IDLE_TIMEOUT):
         self._name = name
         self._idle_timeout = idle_timeout
         self._lock = threading.Lock()

@@ -168,8 +168,9 @@ def option_tables(lines):
 
 
 def listed(action):
-    """An option the README's tables list: not a positional, --help or --version."""
-    return bool(action.option_strings) and not isinstance(
+    """An option the README's tables list: not a positional, --help, --version or
+    one hidden from --help (a knob for the tests)."""
+    return bool(action.option_strings) and action.help != argparse.SUPPRESS and not isinstance(
         action, (argparse._HelpAction, argparse._VersionAction))
 
 
@@ -312,7 +313,8 @@ def test_whole_durations_are_json_integers(env):
 
 
 def test_fractional_durations_are_rounded_to_the_millisecond(env):
-    relay = env.relay(ports=1, keepalive=4.0, lease_time=0.25)
+    # Two ports: the second service must not wait in line for the first's 4 s heartbeat timeout.
+    relay = env.relay(ports=2, keepalive=4.0, lease_time=0.25)
     service = env.service(relay)
     registration_ = service.register({"heartbeat": True})
     reply = registration_.reply()
@@ -362,7 +364,7 @@ def test_go_service_takes_the_ok_line_with_the_heartbeat(env, keepalive):
                     out += chunk
         assert service.poll() is None, "bin-v2-service exited: %r" % service.communicate(
             timeout=TIMEOUT)[1]
-        assert bytes(out).split(b"\n")[0] == b"localhost:%d" % relay.pool.ports[0], out
+        assert bytes(out).split(b"\n")[0] == b"127.0.0.1:%d" % relay.pool.ports[0], out
     finally:
         if service.poll() is None:
             service.terminate()

@@ -24,8 +24,18 @@ from relay_helpers import (
 from test_relay import link_of, push_until_stalled, send_until_it_fails
 from test_adapter import listening_socket
 from test_service import env, logs  # noqa: F401  (fixtures)
+from tcprelay import bridge as bridge_module
 from tcprelay.adapter import Adapter
 from tcprelay.service import RelayGone
+
+
+WINDOW_CHECK = 0.25   # the pump's look at its client while it waits for window (1 s by default)
+
+
+@pytest.fixture
+def quick_window_checks(monkeypatch):
+    """Pumps waiting for window look at their client every WINDOW_CHECK seconds."""
+    monkeypatch.setattr(bridge_module, "_WINDOW_CHECK", WINDOW_CHECK)
 
 
 def only_bridge(relay, port):
@@ -37,7 +47,7 @@ def only_bridge(relay, port):
 
 # -- A: a client reset while its pump waits for window -------------------------------------
 
-def test_client_reset_while_the_pump_waits_for_window_frees_its_slot(env):
+def test_client_reset_while_the_pump_waits_for_window_frees_its_slot(env, quick_window_checks):
     relay = env.relay(ports=1, max_clients=1)
     service = env.service(relay)
     port = service.register_ok()
@@ -47,7 +57,7 @@ def test_client_reset_while_the_pump_waits_for_window_frees_its_slot(env):
     link = link_of(relay, port)
     assert link.client_count == 1
     abort(client)
-    # Noticed within about a second (the pump checks between waits for window).
+    # Noticed at the pump's next check between waits for window (WINDOW_CHECK).
     wait_until(lambda: link.client_count == 0, timeout=4,
                what="the reset client's slot freed")
     data, how = read_until_end(stream)
@@ -59,7 +69,8 @@ def test_client_reset_while_the_pump_waits_for_window_frees_its_slot(env):
     assert recv_exact(fresh, 5) == b"hello"
 
 
-def test_half_closed_client_whose_pump_waits_for_window_still_delivers(env):
+def test_half_closed_client_whose_pump_waits_for_window_still_delivers(env,
+                                                                      quick_window_checks):
     # A client's FIN is not its going away: what it sent must all arrive.
     relay = env.relay(ports=1)
     service = env.service(relay)
@@ -69,8 +80,8 @@ def test_half_closed_client_whose_pump_waits_for_window_still_delivers(env):
     sent = push_until_stalled(client)
     client.shutdown(socket.SHUT_WR)
     # Nothing to wait for: the pump must NOT end the client over a few of its
-    # checks of the client socket between waits for window.
-    threading.Event().wait(1.5)
+    # checks of the client socket between waits for window (three of them here).
+    threading.Event().wait(3.5 * WINDOW_CHECK)
     assert link_of(relay, port).client_count == 1
     assert recv_to_eof(stream) == sent
     stream.sendall(b"bye")
@@ -353,7 +364,8 @@ def test_adapter_close_resets_a_local_service_that_never_takes_a_finished_stream
             pass
 
 
-def test_idle_timeout_covers_a_client_stalled_on_a_service_that_takes_nothing(env):
+def test_idle_timeout_covers_a_client_stalled_on_a_service_that_takes_nothing(
+        env, quick_window_checks):
     # Nothing moves either way: the client's upload waits for window that never comes.
     relay = env.relay(ports=1, idle_timeout=1.0)
     service = env.service(relay)

@@ -223,7 +223,7 @@ def test_the_adapter_refuses_its_own_public_address_as_its_target(env, procs):
     for target in ("127.0.0.1:%d" % ports[0], "localhost:%d" % ports[0]):
         adapter = procs.start("tcprelay.adapter", LOOPBACK, relay.server_address[1], target)
         line = assert_clean_exit(adapter, 1, "tcprelay.adapter: %s, the local service" % target)
-        assert "own public address (localhost:%d)" % ports[0] in line, line
+        assert "own public address (127.0.0.1:%d)" % ports[0] in line, line
         assert adapter.stdout_rest() == ""   # no address was announced
         wait_until(lambda: relay.pool.stats()["free"] == 1, what="the port to be free again")
 

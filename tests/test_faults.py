@@ -37,6 +37,9 @@ from test_security import (   # noqa: F401 (procs is a fixture)
 from tcprelay import frames
 
 MEMORY_LOG = []   # (test, figures) for the record; the bounds are asserted in each test
+# Idle pump threads end after this (the relay's default is 2 s), so that
+# Baseline.wait_back sees them gone without waiting seconds for it.
+QUICK_PUMPS = ("--pump-idle-timeout", "0.2")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,7 +85,8 @@ class Baseline(object):
             growth / MIB, label, bound / MIB)
 
     def wait_back(self, timeout=TIMEOUT):
-        """Threads and open files back to the baseline (idle pump threads end after 2 s)."""
+        """Threads and open files back to the baseline (idle pump threads end after
+        QUICK_PUMPS' --pump-idle-timeout)."""
         def back():
             return (self.relay.threads(), self.relay.open_files()) == (self.threads, self.files)
         try:
@@ -254,7 +258,8 @@ def public_port(line):
 def test_500_handshakes_that_never_finish_are_dropped_at_the_handshake_timeout(procs):
     ports = free_port_range(3)
     # The pending caps (tested on their own) are lifted: this tests the timeout.
-    relay = procs.relay(ports[0], "--handshake-timeout", "0.5", "--registration-rate", "100000",
+    relay = procs.relay(ports[0], *QUICK_PUMPS, "--handshake-timeout", "0.5",
+                        "--registration-rate", "100000",
                         "--max-pending", "1000", "--max-pending-per-host", "1000",
                         *pool_args(ports[1:]))
     echo, port = procs.echo(ports[0], "--log-level", "warning")
@@ -301,7 +306,8 @@ def test_500_handshakes_that_never_finish_are_dropped_at_the_handshake_timeout(p
 
 def test_a_low_registration_rate_refuses_a_handshake_flood_at_once(procs):
     ports = free_port_range(3)
-    relay = procs.relay(ports[0], "--handshake-timeout", "0.5", "--registration-rate", "6",
+    relay = procs.relay(ports[0], *QUICK_PUMPS, "--handshake-timeout", "0.5",
+                        "--registration-rate", "6",
                         *pool_args(ports[1:]))   # bursts of 2: the echo server takes one
     echo, port = procs.echo(ports[0], "--log-level", "warning")
     healthy = healthy_clients(port)
@@ -349,7 +355,7 @@ def test_a_low_registration_rate_refuses_a_handshake_flood_at_once(procs):
 
 def test_1000_idle_public_clients(procs):
     ports = free_port_range(3)
-    relay = procs.relay(ports[0], "--max-clients", "1100", *pool_args(ports[1:]))
+    relay = procs.relay(ports[0], *QUICK_PUMPS, "--max-clients", "1100", *pool_args(ports[1:]))
     echo, port = procs.echo(ports[0], "--log-level", "warning")
     healthy = healthy_clients(port)
     base = Baseline(relay)
@@ -389,7 +395,7 @@ def _push_until_blocked(sock):
 
 def test_a_service_that_opens_streams_and_never_reads(procs):
     ports = free_port_range(7)
-    relay = procs.relay(ports[0], "--lease-time", "0", *pool_args(ports[1:]))
+    relay = procs.relay(ports[0], *QUICK_PUMPS, "--lease-time", "0", *pool_args(ports[1:]))
     echo, port = procs.echo(ports[0], "--log-level", "warning")
     healthy = healthy_clients(port)
     base = Baseline(relay)
@@ -433,7 +439,7 @@ def test_a_service_that_opens_streams_and_never_reads(procs):
 
 def test_a_flood_of_registrations(procs):
     ports = free_port_range(11)   # the service port and 10 public ports
-    relay = procs.relay(ports[0], "--lease-time", "0", "--max-waiting", "20",
+    relay = procs.relay(ports[0], *QUICK_PUMPS, "--lease-time", "0", "--max-waiting", "20",
                         "--registration-rate", "100000", "--max-pending-per-host", "1000",
                         *pool_args(ports[1:]))
     echo, port = procs.echo(ports[0], "--log-level", "warning")
@@ -488,7 +494,8 @@ def test_a_flood_of_registrations(procs):
 
 def test_service_connections_that_reset_at_once_leave_no_trace(procs):
     ports = free_port_range(2)
-    relay = procs.relay(ports[0], "--registration-rate", "100000", *pool_args(ports[1:]))
+    relay = procs.relay(ports[0], *QUICK_PUMPS, "--registration-rate", "100000",
+                        *pool_args(ports[1:]))
     echo, port = procs.echo(ports[0], "--log-level", "warning")
     healthy = healthy_clients(port, count=1)
     base = Baseline(relay)
@@ -647,7 +654,7 @@ def test_a_transport_that_goes_silent_is_noticed_within_keepalive(procs):
 
 def test_clients_that_reset_mid_stream_cost_no_one_else_a_byte(procs):
     ports = free_port_range(2)
-    relay = procs.relay(ports[0], *pool_args(ports[1:]))
+    relay = procs.relay(ports[0], *QUICK_PUMPS, *pool_args(ports[1:]))
     echo, port = procs.echo(ports[0], "--log-level", "warning")
     healthy = healthy_clients(port, 3)
     base = Baseline(relay)

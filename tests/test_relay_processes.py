@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    LOOPBACK, MIB, RESET_ERRORS, Process, Worker, connect_client, echo_roundtrip,
+    LOOPBACK, MIB, RESET_ERRORS, MainRun, Process, Worker, connect_client, echo_roundtrip,
     free_port_range, listeners, read_until_end, recv_exact, recv_to_eof, sendall_then,
     wait_until,
 )
@@ -170,12 +170,21 @@ def bad_arguments():
     ]
 
 
-@pytest.mark.parametrize("args", [a for a, _ in bad_arguments()],
+# These run as a child, ``python -m``; the others through main(argv) in this process.
+AS_A_CHILD = {"no-port", "pool-has-service-port"}
+
+
+def run_program(procs, child, module, *args):
+    """``module`` run with ``args``, as a child or (for an argument error) in-process."""
+    return procs.start(module, *args) if child else MainRun(module, args)
+
+
+@pytest.mark.parametrize("args, child", [(a, i in AS_A_CHILD) for a, i in bad_arguments()],
                          ids=[i for _, i in bad_arguments()])
-def test_bad_arguments_one_line_error_exit_2(procs, args):
+def test_bad_arguments_one_line_error_exit_2(procs, args, child):
     # (Were one accepted after all, the relay would bind to 127.0.0.1 only.)
-    process = procs.start("tcprelay.relay", *(args + ["--host", LOOPBACK,
-                                                      "--public-bind", LOOPBACK]))
+    process = run_program(procs, child, "tcprelay.relay",
+                          *(args + ["--host", LOOPBACK, "--public-bind", LOOPBACK]))
     assert process.wait() == 2
     assert process.stdout_rest() == ""
     lines = process.stderr_lines()
@@ -227,7 +236,8 @@ def test_an_address_this_machine_lacks_is_one_line_and_exit_1(procs, option, val
 def test_durations_must_be_finite(procs, module, option, value):
     port = free_port_range(1)[0]
     first = [port] if module == "tcprelay.relay" else [LOOPBACK, port]
-    process = procs.start(module, *(first + [option, value]))
+    child = (module, option, value) == ("tcprelay.echoserver", "--timeout", "nan")
+    process = run_program(procs, child, module, *(first + [option, value]))
     assert process.wait() == 2
     lines = process.stderr_lines()
     assert len(lines) == 1 and "not a finite number" in lines[0], process.stderr_text()
@@ -433,8 +443,10 @@ class Streamer(object):
 def test_resources_return_to_baseline_after_services_killed_mid_transfer(procs):
     ports = free_port_range(7)
     relay_port, pool = ports[0], ports[1:]
-    # No leases: killed services' ports must come straight back to the pool.
-    relay = procs.relay(relay_port, *quick("--lease-time", "0", *pool_args(pool)),
+    # No leases: killed services' ports must come straight back to the pool. Idle
+    # pump threads end after 0.2 s (2 s by default), so the wait for the baseline is short.
+    relay = procs.relay(relay_port, *quick("--lease-time", "0", "--pump-idle-timeout", "0.2",
+                                           *pool_args(pool)),
                         ready="listening for services")
     base_threads, base_files = relay.threads(), relay.open_files()
 

@@ -33,7 +33,7 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    LOOPBACK, MIB, Process, Worker, connect_client, echo_handler, echo_roundtrip,
+    LOOPBACK, MIB, MainRun, Process, Worker, connect_client, echo_handler, echo_roundtrip,
     free_port_range, listeners, read_until_end, recv_exact, recv_to_eof, wait_until,
 )
 from test_relay import Env, link_of
@@ -1168,13 +1168,15 @@ def test_security_options_errors_exit_2(procs, tmp_path, module, args):
         argv = [LOOPBACK, port, "127.0.0.1:9"] + args
     else:
         argv = [LOOPBACK, port] + args
-    process = procs.start(module, *argv)
+    # Two cases as a child (``python -m``), the rest through main(argv) in this process.
+    child = module != "tcprelay.adapter" and args[0] == "--secret"
+    process = procs.start(module, *argv) if child else MainRun(module, argv)
     line = assert_clean_exit(process, 2, "")
     assert "error" in line and len(process.stderr_lines()) == 1, process.stderr_text()
     assert listeners(port) == []
     if "hunter2" in args:
         # No --secret option: the value is never taken as a secret.
-        help_text = procs.start(module, "--help")
+        help_text = MainRun(module, ["--help"])
         assert help_text.wait() == 0
         options = re.findall(r"--[a-z-]+", help_text.stdout_rest())
         assert "--secret-file" in options and "--secret" not in options
