@@ -48,6 +48,7 @@ Limits against hostile peers (each ends the session with GOAWAY):
 
 import collections
 import errno
+import functools
 import io
 import itertools
 import logging
@@ -94,6 +95,7 @@ _DATA_HEADER = struct.Struct(">II")
 _RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
 _DATA_TYPE = 1 << 4
 _MAIN_THREAD = threading.main_thread()
+_MAIN_IDENT = _MAIN_THREAD.ident
 _STRAYS_PER_STREAM = 4   # frames a closed stream may still draw from the peer
 
 
@@ -199,14 +201,21 @@ class Stream(object):
     def __init__(self, session, stream_id, window_size, announced):
         self.id = stream_id
         self.session = session
-        self._lock = threading.Lock()
+        # An RLock for its owner check only (see _hold_again): never taken twice.
+        self._lock = threading.RLock()
         self._readable = threading.Condition(self._lock)
         self._writable = threading.Condition(self._lock)
         self._timeout = None
-        # receive side
-        self._chunks = collections.deque()
-        self._offset = 0               # bytes already consumed from _chunks[0]
-        self._buffered = 0
+        # receive side. Positions count the stream's buffered bytes from its
+        # start: a read commits by one store to _read_pos, so an exception
+        # (a signal handler's, in the main thread) can land anywhere in it
+        # and leave the buffer whole; the window accounting catches up with
+        # _read_pos later (_settle).
+        self._chunks = collections.deque()   # (end position, bytes), in order
+        self._read_pos = 0             # all before it has been read
+        self._buffer_end = 0           # end of the last chunk
+        self._accounted = 0            # reads up to here are in the window accounting
+        self._waitall_want = 0         # a MSG_WAITALL read in the main thread waits for this
         self._recv_window = window_size   # what the peer may still send us
         self._window_size = window_size
         self._wndinc_threshold = max(1, window_size // 2)
@@ -261,36 +270,29 @@ class Stream(object):
             raise ValueError("negative buffersize in recv")
         if bufsize == 0:
             return b""
-        with self._lock:
-            self._wait_readable(bufsize if flags & socket.MSG_WAITALL else 1)
-            if not self._buffered:
-                return b""
-            if flags & socket.MSG_PEEK:
-                return self._peek(bufsize)
-            chunk = self._chunks[0]
-            offset = self._offset
-            if offset == 0 and (len(chunk) == bufsize or len(chunk) < bufsize and (
-                    len(self._chunks) == 1 or not flags & socket.MSG_WAITALL)):
-                self._chunks.popleft()
-                data = chunk
-            else:
-                data = bytearray()
-                while self._chunks and len(data) < bufsize:
-                    chunk = self._chunks[0]
-                    end = min(len(chunk), self._offset + bufsize - len(data))
-                    data += memoryview(chunk)[self._offset:end]
-                    if end == len(chunk):
-                        self._chunks.popleft()
-                        self._offset = 0
-                    else:
-                        self._offset = end
-                data = bytes(data)
-            n = len(data)
-            self._buffered -= n
-            grant = self._consumed(n)
-        if grant:
-            self.session._send_wndinc(self, grant)
-        return data if type(data) is bytes else bytes(data)
+        waitall = flags & socket.MSG_WAITALL
+        start = end = None
+        try:
+            with self._lock:
+                self._wait_readable(bufsize if waitall else 1)
+                start = self._read_pos
+                if start == self._buffer_end:
+                    return b""
+                if flags & socket.MSG_PEEK:
+                    return self._copy_out(start, bufsize, True)
+                data = self._copy_out(start, bufsize, bool(waitall))
+                end = start + len(data)
+                self._read_pos = end                  # the commit
+                grant, later = self._after_read()
+            if grant:
+                self.session._send_wndinc(self, grant)
+            elif later:
+                self.session._defer(functools.partial(self._settle_later, later))
+            return data
+        except BaseException:
+            if end is not None:
+                self._give_back(start, end)
+            raise
 
     def recv_into(self, buffer, nbytes=0, flags=0):
         """Read into ``buffer``; returns the count, 0 once the peer has half-closed."""
@@ -303,24 +305,24 @@ class Stream(object):
             nbytes = len(view)
         if nbytes == 0:
             return 0
-        with self._lock:
-            self._wait_readable()
-            n = 0
-            while self._chunks and n < nbytes:
-                chunk = self._chunks[0]
-                take = min(len(chunk) - self._offset, nbytes - n)
-                view[n:n + take] = memoryview(chunk)[self._offset:self._offset + take]
-                n += take
-                if self._offset + take == len(chunk):
-                    self._chunks.popleft()
-                    self._offset = 0
-                else:
-                    self._offset += take
-            self._buffered -= n
-            grant = self._consumed(n)
-        if grant:
-            self.session._send_wndinc(self, grant)
-        return n
+        start = end = None
+        try:
+            with self._lock:
+                self._wait_readable()
+                start = self._read_pos
+                n = self._copy_into(view, start, nbytes)
+                end = start + n
+                self._read_pos = end                  # the commit
+                grant, later = self._after_read()
+            if grant:
+                self.session._send_wndinc(self, grant)
+            elif later:
+                self.session._defer(functools.partial(self._settle_later, later))
+            return n
+        except BaseException:
+            if end is not None:
+                self._give_back(start, end)
+            raise
 
     def send(self, data, flags=0):
         """Send what the peer's window allows now (at least one byte); returns the count."""
@@ -351,13 +353,30 @@ class Stream(object):
 
     def _send_some(self, view, deadline):
         """One DATA frame of as much of ``view`` as the window allows; the count sent."""
+        taken = None
+        grant = 0
+        written = collections.deque()
+        try:
+            with self._lock:
+                self._wait_writable(deadline)
+                n = min(len(view), self._send_window, self.session._max_frame)
+                self._send_window -= n
+                taken = n
+                grant = self._take_grant()
+            self.session._send_data(self, view[:n], 0, grant, written)
+            return n
+        except BaseException:
+            if taken is not None and not written:
+                # Cut short before the frame went (a signal handler's
+                # exception, say): its window is ours again.
+                self._unsend(taken, grant)
+            raise
+
+    def _unsend(self, n, grant):
         with self._lock:
-            self._wait_writable(deadline)
-            n = min(len(view), self._send_window, self.session._max_frame)
-            self._send_window -= n
-            grant = self._take_grant()
-        self.session._send_data(self, view[:n], 0, grant)
-        return n
+            self._send_window += n
+            self._grant_pending += grant
+            self._writable.notify_all()
 
     def send_nowait(self, data):
         """Send all of ``data`` (a small message) without blocking the caller.
@@ -423,11 +442,9 @@ class Stream(object):
                 if self._closed:
                     raise self._closed_error()
                 self._read_shut = True
-                dropped = self._buffered
                 self._chunks.clear()
-                self._offset = 0
-                self._buffered = 0
-                grant = self._consumed(dropped)
+                self._read_pos = self._buffer_end   # dropped: consumed, as far as the window goes
+                grant = self._settle()
                 self._readable.notify_all()
                 self.session._wake_leader(self)
             if grant:
@@ -478,17 +495,20 @@ class Stream(object):
             if self._receiver is not None:
                 raise ValueError("stream %d already has a receiver" % self.id)
             self._receiver = receiver
+            grant = self._settle()
             used = 0
             while self._chunks:
-                chunk = self._chunks.popleft()
-                if self._offset:
-                    chunk = memoryview(chunk)[self._offset:]
-                    self._offset = 0
+                end, chunk = self._chunks.popleft()
+                if end <= self._read_pos:
+                    continue
+                offset = self._read_pos - (end - len(chunk))
+                if offset:
+                    chunk = memoryview(chunk)[offset:]
+                self._read_pos = self._accounted = end
                 took = receiver.stream_data(chunk)
                 self._kept += len(chunk) - took
                 used += took
-            self._buffered = 0
-            grant = self._consumed(used)
+            grant += self._consumed(used)
             if self._fin_received:
                 after = receiver.stream_end(None)
             elif self._error is not None:
@@ -531,11 +551,11 @@ class Stream(object):
             if self._closed is True:
                 return
             peer_sending = not self._fin_received and self._error is None
-            abort = peer_sending and (self._buffered or self._kept)
+            abort = peer_sending and (self._buffer_end != self._read_pos or self._kept)
             send_fin = not self._fin_sent and self._error is None and not abort
             grant = 0
             if peer_sending and not abort:
-                grant = self._take_grant() + self._unacked
+                grant = self._settle() + self._take_grant() + self._unacked
                 self._unacked = 0
             self._finish_close_locked()
             self._fin_sent = True
@@ -553,8 +573,7 @@ class Stream(object):
     def _finish_close_locked(self):
         self._closed = True
         self._chunks.clear()
-        self._offset = 0
-        self._buffered = 0
+        self._read_pos = self._buffer_end
         self._readable.notify_all()
         self._writable.notify_all()
         self.session._wake_leader(self)
@@ -686,32 +705,128 @@ class Stream(object):
     def _closed_error(self):
         return SessionClosedError(ErrorCode.STREAM_CLOSED, "stream is closed")
 
-    def _peek(self, bufsize):
-        """Up to ``bufsize`` buffered bytes, left in place (lock held)."""
+    def _copy_out(self, start, bufsize, whole):
+        """Up to ``bufsize`` buffered bytes from position ``start`` (lock held); no state changes.
+
+        ``whole``: only all ``bufsize`` bytes, or all there are, will do
+        (MSG_WAITALL, MSG_PEEK); else a first chunk that fits is returned as
+        it is, without a copy.
+        """
+        chunks = self._chunks
+        while chunks and chunks[0][0] <= start:
+            chunks.popleft()          # read before: only dropping is left
+        end, chunk = chunks[0]
+        offset = start - (end - len(chunk))
+        if offset == 0 and (len(chunk) == bufsize or len(chunk) < bufsize and (
+                len(chunks) == 1 or not whole)):
+            return chunk if type(chunk) is bytes else bytes(chunk)
         data = bytearray()
-        offset = self._offset
-        for chunk in self._chunks:
-            data += memoryview(chunk)[offset:offset + bufsize - len(data)]
-            offset = 0
+        for end, chunk in chunks:
+            if offset:
+                data += memoryview(chunk)[offset:offset + bufsize - len(data)]
+                offset = 0
+            else:
+                data += memoryview(chunk)[:bufsize - len(data)]
             if len(data) >= bufsize:
                 break
         return bytes(data)
+
+    def _copy_into(self, view, start, nbytes):
+        """Copy up to ``nbytes`` from position ``start`` into ``view`` (lock held); the count."""
+        chunks = self._chunks
+        while chunks and chunks[0][0] <= start:
+            chunks.popleft()
+        n = 0
+        for end, chunk in chunks:
+            offset = start + n - (end - len(chunk))
+            take = min(len(chunk) - offset, nbytes - n)
+            view[n:n + take] = memoryview(chunk)[offset:offset + take]
+            n += take
+            if n >= nbytes:
+                break
+        return n
+
+    def _after_read(self):
+        """The window owed after a read: (increment to send now, position to settle later).
+
+        Lock held. The main thread leaves the accounting to the writer thread
+        (see _settle_later), which no signal handler interrupts; it only says
+        up to where, when a WNDINC may be due (else 0).
+        """
+        if threading.get_ident() != _MAIN_IDENT:
+            return self._settle(), 0
+        self._waitall_want = 0
+        return 0, self._read_pos if self._settle_due() else 0
+
+    def _settle_due(self):
+        unsettled = self._read_pos - self._accounted
+        return unsettled > 0 and (self._grant_pending > 0 or self._waitall_want > 0
+                                  or self._unacked + unsettled >= self._wndinc_threshold)
+
+    def _settle(self, upto=None):
+        """Bring the window accounting up to _read_pos, or ``upto`` (lock held).
+
+        Returns the WNDINC increment owed now.
+        """
+        position = self._read_pos if upto is None else min(upto, self._read_pos)
+        n = position - self._accounted
+        if n <= 0:
+            return 0
+        self._accounted = position
+        return self._consumed(n)
+
+    def _settle_later(self, upto):
+        """The writer thread settles main-thread reads up to ``upto`` (see _after_read).
+
+        Up to where the read stood, not further, so that WNDINCs come in the
+        same steps as from any other thread.
+        """
+        with self._lock:
+            grant = self._settle(upto)
+            if self._waitall_want:
+                grant += self._grant_while_waiting(self._waitall_want)
+        if grant:
+            self.session._send_wndinc(self, grant)
+
+    def _give_back(self, start, end):
+        """Undo a read that an exception cut short before it returned (main thread).
+
+        Only while nobody has read on since and the bytes are still buffered.
+        A second exception meanwhile waits until it is done.
+        """
+        interrupted = None
+        while True:
+            try:
+                with self._lock:
+                    if self._read_pos == end and self._chunks:
+                        first_end, first = self._chunks[0]
+                        if first_end - len(first) <= start:
+                            self._read_pos = start
+                            # _accounted may stay ahead: what it covers was
+                            # given back to the peer already and is not
+                            # counted twice (see _settle).
+                break
+            except BaseException as exc:
+                if interrupted is None:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def _wait_readable(self, want=1):
         """Wait until ``want`` bytes are buffered, or EOF, or an error (lock held).
 
         Buffered data is returned before an error is raised.
         """
-        if self._buffered >= want:
+        if self._buffer_end - self._read_pos >= want:
             return
         deadline = None
         while True:
             if self._closed is True:
                 raise self._closed_error()
-            if self._buffered >= want or self._fin_received or self._read_shut:
+            if self._buffer_end - self._read_pos >= want or self._fin_received or self._read_shut:
                 return
             if self._error is not None:
-                if self._buffered:
+                if self._buffer_end != self._read_pos:
                     return
                 raise self._error
             if self._timeout == 0.0:
@@ -721,10 +836,27 @@ class Stream(object):
             remaining = deadline.remaining()
             if remaining == 0.0:
                 raise _timeout_error("recv")
-            if want == 1:
+            if threading.get_ident() == _MAIN_IDENT:
+                # The writer thread returns the window (see _after_read);
+                # ready() is not used, as the main thread never leads reads.
+                self._waitall_want = want if want > 1 else 0
+                if self._settle_due() or want > 1 and (
+                        self._grant_pending or self._early_return(want)[0] > 0):
+                    self.session._defer(functools.partial(self._settle_later, self._read_pos))
+                ready = None
+            elif want == 1:
                 ready = self._input_ready
+                if self._read_pos != self._accounted:   # the main thread read here too
+                    grant = self._settle()
+                    if grant:
+                        self._lock.release()
+                        try:
+                            self.session._queue_control(encode_wndinc(self.id, grant))
+                        finally:
+                            self._lock.acquire()
+                        continue
             else:
-                grant = self._grant_while_waiting(want)
+                grant = self._settle() + self._grant_while_waiting(want)
                 if grant:
                     self._lock.release()
                     try:
@@ -734,7 +866,8 @@ class Stream(object):
                     continue
 
                 def ready():
-                    return (self._buffered >= want or self._fin_received or self._read_shut
+                    return (self._buffer_end - self._read_pos >= want
+                            or self._fin_received or self._read_shut
                             or self._error is not None or self._closed is True
                             or self._early_return(want)[0] > 0)
             self._wait_on(self._readable, ready, deadline, remaining, True)
@@ -750,7 +883,8 @@ class Stream(object):
         """
         if self._fin_received or self._error is not None or self._read_shut:
             return 0, 0
-        unread = self._buffered - self._granted_ahead   # buffered, window not yet returned
+        # buffered, window not yet returned
+        unread = self._buffer_end - self._read_pos - self._granted_ahead
         if self._unacked + unread < self._wndinc_threshold:
             return 0, 0
         ahead = max(0, min(unread, want - self._window_size - self._granted_ahead))
@@ -771,7 +905,7 @@ class Stream(object):
         return grant
 
     def _input_ready(self):
-        return (self._buffered or self._fin_received or self._read_shut
+        return (self._buffer_end != self._read_pos or self._fin_received or self._read_shut
                 or self._error is not None or self._closed is True)
 
     def _window_ready(self):
@@ -799,6 +933,8 @@ class Stream(object):
         try:
             condition.wait(remaining)
         finally:
+            if threading.get_ident() == _MAIN_IDENT:
+                _hold_again(self._lock)
             session._park(-1)
             if reading:
                 self._readers_waiting -= 1
@@ -836,7 +972,8 @@ class Stream(object):
         if self._fin_received or self._error is not None:
             return 0
         if self._unacked >= self._wndinc_threshold or (
-                self._grant_pending and self._unacked + self._buffered >= _EARLY_GRANT_AFTER):
+                self._grant_pending
+                and self._unacked + self._buffer_end - self._read_pos >= _EARLY_GRANT_AFTER):
             grant = self._unacked + self._grant_pending
             self._recv_window += self._unacked
             self._unacked = 0
@@ -861,8 +998,7 @@ class Stream(object):
             if isinstance(error, StreamResetError):
                 # A reset is abortive, as with TCP: unread data is dropped.
                 self._chunks.clear()
-                self._offset = 0
-                self._buffered = 0
+                self._read_pos = self._buffer_end
             self._readable.notify_all()
             self._writable.notify_all()
             if self._receiver is not None:
@@ -932,11 +1068,13 @@ class Stream(object):
             return self._consumed(used)
         if self._read_shut or self._closed is True:
             return self._consumed(len(data))
-        self._chunks.append(data)
-        self._buffered += len(data)
+        self._buffer_end += len(data)
+        self._chunks.append((self._buffer_end, data))
         if self._readers_waiting:
             self.session._handoffs += 1   # a parked reader will come back for more
-            self._readable.notify()
+            # All: a waiter that a signal handler's exception abandoned
+            # must not take the one wake-up (see _hold_again).
+            self._readable.notify_all()
         return 0
 
     def _on_fin(self):
@@ -1111,11 +1249,15 @@ class Session(object):
         self._pointless = _TokenBucket(*flood_limit)
         self._self_resets = _TokenBucket(*flood_limit)
 
-        self._lock = threading.Lock()            # streams, ids, accept queue, state
+        self._lock = threading.RLock()           # streams, ids, accept queue, state
         self._accept_ready = threading.Condition(self._lock)
         self._write_lock = threading.Lock()      # one whole frame (or batch) at a time
         self._control = collections.deque()      # frames from the reader, for the writer thread
-        self._control_ready = threading.Condition(threading.Lock())
+        # Conditions are entered by their locks (a C __enter__): a signal
+        # handler's exception in Condition.__enter__, Python code, could
+        # leave the lock taken for good.
+        self._control_lock = threading.Lock()
+        self._control_ready = threading.Condition(self._control_lock)
         self._streams = {}
         self._accept_queue = collections.deque()
         self._remote_streams = 0
@@ -1133,7 +1275,8 @@ class Session(object):
         self.last_received = time.monotonic()
 
         # Reading: whoever holds the lead reads the socket (see _lead_until).
-        self._lead = threading.Condition(threading.Lock())
+        self._lead_lock = threading.Lock()
+        self._lead = threading.Condition(self._lead_lock)
         self._leader = None          # _BACKGROUND, _CONSUMER, or None
         self._leading_for = None     # the stream a _CONSUMER leader waits on (None: accept)
         self._lead_urgent = False    # someone is parked: the reader thread must read now
@@ -1253,7 +1396,11 @@ class Session(object):
                         self._lock.acquire()
                     continue
                 # Not counted as parked: a new stream can wait out LEAD_GRACE.
-                self._accept_ready.wait(remaining)
+                try:
+                    self._accept_ready.wait(remaining)
+                finally:
+                    if threading.get_ident() == _MAIN_IDENT:
+                        _hold_again(self._lock)
             return self._accept_queue.popleft()
 
     def _accept_ready_now(self):
@@ -1317,18 +1464,14 @@ class Session(object):
         # No timeout here: a writer queued behind others on a slow link is
         # not a stuck peer. The holder's SO_SNDTIMEO bounds a write that
         # makes no progress, and its failure ends the session for us all.
-        self._write_lock.acquire()
         failure = None
-        try:
-            if self._dead:
-                raise self._ended_error()
-            self._sendv(buffers)
-        except MuxadoError:
-            raise
-        except OSError as exc:
-            failure = exc
-        finally:
-            self._write_lock.release()
+        with self._write_lock:   # a C __enter__: no exception between taking and try
+            try:
+                if self._dead:
+                    raise self._ended_error()
+                self._sendv(buffers)
+            except OSError as exc:
+                failure = exc
         if failure is not None:
             self._write_failed(failure)
 
@@ -1341,33 +1484,43 @@ class Session(object):
             self._die(ErrorCode.SESSION_CLOSED, "transport write failed: %s" % exc)
         raise self._ended_error()
 
-    def _send_data(self, stream, payload, flags, grant):
-        """One DATA frame for ``stream`` (plus its early window grant, if owed)."""
+    def _send_data(self, stream, payload, flags, grant, written=None):
+        """One DATA frame for ``stream`` (plus its early window grant, if owed).
+
+        ``written``, a deque, is not empty once the frame's first bytes went
+        out (then all of it did, see _sendv_shielded): a caller whose call an
+        exception cut short learns whether the frame was sent.
+        """
+        if written is None:
+            written = collections.deque()
         header = _DATA_HEADER.pack(len(payload) << 8 | _DATA_TYPE | flags, stream.id)
         # No timeout here: a writer queued behind others on a slow link is
         # not a stuck peer. The holder's SO_SNDTIMEO bounds a write that
         # makes no progress, and its failure ends the session for us all.
-        self._write_lock.acquire()
         failure = None
-        try:
-            if self._dead:
-                raise self._ended_error()
-            if stream._unannounced:
-                stream._unannounced = False
-                header = _DATA_HEADER.pack(len(payload) << 8 | _DATA_TYPE | flags | SYN,
-                                           stream.id)
-            if grant:
-                self._sendv((header, payload, encode_wndinc(stream.id, grant)))
-            elif payload:
-                self._sendv((header, payload))
-            else:
-                self._sendv((header,))
-        except MuxadoError:
-            raise
-        except OSError as exc:
-            failure = exc
-        finally:
-            self._write_lock.release()
+        with self._write_lock:
+            announcing = False
+            try:
+                if self._dead:
+                    raise self._ended_error()
+                if stream._unannounced:
+                    announcing = True
+                    header = _DATA_HEADER.pack(len(payload) << 8 | _DATA_TYPE | flags | SYN,
+                                               stream.id)
+                if grant:
+                    self._sendv((header, payload, encode_wndinc(stream.id, grant)), written)
+                elif payload:
+                    self._sendv((header, payload), written)
+                else:
+                    self._sendv((header,), written)
+                if announcing:
+                    stream._unannounced = False
+            except OSError as exc:
+                failure = exc
+            except BaseException:
+                if announcing and written:
+                    stream._unannounced = False   # the SYN went out
+                raise
         if failure is not None:
             self._write_failed(failure)
 
@@ -1388,31 +1541,68 @@ class Session(object):
         except MuxadoError:
             pass
 
-    def _sendv(self, buffers):
+    def _sendv(self, buffers, written=None):
+        """Write ``buffers`` whole (write lock held).
+
+        ``written``, a deque, gets the count of each write appended.
+        """
         sock = self._sock
+        if threading.get_ident() == _MAIN_IDENT:
+            self._sendv_shielded(buffers, collections.deque() if written is None else written)
+            return
         if not self._use_sendmsg or len(buffers) > _MAX_IOV:
             sock.sendall(b"".join(buffers))
+            if written is not None:
+                written.append(1)
             return
+        sent = sock.sendmsg(buffers)
+        if written is not None:
+            written.append(sent)
         remaining = 0
         for buf in buffers:
             remaining += len(buf)
-        sent = sock.sendmsg(buffers)
-        if sent == remaining:
-            return
-        pending = collections.deque(memoryview(b) for b in buffers)
+        if sent < remaining:
+            sock.sendall(memoryview(b"".join(buffers))[sent:])
+
+    def _sendv_shielded(self, buffers, written):
+        """_sendv for the main thread, where a signal handler may raise anywhere.
+
+        Each write's count is appended by C code (``deque.extend`` over
+        ``map``), so that no exception can come between a write and the
+        record of it. If nothing went, an exception goes on at once (the
+        caller may take the frame back); once part of the unit went, the
+        rest goes too and the exception is raised after: half a frame
+        would leave the peer reading garbage.
+        """
+        sock = self._sock
+        interrupted = None
+        try:
+            if self._use_sendmsg and len(buffers) <= _MAX_IOV:
+                written.extend(map(sock.sendmsg, (buffers,)))
+            else:
+                written.extend(map(sock.send, (b"".join(buffers),)))
+        except OSError:
+            raise
+        except BaseException as exc:
+            if not written:
+                raise
+            interrupted = exc
+        data = None
         while True:
-            remaining -= sent
-            if remaining <= 0:
-                return
-            while sent:
-                first = pending[0]
-                if sent >= len(first):
-                    sent -= len(first)
-                    pending.popleft()
-                else:
-                    pending[0] = first[sent:]
-                    sent = 0
-            sent = sock.sendmsg(list(pending))
+            try:
+                if data is None:
+                    data = memoryview(b"".join(buffers))
+                done = sum(written)
+                if done >= len(data):
+                    break
+                written.extend(map(sock.send, (data[done:],)))
+            except OSError:
+                raise
+            except BaseException as exc:
+                if interrupted is None:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def _reply(self, frame):
         """A frame the reader thread owes the peer (an RST, say), via the writer.
@@ -1432,7 +1622,11 @@ class Session(object):
         send it at once: if nobody is writing and the socket has room, it
         goes out now. Otherwise the writer thread sends it.
         """
-        if self._use_sendmsg and self._write_lock.acquire(False):
+        # Not in the main thread: nothing there may stand between a
+        # non-blocking acquire and the try that releases (a signal handler
+        # may raise there); the writer thread sends it instead.
+        if (self._use_sendmsg and threading.get_ident() != _MAIN_IDENT
+                and self._write_lock.acquire(False)):
             failure = None
             sent = 0
             try:
@@ -1460,7 +1654,7 @@ class Session(object):
         self._hand_to_writer(frame)
 
     def _hand_to_writer(self, item):
-        with self._control_ready:
+        with self._control_lock:
             self._control.append(item)
             self._control_ready.notify()
 
@@ -1477,7 +1671,7 @@ class Session(object):
     def _control_loop(self):
         try:
             while True:
-                with self._control_ready:
+                with self._control_lock:
                     while not self._control and not self._dead:
                         self._control_ready.wait()
                     if self._dead:
@@ -1527,7 +1721,7 @@ class Session(object):
                       goaway=(ErrorCode.INTERNAL_ERROR, b"internal error"))
         finally:
             self._die(ErrorCode.SESSION_CLOSED, "session closed")
-            with self._lead:
+            with self._lead_lock:
                 # A consumer may still be leading; the shut socket ends its read soon.
                 while self._leader is not None:
                     self._lead.wait()
@@ -1653,7 +1847,7 @@ class Session(object):
             # (KeyboardInterrupt, a timeout's alarm): never in the middle of
             # frames that the whole session depends on. It waits instead.
             return False
-        with self._lead:
+        with self._lead_lock:
             if self._leader is None and not self._dead:
                 self._leader = _CONSUMER
                 self._leading_for = stream
@@ -1674,7 +1868,7 @@ class Session(object):
             self._release_lead(background=False)
 
     def _release_lead(self, background):
-        with self._lead:
+        with self._lead_lock:
             self._leader = None
             self._leading_for = None
             woken, self._handoffs = self._handoffs, 0
@@ -1695,7 +1889,7 @@ class Session(object):
 
     def _wait_to_lead(self):
         """The reader thread: wait until it should read; False once the session ended."""
-        with self._lead:
+        with self._lead_lock:
             watch = LEAD_GRACE
             seen = None
             while True:
@@ -1722,7 +1916,7 @@ class Session(object):
             return True
 
     def _park(self, delta):
-        with self._lead:
+        with self._lead_lock:
             self._parked += delta
             if delta > 0 and self._leader is None:
                 # Nobody reads, and someone now waits: the reader thread must.
@@ -1835,9 +2029,9 @@ class Session(object):
                 pass
         finally:
             self._goodbye_done.set()
-        with self._control_ready:
+        with self._control_lock:
             self._control_ready.notify_all()
-        with self._lead:
+        with self._lead_lock:
             self._lead.notify_all()
         ended = SessionClosedError(code, message)
         for stream in streams:
@@ -1861,6 +2055,20 @@ class Session(object):
             pass
         finally:
             self._write_lock.release()
+
+
+def _hold_again(lock):
+    """Hold ``lock`` (an RLock) again after a Condition wait, whatever was raised in it.
+
+    In the main thread a signal handler's exception can leave Condition.wait
+    between releasing the lock and taking it back; the caller's ``with``
+    must still find it held.
+    """
+    while not lock._is_owned():
+        try:
+            lock.acquire()
+        except BaseException:   # another signal: the first exception goes on
+            pass
 
 
 def _is_tls(sock):
