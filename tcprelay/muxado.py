@@ -1575,9 +1575,16 @@ class Session(object):
         would leave the peer reading garbage.
         """
         sock = self._sock
+        if not self._use_sendmsg:
+            # A TLS transport writes records in Python code: not shielded.
+            # Counted as begun, so that a frame cut short never gives its
+            # window back twice over (a stall is the lesser harm).
+            written.append(0)
+            sock.sendall(b"".join(buffers))
+            return
         interrupted = None
         try:
-            if self._use_sendmsg and len(buffers) <= _MAX_IOV:
+            if len(buffers) <= _MAX_IOV:
                 written.extend(map(sock.sendmsg, (buffers,)))
             else:
                 written.extend(map(sock.send, (b"".join(buffers),)))
