@@ -201,7 +201,9 @@ class Stream(object):
     def __init__(self, session, stream_id, window_size, announced):
         self.id = stream_id
         self.session = session
-        # An RLock for its owner check only (see _hold_again): never taken twice.
+        # An RLock for its owner check only (see _hold_again): never taken
+        # twice. So a signal handler must not call into a stream the main
+        # thread may be in: it would run on half-updated state.
         self._lock = threading.RLock()
         self._readable = threading.Condition(self._lock)
         self._writable = threading.Condition(self._lock)
@@ -422,8 +424,18 @@ class Stream(object):
             self._fin_sent = True
             done = self._fin_received
             grant = self._take_grant()
+        written = collections.deque()
         try:
-            self.session._send_data(self, b"", FIN, grant)
+            self.session._send_data(self, b"", FIN, grant, written)
+        except BaseException as exc:
+            if not written and not isinstance(exc, MuxadoError):
+                # Cut short before the FIN went (a signal handler's
+                # exception): a later close_write() or close() sends it.
+                with self._lock:
+                    self._fin_sent = False
+                    self._grant_pending += grant
+                done = False
+            raise
         finally:
             if done:
                 self.session._forget(self)
@@ -1504,7 +1516,10 @@ class Session(object):
                 if self._dead:
                     raise self._ended_error()
                 if stream._unannounced:
+                    # Cleared before the write, as an RST from another thread
+                    # must know that the peer hears of the stream now.
                     announcing = True
+                    stream._unannounced = False
                     header = _DATA_HEADER.pack(len(payload) << 8 | _DATA_TYPE | flags | SYN,
                                                stream.id)
                 if grant:
@@ -1513,13 +1528,11 @@ class Session(object):
                     self._sendv((header, payload), written)
                 else:
                     self._sendv((header,), written)
-                if announcing:
-                    stream._unannounced = False
             except OSError as exc:
                 failure = exc
             except BaseException:
-                if announcing and written:
-                    stream._unannounced = False   # the SYN went out
+                if announcing and not written:
+                    stream._unannounced = True   # cut short before the SYN went
                 raise
         if failure is not None:
             self._write_failed(failure)
@@ -1561,8 +1574,22 @@ class Session(object):
         remaining = 0
         for buf in buffers:
             remaining += len(buf)
-        if sent < remaining:
-            sock.sendall(memoryview(b"".join(buffers))[sent:])
+        if sent == remaining:
+            return
+        pending = collections.deque(memoryview(b) for b in buffers)
+        while True:
+            remaining -= sent
+            if remaining <= 0:
+                return
+            while sent:
+                first = pending[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    pending.popleft()
+                else:
+                    pending[0] = first[sent:]
+                    sent = 0
+            sent = sock.sendmsg(list(pending))
 
     def _sendv_shielded(self, buffers, written):
         """_sendv for the main thread, where a signal handler may raise anywhere.

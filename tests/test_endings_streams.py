@@ -432,3 +432,32 @@ def test_a_go_client_bursting_a_thousand_streams_at_a_default_server(no_leaks):
     assert go.returncode == 0, (out, err[-2000:])
     assert b"failures 0" in out, out
     assert served == BURST
+
+
+def test_a_reset_while_the_first_frame_is_being_written_reaches_the_peer(raw_peer):
+    # One thread writes a lazily announced stream's first frame (its SYN)
+    # into a full socket; another resets the stream meanwhile. The peer has
+    # heard of the stream, so it must get the RST, or it keeps the stream
+    # open until the session ends. (A regression the review of the signal
+    # work caught: the SYN was marked sent only after the write.)
+    peer = raw_peer(client=True)
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peer.session._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stream = peer.session.open(announce=False)
+    stream.settimeout(TIMEOUT)
+    writer = threading.Thread(target=stream.sendall, args=(b"x" * 65536,), name="writer")
+    writer.start()
+    try:
+        wait_until(peer.session._write_lock.locked)   # the SYN frame, stuck in a full socket
+        stream.reset(wait=False)
+        seen = []
+        while True:
+            frame = peer.read_frame()
+            assert frame is not None, "EOF before the RST; frames: %r" % seen[:5]
+            seen.append(type(frame).__name__)
+            if isinstance(frame, frames.Rst):
+                assert frame.stream_id == stream.id
+                break
+    finally:
+        writer.join(TIMEOUT)
+    assert not writer.is_alive()
