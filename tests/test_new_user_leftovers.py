@@ -213,6 +213,19 @@ def test_readme_echo_server_options_are_every_option_grouped_as_help():
 
 # -- sibling: every session ends on a stop, the ones the relay is leaving too ----------------
 
+def bindable(address):
+    """Whether a listener could bind ``address`` now (a draining relay's is closed)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def start_relay(env, address, ports):
     """A started relay on ``address`` (another relay's, once that one stops accepting)."""
     relay = Relay(address, ports=ports, public_bind=LOOPBACK, handshake_timeout=5.0,
@@ -234,6 +247,7 @@ def test_stopping_ends_clients_on_the_session_a_relay_is_leaving(env, procs):
     client = env.client(port)
     assert echo_roundtrip(client, b"on the old relay", half_close=False) == b"on the old relay"
     draining = Worker(old.drain, name="old relay draining")
+    wait_until(lambda: bindable(old.server_address), what="the old relay to stop listening")
     start_relay(env, old.server_address, ports[1:])
     assert echo.readline() == "127.0.0.1:%d" % ports[1]   # registered with the new relay
     started = time.monotonic()
