@@ -64,6 +64,19 @@ def free_port_range(count, low=20000, high=32000, attempts=500):
     raise RuntimeError("no %d free contiguous ports in %d-%d" % (count, low, high))
 
 
+def bindable(address):
+    """Whether a listener could bind ``address`` now (a draining relay's is closed)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def wait_until(predicate, timeout=TIMEOUT, interval=0.02, what=None):
     """Poll ``predicate`` until it is true (returns its value) or fail after ``timeout``.
 

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import TIMEOUT, SessionPair
 from relay_helpers import (
-    LOOPBACK, Worker, echo_handler, echo_roundtrip, free_port_range, recv_exact, wait_until,
+    LOOPBACK, Worker, bindable, echo_handler, echo_roundtrip, free_port_range, recv_exact,
+    wait_until,
 )
 from test_relay import Env
 from tcprelay import clock, heartbeat, muxado, service
@@ -151,6 +152,8 @@ def test_a_relay_restart_costs_new_clients_nothing(env):
         r1.shutdown()
         r1_thread.join(TIMEOUT)
         draining = Worker(r1.drain)
+        wait_until(lambda: bindable((LOOPBACK, service_port)),
+                   what="r1 to stop listening")
         r2 = Relay((LOOPBACK, service_port), ports=[public_port], public_bind=LOOPBACK)
         r2_thread = threading.Thread(target=r2.serve_forever, name="r2")
         r2_thread.start()

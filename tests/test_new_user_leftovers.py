@@ -18,7 +18,8 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    LOOPBACK, ROOT, Worker, echo_roundtrip, free_port_range, read_until_end, wait_until,
+    LOOPBACK, ROOT, Worker, bindable, echo_roundtrip, free_port_range, read_until_end,
+    wait_until,
 )
 from test_relay import Env
 from test_docs_as_written import help_groups, option_tables, readme, section
@@ -212,19 +213,6 @@ def test_readme_echo_server_options_are_every_option_grouped_as_help():
 
 
 # -- sibling: every session ends on a stop, the ones the relay is leaving too ----------------
-
-def bindable(address):
-    """Whether a listener could bind ``address`` now (a draining relay's is closed)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
 
 def start_relay(env, address, ports):
     """A started relay on ``address`` (another relay's, once that one stops accepting)."""
