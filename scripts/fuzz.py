@@ -143,8 +143,8 @@ def replay(fuzzing, args):
         generate = fuzzing.gen_session_case if kind == "session" else \
             fuzzing.EXTRA_KINDS[kind][1]
 
-        def make_case(seed, n):
-            case = generate(seed, args.replay)
+        def make_case(seed, n, *env):   # the tls kind's generator takes the relay's env
+            case = generate(seed, args.replay, *env)
             seen["case"] = case
             return case._replace(number=n)
     else:
