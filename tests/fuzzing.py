@@ -2183,11 +2183,17 @@ def _register(case, env, session, clock):
     stream.settimeout(TIMEOUT)
     lines = Lines(stream)
     verdict, rest = judge_request(case.data, plan["half_close"])
+    writing = verdict
+    if "challenge" in verdict.allowed and b"\n" in rest:
+        # A line after the request is the answer, and a wrong one (the nonce is
+        # not known yet): the relay may refuse it and close before our last
+        # write goes (seen on a loaded machine: seed 7000, tls case 103).
+        writing = Verdict(verdict.allowed | {"error"}, verdict.why, verdict.body)
     cuts = plan["cuts"]
     for piece in [case.data[a:b] for a, b in zip([0] + cuts, cuts + [None])]:
-        if piece and not _write(lambda: stream.sendall(piece), verdict, clock, "request"):
+        if piece and not _write(lambda: stream.sendall(piece), writing, clock, "request"):
             return closed_early
-    if plan["half_close"] and not _write(stream.close_write, verdict, clock, "FIN"):
+    if plan["half_close"] and not _write(stream.close_write, writing, clock, "FIN"):
         return closed_early
     reply = expect_reply(lines, verdict, clock, "request")
     if reply is not None and reply["status"] == "challenge":
