@@ -6,7 +6,9 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 
 from . import __version__, addresses, limits
 
@@ -116,3 +118,28 @@ def network(text):
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a network like 10.0.0.0/8" % text)
     return text
+
+
+def on_stop_signals(logger, stopping, first, second):
+    """SIGINT and SIGTERM: the first runs ``first()``, the second ``second()``.
+
+    Each runs on a thread of its own, not in the handler: the main thread,
+    which the handler interrupts, may hold the locks they take (and a
+    ``shutdown()`` waits for it). ``stopping`` says what the first does, in
+    ``logger``'s line. Returns the list the signals received are appended to.
+    """
+    signalled = []
+
+    def stop(signum, frame):
+        signalled.append(signum)
+        if len(signalled) == 1:
+            logger.info("%s received; %s (once more to quit at once)",
+                        signal.Signals(signum).name, stopping)
+            threading.Thread(target=first, name="shutdown").start()
+        elif len(signalled) == 2:
+            logger.info("%s received again; quitting now", signal.Signals(signum).name)
+            threading.Thread(target=second, name="quit").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return signalled

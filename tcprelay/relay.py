@@ -18,7 +18,6 @@ writer threads.
 import argparse
 import errno
 import logging
-import signal
 import socket
 import sys
 import threading
@@ -525,22 +524,7 @@ def _start_relay(args, ports, secret, tls_context):
 def _handle_signals(relay):
     """SIGINT and SIGTERM: the first drains the relay, the second cuts the drain
     short. Returns the list the signals received are appended to."""
-    signalled = []
-
-    def stop(signum, frame):
-        # Threads, not here: the main thread may hold the locks they take.
-        signalled.append(signum)
-        if len(signalled) == 1:
-            log.info("%s received; shutting down (once more to quit at once)",
-                     signal.Signals(signum).name)
-            threading.Thread(target=relay.shutdown, name="shutdown").start()
-        elif len(signalled) == 2:
-            log.info("%s received again; quitting now", signal.Signals(signum).name)
-            threading.Thread(target=relay.cut_drain, name="quit").start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    return signalled
+    return cli.on_stop_signals(log, "shutting down", relay.shutdown, relay.cut_drain)
 
 
 @cli.interruptible

@@ -3,13 +3,12 @@ its options, register, print the address, serve, stop."""
 
 import argparse
 import logging
-import signal
 import socket
 import sys
-import threading
 
 from . import addresses, auth, registration, tls
-from .cli import LOG_LEVELS, Parser, configure_logging, port_number, positive
+from .cli import (LOG_LEVELS, Parser, configure_logging, on_stop_signals, port_number,
+                  positive)
 from .muxado import MuxadoError
 from .registration import MAX_WAIT, RegistrationError
 from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
@@ -213,22 +212,7 @@ def run_service(prog, args, make_server, **server_options):
     except StartError as exc:
         sys.stderr.write("%s: %s\n" % (prog, exc))
         return 1
-    signalled = []
-
-    def stop(signum, frame):
-        # Threads, not here: shutdown() waits for the main thread, which this
-        # handler holds, and a close may hold locks the handler would take.
-        signalled.append(signum)
-        if len(signalled) == 1:
-            log.info("%s received; stopping (once more to quit at once)",
-                     signal.Signals(signum).name)
-            threading.Thread(target=server.shutdown, name="shutdown").start()
-        elif len(signalled) == 2:
-            log.info("%s received again; quitting now", signal.Signals(signum).name)
-            threading.Thread(target=server.cut_close, name="quit").start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signalled = on_stop_signals(log, "stopping", server.shutdown, server.cut_close)
     status = 0
     try:
         server.server_activate()
