@@ -286,10 +286,7 @@ class Stream(object):
                 end = start + len(data)
                 self._read_pos = end                  # the commit
                 grant, later = self._after_read()
-            if grant:
-                self.session._send_wndinc(self, grant)
-            elif later:
-                self.session._defer(functools.partial(self._settle_later, later))
+            self._return_window(grant, later)
             return data
         except BaseException:
             if end is not None:
@@ -316,10 +313,7 @@ class Stream(object):
                 end = start + n
                 self._read_pos = end                  # the commit
                 grant, later = self._after_read()
-            if grant:
-                self.session._send_wndinc(self, grant)
-            elif later:
-                self.session._defer(functools.partial(self._settle_later, later))
+            self._return_window(grant, later)
             return n
         except BaseException:
             if end is not None:
@@ -769,6 +763,13 @@ class Stream(object):
             return self._settle(), 0
         self._waitall_want = 0
         return 0, self._read_pos if self._settle_due() else 0
+
+    def _return_window(self, grant, later):
+        """Send what _after_read owes: a WNDINC now, or a settle on the writer thread."""
+        if grant:
+            self.session._send_wndinc(self, grant)
+        elif later:
+            self.session._defer(functools.partial(self._settle_later, later))
 
     def _settle_due(self):
         unsettled = self._read_pos - self._accounted
