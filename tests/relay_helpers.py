@@ -64,6 +64,32 @@ def free_port_range(count, low=20000, high=32000, attempts=500):
     raise RuntimeError("no %d free contiguous ports in %d-%d" % (count, low, high))
 
 
+def fill_until_the_adapter_holds(adapter, client):
+    """Upload through ``client`` until ``adapter``'s only bridge holds bytes its
+    local service (which never reads) cannot take; then half-close the client
+    and wait for the stream's FIN at the adapter. Returns the bridge."""
+    def only_bridge():
+        with adapter._bridges_lock:
+            return next(iter(adapter._bridges), None)
+    bridge = wait_until(only_bridge, what="the adapter's bridge")
+
+    def taken():
+        """(bytes the adapter holds, bytes it has taken in all)."""
+        with bridge._lock:
+            held = sum(len(chunk) for chunk in bridge._pending)
+        return held, held + bridge.bytes_down
+
+    sent, block = 0, os.urandom(128 * 1024)
+    while taken()[0] == 0:
+        assert sent < 64 * MIB, "the local service's socket never filled"
+        client.sendall(block)
+        sent += len(block)
+        wait_until(lambda: taken()[1] == sent, what="the upload through the relay")
+    client.shutdown(socket.SHUT_WR)   # the relay finishes the stream: FIN
+    wait_until(lambda: bridge._service_done, what="the stream's FIN at the adapter")
+    return bridge
+
+
 def bindable(address):
     """Whether a listener could bind ``address`` now (a draining relay's is closed)."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -19,7 +19,8 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    MIB, Worker, abort, echo_handler, read_until_end, recv_exact, recv_to_eof, wait_until,
+    MIB, Worker, abort, echo_handler, fill_until_the_adapter_holds, read_until_end, recv_exact,
+    recv_to_eof, wait_until,
 )
 from test_relay import link_of, push_until_stalled, send_until_it_fails
 from test_adapter import listening_socket
@@ -334,26 +335,8 @@ def test_adapter_close_resets_a_local_service_that_never_takes_a_finished_stream
     cleanups.append(conn.close)
     conn.settimeout(TIMEOUT)
 
-    def adapter_bridge():
-        with adapter._bridges_lock:
-            return next(iter(adapter._bridges), None)
-    bridge = wait_until(adapter_bridge, what="the adapter's bridge")
-
-    def taken():
-        """(bytes the adapter holds, bytes it has taken in all)."""
-        with bridge._lock:
-            held = sum(len(chunk) for chunk in bridge._pending)
-        return held, held + bridge.bytes_down
-
     # Upload until the local service's socket is full and the adapter holds the rest.
-    sent, block = 0, os.urandom(128 * 1024)
-    while taken()[0] == 0:
-        assert sent < 64 * MIB, "the local service's socket never filled"
-        client.sendall(block)
-        sent += len(block)
-        wait_until(lambda: taken()[1] == sent, what="the upload through the relay")
-    client.shutdown(socket.SHUT_WR)   # the relay finishes the stream: FIN
-    wait_until(lambda: bridge._service_done, what="the stream's FIN at the adapter")
+    fill_until_the_adapter_holds(adapter, client)
     started = time.monotonic()
     closing = Worker(adapter.server_close)
     closing.finish(TIMEOUT)

@@ -18,8 +18,8 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    LOOPBACK, ROOT, Worker, bindable, echo_roundtrip, free_port_range, read_until_end,
-    wait_until,
+    LOOPBACK, ROOT, Worker, bindable, echo_roundtrip, fill_until_the_adapter_holds,
+    free_port_range, read_until_end, wait_until,
 )
 from test_relay import Env
 from test_docs_as_written import help_groups, option_tables, readme, section
@@ -145,27 +145,7 @@ def test_a_second_ctrl_c_cuts_the_adapters_wait_for_a_local_service_short(env):
         conn, _ = backend.accept()   # the local service never reads
         cleanups.append(conn.close)
         conn.settimeout(TIMEOUT)
-        ours = made[0]
-
-        def only_bridge():
-            with ours._bridges_lock:
-                return next(iter(ours._bridges), None)
-        bridge = wait_until(only_bridge, what="the adapter's bridge")
-
-        def taken():
-            """(bytes the adapter holds, bytes it has taken in all)."""
-            with bridge._lock:
-                held = sum(len(chunk) for chunk in bridge._pending)
-            return held, held + bridge.bytes_down
-
-        sent, block = 0, os.urandom(128 * 1024)
-        while taken()[0] == 0:
-            assert sent < 64 * MIB, "the local service's socket never filled"
-            client.sendall(block)
-            sent += len(block)
-            wait_until(lambda: taken()[1] == sent, what="the upload through the relay")
-        client.shutdown(socket.SHUT_WR)   # the relay finishes the stream
-        wait_until(lambda: bridge._service_done, what="the stream's FIN at the adapter")
+        bridge = fill_until_the_adapter_holds(made[0], client)
         os.kill(os.getpid(), signal.SIGINT)
         # The adapter has left the relay: it is in its close, waiting on the local service.
         wait_until(lambda: relay.pool.stats()["free"] == 1, what="the adapter to leave")
