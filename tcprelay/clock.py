@@ -9,7 +9,9 @@ which re-checks its own deadline, waits again.
 """
 
 import math
+import socket
 import threading
+import time
 
 MAX_WAIT = 86400.0                 # seconds of one blocking call at most
 MAX_TIMEOUT = threading.TIMEOUT_MAX   # the largest timeout a socket takes
@@ -46,3 +48,26 @@ def check_timeout(seconds):
     if seconds > MAX_TIMEOUT:
         raise OverflowError("timeout doesn't fit into C timeval")
     return seconds
+
+
+class Deadline(object):
+    """The time left to a blocking call, ``timeout`` seconds (None: no limit) from now."""
+
+    __slots__ = ("_end",)
+
+    def __init__(self, timeout):
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self):
+        """Seconds left for one wait (None: no limit); 0.0 once past the deadline.
+
+        At most MAX_WAIT: every caller loops until its deadline.
+        """
+        if self._end is None:
+            return None
+        return capped(max(0.0, self._end - time.monotonic()))
+
+
+def timeout_error(what):
+    """The ``socket.timeout`` a blocking call that ran out of time raises."""
+    return socket.timeout("%s timed out" % what)

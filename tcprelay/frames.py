@@ -22,7 +22,8 @@ __all__ = [
     "HEADER_SIZE", "MAX_LENGTH", "MAX_STREAM_ID", "MAX_WINDOW", "DEFAULT_WINDOW",
     "GOAWAY_DEBUG_LIMIT", "FIN", "SYN", "FrameType", "ErrorCode", "MuxadoError",
     "ProtocolError", "Data", "Rst", "WndInc", "GoAway", "Unknown", "FrameHandler",
-    "FrameDecoder", "decode_frames", "encode_header", "encode_data", "encode_rst",
+    "FrameDecoder", "decode_frames", "encode_header", "encode_data", "encode_data_header",
+    "encode_rst",
     "encode_wndinc", "encode_goaway", "encode_unknown", "PAD_FRAME",
 ]
 
@@ -39,6 +40,7 @@ SYN = 0x2
 _RESERVED_BIT = 0x80000000
 _HEADER = struct.Struct(">II")    # (length << 8 | type << 4 | flags, stream id)
 _U32 = struct.Struct(">I")
+_DATA_TYPE = 1 << 4                # FrameType.DATA in the header's type nibble
 _U32X2 = struct.Struct(">II")
 
 
@@ -160,6 +162,16 @@ def encode_header(ftype, flags, stream_id, length):
 
 def encode_data(stream_id, payload=b"", flags=0):
     return encode_header(FrameType.DATA, flags, stream_id, len(payload)) + bytes(payload)
+
+
+def encode_data_header(stream_id, length, flags=0):
+    """The 8-byte header of a DATA frame, for a payload written after it.
+
+    The hot path of every write: no range checks. The caller keeps
+    ``length`` within MAX_LENGTH, ``flags`` within FIN|SYN and ``stream_id``
+    a valid id (``encode_data`` checks them all).
+    """
+    return _HEADER.pack(length << 8 | _DATA_TYPE | flags, stream_id)
 
 
 def encode_rst(stream_id, code):

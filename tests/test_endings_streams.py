@@ -448,7 +448,7 @@ def test_a_reset_while_the_first_frame_is_being_written_reaches_the_peer(raw_pee
     writer = threading.Thread(target=stream.sendall, args=(b"x" * 65536,), name="writer")
     writer.start()
     try:
-        wait_until(peer.session._write_lock.locked)   # the SYN frame, stuck in a full socket
+        wait_until(peer.session._writer.lock.locked)   # the SYN frame, stuck in a full socket
         stream.reset(wait=False)
         seen = []
         while True:

@@ -20,7 +20,8 @@ from relay_helpers import (
     wait_until,
 )
 from test_relay import Env
-from tcprelay import clock, heartbeat, muxado, service
+from tcprelay import clock, heartbeat, mainthread, muxado, service
+from tcprelay import reader as muxado_reader, stream as muxado_stream, writer as muxado_writer
 from tcprelay.relay import Relay
 from tcprelay.service import RelayServer
 
@@ -188,15 +189,15 @@ def test_an_exception_in_the_main_thread_never_ends_the_session(sessions, monkey
     # A signal handler may raise wherever the main thread is. If the main
     # thread were reading frames for the session when it did, the session
     # would end and every stream with it: the main thread must never do that.
-    from tcprelay import muxado
-    real = muxado._FrameDispatch.data
+    from tcprelay.reader import FrameDispatch
+    real = FrameDispatch.data
 
     def data(self, stream_id, flags, payload):
         if threading.current_thread() is threading.main_thread():
             raise _Interrupted()
         return real(self, stream_id, flags, payload)
 
-    monkeypatch.setattr(muxado._FrameDispatch, "data", data)
+    monkeypatch.setattr(FrameDispatch, "data", data)
     opened, accepted = sessions.stream_pair()
     for n in range(50):
         message = b"message %d" % n
@@ -311,7 +312,9 @@ def test_a_service_waiting_in_line_follows_a_relay_restart(env):
 
 # -- exceptions from signal handlers, in the middle of a stream's bookkeeping ----
 
-_MUXADO_FILE = muxado.__file__.rstrip("c")
+# muxado's code: the session, its streams, reads and writes, and their helpers
+_MUXADO_FILES = frozenset(module.__file__.rstrip("c") for module in (
+    muxado, muxado_stream, muxado_reader, muxado_writer, mainthread, clock))
 _THREADING_FILE = threading.__file__.rstrip("c")
 
 
@@ -321,10 +324,11 @@ def _in_muxado(frame):
     Not a finaliser or hook that happened to run inside it: an exception
     there is ignored ("Exception ignored in"), whoever raises it.
     """
-    if frame.f_code.co_filename not in (_MUXADO_FILE, _THREADING_FILE):
+    if (frame.f_code.co_filename not in _MUXADO_FILES
+            and frame.f_code.co_filename != _THREADING_FILE):
         return False
     while frame is not None:
-        if frame.f_code.co_filename == _MUXADO_FILE:
+        if frame.f_code.co_filename in _MUXADO_FILES:
             return True
         frame = frame.f_back
     return False

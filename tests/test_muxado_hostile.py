@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import TIMEOUT, LeakCheck, SessionPair
-from tcprelay import frames, muxado
+from tcprelay import frames, muxado, writer
 from tcprelay.frames import (
     DEFAULT_WINDOW, FIN, GOAWAY_DEBUG_LIMIT, MAX_WINDOW, PAD_FRAME, SYN, encode_data,
     encode_goaway, encode_header, encode_rst, encode_unknown, encode_wndinc,
@@ -539,7 +539,7 @@ def test_peer_that_stops_reading_ends_the_session_with_write_timeout(raw_peer):
 def test_peer_that_floods_replies_it_never_reads_is_told_to_calm_down(raw_peer, monkeypatch):
     # DATA on an unknown stream is owed an RST each; a peer that sends them
     # faster than it reads the answers must not grow our reply queue forever.
-    monkeypatch.setattr(muxado, "MAX_QUEUED_REPLIES", 100)
+    monkeypatch.setattr(writer, "MAX_QUEUED_REPLIES", 100)
     peer = raw_peer()
     peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     peer.session._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)

@@ -14,6 +14,7 @@ import pytest
 from conftest import TIMEOUT, RawPeer, Worker
 from tcprelay import muxado
 from tcprelay.frames import FIN, SYN, encode_data
+from tcprelay.reader import SessionReader
 
 
 class ReadLog(object):
@@ -21,14 +22,14 @@ class ReadLog(object):
 
     def __init__(self, monkeypatch):
         self.readers = []
-        original = muxado.Session._read_once
+        original = SessionReader.read_once
         log = self.readers
 
         def read_once(session, *args, **kwargs):
             log.append(threading.current_thread().name)
             return original(session, *args, **kwargs)
 
-        monkeypatch.setattr(muxado.Session, "_read_once", read_once)
+        monkeypatch.setattr(SessionReader, "read_once", read_once)
 
 
 class Collector(object):
@@ -158,13 +159,13 @@ def test_a_stream_that_does_not_lead_leaves_the_reads_to_the_reader_thread(sessi
     collector = Collector()
     busy_acc.set_receiver(collector)
     offers = []
-    original = muxado.Session._try_lead
+    original = SessionReader.try_lead
 
     def try_lead(session, stream):
         offers.append(stream)
         return original(session, stream)
 
-    monkeypatch.setattr(muxado.Session, "_try_lead", try_lead)
+    monkeypatch.setattr(SessionReader, "try_lead", try_lead)
     got = []
     waiter = threading.Thread(target=lambda: got.append(quiet_acc.recv(10)), name="quiet")
     waiter.start()

@@ -78,7 +78,7 @@ def test_service_heartbeat_times_out_while_a_write_is_stuck(raw_peer):
     peer.send(frames.encode_wndinc(bulk.id, 1 << 30))   # room for far more than the socket holds
     wait_until(lambda: bulk._send_window > 1 << 29, what="the window to arrive")
     writer = Worker(_send_until_it_fails, bulk)
-    wait_until(lambda: peer.session._write_lock.locked(), what="the writer to get stuck")
+    wait_until(lambda: peer.session._writer.lock.locked(), what="the writer to get stuck")
     sender = heartbeat.HeartbeatSender(peer.session, heartbeat_stream, 0.1, 0.5, "test")
     sender.start()
     try:

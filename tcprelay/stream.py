@@ -1,0 +1,995 @@
+"""A muxado stream: a socket-like, file-like byte pipe within a session.
+
+Data the session's reader thread applies (``_receive``, ``_deliver``) is
+buffered per stream, within its receive window; ``recv`` and friends read
+it. Frames go out through the session's ``FrameWriter``; a thread blocked
+here may lead the session's reads (``SessionReader.try_lead``).
+
+Errors subclass the OSErrors that callers of sockets already catch.
+"""
+
+import collections
+import errno
+import functools
+import io
+import socket
+import threading
+
+from .clock import Deadline, check_timeout, timeout_error
+from .frames import (
+    DEFAULT_WINDOW, FIN, MAX_WINDOW, ErrorCode, MuxadoError, encode_data_header, encode_wndinc,
+)
+from .mainthread import MAIN_IDENT, hold_again
+
+_RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
+_READ_CHUNK = 1 << 20             # read() until EOF: one recv this big at a time
+
+
+class _OSErrorFlavour(MuxadoError):
+    """A MuxadoError that is also the OSError callers already catch."""
+
+    errno_value = None
+
+    def __init__(self, code, message=None):
+        super(_OSErrorFlavour, self).__init__(code, message)
+        self.errno = self.errno_value
+        self.strerror = self.message
+
+
+class StreamResetError(_OSErrorFlavour, ConnectionResetError):
+    """The stream was reset: by the peer, or locally for a protocol fault."""
+
+    errno_value = errno.ECONNRESET
+
+
+class SessionClosedError(_OSErrorFlavour, ConnectionAbortedError):
+    """The session (or this stream) has ended; nothing more can be done with it."""
+
+    errno_value = errno.ECONNABORTED
+
+
+class StreamClosedError(_OSErrorFlavour, BrokenPipeError):
+    """Writing to a stream whose write side is closed (``close_write``)."""
+
+    errno_value = errno.EPIPE
+
+
+class RemoteGoneAwayError(_OSErrorFlavour, ConnectionRefusedError):
+    """``open()`` after the peer sent GOAWAY: it takes no new streams."""
+
+    errno_value = errno.ECONNREFUSED
+
+
+def _byte_view(data):
+    """A flat memoryview of bytes over any buffer."""
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    return view
+
+
+# its first one, unless it rides along with a frame of ours first: a short
+# request and reply then costs no WNDINC frame of its own.
+_EARLY_GRANT_AFTER = DEFAULT_WINDOW // 4
+
+
+class Stream(object):
+    """One muxado stream: a socket-like, file-like byte pipe.
+
+    Get one from ``Session.open()`` or ``Session.accept()``.
+    """
+
+    def __init__(self, session, stream_id, window_size, announced):
+        self.id = stream_id
+        self.session = session
+        self._writer = session._writer
+        self._reader = session._reader
+        # An RLock for its owner check only (see _hold_again): never taken
+        # twice. So a signal handler must not call into a stream the main
+        # thread may be in: it would run on half-updated state.
+        self._lock = threading.RLock()
+        self._readable = threading.Condition(self._lock)
+        self._writable = threading.Condition(self._lock)
+        self._timeout = None
+        # receive side. Positions count the stream's buffered bytes from its
+        # start: a read commits by one store to _read_pos, so an exception
+        # (a signal handler's, in the main thread) can land anywhere in it
+        # and leave the buffer whole; the window accounting catches up with
+        # _read_pos later (_settle).
+        self._chunks = collections.deque()   # (end position, bytes), in order
+        self._read_pos = 0             # all before it has been read
+        self._buffer_end = 0           # end of the last chunk
+        self._accounted = 0            # reads up to here are in the window accounting
+        self._waitall_want = 0         # a MSG_WAITALL read in the main thread waits for this
+        self._recv_window = window_size   # what the peer may still send us
+        self._window_size = window_size
+        self._wndinc_threshold = max(1, window_size // 2)
+        self._unacked = 0              # consumed, not yet granted back
+        self._granted_ahead = 0        # buffered, granted back before it was read (MSG_WAITALL)
+        self._kept = 0                 # handed to the receiver, not yet reported consumed
+        self._grant_pending = window_size - DEFAULT_WINDOW  # the early grant for a big window
+        self._fin_received = False
+        self._read_shut = False
+        self._readers_waiting = 0      # threads parked in recv on this stream
+        self._receiver = None          # takes incoming data instead of the buffer (set_receiver)
+        self._may_lead = True          # a thread blocked here may read the socket (set_lead_reads)
+        # send side
+        self._send_window = DEFAULT_WINDOW
+        self._fin_sent = False
+        self._unannounced = not announced  # SYN goes out with the first frame (Go's lazy open)
+        # end states
+        self._closed = False           # close() was called
+        self._error = None             # a reset, or the session's end
+        self._io_refs = 0              # makefile() objects still open
+        self._io_lock = threading.Lock()   # guards _io_refs only; no allocation under it
+
+    def __repr__(self):
+        return "<muxado.Stream id=%d session=%r>" % (self.id, self.session.name)
+
+    # -- socket-like interface -------------------------------------------------
+
+    def settimeout(self, timeout):
+        """As ``socket.settimeout``: None, 0 or seconds of any size a socket takes."""
+        self._timeout = check_timeout(timeout)
+
+    def gettimeout(self):
+        return self._timeout
+
+    def setblocking(self, flag):
+        self.settimeout(None if flag else 0.0)
+
+    def getblocking(self):
+        return self._timeout != 0.0
+
+    def recv(self, bufsize, flags=0):
+        """Up to ``bufsize`` bytes; ``b""`` once the peer has half-closed.
+
+        As with sockets, ``MSG_PEEK`` leaves the data to be read again and
+        ``MSG_WAITALL`` waits for all ``bufsize`` bytes (or EOF); it returns
+        window to the peer while it waits, so ``bufsize`` may exceed the
+        window (the stream then buffers up to ``bufsize`` bytes).
+        """
+        if flags & ~_RECV_FLAGS:
+            raise ValueError("muxado streams take only MSG_PEEK and MSG_WAITALL")
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        if bufsize == 0:
+            return b""
+        waitall = flags & socket.MSG_WAITALL
+        start = end = None
+        try:
+            with self._lock:
+                self._wait_readable(bufsize if waitall else 1)
+                start = self._read_pos
+                if start == self._buffer_end:
+                    return b""
+                if flags & socket.MSG_PEEK:
+                    return self._copy_out(start, bufsize, True)
+                data = self._copy_out(start, bufsize, bool(waitall))
+                end = start + len(data)
+                self._read_pos = end                  # the commit
+                grant, later = self._after_read()
+            self._return_window(grant, later)
+            return data
+        except BaseException:
+            if end is not None:
+                self._give_back(start, end)
+            raise
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        """Read into ``buffer``; returns the count, 0 once the peer has half-closed."""
+        if flags:
+            raise ValueError("muxado streams take no recv flags")
+        view = _byte_view(buffer)
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes == 0 or nbytes > len(view):
+            nbytes = len(view)
+        if nbytes == 0:
+            return 0
+        start = end = None
+        try:
+            with self._lock:
+                self._wait_readable()
+                start = self._read_pos
+                n = self._copy_into(view, start, nbytes)
+                end = start + n
+                self._read_pos = end                  # the commit
+                grant, later = self._after_read()
+            self._return_window(grant, later)
+            return n
+        except BaseException:
+            if end is not None:
+                self._give_back(start, end)
+            raise
+
+    def send(self, data, flags=0):
+        """Send what the peer's window allows now (at least one byte); returns the count."""
+        view = self._outgoing(data, flags)
+        if not len(view):
+            return 0
+        return self._send_some(view, Deadline(self._timeout))
+
+    def sendall(self, data, flags=0):
+        """Send all of ``data``, waiting for window as needed; the timeout covers the call."""
+        view = self._outgoing(data, flags)
+        if not len(view):
+            return None
+        deadline = Deadline(self._timeout)
+        while view:
+            view = view[self._send_some(view, deadline):]
+        return None
+
+    def _outgoing(self, data, flags):
+        """``data`` as a byte view; with nothing in it, the stream must still be writable."""
+        if flags:
+            raise ValueError("muxado streams take no send flags")
+        view = _byte_view(data)
+        if not len(view):
+            with self._lock:
+                self._check_writable()
+        return view
+
+    def _send_some(self, view, deadline):
+        """One DATA frame of as much of ``view`` as the window allows; the count sent."""
+        taken = None
+        grant = 0
+        written = collections.deque()
+        try:
+            with self._lock:
+                self._wait_writable(deadline)
+                n = min(len(view), self._send_window, self.session._max_frame)
+                self._send_window -= n
+                taken = n
+                grant = self._take_grant()
+            self._writer.send_data(self, view[:n], 0, grant, written)
+            return n
+        except BaseException:
+            if taken is not None and not written:
+                # Cut short before the frame went (a signal handler's
+                # exception, say): its window is ours again.
+                self._unsend(taken, grant)
+            raise
+
+    def _unsend(self, n, grant):
+        with self._lock:
+            self._send_window += n
+            self._grant_pending += grant
+            self._writable.notify_all()
+
+    def send_nowait(self, data):
+        """Send all of ``data`` (a small message) without blocking the caller.
+
+        The frame goes out at once if nobody is writing and the socket has
+        room, else from the session's writer thread, in order with this
+        stream's other ``send_nowait`` frames. Raises BlockingIOError if the
+        peer's window cannot take it all now. For a heartbeat, whose thread must
+        keep its own time even while a write to a stuck peer holds the
+        session's write lock (the stream must be announced already).
+        """
+        view = self._outgoing(data, 0)
+        n = len(view)
+        with self._lock:
+            self._check_writable()
+            if self._unannounced:
+                raise ValueError("send_nowait on a stream the peer has not heard of")
+            if self._send_window < n:
+                raise BlockingIOError(errno.EAGAIN, "no send window on stream %d" % self.id)
+            self._send_window -= n
+        self._writer.queue_control(encode_data_header(self.id, n) + bytes(view))
+
+    def announce(self):
+        """Tell the peer of this stream now, if no frame has yet (see Session.open).
+
+        Sends an empty DATA+SYN frame for a stream opened with
+        ``announce=False``; does nothing once the SYN has gone out.
+        """
+        with self._lock:
+            if not self._unannounced or self._fin_sent or self._closed or self._error is not None:
+                return
+            grant = self._take_grant()
+        self._writer.send_data(self, b"", 0, grant)
+
+    def close_write(self):
+        """Half-close: send FIN. The peer reads EOF; we can still read."""
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            if self._fin_sent or self._error is not None:
+                return
+            self._fin_sent = True
+            done = self._fin_received
+            grant = self._take_grant()
+        written = collections.deque()
+        try:
+            self._writer.send_data(self, b"", FIN, grant, written)
+        except BaseException as exc:
+            if not written and not isinstance(exc, MuxadoError):
+                # Cut short before the FIN went (a signal handler's
+                # exception): a later close_write() or close() sends it.
+                with self._lock:
+                    self._fin_sent = False
+                    self._grant_pending += grant
+                done = False
+            raise
+        finally:
+            if done:
+                self.session._forget(self)
+
+    def shutdown(self, how):
+        """Like ``socket.shutdown``: SHUT_WR sends FIN, SHUT_RD drops further input.
+
+        SHUT_RD drops what is buffered and what comes after, and gives its
+        window back, so the peer is never left waiting; with nothing left
+        unread, a close() after it is a FIN (see close).
+        """
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise ValueError("invalid shutdown mode: %r" % (how,))
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            with self._lock:
+                if self._closed:
+                    raise self._closed_error()
+                self._read_shut = True
+                self._chunks.clear()
+                self._read_pos = self._buffer_end   # dropped: consumed, as far as the window goes
+                grant = self._settle()
+                self._readable.notify_all()
+                self._reader.wake_leader(self)
+            if grant:
+                self._writer.send_wndinc(self, grant)
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self.close_write()
+
+    def reset(self, code=ErrorCode.STREAM_RESET, wait=True):
+        """Abort the stream: RST to the peer, local calls fail with StreamResetError.
+
+        With ``wait=False`` the RST never waits for the session's socket: it goes
+        out at once if the socket has room, else from the session's writer thread.
+        """
+        if self._set_error(StreamResetError(code, "stream reset locally")):
+            self._writer.send_rst(self, code, wait)
+        self.session._forget(self)
+
+    def set_lead_reads(self, lead):
+        """Whether a thread blocked on this stream may read the session's socket itself.
+
+        On by default: the data it waits for then wakes that very thread. Turn
+        it off for a stream that waits long between messages, such as a
+        heartbeat: a thread leading must poll() so that it can be woken, which
+        costs every other stream of the session a syscall per read.
+        """
+        self._may_lead = bool(lead)
+
+    def set_receiver(self, receiver):
+        """Hand incoming data to ``receiver`` instead of buffering it for recv().
+
+        For forwarding without a thread per direction. The session's reader
+        thread calls, with this stream's lock held:
+
+        - ``receiver.stream_data(data)``: returns how many bytes it passed on
+          at once; it keeps the rest and reports them with ``consumed(n)``
+          once they are gone. Kept bytes count against the window, so they
+          stay bounded by it.
+        - ``receiver.stream_end(error)``: ``None`` for the peer's FIN, else
+          the exception that ended the stream (reset, session end).
+
+        Neither may block or call back into this stream. ``stream_end`` may
+        return a function, which is called once the stream's lock is released
+        (it may call into the stream). Data and an end that arrived before this
+        call are handed over at once, in order.
+        """
+        after = None
+        with self._lock:
+            if self._receiver is not None:
+                raise ValueError("stream %d already has a receiver" % self.id)
+            self._receiver = receiver
+            grant = self._settle()
+            used = 0
+            while self._chunks:
+                end, chunk = self._chunks.popleft()
+                if end <= self._read_pos:
+                    continue
+                offset = self._read_pos - (end - len(chunk))
+                if offset:
+                    chunk = memoryview(chunk)[offset:]
+                self._read_pos = self._accounted = end
+                took = receiver.stream_data(chunk)
+                self._kept += len(chunk) - took
+                used += took
+            grant += self._consumed(used)
+            if self._fin_received:
+                after = receiver.stream_end(None)
+            elif self._error is not None:
+                after = receiver.stream_end(self._error)
+        if grant:
+            self._writer.queue_control(encode_wndinc(self.id, grant))
+        if after is not None:
+            after()
+
+    def consumed(self, nbytes):
+        """A receiver has passed on ``nbytes`` it had kept: give the window back."""
+        with self._lock:
+            self._kept -= nbytes
+            grant = self._consumed(nbytes)
+        if grant:
+            self._writer.queue_control(encode_wndinc(self.id, grant))
+
+    def close(self):
+        """Close the stream and forget it; the peer is told, as by a TCP close.
+
+        - Unread data (buffered, or kept by a receiver) while the peer may
+          still send: RST STREAM_CLOSED instead of FIN, so that a peer
+          waiting for window is not left waiting (TCP sends RST here too).
+          The peer's calls then fail with its StreamResetError; data of ours
+          it has not read yet is lost to it, as over TCP.
+        - Else FIN if not sent yet, with the window consumed and not yet
+          granted back if the peer may still send: its next DATA draws
+          RST STREAM_CLOSED (as with Go) rather than a wait for window.
+        - After the peer's FIN nothing more can come: a clean FIN, even
+          with data left unread.
+
+        makefile() objects keep the stream open until they are closed too,
+        as with sockets.
+        """
+        with self._io_lock:
+            if self._io_refs > 0:
+                self._closed = "pending"
+                return
+        with self._lock:
+            if self._closed is True:
+                return
+            peer_sending = not self._fin_received and self._error is None
+            abort = peer_sending and (self._buffer_end != self._read_pos or self._kept)
+            send_fin = not self._fin_sent and self._error is None and not abort
+            grant = 0
+            if peer_sending and not abort:
+                grant = self._settle() + self._take_grant() + self._unacked
+                self._unacked = 0
+            self._finish_close_locked()
+            self._fin_sent = True
+        try:
+            if abort:
+                self._writer.send_rst(self, ErrorCode.STREAM_CLOSED)
+            elif send_fin:
+                self._writer.send_data(self, b"", FIN, grant)
+            elif grant:
+                self._writer.send_wndinc(self, grant)
+        except (MuxadoError, OSError):
+            pass
+        self.session._forget(self)
+
+    def _finish_close_locked(self):
+        self._closed = True
+        self._chunks.clear()
+        self._read_pos = self._buffer_end
+        self._readable.notify_all()
+        self._writable.notify_all()
+        self._reader.wake_leader(self)
+
+    def _decref_socketios(self):
+        # May run from a file object's finaliser, in any thread, even one that
+        # holds self._lock: so no stream lock and no I/O here. The writer
+        # thread finishes a close that was waiting for the last file object.
+        with self._io_lock:
+            self._io_refs -= 1
+            final = self._io_refs <= 0 and self._closed == "pending"
+            if final:
+                self._closed = False
+        if final:
+            if self.session.closed:
+                self._closed = True   # nothing left to tell the peer
+            else:
+                self._writer.defer(self.close)
+
+    @property
+    def closed(self):
+        return self._closed is True
+
+    def makefile(self, mode="r", buffering=None, encoding=None, errors=None, newline=None):
+        """A file object reading and/or writing this stream, as ``socket.makefile``."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError("invalid mode %r (only r, w, b allowed)" % (mode,))
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        assert reading or writing
+        binary = "b" in mode
+        rawmode = ""
+        if reading:
+            rawmode += "r"
+        if writing:
+            rawmode += "w"
+        raw = socket.SocketIO(self, rawmode)
+        with self._io_lock:
+            self._io_refs += 1
+        if buffering is None:
+            buffering = -1
+        if buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if not binary:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        if reading and writing:
+            buf = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buf = io.BufferedReader(raw, buffering)
+        else:
+            buf = io.BufferedWriter(raw, buffering)
+        if binary:
+            return buf
+        text = io.TextIOWrapper(buf, encoding, errors, newline)
+        text.mode = mode
+        return text
+
+    def getpeername(self):
+        return self.session.getpeername()
+
+    def getsockname(self):
+        return self.session.getsockname()
+
+    def setsockopt(self, level, optname, value, optlen=None):
+        """Accepts and ignores TCP_NODELAY (frames are always written at once)."""
+        if level == socket.IPPROTO_TCP and optname == socket.TCP_NODELAY:
+            return
+        raise OSError(errno.ENOPROTOOPT, "muxado streams do not support this socket option")
+
+    def getsockopt(self, level, optname, buflen=None):
+        if level == socket.IPPROTO_TCP and optname == socket.TCP_NODELAY:
+            return 1
+        raise OSError(errno.ENOPROTOOPT, "muxado streams do not support this socket option")
+
+    def fileno(self):
+        raise io.UnsupportedOperation("a muxado stream has no file descriptor")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- file-like interface (io.RawIOBase style) -------------------------------
+
+    def readable(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed stream")
+        return True
+
+    def writable(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed stream")
+        return True
+
+    def seekable(self):
+        return False
+
+    def isatty(self):
+        return False
+
+    def flush(self):
+        pass
+
+    def readinto(self, buffer):
+        return self.recv_into(buffer)
+
+    def read(self, size=-1):
+        """Up to ``size`` bytes (``b""`` at EOF); with no size, everything until EOF."""
+        if size is None or size < 0:
+            parts = []
+            while True:
+                data = self.recv(_READ_CHUNK)
+                if not data:
+                    return b"".join(parts)
+                parts.append(data)
+        return self.recv(size)
+
+    def readall(self):
+        return self.read()
+
+    def write(self, data):
+        return self.send(data)
+
+    # -- internals (callers hold self._lock where noted) ------------------------
+
+    def _closed_error(self):
+        return SessionClosedError(ErrorCode.STREAM_CLOSED, "stream is closed")
+
+    def _copy_out(self, start, bufsize, whole):
+        """Up to ``bufsize`` buffered bytes from position ``start`` (lock held); no state changes.
+
+        ``whole``: only all ``bufsize`` bytes, or all there are, will do
+        (MSG_WAITALL, MSG_PEEK); else a first chunk that fits is returned as
+        it is, without a copy.
+        """
+        chunks = self._chunks
+        while chunks and chunks[0][0] <= start:
+            chunks.popleft()          # read before: only dropping is left
+        end, chunk = chunks[0]
+        offset = start - (end - len(chunk))
+        if offset == 0 and (len(chunk) == bufsize or len(chunk) < bufsize and (
+                len(chunks) == 1 or not whole)):
+            return chunk if type(chunk) is bytes else bytes(chunk)
+        data = bytearray()
+        for end, chunk in chunks:
+            if offset:
+                data += memoryview(chunk)[offset:offset + bufsize - len(data)]
+                offset = 0
+            else:
+                data += memoryview(chunk)[:bufsize - len(data)]
+            if len(data) >= bufsize:
+                break
+        return bytes(data)
+
+    def _copy_into(self, view, start, nbytes):
+        """Copy up to ``nbytes`` from position ``start`` into ``view`` (lock held); the count."""
+        chunks = self._chunks
+        while chunks and chunks[0][0] <= start:
+            chunks.popleft()
+        n = 0
+        for end, chunk in chunks:
+            offset = start + n - (end - len(chunk))
+            take = min(len(chunk) - offset, nbytes - n)
+            view[n:n + take] = memoryview(chunk)[offset:offset + take]
+            n += take
+            if n >= nbytes:
+                break
+        return n
+
+    def _after_read(self):
+        """The window owed after a read: (increment to send now, position to settle later).
+
+        Lock held. The main thread leaves the accounting to the writer thread
+        (see _settle_later), which no signal handler interrupts; it only says
+        up to where, when a WNDINC may be due (else 0).
+        """
+        if threading.get_ident() != MAIN_IDENT:
+            return self._settle(), 0
+        self._waitall_want = 0
+        return 0, self._read_pos if self._settle_due() else 0
+
+    def _return_window(self, grant, later):
+        """Send what _after_read owes: a WNDINC now, or a settle on the writer thread."""
+        if grant:
+            self._writer.send_wndinc(self, grant)
+        elif later:
+            self._writer.defer(functools.partial(self._settle_later, later))
+
+    def _settle_due(self):
+        unsettled = self._read_pos - self._accounted
+        return unsettled > 0 and (self._grant_pending > 0 or self._waitall_want > 0
+                                  or self._unacked + unsettled >= self._wndinc_threshold)
+
+    def _settle(self, upto=None):
+        """Bring the window accounting up to _read_pos, or ``upto`` (lock held).
+
+        Returns the WNDINC increment owed now.
+        """
+        position = self._read_pos if upto is None else min(upto, self._read_pos)
+        n = position - self._accounted
+        if n <= 0:
+            return 0
+        self._accounted = position
+        return self._consumed(n)
+
+    def _settle_later(self, upto):
+        """The writer thread settles main-thread reads up to ``upto`` (see _after_read).
+
+        Up to where the read stood, not further, so that WNDINCs come in the
+        same steps as from any other thread.
+        """
+        with self._lock:
+            grant = self._settle(upto)
+            if self._waitall_want:
+                grant += self._grant_while_waiting(self._waitall_want)
+        if grant:
+            self._writer.send_wndinc(self, grant)
+
+    def _give_back(self, start, end):
+        """Undo a read that an exception cut short before it returned (main thread).
+
+        Only while nobody has read on since and the bytes are still buffered.
+        A second exception meanwhile waits until it is done.
+        """
+        interrupted = None
+        while True:
+            try:
+                with self._lock:
+                    if self._read_pos == end and self._chunks:
+                        first_end, first = self._chunks[0]
+                        if first_end - len(first) <= start:
+                            self._read_pos = start
+                            # _accounted may stay ahead: what it covers was
+                            # given back to the peer already and is not
+                            # counted twice (see _settle).
+                break
+            except BaseException as exc:
+                if interrupted is None:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _wait_readable(self, want=1):
+        """Wait until ``want`` bytes are buffered, or EOF, or an error (lock held).
+
+        Buffered data is returned before an error is raised.
+        """
+        if self._buffer_end - self._read_pos >= want:
+            return
+        deadline = None
+        while True:
+            if self._closed is True:
+                raise self._closed_error()
+            if self._buffer_end - self._read_pos >= want or self._fin_received or self._read_shut:
+                return
+            if self._error is not None:
+                if self._buffer_end != self._read_pos:
+                    return
+                raise self._error
+            if self._timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "no data ready on stream %d" % self.id)
+            if deadline is None:
+                deadline = Deadline(self._timeout)
+            remaining = deadline.remaining()
+            if remaining == 0.0:
+                raise timeout_error("recv")
+            if threading.get_ident() == MAIN_IDENT:
+                # The writer thread returns the window (see _after_read);
+                # ready() is not used, as the main thread never leads reads.
+                self._waitall_want = want if want > 1 else 0
+                if self._settle_due() or want > 1 and (
+                        self._grant_pending or self._early_return(want)[0] > 0):
+                    self._writer.defer(functools.partial(self._settle_later, self._read_pos))
+                ready = None
+            elif want == 1:
+                ready = self._input_ready
+                if self._read_pos != self._accounted:   # the main thread read here too
+                    grant = self._settle()
+                    if grant:
+                        self._lock.release()
+                        try:
+                            self._writer.queue_control(encode_wndinc(self.id, grant))
+                        finally:
+                            self._lock.acquire()
+                        continue
+            else:
+                grant = self._settle() + self._grant_while_waiting(want)
+                if grant:
+                    self._lock.release()
+                    try:
+                        self._writer.queue_control(encode_wndinc(self.id, grant))
+                    finally:
+                        self._lock.acquire()
+                    continue
+
+                def ready():
+                    return (self._buffer_end - self._read_pos >= want
+                            or self._fin_received or self._read_shut
+                            or self._error is not None or self._closed is True
+                            or self._early_return(want)[0] > 0)
+            self._wait_on(self._readable, ready, deadline, remaining, True)
+
+    def _early_return(self, want):
+        """(increment, of it granted ahead) a MSG_WAITALL for ``want`` bytes owes now (lock held).
+
+        A caller waiting for more than the window must not wait for its own
+        read to return the window. So while it waits, what is consumed and
+        not yet granted goes back, and so do buffered bytes, ahead of their
+        reading, but only as far as lets ``want`` bytes in: the buffer stays
+        within max(window, want). Batched as any WNDINC (half a window).
+        """
+        if self._fin_received or self._error is not None or self._read_shut:
+            return 0, 0
+        # buffered, window not yet returned
+        unread = self._buffer_end - self._read_pos - self._granted_ahead
+        if self._unacked + unread < self._wndinc_threshold:
+            return 0, 0
+        ahead = max(0, min(unread, want - self._window_size - self._granted_ahead))
+        return self._unacked + ahead, ahead
+
+    def _grant_while_waiting(self, want):
+        """The WNDINC increment to send now for a MSG_WAITALL read, accounted (lock held)."""
+        # The early grant of a big window first: the peer may not send
+        # more than the first window without it.
+        grant = self._take_grant()
+        if grant:
+            return grant
+        grant, ahead = self._early_return(want)
+        if grant:
+            self._recv_window += grant
+            self._unacked = 0
+            self._granted_ahead += ahead
+        return grant
+
+    def _input_ready(self):
+        return (self._buffer_end != self._read_pos or self._fin_received or self._read_shut
+                or self._error is not None or self._closed is True)
+
+    def _window_ready(self):
+        return (self._send_window > 0 or self._error is not None or self._fin_sent
+                or self._closed is True)
+
+    def _wait_on(self, condition, ready, deadline, remaining, reading):
+        """Block until ``ready()`` may have changed (lock held, released while waiting).
+
+        If nobody is reading the session's socket, read it ourselves (see
+        SessionReader.lead_until): the data we wait for then wakes this very
+        thread, with no handoff from the reader thread.
+        """
+        reader = self._reader
+        if self._may_lead and reader.try_lead(self):
+            self._lock.release()
+            try:
+                reader.lead_until(ready, deadline)
+            finally:
+                self._lock.acquire()
+            return
+        if reading:
+            self._readers_waiting += 1
+        reader.park(1)
+        try:
+            condition.wait(remaining)
+        finally:
+            if threading.get_ident() == MAIN_IDENT:
+                hold_again(self._lock)
+            reader.park(-1)
+            if reading:
+                self._readers_waiting -= 1
+
+    def _check_writable(self):
+        if self._closed is True:
+            raise self._closed_error()
+        if self._error is not None:
+            raise self._error
+        if self._fin_sent:
+            raise StreamClosedError(ErrorCode.STREAM_CLOSED, "stream is closed for writing")
+
+    def _wait_writable(self, deadline):
+        """Wait for send window (lock held). Raises on error or timeout."""
+        while True:
+            self._check_writable()
+            if self._send_window > 0:
+                return
+            if self._timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "no send window on stream %d" % self.id)
+            remaining = deadline.remaining()
+            if remaining == 0.0:
+                raise timeout_error("send")
+            self._wait_on(self._writable, self._window_ready, deadline, remaining, False)
+
+    def _consumed(self, n):
+        """Account for ``n`` bytes consumed (lock held); the WNDINC increment to send, or 0."""
+        if self._granted_ahead:
+            early = min(n, self._granted_ahead)   # their window went back already
+            self._granted_ahead -= early
+            n -= early
+        if not n and not self._grant_pending:
+            return 0
+        self._unacked += n
+        if self._fin_received or self._error is not None:
+            return 0
+        if self._unacked >= self._wndinc_threshold or (
+                self._grant_pending
+                and self._unacked + self._buffer_end - self._read_pos >= _EARLY_GRANT_AFTER):
+            grant = self._unacked + self._grant_pending
+            self._recv_window += self._unacked
+            self._unacked = 0
+            self._grant_pending = 0
+            return grant
+        return 0
+
+    def _take_grant(self):
+        """The early window grant, if still owed, to ride along with a frame (lock held)."""
+        grant = self._grant_pending
+        if grant:
+            self._grant_pending = 0
+        return grant
+
+    def _set_error(self, error):
+        """Make ``error`` terminal; False if the stream had already ended."""
+        after = None
+        with self._lock:
+            if self._error is not None or self._closed is True:
+                return False
+            self._error = error
+            if isinstance(error, StreamResetError):
+                # A reset is abortive, as with TCP: unread data is dropped.
+                self._chunks.clear()
+                self._read_pos = self._buffer_end
+            self._readable.notify_all()
+            self._writable.notify_all()
+            if self._receiver is not None:
+                after = self._receiver.stream_end(error)
+            self._reader.wake_leader(self)
+        if after is not None:
+            after()
+        return True
+
+    # -- called by the session's reader thread ------------------------------------
+
+    def _admit(self, length):
+        """Take a DATA frame of ``length`` against the window. 1 ok, 0 gone, -1 overrun."""
+        with self._lock:
+            if self._closed is True or self._error is not None:
+                return 0
+            if length > self._recv_window:
+                return -1
+            self._recv_window -= length
+            return 1
+
+    def _receive(self, data, fin):
+        """A whole DATA frame: window check, payload and FIN under one lock.
+
+        Returns 1, 0 if the stream is gone, or -1 if the frame overran the window.
+        """
+        with self._lock:
+            if self._closed is True or self._error is not None:
+                return 0
+            if len(data) > self._recv_window:
+                return -1
+            self._recv_window -= len(data)
+            grant = self._deliver_locked(data)
+            done = False
+            after = None
+            if fin:
+                self._fin_received = True
+                self._readable.notify_all()
+                if self._receiver is not None:
+                    after = self._receiver.stream_end(None)
+                done = self._fin_sent
+        if grant:
+            self._writer.queue_control(encode_wndinc(self.id, grant))
+        if done:
+            self.session._forget(self)
+        if after is not None:
+            after()
+        return 1
+
+    def _deliver(self, data):
+        """A piece of a DATA frame; False if the stream was closed since (answer RST)."""
+        with self._lock:
+            if self._error is not None:
+                return True     # reset mid-frame: dropped (the peer has our RST)
+            if self._closed is True:
+                return False
+            grant = self._deliver_locked(data)
+        if grant:
+            self._writer.queue_control(encode_wndinc(self.id, grant))
+        return True
+
+    def _deliver_locked(self, data):
+        """Buffer ``data`` or hand it on; the WNDINC increment owed now, or 0."""
+        if self._receiver is not None and not self._read_shut:
+            used = self._receiver.stream_data(data)
+            self._kept += len(data) - used
+            return self._consumed(used)
+        if self._read_shut or self._closed is True:
+            return self._consumed(len(data))
+        self._buffer_end += len(data)
+        self._chunks.append((self._buffer_end, data))
+        if self._readers_waiting:
+            self._reader.handoffs += 1   # a parked reader will come back for more
+            # All: a waiter that a signal handler's exception abandoned
+            # must not take the one wake-up (see _hold_again).
+            self._readable.notify_all()
+        return 0
+
+    def _on_fin(self):
+        after = None
+        with self._lock:
+            self._fin_received = True
+            self._readable.notify_all()
+            if self._receiver is not None:
+                after = self._receiver.stream_end(None)
+            done = self._fin_sent
+        if after is not None:
+            after()
+        return done
+
+    def _on_window(self, increment):
+        """Add to the send window; False if it would pass 2^31-1."""
+        with self._lock:
+            window = self._send_window + increment
+            if window > MAX_WINDOW:
+                return False
+            self._send_window = window
+            self._writable.notify_all()
+            return True
