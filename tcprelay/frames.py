@@ -23,8 +23,7 @@ __all__ = [
     "GOAWAY_DEBUG_LIMIT", "FIN", "SYN", "FrameType", "ErrorCode", "MuxadoError",
     "ProtocolError", "Data", "Rst", "WndInc", "GoAway", "Unknown", "FrameHandler",
     "FrameDecoder", "decode_frames", "encode_header", "encode_data", "encode_data_header",
-    "encode_rst",
-    "encode_wndinc", "encode_goaway", "encode_unknown", "PAD_FRAME",
+    "encode_rst", "encode_wndinc", "encode_goaway", "encode_unknown", "PAD_FRAME",
 ]
 
 HEADER_SIZE = 8

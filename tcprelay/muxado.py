@@ -62,9 +62,10 @@ from .frames import (
 from .limits import LogGate
 from .mainthread import MAIN_IDENT, hold_again
 from .reader import SessionReader
-from .stream import (
-    RemoteGoneAwayError, SessionClosedError, Stream, StreamClosedError, StreamResetError,
+from .muxerrors import (
+    RemoteGoneAwayError, SessionClosedError, StreamClosedError, StreamResetError,
 )
+from .stream import Stream
 from .writer import DEFAULT_WRITE_TIMEOUT, GOAWAY_ON_CLOSE_TIMEOUT, FrameWriter
 
 __all__ = [
@@ -219,7 +220,7 @@ class Session(object):
             self._streams[stream_id] = stream
         if announce:
             with stream._lock:
-                grant = stream._take_grant()
+                grant = stream._window.take_grant()
             try:
                 self._writer.send_data(stream, b"", 0, grant)
             except MuxadoError:

@@ -5,59 +5,27 @@ buffered per stream, within its receive window; ``recv`` and friends read
 it. Frames go out through the session's ``FrameWriter``; a thread blocked
 here may lead the session's reads (``SessionReader.try_lead``).
 
-Errors subclass the OSErrors that callers of sockets already catch.
+Its errors (muxerrors) subclass the OSErrors that callers of sockets
+already catch.
 """
 
 import collections
 import errno
 import functools
-import io
 import socket
 import threading
 
-from .clock import Deadline, check_timeout, timeout_error
+from .clock import Deadline, timeout_error
 from .frames import (
     DEFAULT_WINDOW, FIN, MAX_WINDOW, ErrorCode, MuxadoError, encode_data_header, encode_wndinc,
 )
 from .mainthread import MAIN_IDENT, hold_again
+from .muxerrors import SessionClosedError, StreamClosedError, StreamResetError
+from .socketlike import SocketLike
+from .streambuffer import ReceiveBuffer
+from .window import ReceiveWindow
 
 _RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
-_READ_CHUNK = 1 << 20             # read() until EOF: one recv this big at a time
-
-
-class _OSErrorFlavour(MuxadoError):
-    """A MuxadoError that is also the OSError callers already catch."""
-
-    errno_value = None
-
-    def __init__(self, code, message=None):
-        super(_OSErrorFlavour, self).__init__(code, message)
-        self.errno = self.errno_value
-        self.strerror = self.message
-
-
-class StreamResetError(_OSErrorFlavour, ConnectionResetError):
-    """The stream was reset: by the peer, or locally for a protocol fault."""
-
-    errno_value = errno.ECONNRESET
-
-
-class SessionClosedError(_OSErrorFlavour, ConnectionAbortedError):
-    """The session (or this stream) has ended; nothing more can be done with it."""
-
-    errno_value = errno.ECONNABORTED
-
-
-class StreamClosedError(_OSErrorFlavour, BrokenPipeError):
-    """Writing to a stream whose write side is closed (``close_write``)."""
-
-    errno_value = errno.EPIPE
-
-
-class RemoteGoneAwayError(_OSErrorFlavour, ConnectionRefusedError):
-    """``open()`` after the peer sent GOAWAY: it takes no new streams."""
-
-    errno_value = errno.ECONNREFUSED
 
 
 def _byte_view(data):
@@ -68,12 +36,9 @@ def _byte_view(data):
     return view
 
 
-# its first one, unless it rides along with a frame of ours first: a short
-# request and reply then costs no WNDINC frame of its own.
-_EARLY_GRANT_AFTER = DEFAULT_WINDOW // 4
 
 
-class Stream(object):
+class Stream(SocketLike):
     """One muxado stream: a socket-like, file-like byte pipe.
 
     Get one from ``Session.open()`` or ``Session.accept()``.
@@ -91,23 +56,15 @@ class Stream(object):
         self._readable = threading.Condition(self._lock)
         self._writable = threading.Condition(self._lock)
         self._timeout = None
-        # receive side. Positions count the stream's buffered bytes from its
-        # start: a read commits by one store to _read_pos, so an exception
-        # (a signal handler's, in the main thread) can land anywhere in it
-        # and leave the buffer whole; the window accounting catches up with
-        # _read_pos later (_settle).
-        self._chunks = collections.deque()   # (end position, bytes), in order
-        self._read_pos = 0             # all before it has been read
-        self._buffer_end = 0           # end of the last chunk
+        # receive side. A read commits by one store to the buffer's read_pos,
+        # so an exception (a signal handler's, in the main thread) can land
+        # anywhere in it and leave the buffer whole; the window accounting
+        # catches up with read_pos later (_settle).
+        self._buffer = ReceiveBuffer()
         self._accounted = 0            # reads up to here are in the window accounting
         self._waitall_want = 0         # a MSG_WAITALL read in the main thread waits for this
-        self._recv_window = window_size   # what the peer may still send us
-        self._window_size = window_size
-        self._wndinc_threshold = max(1, window_size // 2)
-        self._unacked = 0              # consumed, not yet granted back
-        self._granted_ahead = 0        # buffered, granted back before it was read (MSG_WAITALL)
+        self._window = ReceiveWindow(window_size)
         self._kept = 0                 # handed to the receiver, not yet reported consumed
-        self._grant_pending = window_size - DEFAULT_WINDOW  # the early grant for a big window
         self._fin_received = False
         self._read_shut = False
         self._readers_waiting = 0      # threads parked in recv on this stream
@@ -128,19 +85,6 @@ class Stream(object):
 
     # -- socket-like interface -------------------------------------------------
 
-    def settimeout(self, timeout):
-        """As ``socket.settimeout``: None, 0 or seconds of any size a socket takes."""
-        self._timeout = check_timeout(timeout)
-
-    def gettimeout(self):
-        return self._timeout
-
-    def setblocking(self, flag):
-        self.settimeout(None if flag else 0.0)
-
-    def getblocking(self):
-        return self._timeout != 0.0
-
     def recv(self, bufsize, flags=0):
         """Up to ``bufsize`` bytes; ``b""`` once the peer has half-closed.
 
@@ -156,18 +100,19 @@ class Stream(object):
         if bufsize == 0:
             return b""
         waitall = flags & socket.MSG_WAITALL
+        buffer = self._buffer
         start = end = None
         try:
             with self._lock:
                 self._wait_readable(bufsize if waitall else 1)
-                start = self._read_pos
-                if start == self._buffer_end:
+                start = buffer.read_pos
+                if start == buffer.end:
                     return b""
                 if flags & socket.MSG_PEEK:
-                    return self._copy_out(start, bufsize, True)
-                data = self._copy_out(start, bufsize, bool(waitall))
+                    return buffer.copy_out(start, bufsize, True)
+                data = buffer.copy_out(start, bufsize, bool(waitall))
                 end = start + len(data)
-                self._read_pos = end                  # the commit
+                buffer.read_pos = end                  # the commit
                 grant, later = self._after_read()
             self._return_window(grant, later)
             return data
@@ -191,10 +136,10 @@ class Stream(object):
         try:
             with self._lock:
                 self._wait_readable()
-                start = self._read_pos
-                n = self._copy_into(view, start, nbytes)
+                start = self._buffer.read_pos
+                n = self._buffer.copy_into(view, start, nbytes)
                 end = start + n
-                self._read_pos = end                  # the commit
+                self._buffer.read_pos = end            # the commit
                 grant, later = self._after_read()
             self._return_window(grant, later)
             return n
@@ -241,7 +186,7 @@ class Stream(object):
                 n = min(len(view), self._send_window, self.session._max_frame)
                 self._send_window -= n
                 taken = n
-                grant = self._take_grant()
+                grant = self._window.take_grant()
             self._writer.send_data(self, view[:n], 0, grant, written)
             return n
         except BaseException:
@@ -254,7 +199,7 @@ class Stream(object):
     def _unsend(self, n, grant):
         with self._lock:
             self._send_window += n
-            self._grant_pending += grant
+            self._window.untake_grant(grant)
             self._writable.notify_all()
 
     def send_nowait(self, data):
@@ -287,7 +232,7 @@ class Stream(object):
         with self._lock:
             if not self._unannounced or self._fin_sent or self._closed or self._error is not None:
                 return
-            grant = self._take_grant()
+            grant = self._window.take_grant()
         self._writer.send_data(self, b"", 0, grant)
 
     def close_write(self):
@@ -299,7 +244,7 @@ class Stream(object):
                 return
             self._fin_sent = True
             done = self._fin_received
-            grant = self._take_grant()
+            grant = self._window.take_grant()
         written = collections.deque()
         try:
             self._writer.send_data(self, b"", FIN, grant, written)
@@ -309,7 +254,7 @@ class Stream(object):
                 # exception): a later close_write() or close() sends it.
                 with self._lock:
                     self._fin_sent = False
-                    self._grant_pending += grant
+                    self._window.untake_grant(grant)
                 done = False
             raise
         finally:
@@ -330,8 +275,7 @@ class Stream(object):
                 if self._closed:
                     raise self._closed_error()
                 self._read_shut = True
-                self._chunks.clear()
-                self._read_pos = self._buffer_end   # dropped: consumed, as far as the window goes
+                self._buffer.drop()   # consumed, as far as the window goes
                 grant = self._settle()
                 self._readable.notify_all()
                 self._reader.wake_leader(self)
@@ -385,14 +329,8 @@ class Stream(object):
             self._receiver = receiver
             grant = self._settle()
             used = 0
-            while self._chunks:
-                end, chunk = self._chunks.popleft()
-                if end <= self._read_pos:
-                    continue
-                offset = self._read_pos - (end - len(chunk))
-                if offset:
-                    chunk = memoryview(chunk)[offset:]
-                self._read_pos = self._accounted = end
+            for end, chunk in self._buffer.take_unread():
+                self._accounted = end
                 took = receiver.stream_data(chunk)
                 self._kept += len(chunk) - took
                 used += took
@@ -439,12 +377,11 @@ class Stream(object):
             if self._closed is True:
                 return
             peer_sending = not self._fin_received and self._error is None
-            abort = peer_sending and (self._buffer_end != self._read_pos or self._kept)
+            abort = peer_sending and (self._unread() or self._kept)
             send_fin = not self._fin_sent and self._error is None and not abort
             grant = 0
             if peer_sending and not abort:
-                grant = self._settle() + self._take_grant() + self._unacked
-                self._unacked = 0
+                grant = self._settle() + self._window.flush()
             self._finish_close_locked()
             self._fin_sent = True
         try:
@@ -460,8 +397,7 @@ class Stream(object):
 
     def _finish_close_locked(self):
         self._closed = True
-        self._chunks.clear()
-        self._read_pos = self._buffer_end
+        self._buffer.drop()
         self._readable.notify_all()
         self._writable.notify_all()
         self._reader.wake_leader(self)
@@ -485,154 +421,10 @@ class Stream(object):
     def closed(self):
         return self._closed is True
 
-    def makefile(self, mode="r", buffering=None, encoding=None, errors=None, newline=None):
-        """A file object reading and/or writing this stream, as ``socket.makefile``."""
-        if not set(mode) <= {"r", "w", "b"}:
-            raise ValueError("invalid mode %r (only r, w, b allowed)" % (mode,))
-        writing = "w" in mode
-        reading = "r" in mode or not writing
-        assert reading or writing
-        binary = "b" in mode
-        rawmode = ""
-        if reading:
-            rawmode += "r"
-        if writing:
-            rawmode += "w"
-        raw = socket.SocketIO(self, rawmode)
-        with self._io_lock:
-            self._io_refs += 1
-        if buffering is None:
-            buffering = -1
-        if buffering < 0:
-            buffering = io.DEFAULT_BUFFER_SIZE
-        if buffering == 0:
-            if not binary:
-                raise ValueError("unbuffered streams must be binary")
-            return raw
-        if reading and writing:
-            buf = io.BufferedRWPair(raw, raw, buffering)
-        elif reading:
-            buf = io.BufferedReader(raw, buffering)
-        else:
-            buf = io.BufferedWriter(raw, buffering)
-        if binary:
-            return buf
-        text = io.TextIOWrapper(buf, encoding, errors, newline)
-        text.mode = mode
-        return text
-
-    def getpeername(self):
-        return self.session.getpeername()
-
-    def getsockname(self):
-        return self.session.getsockname()
-
-    def setsockopt(self, level, optname, value, optlen=None):
-        """Accepts and ignores TCP_NODELAY (frames are always written at once)."""
-        if level == socket.IPPROTO_TCP and optname == socket.TCP_NODELAY:
-            return
-        raise OSError(errno.ENOPROTOOPT, "muxado streams do not support this socket option")
-
-    def getsockopt(self, level, optname, buflen=None):
-        if level == socket.IPPROTO_TCP and optname == socket.TCP_NODELAY:
-            return 1
-        raise OSError(errno.ENOPROTOOPT, "muxado streams do not support this socket option")
-
-    def fileno(self):
-        raise io.UnsupportedOperation("a muxado stream has no file descriptor")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    # -- file-like interface (io.RawIOBase style) -------------------------------
-
-    def readable(self):
-        if self.closed:
-            raise ValueError("I/O operation on closed stream")
-        return True
-
-    def writable(self):
-        if self.closed:
-            raise ValueError("I/O operation on closed stream")
-        return True
-
-    def seekable(self):
-        return False
-
-    def isatty(self):
-        return False
-
-    def flush(self):
-        pass
-
-    def readinto(self, buffer):
-        return self.recv_into(buffer)
-
-    def read(self, size=-1):
-        """Up to ``size`` bytes (``b""`` at EOF); with no size, everything until EOF."""
-        if size is None or size < 0:
-            parts = []
-            while True:
-                data = self.recv(_READ_CHUNK)
-                if not data:
-                    return b"".join(parts)
-                parts.append(data)
-        return self.recv(size)
-
-    def readall(self):
-        return self.read()
-
-    def write(self, data):
-        return self.send(data)
-
     # -- internals (callers hold self._lock where noted) ------------------------
 
     def _closed_error(self):
         return SessionClosedError(ErrorCode.STREAM_CLOSED, "stream is closed")
-
-    def _copy_out(self, start, bufsize, whole):
-        """Up to ``bufsize`` buffered bytes from position ``start`` (lock held); no state changes.
-
-        ``whole``: only all ``bufsize`` bytes, or all there are, will do
-        (MSG_WAITALL, MSG_PEEK); else a first chunk that fits is returned as
-        it is, without a copy.
-        """
-        chunks = self._chunks
-        while chunks and chunks[0][0] <= start:
-            chunks.popleft()          # read before: only dropping is left
-        end, chunk = chunks[0]
-        offset = start - (end - len(chunk))
-        if offset == 0 and (len(chunk) == bufsize or len(chunk) < bufsize and (
-                len(chunks) == 1 or not whole)):
-            return chunk if type(chunk) is bytes else bytes(chunk)
-        data = bytearray()
-        for end, chunk in chunks:
-            if offset:
-                data += memoryview(chunk)[offset:offset + bufsize - len(data)]
-                offset = 0
-            else:
-                data += memoryview(chunk)[:bufsize - len(data)]
-            if len(data) >= bufsize:
-                break
-        return bytes(data)
-
-    def _copy_into(self, view, start, nbytes):
-        """Copy up to ``nbytes`` from position ``start`` into ``view`` (lock held); the count."""
-        chunks = self._chunks
-        while chunks and chunks[0][0] <= start:
-            chunks.popleft()
-        n = 0
-        for end, chunk in chunks:
-            offset = start + n - (end - len(chunk))
-            take = min(len(chunk) - offset, nbytes - n)
-            view[n:n + take] = memoryview(chunk)[offset:offset + take]
-            n += take
-            if n >= nbytes:
-                break
-        return n
 
     def _after_read(self):
         """The window owed after a read: (increment to send now, position to settle later).
@@ -644,7 +436,7 @@ class Stream(object):
         if threading.get_ident() != MAIN_IDENT:
             return self._settle(), 0
         self._waitall_want = 0
-        return 0, self._read_pos if self._settle_due() else 0
+        return 0, self._buffer.read_pos if self._settle_due() else 0
 
     def _return_window(self, grant, later):
         """Send what _after_read owes: a WNDINC now, or a settle on the writer thread."""
@@ -654,16 +446,15 @@ class Stream(object):
             self._writer.defer(functools.partial(self._settle_later, later))
 
     def _settle_due(self):
-        unsettled = self._read_pos - self._accounted
-        return unsettled > 0 and (self._grant_pending > 0 or self._waitall_want > 0
-                                  or self._unacked + unsettled >= self._wndinc_threshold)
+        unsettled = self._buffer.read_pos - self._accounted
+        return self._window.settle_due(unsettled, self._waitall_want > 0)
 
     def _settle(self, upto=None):
-        """Bring the window accounting up to _read_pos, or ``upto`` (lock held).
+        """Bring the window accounting up to the read position, or ``upto`` (lock held).
 
         Returns the WNDINC increment owed now.
         """
-        position = self._read_pos if upto is None else min(upto, self._read_pos)
+        position = self._buffer.read_pos if upto is None else min(upto, self._buffer.read_pos)
         n = position - self._accounted
         if n <= 0:
             return 0
@@ -693,13 +484,12 @@ class Stream(object):
         while True:
             try:
                 with self._lock:
-                    if self._read_pos == end and self._chunks:
-                        first_end, first = self._chunks[0]
-                        if first_end - len(first) <= start:
-                            self._read_pos = start
-                            # _accounted may stay ahead: what it covers was
-                            # given back to the peer already and is not
-                            # counted twice (see _settle).
+                    buffer = self._buffer
+                    if buffer.read_pos == end and buffer.holds_from(start):
+                        buffer.read_pos = start
+                        # _accounted may stay ahead: what it covers was
+                        # given back to the peer already and is not
+                        # counted twice (see _settle).
                 break
             except BaseException as exc:
                 if interrupted is None:
@@ -712,16 +502,17 @@ class Stream(object):
 
         Buffered data is returned before an error is raised.
         """
-        if self._buffer_end - self._read_pos >= want:
+        buffer = self._buffer
+        if buffer.end - buffer.read_pos >= want:
             return
         deadline = None
         while True:
             if self._closed is True:
                 raise self._closed_error()
-            if self._buffer_end - self._read_pos >= want or self._fin_received or self._read_shut:
+            if self._unread() >= want or self._fin_received or self._read_shut:
                 return
             if self._error is not None:
-                if self._buffer_end != self._read_pos:
+                if self._unread():
                     return
                 raise self._error
             if self._timeout == 0.0:
@@ -736,12 +527,13 @@ class Stream(object):
                 # ready() is not used, as the main thread never leads reads.
                 self._waitall_want = want if want > 1 else 0
                 if self._settle_due() or want > 1 and (
-                        self._grant_pending or self._early_return(want)[0] > 0):
-                    self._writer.defer(functools.partial(self._settle_later, self._read_pos))
+                        self._window.grant_pending or self._early_return(want)[0] > 0):
+                    self._writer.defer(
+                        functools.partial(self._settle_later, self._buffer.read_pos))
                 ready = None
             elif want == 1:
                 ready = self._input_ready
-                if self._read_pos != self._accounted:   # the main thread read here too
+                if self._buffer.read_pos != self._accounted:   # the main thread read here too
                     grant = self._settle()
                     if grant:
                         self._lock.release()
@@ -761,46 +553,32 @@ class Stream(object):
                     continue
 
                 def ready():
-                    return (self._buffer_end - self._read_pos >= want
+                    return (self._unread() >= want
                             or self._fin_received or self._read_shut
                             or self._error is not None or self._closed is True
                             or self._early_return(want)[0] > 0)
             self._wait_on(self._readable, ready, deadline, remaining, True)
 
     def _early_return(self, want):
-        """(increment, of it granted ahead) a MSG_WAITALL for ``want`` bytes owes now (lock held).
-
-        A caller waiting for more than the window must not wait for its own
-        read to return the window. So while it waits, what is consumed and
-        not yet granted goes back, and so do buffered bytes, ahead of their
-        reading, but only as far as lets ``want`` bytes in: the buffer stays
-        within max(window, want). Batched as any WNDINC (half a window).
-        """
-        if self._fin_received or self._error is not None or self._read_shut:
-            return 0, 0
-        # buffered, window not yet returned
-        unread = self._buffer_end - self._read_pos - self._granted_ahead
-        if self._unacked + unread < self._wndinc_threshold:
-            return 0, 0
-        ahead = max(0, min(unread, want - self._window_size - self._granted_ahead))
-        return self._unacked + ahead, ahead
+        """(increment, of it granted ahead) owed now to a MSG_WAITALL of ``want`` (lock held)."""
+        return self._window.early_return(want, self._unread(),
+                                         self._peer_done() or self._read_shut)
 
     def _grant_while_waiting(self, want):
         """The WNDINC increment to send now for a MSG_WAITALL read, accounted (lock held)."""
-        # The early grant of a big window first: the peer may not send
-        # more than the first window without it.
-        grant = self._take_grant()
-        if grant:
-            return grant
-        grant, ahead = self._early_return(want)
-        if grant:
-            self._recv_window += grant
-            self._unacked = 0
-            self._granted_ahead += ahead
-        return grant
+        return self._window.grant_while_waiting(want, self._unread(),
+                                                self._peer_done() or self._read_shut)
+
+    def _unread(self):
+        """Bytes buffered and not yet read (lock held)."""
+        return self._buffer.end - self._buffer.read_pos
+
+    def _peer_done(self):
+        """The peer sends no more on this stream: FIN, or the stream ended (lock held)."""
+        return self._fin_received or self._error is not None
 
     def _input_ready(self):
-        return (self._buffer_end != self._read_pos or self._fin_received or self._read_shut
+        return (self._unread() or self._fin_received or self._read_shut
                 or self._error is not None or self._closed is True)
 
     def _window_ready(self):
@@ -857,31 +635,7 @@ class Stream(object):
 
     def _consumed(self, n):
         """Account for ``n`` bytes consumed (lock held); the WNDINC increment to send, or 0."""
-        if self._granted_ahead:
-            early = min(n, self._granted_ahead)   # their window went back already
-            self._granted_ahead -= early
-            n -= early
-        if not n and not self._grant_pending:
-            return 0
-        self._unacked += n
-        if self._fin_received or self._error is not None:
-            return 0
-        if self._unacked >= self._wndinc_threshold or (
-                self._grant_pending
-                and self._unacked + self._buffer_end - self._read_pos >= _EARLY_GRANT_AFTER):
-            grant = self._unacked + self._grant_pending
-            self._recv_window += self._unacked
-            self._unacked = 0
-            self._grant_pending = 0
-            return grant
-        return 0
-
-    def _take_grant(self):
-        """The early window grant, if still owed, to ride along with a frame (lock held)."""
-        grant = self._grant_pending
-        if grant:
-            self._grant_pending = 0
-        return grant
+        return self._window.consumed(n, self._unread(), self._peer_done())
 
     def _set_error(self, error):
         """Make ``error`` terminal; False if the stream had already ended."""
@@ -892,8 +646,7 @@ class Stream(object):
             self._error = error
             if isinstance(error, StreamResetError):
                 # A reset is abortive, as with TCP: unread data is dropped.
-                self._chunks.clear()
-                self._read_pos = self._buffer_end
+                self._buffer.drop()
             self._readable.notify_all()
             self._writable.notify_all()
             if self._receiver is not None:
@@ -910,10 +663,7 @@ class Stream(object):
         with self._lock:
             if self._closed is True or self._error is not None:
                 return 0
-            if length > self._recv_window:
-                return -1
-            self._recv_window -= length
-            return 1
+            return 1 if self._window.admit(length) else -1
 
     def _receive(self, data, fin):
         """A whole DATA frame: window check, payload and FIN under one lock.
@@ -923,9 +673,8 @@ class Stream(object):
         with self._lock:
             if self._closed is True or self._error is not None:
                 return 0
-            if len(data) > self._recv_window:
+            if not self._window.admit(len(data)):
                 return -1
-            self._recv_window -= len(data)
             grant = self._deliver_locked(data)
             done = False
             after = None
@@ -963,8 +712,7 @@ class Stream(object):
             return self._consumed(used)
         if self._read_shut or self._closed is True:
             return self._consumed(len(data))
-        self._buffer_end += len(data)
-        self._chunks.append((self._buffer_end, data))
+        self._buffer.append(data)
         if self._readers_waiting:
             self._reader.handoffs += 1   # a parked reader will come back for more
             # All: a waiter that a signal handler's exception abandoned

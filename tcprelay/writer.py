@@ -16,7 +16,8 @@ import sys
 import threading
 
 from .frames import (
-    SYN, ErrorCode, MuxadoError, ProtocolError, encode_data_header, encode_goaway, encode_rst, encode_wndinc,
+    SYN, ErrorCode, MuxadoError, ProtocolError, encode_data_header, encode_goaway, encode_rst,
+    encode_wndinc,
 )
 from .mainthread import MAIN_IDENT
 

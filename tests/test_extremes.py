@@ -20,7 +20,8 @@ from relay_helpers import (
     wait_until,
 )
 from test_relay import Env
-from tcprelay import clock, heartbeat, mainthread, muxado, service
+from tcprelay import clock, heartbeat, mainthread, muxado, muxerrors, service, socketlike
+from tcprelay import streambuffer, window
 from tcprelay import reader as muxado_reader, stream as muxado_stream, writer as muxado_writer
 from tcprelay.relay import Relay
 from tcprelay.service import RelayServer
@@ -314,7 +315,8 @@ def test_a_service_waiting_in_line_follows_a_relay_restart(env):
 
 # muxado's code: the session, its streams, reads and writes, and their helpers
 _MUXADO_FILES = frozenset(module.__file__.rstrip("c") for module in (
-    muxado, muxado_stream, muxado_reader, muxado_writer, mainthread, clock))
+    muxado, muxado_stream, muxado_reader, muxado_writer, mainthread, clock, muxerrors,
+    socketlike, streambuffer, window))
 _THREADING_FILE = threading.__file__.rstrip("c")
 
 
