@@ -154,6 +154,34 @@ def accept_queue(port):
     raise AssertionError("nothing listens on port %d" % port)
 
 
+class FakeClock(object):
+    """A monotonic clock the test moves by hand; it counts how often it was read."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.calls = 0
+        self._cond = threading.Condition()
+
+    def __call__(self):
+        with self._cond:
+            self.calls += 1
+            self._cond.notify_all()
+            return self.now
+
+    def advance(self, seconds):
+        with self._cond:
+            self.now += seconds
+
+    def wait_calls(self, count, timeout=TIMEOUT):
+        """Wait until the clock has been read ``count`` times in all."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.calls < count:
+                left = deadline - time.monotonic()
+                assert left > 0, "the clock was read %d times, not %d" % (self.calls, count)
+                self._cond.wait(left)
+
+
 # -- sockets and streams --------------------------------------------------------------
 
 def connect_client(port, timeout=TIMEOUT):
