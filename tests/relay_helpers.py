@@ -64,6 +64,11 @@ def free_port_range(count, low=20000, high=32000, attempts=500):
     raise RuntimeError("no %d free contiguous ports in %d-%d" % (count, low, high))
 
 
+def pool_args(ports):
+    """The --ports option for ``ports`` (a contiguous list)."""
+    return ["--ports", "%d-%d" % (ports[0], ports[-1])]
+
+
 def fill_until_the_adapter_holds(adapter, client):
     """Upload through ``client`` until ``adapter``'s only bridge holds bytes its
     local service (which never reads) cannot take; then half-close the client

@@ -17,6 +17,7 @@ import pytest
 
 import fuzzing
 from conftest import TIMEOUT, LeakCheck, SessionPair
+from relay_helpers import recv_exact, recv_to_eof
 from tcprelay import muxado
 from tcprelay.frames import (
     DEFAULT_WINDOW, FIN, GOAWAY_DEBUG_LIMIT, MAX_WINDOW, PAD_FRAME, SYN, encode_data,
@@ -47,24 +48,6 @@ def accept(session, stream_id=None):
     if stream_id is not None:
         assert stream.id == stream_id
     return stream
-
-
-def recv_exactly(stream, n):
-    data = bytearray()
-    while len(data) < n:
-        chunk = stream.recv(n - len(data))
-        assert chunk, "EOF after %d of %d bytes" % (len(data), n)
-        data += chunk
-    return bytes(data)
-
-
-def recv_to_eof(stream):
-    data = bytearray()
-    while True:
-        chunk = stream.recv(65536)
-        if not chunk:
-            return bytes(data)
-        data += chunk
 
 
 def assert_quiet(peer, wait=QUIET):
@@ -348,7 +331,7 @@ def test_wndinc_past_2_31_resets_only_that_stream(raw_peer, sessions):
     # Exactly up to 2^31-1 is allowed. (The data after it arrives once the
     # WNDINC has been handled: frames are handled in order.)
     peer.send(encode_wndinc(1, MAX_WINDOW - DEFAULT_WINDOW) + encode_data(1, b"sync"))
-    assert recv_exactly(stream, 4) == b"sync"
+    assert recv_exact(stream, 4) == b"sync"
     stream.sendall(b"abc")
     assert peer.read_frame() == Data(1, b"abc")
     # The window is now 2^31-1 - 3: four more overflows it by one.
@@ -419,7 +402,7 @@ def test_max_streams_refuses_the_extra_one(raw_peer):
     assert peer.read_frame() == Rst(9, ErrorCode.STREAM_CLOSED)
 
     for sid, stream in zip(ids, streams):      # the first four still work
-        assert recv_exactly(stream, len(b"open %d" % sid)) == b"open %d" % sid
+        assert recv_exact(stream, len(b"open %d" % sid)) == b"open %d" % sid
         stream.sendall(b"ack %d" % sid)
         assert peer.read_frame() == Data(sid, b"ack %d" % sid)
 
@@ -430,7 +413,7 @@ def test_max_streams_refuses_the_extra_one(raw_peer):
 
     peer.send(syn(11, b"room now"))
     eleven = accept(peer.session, 11)
-    assert recv_exactly(eleven, 8) == b"room now"
+    assert recv_exact(eleven, 8) == b"room now"
     peer.send(syn(13))                          # four open again: refused
     assert peer.read_frame() == Rst(13, ErrorCode.STREAM_REFUSED)
 
@@ -455,8 +438,8 @@ def test_full_accept_backlog_refuses_and_forgets(raw_peer):
     three = accept(peer.session, 3)
     with pytest.raises(socket.timeout):
         peer.session.accept(timeout=QUIET)
-    assert recv_exactly(one, 3) == b"one"
-    assert recv_exactly(three, 5) == b"three"
+    assert recv_exact(one, 3) == b"one"
+    assert recv_exact(three, 5) == b"three"
     prove_alive(peer, 7)                       # the backlog has room again
 
 
@@ -493,7 +476,7 @@ def test_burst_below_the_flood_limit_is_fine(raw_peer, kind):
     stream = _open_stream_one(peer)
     peer.send(FLOODS[kind](FLOOD[0] - 10))
     peer.send(encode_data(1, b"after the burst"))
-    assert recv_exactly(stream, 15) == b"after the burst"
+    assert recv_exact(stream, 15) == b"after the burst"
     # Streams opened and reset at once are not left in the accept queue.
     prove_alive(peer, 1001)
     assert not peer.session.closed

@@ -34,8 +34,8 @@ import pytest
 from conftest import TIMEOUT
 from relay_helpers import (
     LOOPBACK, MIB, FakeClock, MainRun, Process, Worker, connect_client, echo_handler,
-    echo_roundtrip, free_port_range, listeners, read_until_end, recv_exact, recv_to_eof,
-    wait_until,
+    echo_roundtrip, free_port_range, listeners, pool_args, read_until_end, recv_exact,
+    recv_to_eof, wait_until,
 )
 from test_relay import Env, link_of
 from tcprelay import auth, frames, muxado, registration, tls
@@ -1087,10 +1087,6 @@ def local_echo():
     server = LocalEcho()
     yield server
     server.close()
-
-
-def pool_args(ports):
-    return ["--ports", "%d-%d" % (ports[0], ports[-1])]
 
 
 def secret_file(tmp_path, secret, name="secret"):
