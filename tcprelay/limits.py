@@ -169,11 +169,13 @@ class LogGate(object):
 
 
 class LogGates(object):
-    """A ``LogGate`` for each kind of line, made on first use: ``gates(kind, message, *args)``."""
+    """A ``LogGate`` for each kind of line, made on first use: ``gates(kind, message, *args)``.
+    ``clock``: monotonic seconds, as for ``LogGate``."""
 
-    def __init__(self, logger, level=logging.WARNING):
+    def __init__(self, logger, level=logging.WARNING, clock=time.monotonic):
         self._logger = logger
         self._level = level
+        self._clock = clock
         self._gates = {}
         self._lock = threading.Lock()
 
@@ -181,5 +183,5 @@ class LogGates(object):
         with self._lock:
             gate = self._gates.get(kind)
             if gate is None:
-                gate = self._gates[kind] = LogGate(self._logger, self._level)
+                gate = self._gates[kind] = LogGate(self._logger, self._level, clock=self._clock)
         gate(message, *args)

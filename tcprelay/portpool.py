@@ -63,16 +63,20 @@ class PortPool(object):
     """Hands out ``ports`` in arrival order, at most ``limit`` at a time.
 
     ``bind(port)`` returns a listening socket or raises OSError; a port that
-    fails is skipped for ``retry_after`` seconds.
+    fails is skipped for ``retry_after`` seconds. ``clock``: monotonic seconds,
+    the time of holds, skips and the deadlines of waits (a test's clock that
+    stands still suits waits with timeout 0 only).
     """
 
-    def __init__(self, ports, bind, limit=None, retry_after=DEFAULT_RETRY_AFTER):
+    def __init__(self, ports, bind, limit=None, retry_after=DEFAULT_RETRY_AFTER,
+                 clock=time.monotonic):
         self._ports = sorted(set(int(p) for p in ports))
         if not self._ports:
             raise ValueError("the port pool is empty")
         self._bind = bind
         self._limit = len(self._ports) if limit is None else max(1, int(limit))
         self._retry_after = retry_after
+        self._clock = clock
         self._cond = threading.Condition()
         self._free = set(self._ports)
         self._cooldown = {}      # port -> monotonic time it may be tried again
@@ -107,7 +111,7 @@ class PortPool(object):
         with self._cond:
             self._in_use -= 1
             if hold_for is not None and hold_seconds > 0:
-                self._held[port] = (hold_for, time.monotonic() + hold_seconds)
+                self._held[port] = (hold_for, self._clock() + hold_seconds)
             self._free.add(port)
             self._cond.notify_all()
 
@@ -115,7 +119,7 @@ class PortPool(object):
         """The lease token ``port`` is held back for, or None (not held, or the hold ended)."""
         with self._cond:
             held = self._held.get(port)
-            if held is None or held[1] <= time.monotonic():
+            if held is None or held[1] <= self._clock():
                 return None
             return held[0]
 
@@ -135,7 +139,7 @@ class PortPool(object):
         """Why ``ticket`` has no port yet, as a phrase for logs and replies
         (``ALL_TAKEN`` when that is all there is to say)."""
         with self._cond:
-            now = time.monotonic()
+            now = self._clock()
             port = ticket.port
             if port is not None:
                 if port not in self._free:
@@ -245,14 +249,14 @@ class PortPool(object):
         return min(future) if future else None
 
     def _wait(self, ticket, timeout, start_position=None):
-        end = None if timeout is None else time.monotonic() + timeout
+        end = None if timeout is None else self._clock() + timeout
         with self._cond:
             if start_position is None:
                 start_position = self._position_locked(ticket)
             while True:
                 if ticket.cancelled:
                     raise Cancelled()
-                now = time.monotonic()
+                now = self._clock()
                 port = self._assign(ticket, now)
                 if port is not None:
                     self._free.discard(port)
@@ -272,7 +276,7 @@ class PortPool(object):
                         ticket.binding = False
                     if listener is None:
                         self._free.add(port)
-                        self._cooldown[port] = time.monotonic() + self._retry_after
+                        self._cooldown[port] = self._clock() + self._retry_after
                         self._cond.notify_all()
                         continue
                     if ticket.cancelled:

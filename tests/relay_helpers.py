@@ -64,6 +64,11 @@ def free_port_range(count, low=20000, high=32000, attempts=500):
     raise RuntimeError("no %d free contiguous ports in %d-%d" % (count, low, high))
 
 
+def pool_args(ports):
+    """The --ports option for ``ports`` (a contiguous list)."""
+    return ["--ports", "%d-%d" % (ports[0], ports[-1])]
+
+
 def fill_until_the_adapter_holds(adapter, client):
     """Upload through ``client`` until ``adapter``'s only bridge holds bytes its
     local service (which never reads) cannot take; then half-close the client
@@ -152,6 +157,34 @@ def accept_queue(port):
             if len(fields) >= 5 and fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
                 return int(fields[4].split(":")[1], 16)
     raise AssertionError("nothing listens on port %d" % port)
+
+
+class FakeClock(object):
+    """A monotonic clock the test moves by hand; it counts how often it was read."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.calls = 0
+        self._cond = threading.Condition()
+
+    def __call__(self):
+        with self._cond:
+            self.calls += 1
+            self._cond.notify_all()
+            return self.now
+
+    def advance(self, seconds):
+        with self._cond:
+            self.now += seconds
+
+    def wait_calls(self, count, timeout=TIMEOUT):
+        """Wait until the clock has been read ``count`` times in all."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.calls < count:
+                left = deadline - time.monotonic()
+                assert left > 0, "the clock was read %d times, not %d" % (self.calls, count)
+                self._cond.wait(left)
 
 
 # -- sockets and streams --------------------------------------------------------------

@@ -27,9 +27,9 @@ import pytest
 from conftest import TIMEOUT
 from relay_helpers import (
     LOOPBACK, MIB, Worker, abort, connect_client, echo_roundtrip, free_port_range,
-    read_until_end, recv_exact, recv_to_eof, sendall_then, wait_until,
+    pool_args, read_until_end, recv_exact, recv_to_eof, sendall_then, wait_until,
 )
-from test_relay_processes import assert_no_traceback, pool_args, procs, quick  # noqa: F401
+from test_relay_processes import assert_no_traceback, procs, quick  # noqa: F401
 from test_service import env, logs  # noqa: F401  (fixtures)
 from tcprelay.adapter import Adapter
 from tcprelay.echoserver import EchoHandler

@@ -29,10 +29,10 @@ import pytest
 from conftest import TIMEOUT
 from relay_helpers import (
     LOOPBACK, MIB, RESET_ERRORS, Worker, abort, accept_queue, connect_client, free_port_range,
-    recv_exact, recv_to_eof, wait_until,
+    pool_args, recv_exact, recv_to_eof, wait_until,
 )
 from test_security import (   # noqa: F401 (procs is a fixture)
-    Proxy, RawService, checked_echo, pool_args, procs,
+    Proxy, RawService, checked_echo, procs,
 )
 from tcprelay import frames
 

@@ -18,8 +18,8 @@ import pytest
 from conftest import TIMEOUT
 from relay_helpers import (
     LOOPBACK, MIB, RESET_ERRORS, MainRun, Process, Worker, connect_client, echo_roundtrip,
-    free_port_range, listeners, read_until_end, recv_exact, recv_to_eof, sendall_then,
-    wait_until,
+    free_port_range, listeners, pool_args, read_until_end, recv_exact, recv_to_eof,
+    sendall_then, wait_until,
 )
 
 OPTIONS = ["--host", "--public-bind", "--public-host", "--ports", "--max-services",
@@ -62,10 +62,6 @@ def procs():
     finally:
         for process in reversed(started):
             process.close()
-
-
-def pool_args(ports):
-    return ["--ports", "%d-%d" % (ports[0], ports[-1])]
 
 
 def quick(*args):

@@ -33,8 +33,9 @@ import pytest
 
 from conftest import TIMEOUT
 from relay_helpers import (
-    LOOPBACK, MIB, MainRun, Process, Worker, connect_client, echo_handler, echo_roundtrip,
-    free_port_range, listeners, read_until_end, recv_exact, recv_to_eof, wait_until,
+    LOOPBACK, MIB, FakeClock, MainRun, Process, Worker, connect_client, echo_handler,
+    echo_roundtrip, free_port_range, listeners, pool_args, read_until_end, recv_exact,
+    recv_to_eof, wait_until,
 )
 from test_relay import Env, link_of
 from tcprelay import auth, frames, muxado, registration, tls
@@ -72,34 +73,6 @@ def server_tls():
 
 def trusting_tls():
     return tls.client_context(CA)
-
-
-class FakeClock(object):
-    """A monotonic clock the test moves by hand; it counts how often it was read."""
-
-    def __init__(self):
-        self.now = 1000.0
-        self.calls = 0
-        self._cond = threading.Condition()
-
-    def __call__(self):
-        with self._cond:
-            self.calls += 1
-            self._cond.notify_all()
-            return self.now
-
-    def advance(self, seconds):
-        with self._cond:
-            self.now += seconds
-
-    def wait_calls(self, count, timeout=TIMEOUT):
-        """Wait until the clock has been read ``count`` times in all."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.calls < count:
-                left = deadline - time.monotonic()
-                assert left > 0, "the clock was read %d times, not %d" % (self.calls, count)
-                self._cond.wait(left)
 
 
 def warnings_from(caplog, text, level=logging.WARNING):
@@ -1114,10 +1087,6 @@ def local_echo():
     server = LocalEcho()
     yield server
     server.close()
-
-
-def pool_args(ports):
-    return ["--ports", "%d-%d" % (ports[0], ports[-1])]
 
 
 def secret_file(tmp_path, secret, name="secret"):
