@@ -170,10 +170,13 @@ class Session(object):
         self._local_parity = 1 if client else 0
         self._local_goaway = False
         self.remote_goaway = None                # (last_stream_id, code, debug) once received
-        self._dead = False
-        self.error = None                        # why the session ended, once it has
+        # The end, in three steps, each stored once: ``error`` is set (the
+        # session has ended, and why: ``closed``); _die has tried its GOAWAY
+        # and shut the socket (_goodbye_done); the threads are done and the
+        # socket closed (_ended, what wait() waits for).
+        self.error = None
+        self._goodbye_done = threading.Event()
         self._ended = threading.Event()
-        self._goodbye_done = threading.Event()   # _die has tried its GOAWAY and shut the socket
         self._done_callbacks = []
         # time.monotonic() of the last read that got bytes: any byte proves the peer alive
         self.last_received = time.monotonic()
@@ -192,13 +195,13 @@ class Session(object):
         log.debug("%s: started on %s <-> %s", self.name, self._sockname, self._peername)
 
     def __repr__(self):
-        return "<muxado.Session %s%s>" % (self.name, " closed" if self._dead else "")
+        return "<muxado.Session %s%s>" % (self.name, " closed" if self.closed else "")
 
     # -- public interface ------------------------------------------------------------
 
     @property
     def closed(self):
-        return self._dead
+        return self.error is not None
 
     def open(self, announce=True):
         """Open a new stream.
@@ -208,7 +211,7 @@ class Session(object):
         work. ``announce=False`` sends the SYN with the first frame, as Go does.
         """
         with self._lock:
-            if self._dead:
+            if self.error is not None:
                 raise self._ended_error()
             if self.remote_goaway is not None:
                 raise RemoteGoneAwayError(ErrorCode.REMOTE_GONE_AWAY, "remote gone away")
@@ -257,7 +260,7 @@ class Session(object):
         deadline = Deadline(timeout)
         with self._lock:
             while not self._accept_queue:
-                if self._dead:
+                if self.error is not None:
                     raise self._ended_error()
                 if self._local_goaway:
                     raise SessionClosedError(ErrorCode.NO_ERROR,
@@ -282,12 +285,12 @@ class Session(object):
             return self._accept_queue.popleft()
 
     def _accept_ready_now(self):
-        return self._accept_queue or self._dead or self._local_goaway
+        return self._accept_queue or self.error is not None or self._local_goaway
 
     def goaway(self, code=ErrorCode.NO_ERROR, debug=b""):
         """Refuse new streams from the peer; open streams carry on (a drain)."""
         with self._lock:
-            if self._dead:
+            if self.error is not None:
                 raise self._ended_error()
             self._local_goaway = True
             last_id = self._last_remote_id
@@ -425,9 +428,8 @@ class Session(object):
     def _die(self, code, message, goaway=None):
         """End the session once: GOAWAY if asked (briefly), shut the socket, end streams."""
         with self._lock:
-            if self._dead:
+            if self.error is not None:
                 return
-            self._dead = True
             self.error = SessionClosedError(code, message)
             streams = list(self._streams.values())
             self._streams.clear()

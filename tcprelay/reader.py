@@ -34,7 +34,7 @@ _FIRST_RECV_SIZE = 64 * 1024
 class SessionReader(object):
     """The read side of one session: its reader thread and the lead.
 
-    ``owner`` is the Session. The reader reads its ``name``, ``_dead`` and
+    ``owner`` is the Session. The reader reads its ``name``, ``error`` (set: ended) and
     ``_streams``, sets ``last_received``, ends it (``_die``) on a transport
     error or a protocol fault, and calls ``_finish`` once the reads are over.
     Streams call ``try_lead``, ``lead_until``, ``park`` and ``wake_leader``
@@ -123,7 +123,7 @@ class SessionReader(object):
         (see wake_leader). Returns False once the session has ended.
         """
         if consumer and not self._input_within(timeout):
-            return not self._owner._dead
+            return self._owner.error is None
         try:
             n = self._sock.recv_into(self._recv_buffer)
         except OSError as exc:
@@ -151,7 +151,7 @@ class SessionReader(object):
         try:
             self._decoder.feed(view[:n])
         except ProtocolError as exc:
-            if not self._owner._dead:
+            if self._owner.error is None:
                 _log_peer_fault("%s: peer broke the protocol: %s; ending the session",
                                 self._owner.name, exc.message)
             self._owner._die(exc.code, exc.message, goaway=(exc.code, exc.message.encode()))
@@ -162,7 +162,7 @@ class SessionReader(object):
             self._owner._die(ErrorCode.INTERNAL_ERROR, "failed while reading",
                       goaway=(ErrorCode.INTERNAL_ERROR, b"internal error"))
             raise
-        return not self._owner._dead
+        return self._owner.error is None
 
     def _input_within(self, timeout):
         """Wait for input on the socket; False on timeout or a wake-up (consumer leader)."""
@@ -215,7 +215,7 @@ class SessionReader(object):
             # frames that the whole session depends on. It waits instead.
             return False
         with self._lead_lock:
-            if self._leader is None and not self._owner._dead:
+            if self._leader is None and self._owner.error is None:
                 self._leader = _CONSUMER
                 self._leading_for = stream
                 self._lead_epoch += 1
@@ -225,7 +225,7 @@ class SessionReader(object):
     def lead_until(self, ready, deadline):
         """Read the socket until ``ready()``, the deadline, or the session's end."""
         try:
-            while not ready() and not self._owner._dead:
+            while not ready() and self._owner.error is None:
                 timeout = deadline.remaining()
                 if timeout == 0.0:
                     break
@@ -245,7 +245,7 @@ class SessionReader(object):
                     # The reader we woke will likely be back soon: let it lead.
                     self._lead_released = time.monotonic()
                 return
-            if waiting > 0 or self._owner._dead:
+            if waiting > 0 or self._owner.error is not None:
                 # Someone parked needs the socket read now: no grace.
                 self._lead_urgent = True
                 self._lead.notify_all()
@@ -260,7 +260,7 @@ class SessionReader(object):
             watch = LEAD_GRACE
             seen = None
             while True:
-                if self._owner._dead:
+                if self._owner.error is not None:
                     return False
                 if self._leader is None:
                     if self._lead_urgent:

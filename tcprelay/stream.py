@@ -27,6 +27,11 @@ from .window import ReceiveWindow
 
 _RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
 
+# A stream's close state (Stream._close_state)
+OPEN = "open"
+CLOSE_PENDING = "close pending"   # close() called; makefile() objects still open (as sockets)
+CLOSED = "closed"                 # closed and forgotten: every call fails
+
 
 def _byte_view(data):
     """A flat memoryview of bytes over any buffer."""
@@ -73,9 +78,12 @@ class Stream(SocketLike):
         # send side
         self._send_window = DEFAULT_WINDOW
         self._fin_sent = False
-        self._unannounced = not announced  # SYN goes out with the first frame (Go's lazy open)
+        # SYN goes out with the first frame (Go's lazy open). Written only
+        # under the session's write lock (FrameWriter.send_data), with the
+        # frame; read anywhere else as a hint that send_data checks again.
+        self._unannounced = not announced
         # end states
-        self._closed = False           # close() was called
+        self._close_state = OPEN
         self._error = None             # a reset, or the session's end
         self._io_refs = 0              # makefile() objects still open
         self._io_lock = threading.Lock()   # guards _io_refs only; no allocation under it
@@ -230,7 +238,8 @@ class Stream(SocketLike):
         ``announce=False``; does nothing once the SYN has gone out.
         """
         with self._lock:
-            if not self._unannounced or self._fin_sent or self._closed or self._error is not None:
+            if (not self._unannounced or self._fin_sent or self._close_state is not OPEN
+                    or self._error is not None):
                 return
             grant = self._window.take_grant()
         self._writer.send_data(self, b"", 0, grant)
@@ -238,7 +247,7 @@ class Stream(SocketLike):
     def close_write(self):
         """Half-close: send FIN. The peer reads EOF; we can still read."""
         with self._lock:
-            if self._closed:
+            if self._close_state is not OPEN:
                 raise self._closed_error()
             if self._fin_sent or self._error is not None:
                 return
@@ -272,7 +281,7 @@ class Stream(SocketLike):
             raise ValueError("invalid shutdown mode: %r" % (how,))
         if how in (socket.SHUT_RD, socket.SHUT_RDWR):
             with self._lock:
-                if self._closed:
+                if self._close_state is not OPEN:
                     raise self._closed_error()
                 self._read_shut = True
                 self._buffer.drop()   # consumed, as far as the window goes
@@ -371,10 +380,10 @@ class Stream(SocketLike):
         """
         with self._io_lock:
             if self._io_refs > 0:
-                self._closed = "pending"
+                self._close_state = CLOSE_PENDING
                 return
         with self._lock:
-            if self._closed is True:
+            if self._close_state is CLOSED:
                 return
             peer_sending = not self._fin_received and self._error is None
             abort = peer_sending and (self._unread() or self._kept)
@@ -396,7 +405,7 @@ class Stream(SocketLike):
         self.session._forget(self)
 
     def _finish_close_locked(self):
-        self._closed = True
+        self._close_state = CLOSED
         self._buffer.drop()
         self._readable.notify_all()
         self._writable.notify_all()
@@ -408,18 +417,18 @@ class Stream(SocketLike):
         # thread finishes a close that was waiting for the last file object.
         with self._io_lock:
             self._io_refs -= 1
-            final = self._io_refs <= 0 and self._closed == "pending"
+            final = self._io_refs <= 0 and self._close_state is CLOSE_PENDING
             if final:
-                self._closed = False
+                self._close_state = OPEN
         if final:
             if self.session.closed:
-                self._closed = True   # nothing left to tell the peer
+                self._close_state = CLOSED   # nothing left to tell the peer
             else:
                 self._writer.defer(self.close)
 
     @property
     def closed(self):
-        return self._closed is True
+        return self._close_state is CLOSED
 
     # -- internals (callers hold self._lock where noted) ------------------------
 
@@ -507,7 +516,7 @@ class Stream(SocketLike):
             return
         deadline = None
         while True:
-            if self._closed is True:
+            if self._close_state is CLOSED:
                 raise self._closed_error()
             if self._unread() >= want or self._fin_received or self._read_shut:
                 return
@@ -555,7 +564,7 @@ class Stream(SocketLike):
                 def ready():
                     return (self._unread() >= want
                             or self._fin_received or self._read_shut
-                            or self._error is not None or self._closed is True
+                            or self._error is not None or self._close_state is CLOSED
                             or self._early_return(want)[0] > 0)
             self._wait_on(self._readable, ready, deadline, remaining, True)
 
@@ -579,11 +588,11 @@ class Stream(SocketLike):
 
     def _input_ready(self):
         return (self._unread() or self._fin_received or self._read_shut
-                or self._error is not None or self._closed is True)
+                or self._error is not None or self._close_state is CLOSED)
 
     def _window_ready(self):
         return (self._send_window > 0 or self._error is not None or self._fin_sent
-                or self._closed is True)
+                or self._close_state is CLOSED)
 
     def _wait_on(self, condition, ready, deadline, remaining, reading):
         """Block until ``ready()`` may have changed (lock held, released while waiting).
@@ -613,7 +622,7 @@ class Stream(SocketLike):
                 self._readers_waiting -= 1
 
     def _check_writable(self):
-        if self._closed is True:
+        if self._close_state is CLOSED:
             raise self._closed_error()
         if self._error is not None:
             raise self._error
@@ -641,7 +650,7 @@ class Stream(SocketLike):
         """Make ``error`` terminal; False if the stream had already ended."""
         after = None
         with self._lock:
-            if self._error is not None or self._closed is True:
+            if self._error is not None or self._close_state is CLOSED:
                 return False
             self._error = error
             if isinstance(error, StreamResetError):
@@ -661,7 +670,7 @@ class Stream(SocketLike):
     def _admit(self, length):
         """Take a DATA frame of ``length`` against the window. 1 ok, 0 gone, -1 overrun."""
         with self._lock:
-            if self._closed is True or self._error is not None:
+            if self._close_state is CLOSED or self._error is not None:
                 return 0
             return 1 if self._window.admit(length) else -1
 
@@ -671,7 +680,7 @@ class Stream(SocketLike):
         Returns 1, 0 if the stream is gone, or -1 if the frame overran the window.
         """
         with self._lock:
-            if self._closed is True or self._error is not None:
+            if self._close_state is CLOSED or self._error is not None:
                 return 0
             if not self._window.admit(len(data)):
                 return -1
@@ -697,7 +706,7 @@ class Stream(SocketLike):
         with self._lock:
             if self._error is not None:
                 return True     # reset mid-frame: dropped (the peer has our RST)
-            if self._closed is True:
+            if self._close_state is CLOSED:
                 return False
             grant = self._deliver_locked(data)
         if grant:
@@ -710,7 +719,7 @@ class Stream(SocketLike):
             used = self._receiver.stream_data(data)
             self._kept += len(data) - used
             return self._consumed(used)
-        if self._read_shut or self._closed is True:
+        if self._read_shut or self._close_state is CLOSED:
             return self._consumed(len(data))
         self._buffer.append(data)
         if self._readers_waiting:

@@ -33,7 +33,7 @@ class FrameWriter(object):
     """The write side of one session: the write lock, the socket's writes,
     and the writer thread that sends what the reader thread owes the peer.
 
-    ``owner`` is the Session; the writer reads its ``name`` and ``_dead``,
+    ``owner`` is the Session; the writer reads its ``name`` and ``error`` (set: ended),
     and a failed write ends it (``_die``). Methods raise SessionClosedError
     once the session has ended.
     """
@@ -83,7 +83,7 @@ class FrameWriter(object):
         failure = None
         with self.lock:   # a C __enter__: no exception between taking and try
             try:
-                if self._owner._dead:
+                if self._owner.error is not None:
                     raise self._owner._ended_error()
                 self._sendv(buffers)
             except OSError as exc:
@@ -117,7 +117,7 @@ class FrameWriter(object):
         with self.lock:
             announcing = False
             try:
-                if self._owner._dead:
+                if self._owner.error is not None:
                     raise self._owner._ended_error()
                 if stream._unannounced:
                     # Cleared before the write, as an RST from another thread
@@ -267,7 +267,7 @@ class FrameWriter(object):
             failure = None
             sent = 0
             try:
-                if not self._control and not self._owner._dead:
+                if not self._control and self._owner.error is None:
                     try:
                         sent = self._sock.send(frame, socket.MSG_DONTWAIT)
                     except (BlockingIOError, InterruptedError):
@@ -309,9 +309,9 @@ class FrameWriter(object):
         try:
             while True:
                 with self._control_lock:
-                    while not self._control and not self._owner._dead:
+                    while not self._control and self._owner.error is None:
                         self._control_ready.wait()
-                    if self._owner._dead:
+                    if self._owner.error is not None:
                         return
                     items = list(self._control)
                     self._control.clear()
