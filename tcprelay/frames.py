@@ -23,7 +23,7 @@ __all__ = [
     "GOAWAY_DEBUG_LIMIT", "FIN", "SYN", "FrameType", "ErrorCode", "MuxadoError",
     "ProtocolError", "Data", "Rst", "WndInc", "GoAway", "Unknown", "FrameHandler",
     "FrameDecoder", "decode_frames", "encode_header", "encode_data", "encode_data_header",
-    "encode_rst", "encode_wndinc", "encode_goaway", "encode_unknown", "PAD_FRAME",
+    "with_syn", "encode_rst", "encode_wndinc", "encode_goaway", "encode_unknown", "PAD_FRAME",
 ]
 
 HEADER_SIZE = 8
@@ -171,6 +171,12 @@ def encode_data_header(stream_id, length, flags=0):
     a valid id (``encode_data`` checks them all).
     """
     return _HEADER.pack(length << 8 | _DATA_TYPE | flags, stream_id)
+
+
+def with_syn(header):
+    """``header`` (a DATA frame's 8 bytes) with the SYN flag set: the frame opens its stream."""
+    word, stream_id = _HEADER.unpack(header)
+    return _HEADER.pack(word | SYN, stream_id)
 
 
 def encode_rst(stream_id, code):

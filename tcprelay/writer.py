@@ -16,8 +16,8 @@ import sys
 import threading
 
 from .frames import (
-    SYN, ErrorCode, MuxadoError, ProtocolError, encode_data_header, encode_goaway, encode_rst,
-    encode_wndinc,
+    ErrorCode, MuxadoError, ProtocolError, encode_data_header, encode_goaway, encode_rst,
+    encode_wndinc, with_syn,
 )
 from .mainthread import MAIN_IDENT
 
@@ -75,19 +75,39 @@ class FrameWriter(object):
             except OSError:
                 pass
 
-    def write(self, buffers):
-        """Write whole frames, in order, as one unit. Raises SessionClosedError."""
+    def write(self, buffers, written=None, stream=None):
+        """Write whole frames, in order, as one unit. Raises SessionClosedError.
+
+        ``written``, a deque, is not empty once the unit's first bytes went
+        out (then all of it did, see _sendv_shielded): a caller whose call an
+        exception cut short learns whether the frames were sent. ``stream``:
+        the stream whose DATA frame comes first; if the peer has not heard
+        of it yet, that frame carries its SYN.
+        """
+        if written is None and stream is not None:
+            written = collections.deque()
         # No timeout here: a writer queued behind others on a slow link is
         # not a stuck peer. The holder's SO_SNDTIMEO bounds a write that
         # makes no progress, and its failure ends the session for us all.
         failure = None
         with self.lock:   # a C __enter__: no exception between taking and try
+            announcing = False
             try:
                 if self._owner.error is not None:
                     raise self._owner._ended_error()
-                self._sendv(buffers)
+                if stream is not None and stream._unannounced:
+                    # Cleared before the write, as an RST from another thread
+                    # must know that the peer hears of the stream now.
+                    announcing = True
+                    stream._unannounced = False
+                    buffers = (with_syn(buffers[0]),) + tuple(buffers[1:])
+                self._sendv(buffers, written)
             except OSError as exc:
                 failure = exc
+            except BaseException:
+                if announcing and not written:
+                    stream._unannounced = True   # cut short before the SYN went
+                raise
         if failure is not None:
             self._write_failed(failure)
 
@@ -103,42 +123,15 @@ class FrameWriter(object):
     def send_data(self, stream, payload, flags, grant, written=None):
         """One DATA frame for ``stream`` (plus its early window grant, if owed).
 
-        ``written``, a deque, is not empty once the frame's first bytes went
-        out (then all of it did, see _sendv_shielded): a caller whose call an
-        exception cut short learns whether the frame was sent.
+        ``written`` as for ``write``.
         """
-        if written is None:
-            written = collections.deque()
         header = encode_data_header(stream.id, len(payload), flags)
-        # No timeout here: a writer queued behind others on a slow link is
-        # not a stuck peer. The holder's SO_SNDTIMEO bounds a write that
-        # makes no progress, and its failure ends the session for us all.
-        failure = None
-        with self.lock:
-            announcing = False
-            try:
-                if self._owner.error is not None:
-                    raise self._owner._ended_error()
-                if stream._unannounced:
-                    # Cleared before the write, as an RST from another thread
-                    # must know that the peer hears of the stream now.
-                    announcing = True
-                    stream._unannounced = False
-                    header = encode_data_header(stream.id, len(payload), flags | SYN)
-                if grant:
-                    self._sendv((header, payload, encode_wndinc(stream.id, grant)), written)
-                elif payload:
-                    self._sendv((header, payload), written)
-                else:
-                    self._sendv((header,), written)
-            except OSError as exc:
-                failure = exc
-            except BaseException:
-                if announcing and not written:
-                    stream._unannounced = True   # cut short before the SYN went
-                raise
-        if failure is not None:
-            self._write_failed(failure)
+        if grant:
+            self.write((header, payload, encode_wndinc(stream.id, grant)), written, stream)
+        elif payload:
+            self.write((header, payload), written, stream)
+        else:
+            self.write((header,), written, stream)
 
     def send_wndinc(self, stream, increment):
         try:

@@ -508,3 +508,11 @@ def test_encoders_accept_the_range_limits():
     assert decode_frames(encode_unknown(4, 0xF, MAX_STREAM_ID)) == [
         Unknown(4, 0xF, MAX_STREAM_ID, b"")]
     assert decode_frames(encode_header(1, 0xF, 3, 0)) == [Data(3, b"", fin=True, syn=True)]
+
+
+def test_the_data_header_packer_matches_the_checked_encoder():
+    from tcprelay.frames import FIN, SYN, encode_data_header, with_syn
+    assert encode_data_header(7, 3, FIN) + b"abc" == encode_data(7, b"abc", FIN)
+    assert with_syn(encode_data_header(9, 0)) == encode_data(9, b"", SYN)
+    assert with_syn(encode_data_header(9, 5, FIN)) == frames.encode_header(
+        frames.FrameType.DATA, SYN | FIN, 9, 5)
