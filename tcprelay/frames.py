@@ -284,6 +284,8 @@ class FrameDecoder(object):
         self._fixed = b""             # a GOAWAY's 8 fixed bytes
 
     def feed(self, data):
+        """Decode ``data`` (any bytes-like), calling the handler for each frame
+        or piece of one; a frame may span calls. Raises ProtocolError."""
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
@@ -320,30 +322,33 @@ class FrameDecoder(object):
                 if not self._remaining:
                     self._state = _HEAD
                     handler.data_end(self._stream_id, self._flags)
-            elif state == _FIXED:
-                take = min(self._fixed_size - len(self._partial), end - pos)
-                self._partial += view[pos:pos + take]
-                pos += take
-                self._remaining -= take
-                if len(self._partial) == self._fixed_size:
-                    self._fixed_body_done()
-            elif state == _DEBUG:
-                n = min(self._remaining, end - pos)
-                room = GOAWAY_DEBUG_LIMIT - len(self._debug)
-                if room > 0:
-                    self._debug += view[pos:pos + min(n, room)]
-                pos += n
-                self._remaining -= n
-                if not self._remaining:
-                    self._finish_goaway()
-            else:  # _SKIP
-                n = min(self._remaining, end - pos)
-                if self._debug is not None:
-                    self._debug += view[pos:pos + n]
-                pos += n
-                self._remaining -= n
-                if not self._remaining:
-                    self._finish_unknown()
+            else:
+                pos = self._feed_body(state, view, pos, end)
+
+    def _feed_body(self, state, view, pos, end):
+        """The body of a frame other than DATA, from ``view[pos:end]``; the new pos."""
+        if state == _FIXED:
+            take = min(self._fixed_size - len(self._partial), end - pos)
+            self._partial += view[pos:pos + take]
+            self._remaining -= take
+            if len(self._partial) == self._fixed_size:
+                self._fixed_body_done()
+            return pos + take
+        n = min(self._remaining, end - pos)
+        if state == _DEBUG:
+            room = GOAWAY_DEBUG_LIMIT - len(self._debug)
+            if room > 0:
+                self._debug += view[pos:pos + min(n, room)]
+            self._remaining -= n
+            if not self._remaining:
+                self._finish_goaway()
+        else:  # _SKIP
+            if self._debug is not None:
+                self._debug += view[pos:pos + n]
+            self._remaining -= n
+            if not self._remaining:
+                self._finish_unknown()
+        return pos + n
 
     def _begin(self, length, ftype, flags, stream_id):
         if stream_id & _RESERVED_BIT:

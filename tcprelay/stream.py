@@ -532,33 +532,15 @@ class Stream(SocketLike):
             if remaining == 0.0:
                 raise timeout_error("recv")
             if threading.get_ident() == MAIN_IDENT:
-                # The writer thread returns the window (see _after_read);
-                # ready() is not used, as the main thread never leads reads.
-                self._waitall_want = want if want > 1 else 0
-                if self._settle_due() or want > 1 and (
-                        self._window.grant_pending or self._early_return(want)[0] > 0):
-                    self._writer.defer(
-                        functools.partial(self._settle_later, self._buffer.read_pos))
-                ready = None
+                self._leave_window_to_writer(want)
+                ready = None   # the main thread never leads reads
             elif want == 1:
                 ready = self._input_ready
                 if self._buffer.read_pos != self._accounted:   # the main thread read here too
-                    grant = self._settle()
-                    if grant:
-                        self._lock.release()
-                        try:
-                            self._writer.queue_control(encode_wndinc(self.id, grant))
-                        finally:
-                            self._lock.acquire()
+                    if self._grant_unlocked(self._settle()):
                         continue
             else:
-                grant = self._settle() + self._grant_while_waiting(want)
-                if grant:
-                    self._lock.release()
-                    try:
-                        self._writer.queue_control(encode_wndinc(self.id, grant))
-                    finally:
-                        self._lock.acquire()
+                if self._grant_unlocked(self._settle() + self._grant_while_waiting(want)):
                     continue
 
                 def ready():
@@ -567,6 +549,24 @@ class Stream(SocketLike):
                             or self._error is not None or self._close_state is CLOSED
                             or self._early_return(want)[0] > 0)
             self._wait_on(self._readable, ready, deadline, remaining, True)
+
+    def _leave_window_to_writer(self, want):
+        """Main thread, about to wait: the writer thread returns the window (see _after_read)."""
+        self._waitall_want = want if want > 1 else 0
+        if self._settle_due() or want > 1 and (
+                self._window.grant_pending or self._early_return(want)[0] > 0):
+            self._writer.defer(functools.partial(self._settle_later, self._buffer.read_pos))
+
+    def _grant_unlocked(self, grant):
+        """Send a WNDINC of ``grant`` (if any) with the lock let go meanwhile; True if sent."""
+        if not grant:
+            return False
+        self._lock.release()
+        try:
+            self._writer.queue_control(encode_wndinc(self.id, grant))
+        finally:
+            self._lock.acquire()
+        return True
 
     def _early_return(self, want):
         """(increment, of it granted ahead) owed now to a MSG_WAITALL of ``want`` (lock held)."""
