@@ -82,7 +82,6 @@ class PortPool(object):
         self._cooldown = {}      # port -> monotonic time it may be tried again
         self._held = {}          # port -> (lease token, monotonic expiry)
         self._line = []          # tickets in arrival order
-        self._in_use = 0
         self._binding = 0        # grants in progress (bind running outside the lock)
 
     @property
@@ -109,7 +108,6 @@ class PortPool(object):
     def release(self, port, hold_for=None, hold_seconds=0.0):
         """Give ``port`` back; with ``hold_for`` only that lease token may take it for a while."""
         with self._cond:
-            self._in_use -= 1
             if hold_for is not None and hold_seconds > 0:
                 self._held[port] = (hold_for, self._clock() + hold_seconds)
             self._free.add(port)
@@ -131,7 +129,8 @@ class PortPool(object):
 
     def stats(self):
         with self._cond:
-            return {"free": len(self._free), "in_use": self._in_use, "waiting": len(self._line)}
+            return {"free": len(self._free), "in_use": self._taken() - self._binding,
+                    "waiting": len(self._line)}
 
     ALL_TAKEN = "every public port is taken"
 
@@ -152,7 +151,7 @@ class PortPool(object):
                     return "port %d cannot be bound now (another program has it)" % port
             if port is None and not self._free:
                 return self.ALL_TAKEN
-            if self._in_use + self._binding >= self._limit:
+            if self._taken() >= self._limit:
                 return ("the relay serves as many services as it may at once (%d), with "
                         "ports free" % self._limit)
             if port is not None:
@@ -212,10 +211,10 @@ class PortPool(object):
 
     def _assign(self, me, now):
         """The port ``me`` gets if the line is served in order now, else None (lock held)."""
-        if self._in_use + self._binding >= self._limit:
+        if self._taken() >= self._limit:
             return None
         taken = set()
-        slots = self._limit - self._in_use - self._binding
+        slots = self._limit - self._taken()
         for ticket in self._line:
             if ticket.binding:
                 continue   # its slot is already counted in self._binding
@@ -241,6 +240,10 @@ class PortPool(object):
                 taken.add(port)
                 slots -= 1
         return None
+
+    def _taken(self):
+        """Ports not free: in use, or being bound for a grant (lock held)."""
+        return len(self._ports) - len(self._free)
 
     def _next_change(self, now):
         """Seconds until a cooled-down or held-back port may become usable (lock held)."""
@@ -285,7 +288,6 @@ class PortPool(object):
                         self._cond.notify_all()
                         raise Cancelled()
                     self._line.remove(ticket)
-                    self._in_use += 1
                     ticket.granted = (port, listener)
                     self._cond.notify_all()
                     return ticket.granted
