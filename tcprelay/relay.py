@@ -122,7 +122,6 @@ class Relay(object):
         self._accepting = True
         self._stopping = threading.Event()   # set by _stop_accepting
         self._drain_cut = False              # cut_drain(): stop waiting for clients
-        self._serving = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
         self.flusher = None
@@ -166,7 +165,6 @@ class Relay(object):
     def serve_forever(self, poll_interval=None):
         """Accept services until ``shutdown()``. ``poll_interval`` is ignored: no polling."""
         self._stopped.clear()
-        self._serving.set()
         acceptor = resources.Acceptor(self.socket, self._stopping, "the service port")
         try:
             while True:
@@ -199,7 +197,6 @@ class Relay(object):
                 self._log_connected("service connected from %s", _address(address))
                 link.start()
         finally:
-            self._serving.clear()
             self._stopped.set()
 
     def shutdown(self):
