@@ -9,6 +9,11 @@ Python echo server with no relay, then loads both with the same client code:
   throughput_8  eight connections at once; aggregate MiB/s
   rtt           64-byte ping-pong, 5,000 round trips; p50 and p99 in us
   connect_rate  5,000 short connections, 8 at a time, 1-byte echo each; per s
+  requests_32   32 connections of back-to-back 64-byte echo rounds for 5 s;
+                rounds per s, p50 and p99 in us
+  adapter_*     connect_rate and requests_32 through the relay and the adapter
+                (python3 -m tcprelay.adapter) in front of the direct echo
+                server: the path of a real server behind the relay
   hold          2,000 connections open at once, each pinging 64 bytes a second
                 for 20 s: failures, the relay's peak RSS and threads, and
                 whether its threads and open files return to the start
@@ -21,7 +26,8 @@ the median of N runs is reported (machines are noisy: quote medians).
     python3 scripts/bench.py --json out.json  # the same figures as JSON
     python3 scripts/bench.py --relay HOST:PORT   # use a running relay (any, speaking
                                                  # the registration protocol)
-    python3 scripts/bench.py --target HOST:PORT  # load an already exposed echo service
+    python3 scripts/bench.py --against HOST:PORT # load any public echo address (a Go
+                                                 # relay, frp, ...) with the same client
 """
 
 import argparse
@@ -75,6 +81,7 @@ class Setup(object):
             if direct:
                 direct = self._child([py, os.path.abspath(__file__), "--serve-direct"])
                 self.direct = ("127.0.0.1", int(direct.line))
+            self.adapter_target = None
             if args.target:
                 self.target = benchkit.parse_hostport(args.target)
                 return
@@ -96,6 +103,13 @@ class Setup(object):
                                + (["--tls", "--tls-ca", TEST_CA] if tls else []))
             host, port = benchkit.parse_hostport(echo.line)
             self.target = ("127.0.0.1" if host == "localhost" else host, port)
+            self.adapter_target = None
+            if direct and not tls:
+                adapter = self._child([py, "-m", "tcprelay.adapter", relay_address[0],
+                                       str(relay_address[1]), "%s:%d" % self.direct,
+                                       "--log-level", "warning"])
+                host, port = benchkit.parse_hostport(adapter.line)
+                self.adapter_target = ("127.0.0.1" if host == "localhost" else host, port)
         except BaseException:
             self.stop()
             raise
@@ -195,9 +209,10 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON ('-': stdout)")
     parser.add_argument("--relay", metavar="HOST:PORT",
                         help="use this running relay instead of starting one")
-    parser.add_argument("--target", metavar="HOST:PORT",
-                        help="load this public address (an echo service) instead of "
-                             "starting a relay and a service")
+    parser.add_argument("--against", "--target", dest="target", metavar="HOST:PORT",
+                        help="load this public address (an echo service behind any relay: "
+                             "ours, a Go relay, frp) instead of starting a relay and a "
+                             "service")
     parser.add_argument("--skip-hold", action="store_true", help="skip the hold figure")
     parser.add_argument("--tls", action="store_true",
                         help="also measure throughput through a relay with TLS on its "
@@ -215,7 +230,11 @@ def main():
     hold_conns, hold_seconds = (200, 5) if quick else (2000, 20)
     runs = 1 if quick else max(1, args.runs)
 
-    samples = {name: ([], []) for name in ("throughput_1", "throughput_8", "rtt", "connect_rate")}
+    samples = {name: ([], []) for name in ("throughput_1", "throughput_8", "rtt", "connect_rate",
+                                           "requests_32", "adapter_connect_rate",
+                                           "adapter_requests_32")}
+    request_p = {name: ([], []) for name in ("requests_32", "adapter_requests_32")}
+    request_seconds = 2 if quick else 5
     p99 = ([], [])
     hold_result = None
     tls_samples = {"throughput_1": [], "throughput_8": []}
@@ -228,6 +247,19 @@ def main():
                 samples["throughput_1"][index].append(benchkit.throughput(connect, size1, 1))
                 samples["throughput_8"][index].append(benchkit.throughput(connect, size8, 8))
                 samples["connect_rate"][index].append(benchkit.connect_rate(connect, short, 8))
+            for index, address in ((0, setup.target), (1, setup.direct)):
+                rate, p50, p99_ = benchkit.request_rate(address, 32, request_seconds)
+                samples["requests_32"][index].append(rate)
+                request_p["requests_32"][index].append((p50, p99_))
+            if setup.adapter_target is not None:
+                adapter = benchkit.tcp_connector(setup.adapter_target)
+                for index, (connect, address) in enumerate(((adapter, setup.adapter_target),
+                                                            (direct, setup.direct))):
+                    samples["adapter_connect_rate"][index].append(
+                        benchkit.connect_rate(connect, short, 8))
+                    rate, p50, p99_ = benchkit.request_rate(address, 32, request_seconds)
+                    samples["adapter_requests_32"][index].append(rate)
+                    request_p["adapter_requests_32"][index].append((p50, p99_))
             # Round trips alternate between the two in small batches, so that
             # both see the same machine state (see benchkit).
             for index, times in enumerate(benchkit.interleaved_round_trips([relay, direct], rounds)):
@@ -248,7 +280,10 @@ def main():
 
     figures = {"runs": runs, "quick": quick}
     rows = []
-    for name in ("throughput_1", "throughput_8", "rtt", "connect_rate"):
+    for name in ("throughput_1", "throughput_8", "rtt", "connect_rate", "requests_32",
+                 "adapter_connect_rate", "adapter_requests_32"):
+        if not samples[name][0]:
+            continue
         subject = benchkit.median(samples[name][0])
         base = benchkit.median(samples[name][1])
         ratio = subject / base
@@ -261,11 +296,23 @@ def main():
             rows.append(("rtt p50 (us)", "%.0f (p99 %.0f)" % (subject, benchkit.median(p99[0])),
                          "%.0f (p99 %.0f)" % (base, benchkit.median(p99[1])),
                          "%.2fx" % ratio, "<= %gx" % TARGETS[name], ratio <= TARGETS[name]))
+        elif name in request_p:
+            latency = [benchkit.median([p[i] for p in request_p[name][j]])
+                       for j in (0, 1) for i in (0, 1)]
+            figures[name].update({"unit": "req/s", "relay_p50": round(latency[0], 1),
+                                  "relay_p99": round(latency[1], 1),
+                                  "direct_p50": round(latency[2], 1),
+                                  "direct_p99": round(latency[3], 1)})
+            rows.append(("%s (req/s)" % name, "%.0f (p50 %.0f p99 %.0f us)" % (
+                subject, latency[0], latency[1]), "%.0f (p50 %.0f p99 %.0f us)" % (
+                base, latency[2], latency[3]), "%.3f" % ratio, "", None))
         else:
-            unit = "conn/s" if name == "connect_rate" else "MiB/s"
+            unit = "conn/s" if name.endswith("connect_rate") else "MiB/s"
             figures[name]["unit"] = unit
+            target = TARGETS.get(name)
             rows.append(("%s (%s)" % (name, unit), "%.0f" % subject, "%.0f" % base,
-                         "%.3f" % ratio, ">= %g" % TARGETS[name], ratio >= TARGETS[name]))
+                         "%.3f" % ratio, "" if target is None else ">= %g" % target,
+                         None if target is None else ratio >= target))
     if tls_samples["throughput_1"]:
         figures["tls"] = {}
         for name in ("throughput_1", "throughput_8"):
