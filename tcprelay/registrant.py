@@ -1,0 +1,184 @@
+"""The service's side of registration: the request, the relay's answers, the
+challenge, the wait in line (docs/PROTOCOL.md, section 2).
+
+``register`` runs the extended form over an open session; ``service.connect``
+dials, sets up the session and calls it. ``registration.py`` holds the bytes
+of requests and replies; this module decides what to send and how long to
+wait. The relay's side is ``registrar.py``.
+"""
+
+import binascii
+import collections
+import json
+import logging
+import socket
+import time
+
+from . import auth, clock, registration
+
+# The service library's lines, wherever its code lives: users filter them by this name.
+log = logging.getLogger("tcprelay.service")
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class RegistrationRefused(Exception):
+    """The relay refused to register us; ``reason`` says why. Retrying will not help.
+    ``in_line`` is True when it refused us after putting us in line (``max_wait``
+    ran out)."""
+
+    def __init__(self, reason, in_line=False):
+        super(RegistrationRefused, self).__init__(reason)
+        self.reason = reason
+        self.in_line = in_line
+
+
+class _ReplyReader(object):
+    """Reply lines from the relay's side of the registration stream."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._splitter = registration.LineReader(registration.MAX_REPLY)
+        self._lines = collections.deque()
+
+    def next(self, silence, deadline, silent):
+        """The next reply. The relay may be quiet ``silence`` seconds at a time
+        (None: as long as the session lasts), up to ``deadline`` (monotonic, or
+        None). Raises ``socket.timeout`` saying ``silent % silence`` or why."""
+        while not self._lines:
+            wait = silence
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("gave no port within max_wait and the timeout")
+                wait = left if wait is None else min(wait, left)
+            self._stream.settimeout(None if wait is None else min(wait, clock.MAX_TIMEOUT))
+            try:
+                data = self._stream.recv(registration.MAX_REPLY)
+            except socket.timeout:
+                if silence is None or wait < silence:
+                    raise socket.timeout("gave no port within max_wait and the timeout")
+                raise socket.timeout(silent % silence)
+            if not data:
+                raise registration.RegistrationError(
+                    "the relay closed the registration stream without answering")
+            self._lines.extend(self._splitter.feed(data))
+        return registration.parse_reply(self._lines.popleft())
+
+
+def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
+             on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None):
+    """Register over an open session (extended form).
+
+    Returns ``(reply, stream)``: the relay's ok reply, and the registration
+    stream if it now carries the heartbeat (else None: it is closed).
+    ``on_waiting(position)`` is called when we join the line for a port and
+    each time our place in it changes. With ``secret`` (bytes) we answer the
+    relay's challenge. Raises ``RegistrationRefused`` if the relay says no,
+    ``socket.timeout`` if it goes silent (see below).
+
+    Each answer must come within ``timeout`` seconds. Once in line we wait
+    as long as ``max_wait`` allows (None: for ever), and silence means a
+    dead relay only if the relay promised to repeat its ``waiting`` line
+    (its ``interval``): then after ``max(timeout, 2 * interval)`` seconds.
+    A relay that made no such promise (older tcprelay) keeps us in line
+    until the session ends (TCP keepalive notices a vanished machine).
+    """
+    stream = session.open()
+    keep = False
+    try:
+        request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True,
+                                       lease=lease, heartbeat=heartbeat,
+                                       proxy_protocol=proxy_protocol,
+                                       auth=auth.METHOD if secret is not None else None)
+        stream.settimeout(timeout)
+        stream.sendall(request.encode())
+        replies = _ReplyReader(stream)
+        # The relay answers max_wait's end with an error: we need wait no longer.
+        deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
+        silence, silent = timeout, "did not answer within %gs"
+        reported = None
+        challenged = False
+        in_line = False
+        while True:
+            reply = replies.next(silence, deadline, silent)
+            status = reply["status"]
+            if status == "waiting":
+                in_line = True
+                position = reply.get("position")
+                silence = _silence_in_line(reply.get("interval"), timeout)
+                silent = "went silent for %gs while we waited in line"
+                if position != reported:
+                    log.info("%s; waiting in line (position %s)", _why_waiting(reply), position)
+                    reported = position
+                    if on_waiting is not None:
+                        on_waiting(position)
+            elif status == "ok":
+                if not isinstance(reply.get("address"), str):
+                    raise registration.RegistrationError("the relay's ok has no address")
+                if secret is not None and not challenged:
+                    log.warning("the relay did not ask for our secret: it lets anyone "
+                                "register (no --secret-file), or it is not the relay meant")
+                keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
+                return reply, (stream if keep else None)
+            elif status == "challenge":
+                if secret is None or reply.get("method") != auth.METHOD:
+                    raise RegistrationRefused("the relay asks for an authentication we cannot "
+                                              "give (%s)" % reply.get("method"))
+                try:
+                    nonce = binascii.unhexlify(reply.get("nonce", ""))
+                except (TypeError, ValueError, binascii.Error):
+                    raise registration.RegistrationError("the relay's challenge is malformed")
+                stream.sendall((json.dumps({"hmac": auth.answer(secret, nonce)}) + "\n")
+                               .encode("ascii"))
+                challenged = True
+                silence, silent = timeout, "did not answer within %gs"
+            elif status == "error":
+                raise RegistrationRefused(str(reply.get("error", "refused")),
+                                          in_line=in_line)
+            else:
+                raise registration.RegistrationError("unexpected reply status %r" % status)
+    finally:
+        if not keep:
+            stream.close()
+
+
+def _why_waiting(reply):
+    """What a ``waiting`` line says we wait for, and why (older relays say neither)."""
+    port, reason = reply.get("port"), reply.get("reason")
+    if not (isinstance(reason, str) and reason.isprintable() and 0 < len(reason) <= 200):
+        reason = None
+    if reason is not None:
+        return reason
+    if isinstance(port, int) and not isinstance(port, bool):
+        return "public port %d is held by another service" % port
+    return "every public port is taken"
+
+
+def _seconds(beat, key, default):
+    """The relay's heartbeat ``key`` (seconds): a positive finite number, else
+    RegistrationError (a hostile relay's value must not escape as ValueError)."""
+    value = beat.get(key, default)
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            pass
+    if seconds is None or not 0 < seconds < float("inf"):
+        raise registration.RegistrationError("the relay's heartbeat %s is not a positive "
+                                             "number of seconds: %.60r" % (key, value))
+    return seconds
+
+
+def _silence_in_line(interval, timeout):
+    """How long a relay that has put us in line may be silent (None: no limit)."""
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        return None   # no promise to repeat itself: silence is no sign of death
+    try:
+        silence = max(timeout, 2.0 * interval)
+    except OverflowError:
+        return None   # a promise for longer than a float holds: none
+    if not interval > 0 or not silence < float("inf"):
+        return None   # (an infinite timeout would overflow the stream's wait)
+    return silence
