@@ -24,6 +24,12 @@ MAX_NAME = 64
 MAX_WAIT = 10 ** 9          # seconds: the longest max_wait a relay takes
 MAX_LEASE = 128
 
+# The link's muxado session, the same on both sides: the relay's and the
+# service's streams get a bigger window than the codec's 256 KiB default
+# (frames.DEFAULT_WINDOW), which stalls a fast stream on window updates.
+LINK_WINDOW = 1 << 20              # bytes per stream
+LINK_MAX_FRAME = LINK_WINDOW // 2  # bulk data in fewer, bigger writes; half a window stays free
+
 
 class RegistrationError(Exception):
     """A request or reply that does not follow the protocol."""

@@ -28,8 +28,6 @@ from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW = 1 << 20   # per stream; 256 KiB stalls a fast stream on window updates
-MAX_FRAME = DEFAULT_WINDOW // 2   # bulk data in fewer, bigger writes; half a window stays free
 # The relay opens one stream per client and caps clients itself, so a
 # service takes far more streams than muxado's defaults for unknown peers.
 DEFAULT_MAX_STREAMS = 65536
@@ -201,8 +199,8 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
                     "may not be a tcprelay service port)" % (where, _reason(exc), where), exc)
             raise
         sock = TLSTransport(sock)
-    session_options.setdefault("window_size", DEFAULT_WINDOW)
-    session_options.setdefault("max_frame_size", MAX_FRAME)
+    session_options.setdefault("window_size", registration.LINK_WINDOW)
+    session_options.setdefault("max_frame_size", registration.LINK_MAX_FRAME)
     session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
     session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
     session = muxado.client(sock, name="relay %s" % where, **session_options)
