@@ -23,6 +23,7 @@ import threading
 import time
 
 from . import clock, muxado, registration
+from .streamlines import StreamLines
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +52,22 @@ def _line(body):
     return (json.dumps(body) + "\n").encode("ascii")
 
 
-class _Lines(object):
-    def __init__(self, stream):
-        self._stream = stream
-        stream.set_lead_reads(False)   # seconds between lines: let the session's reader read
-        self._splitter = registration.LineReader(registration.MAX_REPLY)
-        self._ready = []
+def _lines(stream):
+    """The heartbeat's lines on ``stream``."""
+    stream.set_lead_reads(False)   # seconds between lines: let the session's reader read
+    return StreamLines(stream, registration.MAX_REPLY)
 
-    def next(self, timeout):
-        """The next JSON line as a dict; None at EOF. Raises socket.timeout."""
-        self._stream.settimeout(clock.capped(timeout))   # callers loop on their deadline
-        while not self._ready:
-            data = self._stream.recv(registration.MAX_REPLY)
-            if not data:
-                return None
-            self._ready.extend(self._splitter.feed(data))
-        try:
-            body = json.loads(self._ready.pop(0).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise registration.RegistrationError("heartbeat line is not JSON")
-        if not isinstance(body, dict):
-            raise registration.RegistrationError("heartbeat line is not a JSON object")
-        return body
+
+def _next_object(lines, timeout):
+    """The next line as a dict; None at EOF. Raises socket.timeout after
+    ``timeout`` seconds of silence (callers loop on their deadline)."""
+    line = lines.read_line(silence=timeout)
+    if line is None:
+        return None
+    try:
+        return registration.parse_object(line)
+    except registration.RegistrationError:
+        raise registration.RegistrationError("heartbeat line is not a JSON object")
 
 
 def _silence_left(session, timeout, started):
@@ -110,7 +105,7 @@ class HeartbeatResponder(object):
     def _run(self):
         session = self._session
         started = time.monotonic()
-        lines = _Lines(self._stream)
+        lines = _lines(self._stream)
         pings = True   # the service may still ping
         try:
             while True:
@@ -125,7 +120,7 @@ class HeartbeatResponder(object):
                         return
                     continue
                 try:
-                    body = lines.next(left)
+                    body = _next_object(lines, left)
                 except socket.timeout:
                     continue   # no ping; other bytes may have come
                 except muxado.StreamResetError:
@@ -186,7 +181,7 @@ class HeartbeatSender(object):
 
     def _run(self):
         session = self._session
-        lines = _Lines(self._stream)
+        lines = _lines(self._stream)
         seq = 0
         started = next_ping = time.monotonic()
         pongs = pings = True   # the relay may still answer; we may still ping
@@ -218,7 +213,7 @@ class HeartbeatSender(object):
                         return
                     continue
                 try:
-                    body = lines.next(max(0.001, wait))
+                    body = _next_object(lines, max(0.001, wait))
                 except socket.timeout:
                     continue
                 except muxado.StreamResetError:

@@ -8,13 +8,13 @@ wait. The relay's side is ``registrar.py``.
 """
 
 import binascii
-import collections
 import json
 import logging
 import socket
 import time
 
-from . import auth, clock, registration
+from . import auth, registration
+from .streamlines import DeadlinePassed, StreamLines
 
 # The service library's lines, wherever its code lives: users filter them by this name.
 log = logging.getLogger("tcprelay.service")
@@ -33,37 +33,21 @@ class RegistrationRefused(Exception):
         self.in_line = in_line
 
 
-class _ReplyReader(object):
-    """Reply lines from the relay's side of the registration stream."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._splitter = registration.LineReader(registration.MAX_REPLY)
-        self._lines = collections.deque()
-
-    def next(self, silence, deadline, silent):
-        """The next reply. The relay may be quiet ``silence`` seconds at a time
-        (None: as long as the session lasts), up to ``deadline`` (monotonic, or
-        None). Raises ``socket.timeout`` saying ``silent % silence`` or why."""
-        while not self._lines:
-            wait = silence
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout("gave no port within max_wait and the timeout")
-                wait = left if wait is None else min(wait, left)
-            self._stream.settimeout(None if wait is None else min(wait, clock.MAX_TIMEOUT))
-            try:
-                data = self._stream.recv(registration.MAX_REPLY)
-            except socket.timeout:
-                if silence is None or wait < silence:
-                    raise socket.timeout("gave no port within max_wait and the timeout")
-                raise socket.timeout(silent % silence)
-            if not data:
-                raise registration.RegistrationError(
-                    "the relay closed the registration stream without answering")
-            self._lines.extend(self._splitter.feed(data))
-        return registration.parse_reply(self._lines.popleft())
+def _next_reply(lines, silence, deadline, silent):
+    """The relay's next reply, as a dict. The relay may be quiet ``silence``
+    seconds at a time (None: as long as the session lasts), up to
+    ``deadline`` (monotonic, or None). Raises ``socket.timeout`` saying
+    ``silent % silence`` or why."""
+    try:
+        line = lines.read_line(silence, deadline)
+    except DeadlinePassed:
+        raise socket.timeout("gave no port within max_wait and the timeout")
+    except socket.timeout:
+        raise socket.timeout(silent % silence)
+    if line is None:
+        raise registration.RegistrationError(
+            "the relay closed the registration stream without answering")
+    return registration.parse_reply(line)
 
 
 def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
@@ -93,7 +77,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                                        auth=auth.METHOD if secret is not None else None)
         stream.settimeout(timeout)
         stream.sendall(request.encode())
-        replies = _ReplyReader(stream)
+        replies = StreamLines(stream, registration.MAX_REPLY)
         # The relay answers max_wait's end with an error: we need wait no longer.
         deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
         silence, silent = timeout, "did not answer within %gs"
@@ -101,7 +85,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
         challenged = False
         in_line = False
         while True:
-            reply = replies.next(silence, deadline, silent)
+            reply = _next_reply(replies, silence, deadline, silent)
             status = reply["status"]
             if status == "waiting":
                 in_line = True

@@ -35,6 +35,14 @@ class RegistrationError(Exception):
     """A request or reply that does not follow the protocol."""
 
 
+class LineTooLong(RegistrationError):
+    """A line without its newline past ``limit`` bytes."""
+
+    def __init__(self, limit):
+        super(LineTooLong, self).__init__("line longer than %d bytes" % limit)
+        self.limit = limit
+
+
 class Request(object):
     """What a service asks for. ``minimal`` is True for the empty request."""
 
@@ -191,15 +199,20 @@ def parse_reply(line):
     return body
 
 
-class LineReader(object):
-    """Splits bytes into lines, refusing lines longer than ``limit``."""
+class LineSplitter(object):
+    """Cuts bytes fed to it into lines; reads nothing itself.
+
+    A line may be of any length once its newline has come; what is buffered
+    without one may be ``limit`` bytes at most (else ``LineTooLong``).
+    """
 
     def __init__(self, limit):
         self._limit = limit
         self._buffer = bytearray()
 
     def feed(self, data):
-        """The complete lines (without newline) that ``data`` finishes."""
+        """The complete lines (bytes, without newline) that ``data`` finishes.
+        Raises ``LineTooLong`` if more than ``limit`` bytes then wait for a newline."""
         self._buffer += data
         lines = []
         while True:
@@ -209,9 +222,10 @@ class LineReader(object):
             lines.append(bytes(self._buffer[:end]))
             del self._buffer[:end + 1]
         if len(self._buffer) > self._limit:
-            raise RegistrationError("line longer than %d bytes" % self._limit)
+            raise LineTooLong(self._limit)
         return lines
 
     @property
     def pending(self):
+        """The bytes after the last newline."""
         return bytes(self._buffer)
