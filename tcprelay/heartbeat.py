@@ -16,7 +16,6 @@ service keeps its promise to be heard from. The heartbeat stream ending
 (FIN or RST, from either side) stops the ping/pong, not the timeout.
 """
 
-import json
 import logging
 import socket
 import threading
@@ -46,10 +45,6 @@ def enable_tcp_keepalive(sock, seconds):
                         seconds * 1000)
     except (OSError, AttributeError):
         pass  # not TCP, or not Linux: the heartbeat still works
-
-
-def _line(body):
-    return (json.dumps(body) + "\n").encode("ascii")
 
 
 def _lines(stream):
@@ -139,7 +134,7 @@ class HeartbeatResponder(object):
                     continue
                 if "ping" in body:
                     try:
-                        self._stream.send_nowait(_line({"pong": body["ping"]}))
+                        self._stream.send_nowait(registration.pong_line(body["ping"]))
                     except BlockingIOError:
                         raise registration.RegistrationError(
                             "it does not read its heartbeat stream")
@@ -194,7 +189,7 @@ class HeartbeatSender(object):
                     try:
                         # Never waits (for window, or for the write lock behind a
                         # write to a stuck relay): the silence check keeps its time.
-                        self._stream.send_nowait(_line({"ping": seq}))
+                        self._stream.send_nowait(registration.ping_line(seq))
                     except BlockingIOError:
                         pass   # the relay has not read our last pings: no more now
                     except muxado.StreamResetError:

@@ -8,7 +8,6 @@ wait. The relay's side is ``registrar.py``.
 """
 
 import binascii
-import json
 import logging
 import socket
 import time
@@ -113,8 +112,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                     nonce = binascii.unhexlify(reply.get("nonce", ""))
                 except (TypeError, ValueError, binascii.Error):
                     raise registration.RegistrationError("the relay's challenge is malformed")
-                stream.sendall((json.dumps({"hmac": auth.answer(secret, nonce)}) + "\n")
-                               .encode("ascii"))
+                stream.sendall(registration.answer_line(auth.answer(secret, nonce)))
                 challenged = True
                 silence, silent = timeout, "did not answer within %gs"
             elif status == "error":

@@ -13,7 +13,6 @@ requests and replies; this module decides what to answer.
 ``_draining`` and ``_heartbeat``.
 """
 
-import binascii
 import ipaddress
 import logging
 import socket
@@ -184,8 +183,7 @@ class Registrar(object):
             self._auth_failed(stream, reason)
             return False
         nonce = auth.new_nonce()
-        stream.sendall(registration.encode_reply("challenge", method=auth.METHOD,
-                                                 nonce=binascii.hexlify(nonce).decode("ascii")))
+        stream.sendall(registration.challenge_line(auth.METHOD, nonce))
         answer = lines.read_line(deadline=deadline)
         if answer is None:
             raise registration.RegistrationError("the service closed the stream mid-handshake")
@@ -209,7 +207,7 @@ class Registrar(object):
             # The rest of the request is not wanted: dropped, so that the close
             # is a FIN after the reply, not the reset that unread data draws.
             stream.shutdown(socket.SHUT_RD)
-            stream.sendall(registration.encode_reply("error", error=message))
+            stream.sendall(registration.error_line(message))
             stream.close()
         except (muxado.MuxadoError, OSError):
             pass
@@ -311,15 +309,10 @@ class Registrar(object):
 
     @staticmethod
     def _waiting_line(position, interval, port=None, reason=None):
-        fields = {"position": position}
-        if reason is not None and reason != PortPool.ALL_TAKEN:
-            fields["reason"] = reason   # said only when it is more than that
-        if interval is not None:
-            # A promise of the next line within that time, nobody moving or not.
-            fields["interval"] = registration.seconds(interval)
-        if port is not None:
-            fields["port"] = port   # the one port this service waits for
-        return registration.encode_reply("waiting", **fields)
+        if reason == PortPool.ALL_TAKEN:
+            reason = None   # said only when it is more than that
+        # interval: a promise of the next line within that time, nobody moving or not.
+        return registration.waiting_line(position, interval, port, reason)
 
     def _public_host(self):
         """--public-host; else the one address the public ports listen on; else
@@ -340,15 +333,12 @@ class Registrar(object):
             stream.close()
             log.info("%s: registered; public address %s", self.label, address)
             return
-        reply = {"address": address, "port": port, "version": registration.PROTOCOL_VERSION}
+        lease = None
         if relay.lease_time > 0:
-            self.lease = relay.leases.issue(self, port)
-            reply.update(lease=self.lease, lease_seconds=registration.seconds(relay.lease_time))
-        if request.heartbeat:
-            # Whole seconds go out as integers; only a fraction makes a float.
-            reply["heartbeat"] = {"interval": registration.seconds(relay.keepalive / 3.0),
-                                  "timeout": registration.seconds(relay.keepalive)}
-        stream.sendall(registration.encode_reply("ok", **reply))
+            lease = self.lease = relay.leases.issue(self, port)
+        stream.sendall(registration.ok_line(
+            address, port, lease=lease, lease_time=relay.lease_time,
+            heartbeat_timeout=relay.keepalive if request.heartbeat else None))
         if request.heartbeat:
             # The registration stream carries the heartbeat from now on.
             self._heartbeat = HeartbeatResponder(self._session, stream, relay.keepalive,
