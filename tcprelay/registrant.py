@@ -97,22 +97,11 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                     if on_waiting is not None:
                         on_waiting(position)
             elif status == "ok":
-                if not isinstance(reply.get("address"), str):
-                    raise registration.RegistrationError("the relay's ok has no address")
-                if secret is not None and not challenged:
-                    log.warning("the relay did not ask for our secret: it lets anyone "
-                                "register (no --secret-file), or it is not the relay meant")
+                _check_ok(reply, unasked_secret=secret is not None and not challenged)
                 keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
                 return reply, (stream if keep else None)
             elif status == "challenge":
-                if secret is None or reply.get("method") != auth.METHOD:
-                    raise RegistrationRefused("the relay asks for an authentication we cannot "
-                                              "give (%s)" % reply.get("method"))
-                try:
-                    nonce = binascii.unhexlify(reply.get("nonce", ""))
-                except (TypeError, ValueError, binascii.Error):
-                    raise registration.RegistrationError("the relay's challenge is malformed")
-                stream.sendall(registration.answer_line(auth.answer(secret, nonce)))
+                _answer_challenge(stream, reply, secret)
                 challenged = True
                 silence, silent = timeout, "did not answer within %gs"
             elif status == "error":
@@ -123,6 +112,30 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
     finally:
         if not keep:
             stream.close()
+
+
+def _check_ok(reply, unasked_secret):
+    """Raise RegistrationError if the relay's ``ok`` gives no address; warn if
+    we have a secret it did not ask for (``unasked_secret``)."""
+    if not isinstance(reply.get("address"), str):
+        raise registration.RegistrationError("the relay's ok has no address")
+    if unasked_secret:
+        log.warning("the relay did not ask for our secret: it lets anyone "
+                    "register (no --secret-file), or it is not the relay meant")
+
+
+def _answer_challenge(stream, reply, secret):
+    """Answer the relay's ``challenge`` with ``secret`` (bytes, or None: we have
+    none). Raises RegistrationRefused if we cannot, RegistrationError if the
+    challenge is malformed."""
+    if secret is None or reply.get("method") != auth.METHOD:
+        raise RegistrationRefused("the relay asks for an authentication we cannot "
+                                  "give (%s)" % reply.get("method"))
+    try:
+        nonce = binascii.unhexlify(reply.get("nonce", ""))
+    except (TypeError, ValueError, binascii.Error):
+        raise registration.RegistrationError("the relay's challenge is malformed")
+    stream.sendall(registration.answer_line(auth.answer(secret, nonce)))
 
 
 def _why_waiting(reply):

@@ -186,24 +186,8 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     sock = _dial(relay_address, timeout, attempt)
     enable_tcp_keepalive(sock, keepalive)
     if tls is not None:
-        try:
-            sock = tls.wrap_socket(sock, server_hostname=relay_address[0])
-        except BaseException as exc:
-            sock.close()
-            if attempt.cancelled:
-                raise ConnectCancelled("connecting to the relay was cancelled")
-            if isinstance(exc, OSError) and not _trust_failure(exc) \
-                    and not isinstance(exc, socket.timeout):
-                raise ServicePortError(
-                    "TLS with %s failed: %s (it may not use TLS: try without --tls; or %s "
-                    "may not be a tcprelay service port)" % (where, _reason(exc), where), exc)
-            raise
-        sock = TLSTransport(sock)
-    session_options.setdefault("window_size", registration.LINK_WINDOW)
-    session_options.setdefault("max_frame_size", registration.LINK_MAX_FRAME)
-    session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
-    session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
-    session = muxado.client(sock, name="relay %s" % where, **session_options)
+        sock = _start_tls(sock, tls, relay_address[0], where, attempt)
+    session = _link_session(sock, where, session_options)
     in_line = []   # the relay answered: what goes wrong from then on is no wrong port
 
     def waiting(position):
@@ -238,6 +222,36 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
         sender = HeartbeatSender(session, stream, interval, beat_timeout, "relay %s" % where)
         sender.start()
     return ServiceConnection(session, reply, heartbeat=sender, proxy_protocol=proxy_protocol)
+
+
+def _link_session(sock, where, options):
+    """The muxado client session to the relay over ``sock``: the link's window
+    and frame size, and room for a stream per client, unless ``options`` say."""
+    options = dict(options)
+    options.setdefault("window_size", registration.LINK_WINDOW)
+    options.setdefault("max_frame_size", registration.LINK_MAX_FRAME)
+    options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
+    options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
+    return muxado.client(sock, name="relay %s" % where, **options)
+
+
+def _start_tls(sock, context, server_hostname, where, attempt):
+    """TLS over the dialled ``sock``: the transport for the session. Raises
+    ConnectCancelled, or ServicePortError if what answered seems not to speak
+    TLS (a certificate the relay's name does not match is raised as it is)."""
+    try:
+        sslsock = context.wrap_socket(sock, server_hostname=server_hostname)
+    except BaseException as exc:
+        sock.close()
+        if attempt.cancelled:
+            raise ConnectCancelled("connecting to the relay was cancelled")
+        if isinstance(exc, OSError) and not _trust_failure(exc) \
+                and not isinstance(exc, socket.timeout):
+            raise ServicePortError(
+                "TLS with %s failed: %s (it may not use TLS: try without --tls; or %s "
+                "may not be a tcprelay service port)" % (where, _reason(exc), where), exc)
+        raise
+    return TLSTransport(sslsock)
 
 
 # The session died of bytes that are not muxado (or not a relay's muxado).
