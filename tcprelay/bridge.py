@@ -207,11 +207,10 @@ class Bridge(object):
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._pending = collections.deque()   # stream data the socket has not taken yet
-        self._fin_pending = False             # the stream's FIN, to pass on after _pending
         self._service_done = False            # the stream's FIN has come: the peer finished
         self._client_eof = False              # the client's FIN came before the stream failed
         self._up_cut = False                  # socket -> stream ended: the stream takes no more
-        self._down_done = threading.Event()   # stream -> socket has ended
+        self._down_done = False               # stream -> socket has ended
         self._up_done = False                 # socket -> stream has ended (the pump is done)
         self._finishing = False               # _finish has been claimed
         self._aborted = None                  # why, once the connection is being reset
@@ -290,10 +289,8 @@ class Bridge(object):
         with self._lock:
             if error is None:
                 self._service_done = True
-                if self._pending:
-                    self._fin_pending = True
-                else:
-                    self._shut_write_locked()
+                if not self._pending:
+                    self._shut_write_locked()   # else the flusher does, once they are out
             elif self._service_done and _only_ends_sending(error):
                 # The peer finished this stream before its session ended (or
                 # before it closed the stream): what it sent is still
@@ -347,12 +344,17 @@ class Bridge(object):
 
     # -- shared (bridge lock held) ------------------------------------------------------
 
+    @property
+    def _fin_pending(self):
+        """The stream's FIN has come and waits for _pending to go out."""
+        return self._service_done and not self._down_done
+
     def _shut_write_locked(self):
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        self._down_done.set()
+        self._down_done = True
 
     def _cut_up_locked(self):
         """The stream takes no more data: stop reading the socket, keep delivering."""
@@ -378,7 +380,7 @@ class Bridge(object):
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
-        self._down_done.set()
+        self._down_done = True
 
     # -- socket -> stream: the pump thread ---------------------------------------------
 
@@ -498,10 +500,7 @@ class Bridge(object):
 
     def _pump(self):
         threading.current_thread().name = self.name
-        sock = self.sock
         stream = self.stream
-        buf = bytearray(_SMALL_READ)
-        view = memoryview(buf)
         idle_timeout = self._idle_timeout
         try:
             if idle_timeout is not None:
@@ -509,50 +508,14 @@ class Bridge(object):
             # The waits for window end every _WINDOW_CHECK to look at the client;
             # nothing else waits on this stream (its data goes to stream_data).
             stream.settimeout(_WINDOW_CHECK)
-            while True:
-                try:
-                    n = sock.recv_into(buf)
-                except BlockingIOError:
-                    # SO_RCVTIMEO ran out (only set with an idle timeout)
-                    if idle_timeout is None or not self._idle():
-                        continue
-                    with self._lock:
-                        self._abort_locked("idle for %gs" % idle_timeout, reset_stream=True)
-                    break
-                except OSError as exc:
-                    with self._lock:
-                        self._abort_locked("socket read failed: %s" % exc, reset_stream=True)
-                    break
-                if not n:
-                    self._client_eof = not self._up_cut   # else: our own SHUT_RD
-                    break
-                if idle_timeout is not None and self._read_timeout != idle_timeout:
-                    self._set_read_timeout(idle_timeout)   # after a shortened wait
-                if not self._send_up(view[:n]):
-                    break
-                self.bytes_up += n
-                if n == len(buf) and len(buf) < _BIG_READ:
-                    view.release()
-                    buf = bytearray(_BIG_READ)
-                    view = memoryview(buf)
-            with self._lock:
-                aborted = self._aborted
-                reset_stream = self._reset_stream
-                cut = self._up_cut
-            if aborted is None and not cut:
-                try:
-                    stream.close_write()
-                except (MuxadoError, OSError) as exc:
-                    self._stream_write_failed(exc)
-            elif aborted is not None and reset_stream:
-                stream.reset(ErrorCode.STREAM_RESET)
+            self._pump_up()
+            self._end_up()
         except Exception:
             log.exception("bridge for stream %d failed", stream.id)
             with self._lock:
                 self._abort_locked("internal error", reset_stream=True)
             stream.reset(ErrorCode.INTERNAL_ERROR)
         finally:
-            view.release()
             # The other direction may go on for as long as the peer likes:
             # whichever side ends last finishes (see _finisher_locked).
             with self._lock:
@@ -564,6 +527,56 @@ class Bridge(object):
                     self._flusher.watch_idle(self)   # no read of ours times it out now
             if finish is not None:
                 finish()
+
+    def _pump_up(self):
+        """socket -> stream until the client's EOF, an error, an abort or the idle timeout."""
+        sock = self.sock
+        idle_timeout = self._idle_timeout
+        buf = bytearray(_SMALL_READ)
+        view = memoryview(buf)
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    # SO_RCVTIMEO ran out (only set with an idle timeout)
+                    if idle_timeout is None or not self._idle():
+                        continue
+                    with self._lock:
+                        self._abort_locked("idle for %gs" % idle_timeout, reset_stream=True)
+                    return
+                except OSError as exc:
+                    with self._lock:
+                        self._abort_locked("socket read failed: %s" % exc, reset_stream=True)
+                    return
+                if not n:
+                    self._client_eof = not self._up_cut   # else: our own SHUT_RD
+                    return
+                if idle_timeout is not None and self._read_timeout != idle_timeout:
+                    self._set_read_timeout(idle_timeout)   # after a shortened wait
+                if not self._send_up(view[:n]):
+                    return
+                self.bytes_up += n
+                if n == len(buf) and len(buf) < _BIG_READ:
+                    view.release()
+                    buf = bytearray(_BIG_READ)
+                    view = memoryview(buf)
+        finally:
+            view.release()
+
+    def _end_up(self):
+        """Pass on how socket -> stream ended: the client's FIN, or a reset."""
+        with self._lock:
+            aborted = self._aborted
+            reset_stream = self._reset_stream
+            cut = self._up_cut
+        if aborted is None and not cut:
+            try:
+                self.stream.close_write()
+            except (MuxadoError, OSError) as exc:
+                self._stream_write_failed(exc)
+        elif aborted is not None and reset_stream:
+            self.stream.reset(ErrorCode.STREAM_RESET)
 
     # -- the end: both directions done -------------------------------------------------
 
@@ -583,7 +596,7 @@ class Bridge(object):
 
     def _finisher_locked(self):
         """``_finish`` if both directions are done and nobody has claimed it, else None."""
-        if self._up_done and self._down_done.is_set() and not self._finishing:
+        if self._up_done and self._down_done and not self._finishing:
             self._finishing = True
             return self._finish
         return None

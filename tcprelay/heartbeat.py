@@ -16,13 +16,13 @@ service keeps its promise to be heard from. The heartbeat stream ending
 (FIN or RST, from either side) stops the ping/pong, not the timeout.
 """
 
-import json
 import logging
 import socket
 import threading
 import time
 
 from . import clock, muxado, registration
+from .streamlines import StreamLines
 
 log = logging.getLogger(__name__)
 
@@ -47,32 +47,22 @@ def enable_tcp_keepalive(sock, seconds):
         pass  # not TCP, or not Linux: the heartbeat still works
 
 
-def _line(body):
-    return (json.dumps(body) + "\n").encode("ascii")
+def _lines(stream):
+    """The heartbeat's lines on ``stream``."""
+    stream.set_lead_reads(False)   # seconds between lines: let the session's reader read
+    return StreamLines(stream, registration.MAX_REPLY)
 
 
-class _Lines(object):
-    def __init__(self, stream):
-        self._stream = stream
-        stream.set_lead_reads(False)   # seconds between lines: let the session's reader read
-        self._splitter = registration.LineReader(registration.MAX_REPLY)
-        self._ready = []
-
-    def next(self, timeout):
-        """The next JSON line as a dict; None at EOF. Raises socket.timeout."""
-        self._stream.settimeout(clock.capped(timeout))   # callers loop on their deadline
-        while not self._ready:
-            data = self._stream.recv(registration.MAX_REPLY)
-            if not data:
-                return None
-            self._ready.extend(self._splitter.feed(data))
-        try:
-            body = json.loads(self._ready.pop(0).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise registration.RegistrationError("heartbeat line is not JSON")
-        if not isinstance(body, dict):
-            raise registration.RegistrationError("heartbeat line is not a JSON object")
-        return body
+def _next_object(lines, timeout):
+    """The next line as a dict; None at EOF. Raises socket.timeout after
+    ``timeout`` seconds of silence (callers loop on their deadline)."""
+    line = lines.read_line(silence=timeout)
+    if line is None:
+        return None
+    try:
+        return registration.parse_object(line)
+    except registration.RegistrationError:
+        raise registration.RegistrationError("heartbeat line is not a JSON object")
 
 
 def _silence_left(session, timeout, started):
@@ -110,7 +100,7 @@ class HeartbeatResponder(object):
     def _run(self):
         session = self._session
         started = time.monotonic()
-        lines = _Lines(self._stream)
+        lines = _lines(self._stream)
         pings = True   # the service may still ping
         try:
             while True:
@@ -125,7 +115,7 @@ class HeartbeatResponder(object):
                         return
                     continue
                 try:
-                    body = lines.next(left)
+                    body = _next_object(lines, left)
                 except socket.timeout:
                     continue   # no ping; other bytes may have come
                 except muxado.StreamResetError:
@@ -144,7 +134,7 @@ class HeartbeatResponder(object):
                     continue
                 if "ping" in body:
                     try:
-                        self._stream.send_nowait(_line({"pong": body["ping"]}))
+                        self._stream.send_nowait(registration.pong_line(body["ping"]))
                     except BlockingIOError:
                         raise registration.RegistrationError(
                             "it does not read its heartbeat stream")
@@ -186,7 +176,7 @@ class HeartbeatSender(object):
 
     def _run(self):
         session = self._session
-        lines = _Lines(self._stream)
+        lines = _lines(self._stream)
         seq = 0
         started = next_ping = time.monotonic()
         pongs = pings = True   # the relay may still answer; we may still ping
@@ -199,7 +189,7 @@ class HeartbeatSender(object):
                     try:
                         # Never waits (for window, or for the write lock behind a
                         # write to a stuck relay): the silence check keeps its time.
-                        self._stream.send_nowait(_line({"ping": seq}))
+                        self._stream.send_nowait(registration.ping_line(seq))
                     except BlockingIOError:
                         pass   # the relay has not read our last pings: no more now
                     except muxado.StreamResetError:
@@ -218,7 +208,7 @@ class HeartbeatSender(object):
                         return
                     continue
                 try:
-                    body = lines.next(max(0.001, wait))
+                    body = _next_object(lines, max(0.001, wait))
                 except socket.timeout:
                     continue
                 except muxado.StreamResetError:

@@ -13,13 +13,13 @@ requests and replies; this module decides what to answer.
 ``_draining`` and ``_heartbeat``.
 """
 
-import binascii
 import ipaddress
 import logging
 import socket
 import time
 
 from . import addresses, auth, clock, frames, muxado, registration, tls
+from .streamlines import StreamLines
 from .heartbeat import HeartbeatResponder
 from .portpool import Cancelled, PortPool
 
@@ -37,53 +37,6 @@ _HTTP_METHODS = (b"GET ", b"HEAD", b"POST", b"PUT ", b"DELE", b"OPTI", b"PATC", 
 _TLS_HANDSHAKE = 0x16
 _GOODBYE_TIME = 1.0              # seconds to hand a wrong-port peer its answer
 _GOODBYE_READ = 64 * 1024        # what we read away from it meanwhile, at most
-
-
-class _RequestLines(object):
-    """Lines from a registration stream, all within one deadline, each capped."""
-
-    def __init__(self, stream, deadline):
-        self._stream = stream
-        self._deadline = deadline
-        self._buffer = bytearray()
-        self._eof = False
-
-    def _fill(self):
-        left = self._deadline - time.monotonic()
-        if left <= 0:   # a 0 timeout would make the stream non-blocking, not time out
-            raise socket.timeout("registration deadline passed")
-        self._stream.settimeout(clock.capped(left))
-        chunk = self._stream.recv(registration.MAX_REQUEST + 1)
-        if not chunk:
-            self._eof = True
-        self._buffer += chunk
-
-    def first(self):
-        """The request: up to the first newline, or everything until EOF (minimal form)."""
-        while b"\n" not in self._buffer and not self._eof:
-            if len(self._buffer) > registration.MAX_REQUEST:
-                raise registration.RegistrationError(
-                    "request longer than %d bytes" % registration.MAX_REQUEST)
-            self._fill()
-        return self._take()
-
-    def next(self):
-        """The next line (a challenge's answer)."""
-        while b"\n" not in self._buffer:
-            if self._eof:
-                raise registration.RegistrationError("the service closed the stream mid-handshake")
-            if len(self._buffer) > registration.MAX_REQUEST:
-                raise registration.RegistrationError(
-                    "line longer than %d bytes" % registration.MAX_REQUEST)
-            self._fill()
-        return self._take()
-
-    def _take(self):
-        end = self._buffer.find(b"\n")
-        end = len(self._buffer) if end < 0 else end + 1
-        line = bytes(self._buffer[:end])
-        del self._buffer[:end]
-        return line
 
 
 class Registrar(object):
@@ -194,11 +147,12 @@ class Registrar(object):
             relay._log_remote("silent", "%s: opened no registration stream within %gs; "
                               "dropping it", self.label, relay.handshake_timeout)
             return None, None
-        lines = _RequestLines(stream, deadline)
+        lines = StreamLines(stream, registration.MAX_REQUEST)
         try:
-            request = registration.parse_request(lines.first())
+            request = registration.parse_request(_request_bytes(lines, deadline))
             self.name = request.name
-            if relay.secret is not None and not self._authenticate(request, stream, lines):
+            if relay.secret is not None \
+                    and not self._authenticate(request, stream, lines, deadline):
                 return None, None
         except socket.timeout:
             relay._log_remote("slow", "%s: did not finish registering within %gs; dropping it",
@@ -218,7 +172,7 @@ class Registrar(object):
             return None, None
         return request, stream
 
-    def _authenticate(self, request, stream, lines):
+    def _authenticate(self, request, stream, lines, deadline):
         """The challenge-response (docs/PROTOCOL.md, 2.6); False if refused."""
         if request.auth != auth.METHOD:
             if request.auth is None:
@@ -229,9 +183,11 @@ class Registrar(object):
             self._auth_failed(stream, reason)
             return False
         nonce = auth.new_nonce()
-        stream.sendall(registration.encode_reply("challenge", method=auth.METHOD,
-                                                 nonce=binascii.hexlify(nonce).decode("ascii")))
-        answer = registration.parse_object(lines.next())
+        stream.sendall(registration.challenge_line(auth.METHOD, nonce))
+        answer = lines.read_line(deadline=deadline)
+        if answer is None:
+            raise registration.RegistrationError("the service closed the stream mid-handshake")
+        answer = registration.parse_object(answer)
         if not auth.check(self.relay.secret, nonce, answer.get("hmac")):
             self._auth_failed(stream, "authentication failed")
             return False
@@ -251,7 +207,7 @@ class Registrar(object):
             # The rest of the request is not wanted: dropped, so that the close
             # is a FIN after the reply, not the reset that unread data draws.
             stream.shutdown(socket.SHUT_RD)
-            stream.sendall(registration.encode_reply("error", error=message))
+            stream.sendall(registration.error_line(message))
             stream.close()
         except (muxado.MuxadoError, OSError):
             pass
@@ -353,15 +309,10 @@ class Registrar(object):
 
     @staticmethod
     def _waiting_line(position, interval, port=None, reason=None):
-        fields = {"position": position}
-        if reason is not None and reason != PortPool.ALL_TAKEN:
-            fields["reason"] = reason   # said only when it is more than that
-        if interval is not None:
-            # A promise of the next line within that time, nobody moving or not.
-            fields["interval"] = registration.seconds(interval)
-        if port is not None:
-            fields["port"] = port   # the one port this service waits for
-        return registration.encode_reply("waiting", **fields)
+        if reason == PortPool.ALL_TAKEN:
+            reason = None   # said only when it is more than that
+        # interval: a promise of the next line within that time, nobody moving or not.
+        return registration.waiting_line(position, interval, port, reason)
 
     def _public_host(self):
         """--public-host; else the one address the public ports listen on; else
@@ -382,15 +333,12 @@ class Registrar(object):
             stream.close()
             log.info("%s: registered; public address %s", self.label, address)
             return
-        reply = {"address": address, "port": port, "version": registration.PROTOCOL_VERSION}
+        lease = None
         if relay.lease_time > 0:
-            self.lease = relay.leases.issue(self, port)
-            reply.update(lease=self.lease, lease_seconds=registration.seconds(relay.lease_time))
-        if request.heartbeat:
-            # Whole seconds go out as integers; only a fraction makes a float.
-            reply["heartbeat"] = {"interval": registration.seconds(relay.keepalive / 3.0),
-                                  "timeout": registration.seconds(relay.keepalive)}
-        stream.sendall(registration.encode_reply("ok", **reply))
+            lease = self.lease = relay.leases.issue(self, port)
+        stream.sendall(registration.ok_line(
+            address, port, lease=lease, lease_time=relay.lease_time,
+            heartbeat_timeout=relay.keepalive if request.heartbeat else None))
         if request.heartbeat:
             # The registration stream carries the heartbeat from now on.
             self._heartbeat = HeartbeatResponder(self._session, stream, relay.keepalive,
@@ -400,6 +348,16 @@ class Registrar(object):
             stream.close()
         log.info("%s: registered; public address %s%s", self.label, address,
                  " (PROXY %s headers)" % request.proxy_protocol if request.proxy_protocol else "")
+
+
+def _request_bytes(lines, deadline):
+    """The request: its line, newline included (the limit counts it), or, with
+    no newline, everything up to the stream's end (the minimal form)."""
+    try:
+        line = lines.read_line(deadline=deadline)
+    except registration.LineTooLong as exc:
+        raise registration.RegistrationError("request longer than %d bytes" % exc.limit)
+    return lines.rest if line is None else line + b"\n"
 
 
 def _unspecified(host):

@@ -12,6 +12,7 @@ A service's first muxado stream is its registration stream. Two forms:
 This module only turns requests and replies into bytes and back.
 """
 
+import binascii
 import json
 
 PROTOCOL_VERSION = 1
@@ -24,9 +25,23 @@ MAX_NAME = 64
 MAX_WAIT = 10 ** 9          # seconds: the longest max_wait a relay takes
 MAX_LEASE = 128
 
+# The link's muxado session, the same on both sides: the relay's and the
+# service's streams get a bigger window than the codec's 256 KiB default
+# (frames.DEFAULT_WINDOW), which stalls a fast stream on window updates.
+LINK_WINDOW = 1 << 20              # bytes per stream
+LINK_MAX_FRAME = LINK_WINDOW // 2  # bulk data in fewer, bigger writes; half a window stays free
+
 
 class RegistrationError(Exception):
     """A request or reply that does not follow the protocol."""
+
+
+class LineTooLong(RegistrationError):
+    """A line without its newline past ``limit`` bytes."""
+
+    def __init__(self, limit):
+        super(LineTooLong, self).__init__("line longer than %d bytes" % limit)
+        self.limit = limit
 
 
 class Request(object):
@@ -163,7 +178,68 @@ def encode_reply(status, **fields):
     """One reply line: ``{"status": status, ...}`` and a newline."""
     body = {"status": status}
     body.update(fields)
+    return _line(body)
+
+
+def _line(body):
     return (json.dumps(body, sort_keys=True) + "\n").encode("utf-8")
+
+
+# -- the lines of the extended form, as bytes (docs/PROTOCOL.md, 2.2 to 2.6) --
+
+def waiting_line(position, interval=None, port=None, reason=None):
+    """The relay's ``waiting`` line: ``position`` in line (1 is next), the
+    ``interval`` (seconds) within which it promises the next one, the one
+    ``port`` waited for, and ``reason`` (text); None leaves a field out."""
+    fields = {"position": position}
+    if reason is not None:
+        fields["reason"] = reason
+    if interval is not None:
+        fields["interval"] = seconds(interval)
+    if port is not None:
+        fields["port"] = port
+    return encode_reply("waiting", **fields)
+
+
+def ok_line(address, port, lease=None, lease_time=None, heartbeat_timeout=None):
+    """The relay's ``ok``: the public ``address`` ("host:port") and ``port``;
+    the ``lease`` token and its ``lease_time`` (seconds) if one was issued;
+    with ``heartbeat_timeout`` (seconds), the heartbeat's terms: a ping
+    every third of it."""
+    fields = {"address": address, "port": port, "version": PROTOCOL_VERSION}
+    if lease is not None:
+        fields.update(lease=lease, lease_seconds=seconds(lease_time))
+    if heartbeat_timeout is not None:
+        # Whole seconds go out as integers; only a fraction makes a float.
+        fields["heartbeat"] = {"interval": seconds(heartbeat_timeout / 3.0),
+                               "timeout": seconds(heartbeat_timeout)}
+    return encode_reply("ok", **fields)
+
+
+def error_line(message):
+    """The relay's refusal, saying why (text)."""
+    return encode_reply("error", error=message)
+
+
+def challenge_line(method, nonce):
+    """The relay's challenge: the ``method`` to answer with and the ``nonce`` (bytes)."""
+    return encode_reply("challenge", method=method,
+                        nonce=binascii.hexlify(nonce).decode("ascii"))
+
+
+def answer_line(mac):
+    """The service's answer to a challenge: ``mac``, the hex text of its HMAC."""
+    return _line({"hmac": mac})
+
+
+def ping_line(seq):
+    """The service's heartbeat ping number ``seq``."""
+    return _line({"ping": seq})
+
+
+def pong_line(seq):
+    """The relay's answer to a ping: the ping's ``seq`` (any JSON value), as it came."""
+    return _line({"pong": seq})
 
 
 def parse_object(line):
@@ -185,15 +261,20 @@ def parse_reply(line):
     return body
 
 
-class LineReader(object):
-    """Splits bytes into lines, refusing lines longer than ``limit``."""
+class LineSplitter(object):
+    """Cuts bytes fed to it into lines; reads nothing itself.
+
+    A line may be of any length once its newline has come; what is buffered
+    without one may be ``limit`` bytes at most (else ``LineTooLong``).
+    """
 
     def __init__(self, limit):
         self._limit = limit
         self._buffer = bytearray()
 
     def feed(self, data):
-        """The complete lines (without newline) that ``data`` finishes."""
+        """The complete lines (bytes, without newline) that ``data`` finishes.
+        Raises ``LineTooLong`` if more than ``limit`` bytes then wait for a newline."""
         self._buffer += data
         lines = []
         while True:
@@ -203,9 +284,10 @@ class LineReader(object):
             lines.append(bytes(self._buffer[:end]))
             del self._buffer[:end + 1]
         if len(self._buffer) > self._limit:
-            raise RegistrationError("line longer than %d bytes" % self._limit)
+            raise LineTooLong(self._limit)
         return lines
 
     @property
     def pending(self):
+        """The bytes after the last newline."""
         return bytes(self._buffer)

@@ -23,18 +23,18 @@ import sys
 import threading
 import time
 
-from . import addresses, auth, cli, clock, limits, muxado, resources, tls
+from . import addresses, auth, cli, clock, limits, muxado, registration, resources, tls
 from .bridge import Flusher
 from .heartbeat import DEFAULT_KEEPALIVE
 from .leases import Leases
 from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
 from .portpool import PortPool
-from .servicelink import DEFAULT_WINDOW, ServiceLink, _reset
+from .servicelink import ServiceLink, _reset
 from .workers import DEFAULT_IDLE_TIMEOUT as DEFAULT_PUMP_IDLE_TIMEOUT
 from .workers import WorkerPool
 # Names callers and tests have always taken from this module.
 from .registrar import TLS_REQUIRED  # noqa: F401
-from .servicelink import MAX_FRAME, PENDING_READ_BUDGET, _early_bytes  # noqa: F401
+from .servicelink import PENDING_READ_BUDGET, _early_bytes  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Relay(object):
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
                  max_services=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, window_size=DEFAULT_WINDOW,
+                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, window_size=registration.LINK_WINDOW,
                  lease_time=DEFAULT_LEASE_TIME, keepalive=DEFAULT_KEEPALIVE,
                  secret=None, allow_from=(), tls_context=None, max_waiting=DEFAULT_MAX_WAITING,
                  max_clients=DEFAULT_MAX_CLIENTS, idle_timeout=None,

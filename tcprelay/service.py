@@ -12,43 +12,26 @@
 Handlers get a ``muxado.Stream`` as ``request``; it behaves like a socket.
 """
 
-import binascii
-import collections
-import json
 import logging
 import random
 import socket
 import ssl
 import sys
 import threading
-import time
 import traceback
 
-from . import addresses, auth, clock, limits, muxado, proxyproto, registration
+from . import addresses, clock, limits, muxado, proxyproto, registration
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
+from .registrant import DEFAULT_TIMEOUT, RegistrationRefused, _seconds, register
 from .tls import TLSTransport
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 10.0
-DEFAULT_WINDOW = 1 << 20   # per stream; 256 KiB stalls a fast stream on window updates
-MAX_FRAME = DEFAULT_WINDOW // 2   # bulk data in fewer, bigger writes; half a window stays free
 # The relay opens one stream per client and caps clients itself, so a
 # service takes far more streams than muxado's defaults for unknown peers.
 DEFAULT_MAX_STREAMS = 65536
 DEFAULT_ACCEPT_BACKLOG = 4096
-
-
-class RegistrationRefused(Exception):
-    """The relay refused to register us; ``reason`` says why. Retrying will not help.
-    ``in_line`` is True when it refused us after putting us in line (``max_wait``
-    ran out)."""
-
-    def __init__(self, reason, in_line=False):
-        super(RegistrationRefused, self).__init__(reason)
-        self.reason = reason
-        self.in_line = in_line
 
 
 class RelayGone(ConnectionError):
@@ -158,157 +141,6 @@ class ServiceConnection(object):
         return "<ServiceConnection %s>" % self.address
 
 
-class _ReplyReader(object):
-    """Reply lines from the relay's side of the registration stream."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._splitter = registration.LineReader(registration.MAX_REPLY)
-        self._lines = collections.deque()
-
-    def next(self, silence, deadline, silent):
-        """The next reply. The relay may be quiet ``silence`` seconds at a time
-        (None: as long as the session lasts), up to ``deadline`` (monotonic, or
-        None). Raises ``socket.timeout`` saying ``silent % silence`` or why."""
-        while not self._lines:
-            wait = silence
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout("gave no port within max_wait and the timeout")
-                wait = left if wait is None else min(wait, left)
-            self._stream.settimeout(None if wait is None else min(wait, clock.MAX_TIMEOUT))
-            try:
-                data = self._stream.recv(registration.MAX_REPLY)
-            except socket.timeout:
-                if silence is None or wait < silence:
-                    raise socket.timeout("gave no port within max_wait and the timeout")
-                raise socket.timeout(silent % silence)
-            if not data:
-                raise registration.RegistrationError(
-                    "the relay closed the registration stream without answering")
-            self._lines.extend(self._splitter.feed(data))
-        return registration.parse_reply(self._lines.popleft())
-
-
-def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
-             on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None):
-    """Register over an open session (extended form).
-
-    Returns ``(reply, stream)``: the relay's ok reply, and the registration
-    stream if it now carries the heartbeat (else None: it is closed).
-    ``on_waiting(position)`` is called when we join the line for a port and
-    each time our place in it changes. With ``secret`` (bytes) we answer the
-    relay's challenge. Raises ``RegistrationRefused`` if the relay says no,
-    ``socket.timeout`` if it goes silent (see below).
-
-    Each answer must come within ``timeout`` seconds. Once in line we wait
-    as long as ``max_wait`` allows (None: for ever), and silence means a
-    dead relay only if the relay promised to repeat its ``waiting`` line
-    (its ``interval``): then after ``max(timeout, 2 * interval)`` seconds.
-    A relay that made no such promise (older tcprelay) keeps us in line
-    until the session ends (TCP keepalive notices a vanished machine).
-    """
-    stream = session.open()
-    keep = False
-    try:
-        request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True,
-                                       lease=lease, heartbeat=heartbeat,
-                                       proxy_protocol=proxy_protocol,
-                                       auth=auth.METHOD if secret is not None else None)
-        stream.settimeout(timeout)
-        stream.sendall(request.encode())
-        replies = _ReplyReader(stream)
-        # The relay answers max_wait's end with an error: we need wait no longer.
-        deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
-        silence, silent = timeout, "did not answer within %gs"
-        reported = None
-        challenged = False
-        in_line = False
-        while True:
-            reply = replies.next(silence, deadline, silent)
-            status = reply["status"]
-            if status == "waiting":
-                in_line = True
-                position = reply.get("position")
-                silence = _silence_in_line(reply.get("interval"), timeout)
-                silent = "went silent for %gs while we waited in line"
-                if position != reported:
-                    log.info("%s; waiting in line (position %s)", _why_waiting(reply), position)
-                    reported = position
-                    if on_waiting is not None:
-                        on_waiting(position)
-            elif status == "ok":
-                if not isinstance(reply.get("address"), str):
-                    raise registration.RegistrationError("the relay's ok has no address")
-                if secret is not None and not challenged:
-                    log.warning("the relay did not ask for our secret: it lets anyone "
-                                "register (no --secret-file), or it is not the relay meant")
-                keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
-                return reply, (stream if keep else None)
-            elif status == "challenge":
-                if secret is None or reply.get("method") != auth.METHOD:
-                    raise RegistrationRefused("the relay asks for an authentication we cannot "
-                                              "give (%s)" % reply.get("method"))
-                try:
-                    nonce = binascii.unhexlify(reply.get("nonce", ""))
-                except (TypeError, ValueError, binascii.Error):
-                    raise registration.RegistrationError("the relay's challenge is malformed")
-                stream.sendall((json.dumps({"hmac": auth.answer(secret, nonce)}) + "\n")
-                               .encode("ascii"))
-                challenged = True
-                silence, silent = timeout, "did not answer within %gs"
-            elif status == "error":
-                raise RegistrationRefused(str(reply.get("error", "refused")),
-                                          in_line=in_line)
-            else:
-                raise registration.RegistrationError("unexpected reply status %r" % status)
-    finally:
-        if not keep:
-            stream.close()
-
-
-def _why_waiting(reply):
-    """What a ``waiting`` line says we wait for, and why (older relays say neither)."""
-    port, reason = reply.get("port"), reply.get("reason")
-    if not (isinstance(reason, str) and reason.isprintable() and 0 < len(reason) <= 200):
-        reason = None
-    if reason is not None:
-        return reason
-    if isinstance(port, int) and not isinstance(port, bool):
-        return "public port %d is held by another service" % port
-    return "every public port is taken"
-
-
-def _seconds(beat, key, default):
-    """The relay's heartbeat ``key`` (seconds): a positive finite number, else
-    RegistrationError (a hostile relay's value must not escape as ValueError)."""
-    value = beat.get(key, default)
-    seconds = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except OverflowError:
-            pass
-    if seconds is None or not 0 < seconds < float("inf"):
-        raise registration.RegistrationError("the relay's heartbeat %s is not a positive "
-                                             "number of seconds: %.60r" % (key, value))
-    return seconds
-
-
-def _silence_in_line(interval, timeout):
-    """How long a relay that has put us in line may be silent (None: no limit)."""
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
-        return None   # no promise to repeat itself: silence is no sign of death
-    try:
-        silence = max(timeout, 2.0 * interval)
-    except OverflowError:
-        return None   # a promise for longer than a float holds: none
-    if not interval > 0 or not silence < float("inf"):
-        return None   # (an infinite timeout would overflow the stream's wait)
-    return silence
-
-
 def _dial(relay_address, timeout, attempt):
     """socket.create_connection, with each socket held by ``attempt`` while it connects."""
     host, port = relay_address[:2]
@@ -354,24 +186,8 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     sock = _dial(relay_address, timeout, attempt)
     enable_tcp_keepalive(sock, keepalive)
     if tls is not None:
-        try:
-            sock = tls.wrap_socket(sock, server_hostname=relay_address[0])
-        except BaseException as exc:
-            sock.close()
-            if attempt.cancelled:
-                raise ConnectCancelled("connecting to the relay was cancelled")
-            if isinstance(exc, OSError) and not _trust_failure(exc) \
-                    and not isinstance(exc, socket.timeout):
-                raise ServicePortError(
-                    "TLS with %s failed: %s (it may not use TLS: try without --tls; or %s "
-                    "may not be a tcprelay service port)" % (where, _reason(exc), where), exc)
-            raise
-        sock = TLSTransport(sock)
-    session_options.setdefault("window_size", DEFAULT_WINDOW)
-    session_options.setdefault("max_frame_size", MAX_FRAME)
-    session_options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
-    session_options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
-    session = muxado.client(sock, name="relay %s" % where, **session_options)
+        sock = _start_tls(sock, tls, relay_address[0], where, attempt)
+    session = _link_session(sock, where, session_options)
     in_line = []   # the relay answered: what goes wrong from then on is no wrong port
 
     def waiting(position):
@@ -406,6 +222,36 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
         sender = HeartbeatSender(session, stream, interval, beat_timeout, "relay %s" % where)
         sender.start()
     return ServiceConnection(session, reply, heartbeat=sender, proxy_protocol=proxy_protocol)
+
+
+def _link_session(sock, where, options):
+    """The muxado client session to the relay over ``sock``: the link's window
+    and frame size, and room for a stream per client, unless ``options`` say."""
+    options = dict(options)
+    options.setdefault("window_size", registration.LINK_WINDOW)
+    options.setdefault("max_frame_size", registration.LINK_MAX_FRAME)
+    options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
+    options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
+    return muxado.client(sock, name="relay %s" % where, **options)
+
+
+def _start_tls(sock, context, server_hostname, where, attempt):
+    """TLS over the dialled ``sock``: the transport for the session. Raises
+    ConnectCancelled, or ServicePortError if what answered seems not to speak
+    TLS (a certificate the relay's name does not match is raised as it is)."""
+    try:
+        sslsock = context.wrap_socket(sock, server_hostname=server_hostname)
+    except BaseException as exc:
+        sock.close()
+        if attempt.cancelled:
+            raise ConnectCancelled("connecting to the relay was cancelled")
+        if isinstance(exc, OSError) and not _trust_failure(exc) \
+                and not isinstance(exc, socket.timeout):
+            raise ServicePortError(
+                "TLS with %s failed: %s (it may not use TLS: try without --tls; or %s "
+                "may not be a tcprelay service port)" % (where, _reason(exc), where), exc)
+        raise
+    return TLSTransport(sslsock)
 
 
 # The session died of bytes that are not muxado (or not a relay's muxado).

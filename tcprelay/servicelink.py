@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 
-from . import addresses, clock, limits, muxado, proxyproto, resources
+from . import addresses, clock, limits, muxado, proxyproto, registration, resources
 from .bridge import Bridge
 from .heartbeat import enable_tcp_keepalive
 from .registrar import Registrar
@@ -23,8 +23,6 @@ from .registrar import Registrar
 # The relay's lines, wherever its code lives: operators and tests know them by this name.
 log = logging.getLogger("tcprelay.relay")
 
-DEFAULT_WINDOW = 1 << 20         # per stream; 256 KiB stalls a fast stream on window updates
-MAX_FRAME = DEFAULT_WINDOW // 2   # bulk data in fewer, bigger writes; half a window stays free
 # What a connection may send before it has registered: a request (4 KiB at
 # most, but an oversized one still fills a window to be refused with a
 # reason), an authentication answer, and the frames around them.
@@ -184,7 +182,7 @@ class ServiceLink(Registrar):
         # buffer and a budget of bytes, after which it is dropped.
         session = muxado.server(transport, name="service %s" % _address(self.address),
                                 max_streams=16, accept_backlog=8,
-                                max_frame_size=min(MAX_FRAME, relay.window_size),
+                                max_frame_size=min(registration.LINK_MAX_FRAME, relay.window_size),
                                 read_budget=PENDING_READ_BUDGET,
                                 write_timeout=relay.write_timeout)
         with self._lock:

@@ -21,7 +21,7 @@ from relay_helpers import (
 from test_relay import Env, env  # noqa: F401 (env: a fixture)
 from tcprelay import relay as relay_module
 from tcprelay import adapter as adapter_module
-from tcprelay import service
+from tcprelay import registrant, service
 from tcprelay.relay import Relay
 
 
@@ -292,12 +292,12 @@ def test_proxy_header_of_a_link_local_client_drops_the_zone(version):
 
 
 def test_the_service_library_logs_an_older_relays_waiting_line_as_before():
-    assert service._why_waiting({"status": "waiting", "position": 2}) \
+    assert registrant._why_waiting({"status": "waiting", "position": 2}) \
         == "every public port is taken"
-    assert service._why_waiting({"status": "waiting", "position": 1, "port": 8081}) \
+    assert registrant._why_waiting({"status": "waiting", "position": 1, "port": 8081}) \
         == "public port 8081 is held by another service"
     # A relay's text is logged only if it is short printable text.
-    assert service._why_waiting({"status": "waiting", "port": 8081, "reason": "x\x1b[2J"}) \
+    assert registrant._why_waiting({"status": "waiting", "port": 8081, "reason": "x\x1b[2J"}) \
         == "public port 8081 is held by another service"
 
 

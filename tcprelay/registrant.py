@@ -1,0 +1,179 @@
+"""The service's side of registration: the request, the relay's answers, the
+challenge, the wait in line (docs/PROTOCOL.md, section 2).
+
+``register`` runs the extended form over an open session; ``service.connect``
+dials, sets up the session and calls it. ``registration.py`` holds the bytes
+of requests and replies; this module decides what to send and how long to
+wait. The relay's side is ``registrar.py``.
+"""
+
+import binascii
+import logging
+import socket
+import time
+
+from . import auth, registration
+from .streamlines import DeadlinePassed, StreamLines
+
+# The service library's lines, wherever its code lives: users filter them by this name.
+log = logging.getLogger("tcprelay.service")
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class RegistrationRefused(Exception):
+    """The relay refused to register us; ``reason`` says why. Retrying will not help.
+    ``in_line`` is True when it refused us after putting us in line (``max_wait``
+    ran out)."""
+
+    def __init__(self, reason, in_line=False):
+        super(RegistrationRefused, self).__init__(reason)
+        self.reason = reason
+        self.in_line = in_line
+
+
+def _next_reply(lines, silence, deadline, silent):
+    """The relay's next reply, as a dict. The relay may be quiet ``silence``
+    seconds at a time (None: as long as the session lasts), up to
+    ``deadline`` (monotonic, or None). Raises ``socket.timeout`` saying
+    ``silent % silence`` or why."""
+    try:
+        line = lines.read_line(silence, deadline)
+    except DeadlinePassed:
+        raise socket.timeout("gave no port within max_wait and the timeout")
+    except socket.timeout:
+        raise socket.timeout(silent % silence)
+    if line is None:
+        raise registration.RegistrationError(
+            "the relay closed the registration stream without answering")
+    return registration.parse_reply(line)
+
+
+def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
+             on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None):
+    """Register over an open session (extended form).
+
+    Returns ``(reply, stream)``: the relay's ok reply, and the registration
+    stream if it now carries the heartbeat (else None: it is closed).
+    ``on_waiting(position)`` is called when we join the line for a port and
+    each time our place in it changes. With ``secret`` (bytes) we answer the
+    relay's challenge. Raises ``RegistrationRefused`` if the relay says no,
+    ``socket.timeout`` if it goes silent (see below).
+
+    Each answer must come within ``timeout`` seconds. Once in line we wait
+    as long as ``max_wait`` allows (None: for ever), and silence means a
+    dead relay only if the relay promised to repeat its ``waiting`` line
+    (its ``interval``): then after ``max(timeout, 2 * interval)`` seconds.
+    A relay that made no such promise (older tcprelay) keeps us in line
+    until the session ends (TCP keepalive notices a vanished machine).
+    """
+    stream = session.open()
+    keep = False
+    try:
+        request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True,
+                                       lease=lease, heartbeat=heartbeat,
+                                       proxy_protocol=proxy_protocol,
+                                       auth=auth.METHOD if secret is not None else None)
+        stream.settimeout(timeout)
+        stream.sendall(request.encode())
+        replies = StreamLines(stream, registration.MAX_REPLY)
+        # The relay answers max_wait's end with an error: we need wait no longer.
+        deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
+        silence, silent = timeout, "did not answer within %gs"
+        reported = None
+        challenged = False
+        in_line = False
+        while True:
+            reply = _next_reply(replies, silence, deadline, silent)
+            status = reply["status"]
+            if status == "waiting":
+                in_line = True
+                position = reply.get("position")
+                silence = _silence_in_line(reply.get("interval"), timeout)
+                silent = "went silent for %gs while we waited in line"
+                if position != reported:
+                    log.info("%s; waiting in line (position %s)", _why_waiting(reply), position)
+                    reported = position
+                    if on_waiting is not None:
+                        on_waiting(position)
+            elif status == "ok":
+                _check_ok(reply, unasked_secret=secret is not None and not challenged)
+                keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
+                return reply, (stream if keep else None)
+            elif status == "challenge":
+                _answer_challenge(stream, reply, secret)
+                challenged = True
+                silence, silent = timeout, "did not answer within %gs"
+            elif status == "error":
+                raise RegistrationRefused(str(reply.get("error", "refused")),
+                                          in_line=in_line)
+            else:
+                raise registration.RegistrationError("unexpected reply status %r" % status)
+    finally:
+        if not keep:
+            stream.close()
+
+
+def _check_ok(reply, unasked_secret):
+    """Raise RegistrationError if the relay's ``ok`` gives no address; warn if
+    we have a secret it did not ask for (``unasked_secret``)."""
+    if not isinstance(reply.get("address"), str):
+        raise registration.RegistrationError("the relay's ok has no address")
+    if unasked_secret:
+        log.warning("the relay did not ask for our secret: it lets anyone "
+                    "register (no --secret-file), or it is not the relay meant")
+
+
+def _answer_challenge(stream, reply, secret):
+    """Answer the relay's ``challenge`` with ``secret`` (bytes, or None: we have
+    none). Raises RegistrationRefused if we cannot, RegistrationError if the
+    challenge is malformed."""
+    if secret is None or reply.get("method") != auth.METHOD:
+        raise RegistrationRefused("the relay asks for an authentication we cannot "
+                                  "give (%s)" % reply.get("method"))
+    try:
+        nonce = binascii.unhexlify(reply.get("nonce", ""))
+    except (TypeError, ValueError, binascii.Error):
+        raise registration.RegistrationError("the relay's challenge is malformed")
+    stream.sendall(registration.answer_line(auth.answer(secret, nonce)))
+
+
+def _why_waiting(reply):
+    """What a ``waiting`` line says we wait for, and why (older relays say neither)."""
+    port, reason = reply.get("port"), reply.get("reason")
+    if not (isinstance(reason, str) and reason.isprintable() and 0 < len(reason) <= 200):
+        reason = None
+    if reason is not None:
+        return reason
+    if isinstance(port, int) and not isinstance(port, bool):
+        return "public port %d is held by another service" % port
+    return "every public port is taken"
+
+
+def _seconds(beat, key, default):
+    """The relay's heartbeat ``key`` (seconds): a positive finite number, else
+    RegistrationError (a hostile relay's value must not escape as ValueError)."""
+    value = beat.get(key, default)
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            pass
+    if seconds is None or not 0 < seconds < float("inf"):
+        raise registration.RegistrationError("the relay's heartbeat %s is not a positive "
+                                             "number of seconds: %.60r" % (key, value))
+    return seconds
+
+
+def _silence_in_line(interval, timeout):
+    """How long a relay that has put us in line may be silent (None: no limit)."""
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        return None   # no promise to repeat itself: silence is no sign of death
+    try:
+        silence = max(timeout, 2.0 * interval)
+    except OverflowError:
+        return None   # a promise for longer than a float holds: none
+    if not interval > 0 or not silence < float("inf"):
+        return None   # (an infinite timeout would overflow the stream's wait)
+    return silence
