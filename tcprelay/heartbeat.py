@@ -47,6 +47,38 @@ def enable_tcp_keepalive(sock, seconds):
         pass  # not TCP, or not Linux: the heartbeat still works
 
 
+def set_client_options(listener, seconds):
+    """Set on a listening socket what every connection it accepts needs:
+    TCP keepalive within ``seconds`` and TCP_NODELAY.
+
+    Accepted sockets inherit them (Linux copies a listener's options to each
+    connection): no syscalls per connection. ``client_options_inherited``
+    checks that once, on the first connection accepted.
+    """
+    enable_tcp_keepalive(listener, seconds)
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+_inherited = None   # whether accepted sockets inherit set_client_options (once known)
+
+
+def client_options_inherited(conn):
+    """Whether ``conn``, accepted from a listener given ``set_client_options``,
+    has them already; if not (the system does not copy them), the caller sets
+    them on each connection. Learnt from the first connection, then known."""
+    global _inherited
+    if _inherited is None:
+        try:
+            _inherited = bool(conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                              and conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        except (OSError, AttributeError):
+            _inherited = False
+    return _inherited
+
+
 def _lines(stream):
     """The heartbeat's lines on ``stream``."""
     stream.set_lead_reads(False)   # seconds between lines: let the session's reader read

@@ -25,7 +25,7 @@ import time
 
 from . import addresses, auth, cli, clock, limits, muxado, registration, resources, tls
 from .bridge import Flusher
-from .heartbeat import DEFAULT_KEEPALIVE
+from .heartbeat import DEFAULT_KEEPALIVE, set_client_options
 from .leases import Leases
 from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
 from .portpool import PortPool
@@ -299,6 +299,8 @@ class Relay(object):
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Keepalive notices a client that vanished; clients inherit it.
+            set_client_options(listener, self.keepalive)
             listener.bind((self.public_bind, port))
             listener.listen(LISTEN_BACKLOG)
         except OSError:

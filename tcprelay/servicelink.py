@@ -17,7 +17,7 @@ import time
 
 from . import addresses, clock, limits, muxado, proxyproto, registration, resources
 from .bridge import Bridge
-from .heartbeat import enable_tcp_keepalive
+from .heartbeat import client_options_inherited, enable_tcp_keepalive
 from .registrar import Registrar
 
 # The relay's lines, wherever its code lives: operators and tests know them by this name.
@@ -249,7 +249,8 @@ class ServiceLink(Registrar):
                 refused("%s: refused a client from %s: %d clients already (--max-clients)",
                         self.label, client_address[0], relay.max_clients)
                 continue
-            enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
+            if not client_options_inherited(conn):   # from the listener (set_client_options)
+                enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
             try:
                 stream, early = self._open_stream(session, conn, client_address)
             except (muxado.MuxadoError, OSError) as exc:

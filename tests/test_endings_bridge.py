@@ -12,6 +12,7 @@ has gone.
 
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -380,3 +381,26 @@ def test_service_closing_a_finished_stream_while_the_client_still_sends_loses_no
     wait_until(lambda: bridge.stream._error is not None, what="the service's RST")
     assert recv_to_eof(client) == reply
     wait_until(lambda: link_of(relay, port).client_count == 0, what="the client counted out")
+
+
+@pytest.mark.parametrize("inherited", [None, False], ids=["from-the-listener", "set-each"])
+def test_public_clients_get_the_relays_keepalive_and_nodelay(env, monkeypatch, inherited):
+    # The public listener carries the options and accepted clients inherit
+    # them (no syscalls per client); where a system does not copy them, the
+    # relay sets them on each client. Either way every client has them.
+    from tcprelay import heartbeat
+    monkeypatch.setattr(heartbeat, "_inherited", inherited)
+    relay = env.relay(ports=1, keepalive=90.0)
+    service = env.service(relay)
+    port = service.register_ok()
+    env.client(port)
+    service.accept()
+    sock = only_bridge(relay, port).sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 15
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 2
+    assert sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18)) == 90000
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    if inherited is None and sys.platform.startswith("linux"):
+        assert heartbeat._inherited is True   # Linux copies them: no syscalls per client
