@@ -24,10 +24,9 @@ import urllib.request
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, Worker, abort, connect_client, echo_roundtrip, free_port_range,
-    pool_args, read_until_end, recv_exact, recv_to_eof, sendall_then, wait_until,
+from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, pool_args, wait_until
+from helpers.relay import (
+    abort, connect_client, echo_roundtrip, read_until_end, recv_exact, recv_to_eof, sendall_then,
 )
 from test_relay_processes import assert_no_traceback, procs, quick  # noqa: F401
 from test_service import env, logs  # noqa: F401  (fixtures)

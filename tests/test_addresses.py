@@ -14,10 +14,8 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, Process, Worker, free_port_range, recv_exact, wait_until,
-)
+from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.relay import Process, recv_exact
 from test_relay import Env, env  # noqa: F401 (env: a fixture)
 from tcprelay import relay as relay_module
 from tcprelay import adapter as adapter_module

@@ -30,8 +30,8 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import ROOT, recv_to_eof
+from helpers.basics import ROOT, TIMEOUT
+from helpers.relay import recv_to_eof
 from test_relay import env  # noqa: F401 (a fixture)
 from tcprelay import adapter, auth, echoserver, registration, relay as relay_module
 from tcprelay.service import connect

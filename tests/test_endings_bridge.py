@@ -17,10 +17,9 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    MIB, Worker, abort, echo_handler, fill_until_the_adapter_holds, read_until_end, recv_exact,
-    recv_to_eof, wait_until,
+from helpers.basics import MIB, TIMEOUT, Worker, wait_until
+from helpers.relay import (
+    abort, echo_handler, fill_until_the_adapter_holds, read_until_end, recv_exact, recv_to_eof,
 )
 from test_relay import link_of, push_until_stalled, send_until_it_fails
 from test_adapter import listening_socket

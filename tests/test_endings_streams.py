@@ -20,10 +20,8 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT, Worker
-from relay_helpers import (
-    LOOPBACK, MIB, RESET_ERRORS, ROOT, recv_exact, wait_until,
-)
+from helpers.basics import LOOPBACK, MIB, RESET_ERRORS, ROOT, TIMEOUT, Worker, wait_until
+from helpers.relay import recv_exact
 from test_muxado_streams import frames_until, pattern, raw_open
 from test_relay import link_of
 from test_service import env  # noqa: F401 (fixture)

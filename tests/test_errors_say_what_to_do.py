@@ -16,11 +16,8 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, ROOT, Worker, echo_handler, echo_roundtrip, free_port_range, read_until_end,
-    wait_until,
-)
+from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.relay import echo_handler, echo_roundtrip, read_until_end
 from test_security import (  # noqa: F401 (env, logs, procs: fixtures)
     assert_clean_exit, env, logs, procs, server_tls, trusting_tls,
 )

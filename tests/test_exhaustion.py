@@ -10,9 +10,8 @@ import socket
 
 import pytest
 
-from relay_helpers import (
-    LOOPBACK, Process, connect_client, echo_roundtrip, free_port_range, listeners, wait_until,
-)
+from helpers.basics import LOOPBACK, free_port_range, wait_until
+from helpers.relay import Process, connect_client, echo_roundtrip, listeners
 
 pytest.importorskip("resource", reason="RLIMIT_NOFILE is a POSIX feature")
 

@@ -14,11 +14,9 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, SessionPair
-from relay_helpers import (
-    LOOPBACK, Worker, bindable, echo_handler, echo_roundtrip, free_port_range, recv_exact,
-    wait_until,
-)
+from helpers.basics import LOOPBACK, TIMEOUT, Worker, bindable, free_port_range, wait_until
+from helpers.relay import echo_handler, echo_roundtrip, recv_exact
+from helpers.sessions import SessionPair
 from test_relay import Env
 from tcprelay import clock, heartbeat, mainthread, muxado, muxerrors, service, socketlike
 from tcprelay import streambuffer, window

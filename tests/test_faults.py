@@ -26,11 +26,10 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, RESET_ERRORS, Worker, abort, accept_queue, connect_client, free_port_range,
-    pool_args, recv_exact, recv_to_eof, wait_until,
+from helpers.basics import (
+    LOOPBACK, MIB, RESET_ERRORS, TIMEOUT, Worker, free_port_range, pool_args, wait_until,
 )
+from helpers.relay import abort, accept_queue, connect_client, recv_exact, recv_to_eof
 from test_security import (   # noqa: F401 (procs is a fixture)
     Proxy, RawService, checked_echo, procs,
 )

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from conftest import DATA_DIR, TIMEOUT, Worker
-from relay_helpers import LOOPBACK, recv_exact, recv_to_eof
+from helpers.basics import DATA_DIR, LOOPBACK, TIMEOUT, Worker
+from helpers.relay import recv_exact, recv_to_eof
 from test_service import env, logs  # noqa: F401 (fixtures)
 from tcprelay import muxado, service, tls
 

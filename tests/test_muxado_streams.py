@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, SessionPair, Worker, tcp_pair
+from helpers.basics import TIMEOUT, Worker, tcp_pair
+from helpers.sessions import SessionPair
 from tcprelay import frames, muxado
 from tcprelay.muxado import (
     Data, ErrorCode, MuxadoError, SessionClosedError, StreamClosedError, StreamResetError,

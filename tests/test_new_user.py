@@ -21,8 +21,8 @@ import sys
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import LOOPBACK, ROOT, free_port_range, read_until_end
+from helpers.basics import LOOPBACK, ROOT, TIMEOUT, free_port_range
+from helpers.relay import read_until_end
 from test_relay import env  # noqa: F401 (a fixture)
 from tcprelay import adapter, echoserver, registration, relay as relay_module, servicecli
 from tcprelay import limits

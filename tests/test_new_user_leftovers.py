@@ -16,11 +16,8 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, ROOT, Worker, bindable, echo_roundtrip, fill_until_the_adapter_holds,
-    free_port_range, read_until_end, wait_until,
-)
+from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, bindable, free_port_range, wait_until
+from helpers.relay import echo_roundtrip, fill_until_the_adapter_holds, read_until_end
 from test_relay import Env
 from test_docs_as_written import help_groups, option_tables, readme, section
 from test_security import (  # noqa: F401 (env, logs, procs: fixtures)

@@ -17,11 +17,10 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, Service, Worker, abort, connect_client, echo_handler,
-    echo_roundtrip, free_port_range, read_until_end, recv_exact, recv_to_eof, sendall_then,
-    wait_until,
+from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.relay import (
+    Service, abort, connect_client, echo_handler, echo_roundtrip, read_until_end, recv_exact,
+    recv_to_eof, sendall_then,
 )
 from tcprelay import muxado
 from tcprelay.muxado import ErrorCode

@@ -15,11 +15,12 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, RESET_ERRORS, MainRun, Process, Worker, connect_client, echo_roundtrip,
-    free_port_range, listeners, pool_args, read_until_end, recv_exact, recv_to_eof,
-    sendall_then, wait_until,
+from helpers.basics import (
+    LOOPBACK, MIB, RESET_ERRORS, TIMEOUT, Worker, free_port_range, pool_args, wait_until,
+)
+from helpers.relay import (
+    MainRun, Process, connect_client, echo_roundtrip, listeners, read_until_end, recv_exact,
+    recv_to_eof, sendall_then,
 )
 
 OPTIONS = ["--host", "--public-bind", "--public-host", "--ports", "--max-services",

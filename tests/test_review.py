@@ -5,8 +5,8 @@ import socket
 import threading
 
 
-from conftest import TIMEOUT
-from relay_helpers import Worker, recv_exact, recv_to_eof, wait_until
+from helpers.basics import TIMEOUT, Worker, wait_until
+from helpers.relay import recv_exact, recv_to_eof
 from test_endings_bridge import only_bridge
 from test_service import env, logs  # noqa: F401  (fixtures)
 from tcprelay import frames, heartbeat, muxado

@@ -31,11 +31,12 @@ import warnings
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, FakeClock, MainRun, Process, Worker, connect_client, echo_handler,
-    echo_roundtrip, free_port_range, listeners, pool_args, read_until_end, recv_exact,
-    recv_to_eof, wait_until,
+from helpers.basics import (
+    LOOPBACK, MIB, TIMEOUT, FakeClock, Worker, free_port_range, pool_args, wait_until,
+)
+from helpers.relay import (
+    MainRun, Process, connect_client, echo_handler, echo_roundtrip, listeners, read_until_end,
+    recv_exact, recv_to_eof,
 )
 from test_relay import Env, link_of
 from tcprelay import auth, frames, muxado, registration, tls

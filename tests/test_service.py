@@ -32,11 +32,8 @@ from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, Worker, connect_client, echo_roundtrip, free_port_range,
-    read_until_end, recv_exact, recv_to_eof, wait_until,
-)
+from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.relay import connect_client, echo_roundtrip, read_until_end, recv_exact, recv_to_eof
 from test_relay import Env, link_of
 from tcprelay import muxado, service
 from tcprelay.echoserver import EchoHandler

@@ -22,10 +22,8 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, Process, Worker, echo_roundtrip, free_port_range, wait_until,
-)
+from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.relay import Process, echo_roundtrip
 from test_service import Serving, env, logs  # noqa: F401 (fixtures)
 from tcprelay import muxado, service
 from tcprelay.echoserver import EchoHandler

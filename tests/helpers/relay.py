@@ -1,9 +1,5 @@
-"""Helpers shared by the relay's end-to-end tests (test_relay*.py).
+"""Helpers shared by the relay's end-to-end tests.
 
-- free public port ranges (ports below 32768 are never handed out by the
-  kernel here, so a random range in 20000-32000 that binds is ours to use),
-- ``wait_until`` for state that can only be seen by polling (another process's
-  /proc, its log file), always with a deadline,
 - ``Process``: a ``python -m tcprelay...`` child whose first stdout line can be
   read with a timeout and whose stderr goes to a file (no pipe to fill up),
   and ``MainRun``: a program's ``main(argv)`` run in this process, for the
@@ -20,7 +16,6 @@ import io
 import json
 import logging
 import os
-import random
 import selectors
 import socket
 import struct
@@ -30,44 +25,11 @@ import tempfile
 import threading
 import time
 
-from conftest import TIMEOUT, Worker  # noqa: F401 (Worker: for the test modules)
+from helpers.basics import LOOPBACK, MIB, ROOT, TIMEOUT, Worker, wait_until
 from tcprelay import muxado
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOOPBACK = "127.0.0.1"
-MIB = 1 << 20
-RESET_ERRORS = (ConnectionResetError, BrokenPipeError)
 
-
-# -- ports and polling -------------------------------------------------------------------
-
-def port_is_free(port):
-    """True if nothing holds ``port`` on 127.0.0.1 (not even a TIME_WAIT connection)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind((LOOPBACK, port))
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return True
-
-
-def free_port_range(count, low=20000, high=32000, attempts=500):
-    """``count`` contiguous free ports in [low, high), picked at random."""
-    rng = random.SystemRandom()
-    for _ in range(attempts):
-        start = rng.randrange(low, high - count)
-        ports = list(range(start, start + count))
-        if all(port_is_free(port) for port in ports):
-            return ports
-    raise RuntimeError("no %d free contiguous ports in %d-%d" % (count, low, high))
-
-
-def pool_args(ports):
-    """The --ports option for ``ports`` (a contiguous list)."""
-    return ["--ports", "%d-%d" % (ports[0], ports[-1])]
-
+# -- the adapter ---------------------------------------------------------------------------
 
 def fill_until_the_adapter_holds(adapter, client):
     """Upload through ``client`` until ``adapter``'s only bridge holds bytes its
@@ -93,36 +55,6 @@ def fill_until_the_adapter_holds(adapter, client):
     client.shutdown(socket.SHUT_WR)   # the relay finishes the stream: FIN
     wait_until(lambda: bridge._service_done, what="the stream's FIN at the adapter")
     return bridge
-
-
-def bindable(address):
-    """Whether a listener could bind ``address`` now (a draining relay's is closed)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
-def wait_until(predicate, timeout=TIMEOUT, interval=0.02, what=None):
-    """Poll ``predicate`` until it is true (returns its value) or fail after ``timeout``.
-
-    Only for state nothing can be joined on: another process's /proc entries
-    or log file, the kernel's socket table.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %gs waiting for %s"
-                                 % (timeout, what or getattr(predicate, "__name__", predicate)))
-        time.sleep(interval)
 
 
 def listeners(port):
@@ -157,34 +89,6 @@ def accept_queue(port):
             if len(fields) >= 5 and fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
                 return int(fields[4].split(":")[1], 16)
     raise AssertionError("nothing listens on port %d" % port)
-
-
-class FakeClock(object):
-    """A monotonic clock the test moves by hand; it counts how often it was read."""
-
-    def __init__(self):
-        self.now = 1000.0
-        self.calls = 0
-        self._cond = threading.Condition()
-
-    def __call__(self):
-        with self._cond:
-            self.calls += 1
-            self._cond.notify_all()
-            return self.now
-
-    def advance(self, seconds):
-        with self._cond:
-            self.now += seconds
-
-    def wait_calls(self, count, timeout=TIMEOUT):
-        """Wait until the clock has been read ``count`` times in all."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.calls < count:
-                left = deadline - time.monotonic()
-                assert left > 0, "the clock was read %d times, not %d" % (self.calls, count)
-                self._cond.wait(left)
 
 
 # -- sockets and streams --------------------------------------------------------------
