@@ -6,13 +6,20 @@ Every test runs under ``no_leaks`` and bounds each blocking call.
 import socket
 import time
 
+import pytest
 
 from helpers.basics import LOOPBACK, TIMEOUT, Worker, wait_until
 from helpers.relay import Service, echo_handler, echo_roundtrip, read_until_end, recv_exact
-from test_relay import env, registered  # noqa: F401 (env: a fixture)
+from test_relay import registered
 from tcprelay import frames
 from tcprelay.muxado import ErrorCode
 from tcprelay.relay import PENDING_READ_BUDGET
+
+
+@pytest.fixture
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
 
 
 def test_streams_the_service_refuses_end_those_clients_not_the_service(env, caplog):

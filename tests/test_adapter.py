@@ -29,9 +29,14 @@ from helpers.relay import (
     abort, connect_client, echo_roundtrip, read_until_end, recv_exact, recv_to_eof, sendall_then,
 )
 from test_relay_processes import assert_no_traceback, procs, quick  # noqa: F401
-from test_service import env, logs  # noqa: F401  (fixtures)
 from tcprelay.adapter import Adapter
 from tcprelay.echoserver import EchoHandler
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 
 # -- local services --------------------------------------------------------------------------

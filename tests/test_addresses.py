@@ -15,12 +15,18 @@ import threading
 import pytest
 
 from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.envs import Env
 from helpers.relay import Process, recv_exact
-from test_relay import Env, env  # noqa: F401 (env: a fixture)
 from tcprelay import relay as relay_module
 from tcprelay import adapter as adapter_module
 from tcprelay import service
 from tcprelay.relay import Relay
+
+
+@pytest.fixture
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
 
 
 def _ipv6_problem():

@@ -32,9 +32,14 @@ import pytest
 
 from helpers.basics import ROOT, TIMEOUT
 from helpers.relay import recv_to_eof
-from test_relay import env  # noqa: F401 (a fixture)
 from tcprelay import adapter, auth, echoserver, registration, relay as relay_module
 from tcprelay.service import connect
+
+
+@pytest.fixture
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
 
 README = os.path.join(ROOT, "README.md")
 GO_SERVICE = os.path.join(os.path.dirname(ROOT), "shared", "go-peers", "bin-v2-service")

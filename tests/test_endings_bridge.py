@@ -23,10 +23,15 @@ from helpers.relay import (
 )
 from test_relay import link_of, push_until_stalled, send_until_it_fails
 from test_adapter import listening_socket
-from test_service import env, logs  # noqa: F401  (fixtures)
 from tcprelay import bridge as bridge_module
 from tcprelay.adapter import Adapter
 from tcprelay.service import RelayGone
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 
 WINDOW_CHECK = 0.25   # the pump's look at its client while it waits for window (1 s by default)

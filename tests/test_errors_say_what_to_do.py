@@ -18,11 +18,21 @@ import pytest
 
 from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, free_port_range, wait_until
 from helpers.relay import echo_handler, echo_roundtrip, read_until_end
-from test_security import (  # noqa: F401 (env, logs, procs: fixtures)
-    assert_clean_exit, env, logs, procs, server_tls, trusting_tls,
-)
+from test_security import assert_clean_exit, procs, server_tls, trusting_tls
 import tcprelay
 from tcprelay.service import ServicePortError, connect
+
+
+@pytest.fixture
+def env(security_env):
+    """This module's tests run in a SecurityEnv (conftest)."""
+    return security_env
+
+
+@pytest.fixture
+def logs(warning_logs):
+    """WARNING and up unless told; wait_for returns every match (conftest)."""
+    return warning_logs
 
 NOT_A_SERVICE_PORT = "does not look like a tcprelay service port"
 

@@ -29,10 +29,9 @@ import pytest
 from helpers.basics import (
     LOOPBACK, MIB, RESET_ERRORS, TIMEOUT, Worker, free_port_range, pool_args, wait_until,
 )
-from helpers.relay import abort, accept_queue, connect_client, recv_exact, recv_to_eof
-from test_security import (   # noqa: F401 (procs is a fixture)
-    Proxy, RawService, checked_echo, procs,
-)
+from helpers.proxies import Proxy
+from helpers.relay import RawService, abort, accept_queue, connect_client, recv_exact, recv_to_eof
+from test_security import checked_echo, procs
 from tcprelay import frames
 
 MEMORY_LOG = []   # (test, figures) for the record; the bounds are asserted in each test

@@ -23,8 +23,13 @@ import pytest
 
 from helpers.basics import DATA_DIR, LOOPBACK, TIMEOUT, Worker
 from helpers.relay import recv_exact, recv_to_eof
-from test_service import env, logs  # noqa: F401 (fixtures)
 from tcprelay import muxado, service, tls
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 CERT = os.path.join(DATA_DIR, "test-server.pem")
 KEY = os.path.join(DATA_DIR, "test-server.key")

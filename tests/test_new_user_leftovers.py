@@ -17,14 +17,24 @@ import time
 import pytest
 
 from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, bindable, free_port_range, wait_until
+from helpers.envs import Env
 from helpers.relay import echo_roundtrip, fill_until_the_adapter_holds, read_until_end
-from test_relay import Env
 from test_docs_as_written import help_groups, option_tables, readme, section
-from test_security import (  # noqa: F401 (env, logs, procs: fixtures)
-    assert_clean_exit, env, logs, procs,
-)
+from test_security import assert_clean_exit, procs
 from tcprelay import adapter, echoserver, servicecli
 from tcprelay.relay import Relay
+
+
+@pytest.fixture
+def env(security_env):
+    """This module's tests run in a SecurityEnv (conftest)."""
+    return security_env
+
+
+@pytest.fixture
+def logs(warning_logs):
+    """WARNING and up unless told; wait_for returns every match (conftest)."""
+    return warning_logs
 
 MIB = 1024 * 1024
 SERVICE_PROGRAMS = ["tcprelay.echoserver", "tcprelay.adapter"]

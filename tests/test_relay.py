@@ -27,68 +27,10 @@ from tcprelay.muxado import ErrorCode
 from tcprelay.relay import Relay
 
 
-class Env(object):
-    """Builds relays, services and clients for one test and tears them down, newest first."""
-
-    def __init__(self):
-        self._cleanups = []
-
-    def defer(self, fn, *args):
-        self._cleanups.append((fn, args))
-
-    def relay(self, ports=1, **options):
-        """A started relay on 127.0.0.1 with ``ports`` free public ports (or that list)."""
-        if isinstance(ports, int):
-            ports = free_port_range(ports)
-        options.setdefault("public_bind", LOOPBACK)
-        options.setdefault("handshake_timeout", 5.0)
-        # These tests follow moves in line; the repeated waiting lines of a
-        # relay's waiting_interval are tested in test_waits.
-        options.setdefault("waiting_interval", None)
-        relay = Relay((LOOPBACK, 0), ports=ports, **options)
-        thread = threading.Thread(target=relay.serve_forever, name="relay serve_forever")
-        thread.start()
-        self.defer(self._stop_relay, relay, thread)
-        return relay
-
-    @staticmethod
-    def _stop_relay(relay, thread):
-        relay.shutdown()
-        thread.join(TIMEOUT)
-        assert not thread.is_alive(), "serve_forever did not return after shutdown()"
-        relay.server_close()
-
-    def service(self, relay):
-        service = Service(relay.server_address)
-        self.defer(service.close)
-        return service
-
-    def client(self, port):
-        sock = connect_client(port)
-        self.defer(sock.close)
-        return sock
-
-    def close(self):
-        errors = []
-        while self._cleanups:
-            fn, args = self._cleanups.pop()
-            try:
-                fn(*args)
-            except Exception as exc:   # run every cleanup, report the first failure
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-
-
 @pytest.fixture
-def env(no_leaks, caplog):
-    caplog.set_level(logging.INFO, logger="tcprelay")
-    environment = Env()
-    yield environment
-    environment.close()
-    crashes = [r for r in caplog.records
-               if r.name.startswith("tcprelay") and r.levelno >= logging.ERROR]
-    assert not crashes, "the relay logged errors: %s" % [r.getMessage() for r in crashes]
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
 
 
 def address(port):

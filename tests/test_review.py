@@ -4,12 +4,18 @@ and the bridge's endings, each a case that failed before its fix."""
 import socket
 import threading
 
+import pytest
 
 from helpers.basics import TIMEOUT, Worker, wait_until
 from helpers.relay import recv_exact, recv_to_eof
 from test_endings_bridge import only_bridge
-from test_service import env, logs  # noqa: F401  (fixtures)
 from tcprelay import frames, heartbeat, muxado
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 
 # -- the bridge's idle timeout ------------------------------------------------------------

@@ -23,11 +23,17 @@ import time
 import pytest
 
 from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.envs import Serving
 from helpers.relay import Process, echo_roundtrip
-from test_service import Serving, env, logs  # noqa: F401 (fixtures)
 from tcprelay import muxado, service
 from tcprelay.echoserver import EchoHandler
 from tcprelay.service import RelayGone, RelayServer, connect
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 NOTICE = 0.3          # the relay's waiting_interval in these tests
 SILENCE = 1.0         # the service's timeout: a relay silent this long is dead

@@ -5,7 +5,8 @@
   and ``MainRun``: a program's ``main(argv)`` run in this process, for the
   argument errors (a child costs 0.1-0.3 s to start),
 - ``Service``: a service stand-in that speaks muxado directly, and
-  ``Registration`` to read the relay's JSON-line replies,
+  ``Registration`` to read the relay's JSON-line replies; ``RawService``:
+  one that speaks frame by frame, nothing read or answered unless the test does,
 - small socket/stream helpers that always time out.
 
 Everything binds to 127.0.0.1 only, and every blocking call has a timeout.
@@ -26,7 +27,7 @@ import threading
 import time
 
 from helpers.basics import LOOPBACK, MIB, ROOT, TIMEOUT, Worker, wait_until
-from tcprelay import muxado
+from tcprelay import frames, muxado
 
 
 # -- the adapter ---------------------------------------------------------------------------
@@ -289,6 +290,61 @@ class Service(object):
         for thread in threads:
             thread.join(TIMEOUT)
             assert not thread.is_alive(), "service stand-in thread still running"
+
+
+class RawService(object):
+    """A service that speaks muxado frame by frame over a plain socket: no Session,
+    so nothing reads or answers unless the test does."""
+
+    def __init__(self, address, sock=None):
+        self.sock = sock or socket.create_connection(tuple(address[:2]), timeout=TIMEOUT)
+        self.sock.settimeout(TIMEOUT)
+        collector = frames._FrameCollector()
+        self.frames = collector.frames
+        self._decoder = frames.FrameDecoder(collector)
+        self.eof = False
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def feed(self, data):
+        """Decode ``data`` read from the socket elsewhere (b"": the relay closed)."""
+        if data:
+            self._decoder.feed(data)
+        else:
+            self.eof = True
+
+    def open(self, stream_id, payload=b"", fin=False):
+        self.send(frames.encode_data(stream_id, payload, frames.SYN | (frames.FIN if fin else 0)))
+
+    def read_until(self, predicate, timeout=TIMEOUT):
+        """Read frames until ``predicate()`` holds (True) or the relay closes (False)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.eof:
+                return False
+            left = deadline - time.monotonic()
+            assert left > 0, "the relay sent nothing more within %gs; frames: %r" % (
+                timeout, self.frames[-10:])
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(256 * 1024)
+            except ConnectionResetError:
+                data = b""
+            self.feed(data)
+        return True
+
+    def read_to_eof(self, timeout=TIMEOUT):
+        self.read_until(lambda: False, timeout)
+
+    def lines(self, stream_id=3):
+        """The JSON lines the relay wrote on ``stream_id`` so far."""
+        payload = b"".join(f.payload for f in self.frames
+                           if isinstance(f, frames.Data) and f.stream_id == stream_id)
+        return [json.loads(line.decode("utf-8")) for line in payload.split(b"\n") if line]
+
+    def close(self):
+        self.sock.close()
 
 
 # -- child processes ----------------------------------------------------------------------
