@@ -3,7 +3,8 @@
 Environments for in-process relays (``relay_env``, ``service_env``,
 ``security_env``, ``relay_env_errors_allowed``) and log watchers (``logs``,
 ``warning_logs``) come in named flavours; a module picks one for its tests
-with a fixture of its own, e.g. ``def env(service_env): return service_env``.
+with a fixture of its own, e.g. ``def env(service_env): return service_env``;
+so do the starters of child processes (``procs``, ``procs_no_listener_check``).
 """
 
 import logging
@@ -13,7 +14,9 @@ import pytest
 from helpers.basics import LeakCheck
 from helpers.envs import Env, SecurityEnv, ServiceEnv
 from helpers.logwatch import LogWatcher
+from helpers.relay import Starter
 from helpers.sessions import RawPeer, SessionPair
+from tcprelay import auth
 
 
 @pytest.fixture
@@ -115,3 +118,27 @@ def warning_logs():
         yield watcher
     finally:
         logger.removeHandler(watcher)
+
+
+# -- child processes ------------------------------------------------------------------------
+
+def _closed_at_the_end(starter, monkeypatch):
+    """Yields ``starter`` with $TCPRELAY_SECRET unset (a start may set it for its
+    child); closes every process it started at the end, whatever happened."""
+    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
+    try:
+        yield starter
+    finally:
+        starter.close()
+
+
+@pytest.fixture
+def procs(monkeypatch):
+    """A ``Starter`` whose ``relay()`` checks that 127.0.0.1 alone listens on its port."""
+    yield from _closed_at_the_end(Starter(check_listeners=True), monkeypatch)
+
+
+@pytest.fixture
+def procs_no_listener_check(monkeypatch):
+    """A ``Starter`` whose ``relay()`` does not look at the port's listeners."""
+    yield from _closed_at_the_end(Starter(check_listeners=False), monkeypatch)

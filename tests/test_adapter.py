@@ -26,9 +26,9 @@ import pytest
 
 from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, pool_args, wait_until
 from helpers.relay import (
-    abort, connect_client, echo_roundtrip, read_until_end, recv_exact, recv_to_eof, sendall_then,
+    abort, assert_no_traceback, connect_client, echo_roundtrip, quick, read_until_end, recv_exact,
+    recv_to_eof, sendall_then,
 )
-from test_relay_processes import assert_no_traceback, procs, quick  # noqa: F401
 from tcprelay.adapter import Adapter
 from tcprelay.echoserver import EchoHandler
 

@@ -41,6 +41,7 @@ def env(relay_env):
     """This module's tests run in a Env (conftest)."""
     return relay_env
 
+
 README = os.path.join(ROOT, "README.md")
 GO_SERVICE = os.path.join(os.path.dirname(ROOT), "shared", "go-peers", "bin-v2-service")
 

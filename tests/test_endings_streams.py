@@ -33,6 +33,7 @@ def env(service_env):
     """This module's tests run in a ServiceEnv (conftest)."""
     return service_env
 
+
 WINDOW = 256 * 1024
 PROMPTLY = 5.0          # a reset that takes longer than this has not come "promptly"
 MUXPEER = os.path.join(os.path.dirname(ROOT), "shared", "go-peers", "bin-muxpeer")

@@ -18,7 +18,7 @@ import pytest
 
 from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, free_port_range, wait_until
 from helpers.relay import echo_handler, echo_roundtrip, read_until_end
-from test_security import assert_clean_exit, procs, server_tls, trusting_tls
+from test_security import assert_clean_exit, server_tls, trusting_tls
 import tcprelay
 from tcprelay.service import ServicePortError, connect
 
@@ -33,6 +33,13 @@ def env(security_env):
 def logs(warning_logs):
     """WARNING and up unless told; wait_for returns every match (conftest)."""
     return warning_logs
+
+
+@pytest.fixture
+def procs(procs_no_listener_check):
+    """Relays started here are not checked for their listeners (conftest)."""
+    return procs_no_listener_check
+
 
 NOT_A_SERVICE_PORT = "does not look like a tcprelay service port"
 

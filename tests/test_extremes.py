@@ -29,6 +29,7 @@ def env(relay_env_errors_allowed):
     """This module's tests run in a Env, errors in the log allowed (conftest)."""
     return relay_env_errors_allowed
 
+
 THIRTY_DAYS = 30 * 24 * 3600.0
 # serve_forever with reconnect, noticing shutdown() within 0.1 s (its default poll is 0.5 s)
 RECONNECT = {"reconnect": True, "poll_interval": 0.1}

@@ -31,6 +31,7 @@ def env(service_env):
     """This module's tests run in a ServiceEnv (conftest)."""
     return service_env
 
+
 CERT = os.path.join(DATA_DIR, "test-server.pem")
 KEY = os.path.join(DATA_DIR, "test-server.key")
 CA = os.path.join(DATA_DIR, "test-ca.pem")

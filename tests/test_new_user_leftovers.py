@@ -20,7 +20,7 @@ from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, bindable, free_port_
 from helpers.envs import Env
 from helpers.relay import echo_roundtrip, fill_until_the_adapter_holds, read_until_end
 from test_docs_as_written import help_groups, option_tables, readme, section
-from test_security import assert_clean_exit, procs
+from test_security import assert_clean_exit
 from tcprelay import adapter, echoserver, servicecli
 from tcprelay.relay import Relay
 
@@ -35,6 +35,13 @@ def env(security_env):
 def logs(warning_logs):
     """WARNING and up unless told; wait_for returns every match (conftest)."""
     return warning_logs
+
+
+@pytest.fixture
+def procs(procs_no_listener_check):
+    """Relays started here are not checked for their listeners (conftest)."""
+    return procs_no_listener_check
+
 
 MIB = 1024 * 1024
 SERVICE_PROGRAMS = ["tcprelay.echoserver", "tcprelay.adapter"]

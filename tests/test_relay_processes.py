@@ -19,59 +19,12 @@ from helpers.basics import (
     LOOPBACK, MIB, RESET_ERRORS, TIMEOUT, Worker, free_port_range, pool_args, wait_until,
 )
 from helpers.relay import (
-    MainRun, Process, connect_client, echo_roundtrip, listeners, read_until_end, recv_exact,
-    recv_to_eof, sendall_then,
+    MainRun, assert_no_traceback, connect_client, echo_roundtrip, listeners, quick, read_until_end,
+    recv_exact, recv_to_eof, sendall_then,
 )
 
 OPTIONS = ["--host", "--public-bind", "--public-host", "--ports", "--max-services",
            "--handshake-timeout", "--drain-timeout", "--log-level"]
-
-
-@pytest.fixture
-def procs():
-    """Starts processes; kills every one of them at the end, whatever happened."""
-    started = []
-
-    class Starter(object):
-        def start(self, module, *args):
-            process = Process(module, args)
-            started.append(process)
-            return process
-
-        def relay(self, port, *args, **kw):
-            """A relay on 127.0.0.1:port, listening when this returns."""
-            relay = self.start("tcprelay.relay", port, "--host", LOOPBACK,
-                               "--public-bind", LOOPBACK, *args)
-            ready = kw.get("ready", "listening")
-            wait_until(lambda: not relay.alive() or ready in relay.stderr_text(),
-                       what="the relay to start")
-            assert relay.alive(), "relay exited with %r:\n%s" % (relay.popen.poll(),
-                                                                  relay.stderr_text())
-            assert listeners(port) == [LOOPBACK]
-            return relay
-
-        def echo(self, relay_port, *args):
-            """An echo server registered with the relay: (process, public port)."""
-            echo = self.start("tcprelay.echoserver", LOOPBACK, relay_port, *args)
-            line = echo.readline()
-            match = re.match(r"^127\.0\.0\.1:(\d+)$", line)
-            assert match, "first line %r" % line
-            return echo, int(match.group(1))
-
-    try:
-        yield Starter()
-    finally:
-        for process in reversed(started):
-            process.close()
-
-
-def quick(*args):
-    """The relay options the tests use unless they test them: short timeouts."""
-    return ["--handshake-timeout", "1", "--drain-timeout", "2"] + list(args)
-
-
-def assert_no_traceback(process):
-    assert "Traceback" not in process.stderr_text(), process.stderr_text()
 
 
 # -- the transcript ---------------------------------------------------------------------------

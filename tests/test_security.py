@@ -35,8 +35,8 @@ from helpers.basics import (
     LOOPBACK, MIB, TIMEOUT, FakeClock, Worker, free_port_range, pool_args, wait_until,
 )
 from helpers.relay import (
-    MainRun, Process, connect_client, echo_handler, echo_roundtrip, listeners, read_until_end,
-    recv_exact, recv_to_eof,
+    MainRun, connect_client, echo_handler, echo_roundtrip, listeners, read_until_end, recv_exact,
+    recv_to_eof,
 )
 from test_relay import link_of
 from tcprelay import auth, frames, muxado, registration, tls
@@ -54,6 +54,13 @@ def env(security_env):
 def logs(warning_logs):
     """WARNING and up unless told; wait_for returns every match (conftest)."""
     return warning_logs
+
+
+@pytest.fixture
+def procs(procs_no_listener_check):
+    """Relays started here are not checked for their listeners (conftest)."""
+    return procs_no_listener_check
+
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CA = os.path.join(DATA, "test-ca.pem")
@@ -706,52 +713,6 @@ def test_idle_timeout_closes_quiet_clients_only(env):
 
 
 # -- the command line ---------------------------------------------------------------------------
-
-@pytest.fixture
-def procs(monkeypatch):
-    """Starts processes (``python -m``, cwd the repository); kills them all at the end.
-    $TCPRELAY_SECRET is unset unless a start asks for it."""
-    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
-    started = []
-
-    class Starter(object):
-        def start(self, module, *args, **kw):
-            secret_env = kw.get("secret_env")
-            if secret_env is not None:
-                os.environ[auth.SECRET_ENV] = secret_env
-            try:
-                process = Process(module, args)
-            finally:
-                os.environ.pop(auth.SECRET_ENV, None)
-            started.append(process)
-            return process
-
-        def relay(self, port, *args, **kw):
-            relay = self.start("tcprelay.relay", port, "--host", LOOPBACK,
-                               "--public-bind", LOOPBACK, *args, **kw)
-            wait_until(lambda: not relay.alive() or "listening for services" in
-                       relay.stderr_text(), what="the relay to start")
-            assert relay.alive(), "relay exited with %r:\n%s" % (relay.popen.poll(),
-                                                                  relay.stderr_text())
-            return relay
-
-        def service(self, module, relay_port, *args, **kw):
-            """A service program registered with the relay: (process, public port)."""
-            process = self.start(module, kw.pop("host", LOOPBACK), relay_port, *args, **kw)
-            line = process.readline()
-            match = re.match(r"^127\.0\.0\.1:(\d+)$", line)
-            assert match, "first line %r" % line
-            return process, int(match.group(1))
-
-        def echo(self, relay_port, *args, **kw):
-            return self.service("tcprelay.echoserver", relay_port, *args, **kw)
-
-    try:
-        yield Starter()
-    finally:
-        for process in reversed(started):
-            process.close()
-
 
 class LocalEcho(object):
     """A plain TCP echo server on 127.0.0.1: the adapter's local service."""

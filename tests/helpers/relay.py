@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import selectors
 import socket
 import struct
@@ -27,7 +28,7 @@ import threading
 import time
 
 from helpers.basics import LOOPBACK, MIB, ROOT, TIMEOUT, Worker, wait_until
-from tcprelay import frames, muxado
+from tcprelay import auth, frames, muxado
 
 
 # -- the adapter ---------------------------------------------------------------------------
@@ -455,6 +456,73 @@ class Process(object):
 
     def open_files(self):
         return len(os.listdir("/proc/%d/fd" % self.pid))
+
+
+class Starter(object):
+    """Starts ``python -m`` processes (``Process``) and closes them all (``close``).
+
+    ``check_listeners``: ``relay()`` also asserts that 127.0.0.1 is the one
+    listener on the relay's port (False where a test starts a relay on a port
+    another relay may still hold, or never asked for it).
+    """
+
+    def __init__(self, check_listeners=True):
+        self.check_listeners = check_listeners
+        self._started = []
+
+    def start(self, module, *args, **kw):
+        """A started ``python -m module args...``. ``secret_env``: $TCPRELAY_SECRET
+        for this child only; ``open_files``: its (soft, hard) RLIMIT_NOFILE."""
+        secret_env = kw.pop("secret_env", None)
+        if secret_env is not None:
+            os.environ[auth.SECRET_ENV] = secret_env
+        try:
+            process = Process(module, args, **kw)
+        finally:
+            if secret_env is not None:
+                os.environ.pop(auth.SECRET_ENV, None)
+        self._started.append(process)
+        return process
+
+    def relay(self, port, *args, **kw):
+        """A relay on 127.0.0.1:``port``, whose log says ``ready`` (by default that
+        it is listening) when this returns; other keywords go to ``start``."""
+        ready = kw.pop("ready", "listening for services")
+        relay = self.start("tcprelay.relay", port, "--host", LOOPBACK,
+                           "--public-bind", LOOPBACK, *args, **kw)
+        wait_until(lambda: not relay.alive() or ready in relay.stderr_text(),
+                   what="the relay to start")
+        assert relay.alive(), "relay exited with %r:\n%s" % (relay.popen.poll(),
+                                                              relay.stderr_text())
+        if self.check_listeners:
+            assert listeners(port) == [LOOPBACK]
+        return relay
+
+    def service(self, module, relay_port, *args, **kw):
+        """A service program registered with the relay: (process, public port)."""
+        process = self.start(module, kw.pop("host", LOOPBACK), relay_port, *args, **kw)
+        line = process.readline()
+        match = re.match(r"^127\.0\.0\.1:(\d+)$", line)
+        assert match, "first line %r" % line
+        return process, int(match.group(1))
+
+    def echo(self, relay_port, *args, **kw):
+        """An echo server registered with the relay: (process, public port)."""
+        return self.service("tcprelay.echoserver", relay_port, *args, **kw)
+
+    def close(self):
+        """Kills and closes every process started, newest first."""
+        for process in reversed(self._started):
+            process.close()
+
+
+def quick(*args):
+    """The relay options the tests use unless they test them: short timeouts."""
+    return ["--handshake-timeout", "1", "--drain-timeout", "2"] + list(args)
+
+
+def assert_no_traceback(process):
+    assert "Traceback" not in process.stderr_text(), process.stderr_text()
 
 
 class MainRun(object):
