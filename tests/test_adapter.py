@@ -26,8 +26,8 @@ import pytest
 
 from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, pool_args, wait_until
 from helpers.relay import (
-    abort, assert_no_traceback, connect_client, echo_roundtrip, quick, read_until_end, recv_exact,
-    recv_to_eof, sendall_then,
+    abort, assert_no_traceback, connect_client, echo_roundtrip, listening_socket, quick,
+    read_until_end, recv_exact, recv_to_eof, sendall_then,
 )
 from tcprelay.adapter import Adapter
 from tcprelay.echoserver import EchoHandler
@@ -61,15 +61,6 @@ def start_backend(cleanups, handler, server_class=ThreadedTCPServer):
         server.server_close()
     cleanups.append(stop)
     return server
-
-
-def listening_socket(cleanups, backlog=8):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    cleanups.append(sock.close)
-    sock.bind((LOOPBACK, 0))
-    sock.listen(backlog)
-    sock.settimeout(TIMEOUT)
-    return sock
 
 
 def serve_once(listener, handle):

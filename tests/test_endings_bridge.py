@@ -19,10 +19,9 @@ import pytest
 
 from helpers.basics import MIB, TIMEOUT, Worker, wait_until
 from helpers.relay import (
-    abort, echo_handler, fill_until_the_adapter_holds, read_until_end, recv_exact, recv_to_eof,
+    abort, echo_handler, fill_until_the_adapter_holds, link_of, listening_socket, only_bridge,
+    push_until_stalled, read_until_end, recv_exact, recv_to_eof, send_until_it_fails,
 )
-from test_relay import link_of, push_until_stalled, send_until_it_fails
-from test_adapter import listening_socket
 from tcprelay import bridge as bridge_module
 from tcprelay.adapter import Adapter
 from tcprelay.service import RelayGone
@@ -41,13 +40,6 @@ WINDOW_CHECK = 0.25   # the pump's look at its client while it waits for window 
 def quick_window_checks(monkeypatch):
     """Pumps waiting for window look at their client every WINDOW_CHECK seconds."""
     monkeypatch.setattr(bridge_module, "_WINDOW_CHECK", WINDOW_CHECK)
-
-
-def only_bridge(relay, port):
-    link = link_of(relay, port)
-    wait_until(lambda: link.client_count == 1, what="the client counted")
-    with link._lock:
-        return next(iter(link._bridges))
 
 
 # -- A: a client reset while its pump waits for window -------------------------------------

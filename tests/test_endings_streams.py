@@ -21,9 +21,8 @@ import threading
 import pytest
 
 from helpers.basics import LOOPBACK, MIB, RESET_ERRORS, ROOT, TIMEOUT, Worker, wait_until
-from helpers.relay import recv_exact
-from test_muxado_streams import frames_until, pattern, raw_open
-from test_relay import link_of
+from helpers.relay import link_of, recv_exact
+from helpers.sessions import frames_until, pattern, raw_open
 from tcprelay import frames, muxado
 from tcprelay.muxado import Data, ErrorCode, Rst, SessionClosedError, StreamResetError, WndInc
 

@@ -30,8 +30,9 @@ from helpers.basics import (
     LOOPBACK, MIB, RESET_ERRORS, TIMEOUT, Worker, free_port_range, pool_args, wait_until,
 )
 from helpers.proxies import Proxy
-from helpers.relay import RawService, abort, accept_queue, connect_client, recv_exact, recv_to_eof
-from test_security import checked_echo
+from helpers.relay import (
+    RawService, abort, accept_queue, checked_echo, connect_client, recv_exact, recv_to_eof,
+)
 from tcprelay import frames
 
 

@@ -18,9 +18,10 @@ import time
 import pytest
 
 from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.envs import registered
 from helpers.relay import (
-    Service, abort, connect_client, echo_handler, echo_roundtrip, read_until_end, recv_exact,
-    recv_to_eof, sendall_then,
+    Service, abort, connect_client, echo_handler, echo_roundtrip, link_of, push_until_stalled,
+    read_until_end, recv_exact, recv_to_eof, send_until_it_fails, sendall_then,
 )
 from tcprelay import muxado
 from tcprelay.muxado import ErrorCode
@@ -35,13 +36,6 @@ def env(relay_env):
 
 def address(port):
     return "127.0.0.1:%d" % port
-
-
-def link_of(relay, port):
-    """The relay's ServiceLink holding ``port`` (to join its thread)."""
-    links = [link for link in relay.services if link.port == port]
-    assert len(links) == 1, relay.services
-    return links[0]
 
 
 # -- registration -------------------------------------------------------------------------
@@ -369,14 +363,6 @@ def test_unbindable_port_is_skipped_logged_and_retried(env, caplog):
 
 # -- forwarding ----------------------------------------------------------------------------
 
-def registered(env, ports=1, **relay_options):
-    """(relay, service, public port): one service registered on a fresh relay."""
-    relay = env.relay(ports=ports, **relay_options)
-    service = env.service(relay)
-    port = service.register_ok()
-    return relay, service, port
-
-
 def test_banner_service_speaks_first(env):
     relay, service, port = registered(env)
     client = env.client(port)
@@ -498,22 +484,6 @@ def wait_counted_out(relay, port, clients=0):
                what="%d clients counted" % clients)
 
 
-def push_until_stalled(stream, block_size=64 * 1024):
-    """Send on a stream or socket until nothing more goes anywhere; what was sent."""
-    sent = bytearray()
-    block = os.urandom(block_size)
-    stream.settimeout(0.5)
-    while True:
-        try:
-            n = stream.send(block)
-        except socket.timeout:
-            break
-        sent += block[:n]
-        assert len(sent) < 256 * MIB, "nothing ever pushed back"
-    stream.settimeout(TIMEOUT)
-    return bytes(sent)
-
-
 def test_stream_reset_after_the_client_half_closed_resets_the_client(env):
     relay, service, port, client, stream = half_closed_client(env)
     stream.sendall(b"partial")
@@ -533,17 +503,6 @@ def test_client_reset_after_its_half_close_resets_the_stream_mid_download(env):
     how = send_until_it_fails(stream)
     assert isinstance(how, muxado.StreamResetError), "the stream saw %r, not a reset" % (how,)
     wait_counted_out(relay, port)
-
-
-def send_until_it_fails(stream, chunk=b"x" * 65536):
-    """Send until the stream fails; the error."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            stream.sendall(chunk)
-        except OSError as exc:
-            return exc
-    raise AssertionError("the stream never failed")
 
 
 def test_service_fin_after_the_client_half_closed_ends_the_connection(env):

@@ -7,8 +7,7 @@ import threading
 import pytest
 
 from helpers.basics import TIMEOUT, Worker, wait_until
-from helpers.relay import recv_exact, recv_to_eof
-from test_endings_bridge import only_bridge
+from helpers.relay import only_bridge, recv_exact, recv_to_eof
 from tcprelay import frames, heartbeat, muxado
 
 

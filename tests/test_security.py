@@ -35,10 +35,10 @@ from helpers.basics import (
     LOOPBACK, MIB, TIMEOUT, FakeClock, Worker, free_port_range, pool_args, wait_until,
 )
 from helpers.relay import (
-    MainRun, connect_client, echo_handler, echo_roundtrip, listeners, read_until_end, recv_exact,
-    recv_to_eof,
+    CA, CERT, KEY, MainRun, assert_clean_exit, checked_echo, connect_client, digest, echo_handler,
+    echo_roundtrip, link_of, listeners, read_until_end, recv_exact, recv_to_eof, server_tls,
+    trusting_tls,
 )
-from test_relay import link_of
 from tcprelay import auth, frames, muxado, registration, tls
 from tcprelay.muxado import ErrorCode
 from tcprelay.service import RegistrationRefused, connect
@@ -62,20 +62,11 @@ def procs(procs_no_listener_check):
     return procs_no_listener_check
 
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-CA = os.path.join(DATA, "test-ca.pem")
-CERT = os.path.join(DATA, "test-server.pem")
-KEY = os.path.join(DATA, "test-server.key")
-
 SECRET = b"s3cret-" + binascii.hexlify(os.urandom(12))   # distinctive on the wire
 METHOD = "hmac-sha256"
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-def digest(data):
-    return hashlib.sha256(data).hexdigest()
-
 
 def hmac_answer(secret, nonce):
     """The answer the issue specifies: HMAC-SHA256 keyed by the secret over a fixed
@@ -85,14 +76,6 @@ def hmac_answer(secret, nonce):
 
 def answer_line(hex_answer):
     return (json.dumps({"hmac": hex_answer}) + "\n").encode("ascii")
-
-
-def server_tls():
-    return tls.server_context(CERT, KEY)
-
-
-def trusting_tls():
-    return tls.client_context(CA)
 
 
 def warnings_from(caplog, text, level=logging.WARNING):
@@ -140,18 +123,6 @@ def connect_and_read(port):
         return read_until_end(sock)
     finally:
         sock.close()
-
-
-def checked_echo(port, size):
-    """A client sends ``size`` random bytes through ``port`` and gets them all back."""
-    client = connect_client(port)
-    try:
-        data = os.urandom(size)
-        got = echo_roundtrip(client, data)
-        assert len(got) == len(data) and digest(got) == digest(data)
-        assert recv_to_eof(client) == b""
-    finally:
-        client.close()
 
 
 # -- authentication: the challenge ------------------------------------------------------------
@@ -757,16 +728,6 @@ def secret_file(tmp_path, secret, name="secret"):
     path.write_bytes(secret + b"\n")   # a trailing newline is not part of the secret
     os.chmod(str(path), stat.S_IRUSR | stat.S_IWUSR)
     return str(path)
-
-
-def assert_clean_exit(process, code, prefix):
-    """Exit ``code`` and a last stderr line starting with ``prefix``; no traceback."""
-    assert process.wait() == code, process.stderr_text()
-    text = process.stderr_text()
-    assert "Traceback" not in text, text
-    lines = [l for l in text.splitlines() if l.strip()]
-    assert lines and lines[-1].startswith(prefix), lines
-    return lines[-1]
 
 
 @pytest.mark.parametrize("module, args", [

@@ -34,8 +34,9 @@ import pytest
 
 from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
 from helpers.envs import Serving
-from helpers.relay import connect_client, echo_roundtrip, read_until_end, recv_exact, recv_to_eof
-from test_relay import link_of
+from helpers.relay import (
+    connect_client, echo_roundtrip, link_of, read_until_end, recv_exact, recv_to_eof,
+)
 from tcprelay import muxado, service
 from tcprelay.echoserver import EchoHandler
 from tcprelay.heartbeat import enable_tcp_keepalive

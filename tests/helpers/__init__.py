@@ -2,6 +2,11 @@
 
 - basics: TIMEOUT, paths, Worker, wait_until, free ports, tcp_pair, leak checks,
   FakeClock (standard library only),
-- sessions: muxado session pairs and the raw peer,
-- relay: sockets and streams, the service stand-in, child processes.
+- sessions: muxado session pairs, the raw peer and its frames,
+- relay: sockets and streams, the service stand-ins, an in-process relay's
+  insides, TLS with the test certificates, child processes,
+- envs: what in-process relay tests build and tear down (Env and its kinds),
+- logwatch: tcprelay's log messages, waited for,
+- proxies: TCP proxies that make a path go silent,
+- docs: the README's sections and option tables.
 """

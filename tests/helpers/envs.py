@@ -220,3 +220,11 @@ class SecurityEnv(Env):
         raw = RawService(address)
         self.defer(raw.close)
         return raw
+
+
+def registered(env, ports=1, **relay_options):
+    """(relay, service, public port): one service registered on a fresh relay."""
+    relay = env.relay(ports=ports, **relay_options)
+    service = env.service(relay)
+    port = service.register_ok()
+    return relay, service, port

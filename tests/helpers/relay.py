@@ -12,6 +12,7 @@
 Everything binds to 127.0.0.1 only, and every blocking call has a timeout.
 """
 
+import hashlib
 import importlib
 import io
 import json
@@ -27,8 +28,8 @@ import tempfile
 import threading
 import time
 
-from helpers.basics import LOOPBACK, MIB, ROOT, TIMEOUT, Worker, wait_until
-from tcprelay import auth, frames, muxado
+from helpers.basics import DATA_DIR, LOOPBACK, MIB, ROOT, TIMEOUT, Worker, wait_until
+from tcprelay import auth, frames, muxado, tls
 
 
 # -- the adapter ---------------------------------------------------------------------------
@@ -173,6 +174,96 @@ def echo_handler(stream):
         pass
     finally:
         stream.close()
+
+
+def listening_socket(cleanups, backlog=8, receive_buffer=None):
+    """A listener on 127.0.0.1, any port, closed by ``cleanups`` (a list of callables).
+
+    ``receive_buffer``: its SO_RCVBUF in bytes, set before it listens (so that
+    accepted sockets take little, e.g. to keep part of an upload waiting).
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    cleanups.append(listener.close)
+    if receive_buffer is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(backlog)
+    listener.settimeout(TIMEOUT)
+    return listener
+
+
+def digest(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def checked_echo(port, size):
+    """A client sends ``size`` random bytes through ``port`` and gets them all back."""
+    client = connect_client(port)
+    try:
+        data = os.urandom(size)
+        got = echo_roundtrip(client, data)
+        assert len(got) == len(data) and digest(got) == digest(data)
+        assert recv_to_eof(client) == b""
+    finally:
+        client.close()
+
+
+# -- an in-process relay's insides ---------------------------------------------------------
+
+def link_of(relay, port):
+    """The relay's ServiceLink holding ``port`` (to join its thread)."""
+    links = [link for link in relay.services if link.port == port]
+    assert len(links) == 1, relay.services
+    return links[0]
+
+
+def only_bridge(relay, port):
+    link = link_of(relay, port)
+    wait_until(lambda: link.client_count == 1, what="the client counted")
+    with link._lock:
+        return next(iter(link._bridges))
+
+
+def push_until_stalled(stream, block_size=64 * 1024):
+    """Send on a stream or socket until nothing more goes anywhere; what was sent."""
+    sent = bytearray()
+    block = os.urandom(block_size)
+    stream.settimeout(0.5)
+    while True:
+        try:
+            n = stream.send(block)
+        except socket.timeout:
+            break
+        sent += block[:n]
+        assert len(sent) < 256 * MIB, "nothing ever pushed back"
+    stream.settimeout(TIMEOUT)
+    return bytes(sent)
+
+
+def send_until_it_fails(stream, chunk=b"x" * 65536):
+    """Send until the stream fails; the error."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            stream.sendall(chunk)
+        except OSError as exc:
+            return exc
+    raise AssertionError("the stream never failed")
+
+
+# -- TLS with the test certificates (tests/data) -------------------------------------------
+
+CA = os.path.join(DATA_DIR, "test-ca.pem")
+CERT = os.path.join(DATA_DIR, "test-server.pem")
+KEY = os.path.join(DATA_DIR, "test-server.key")
+
+
+def server_tls():
+    return tls.server_context(CERT, KEY)
+
+
+def trusting_tls():
+    return tls.client_context(CA)
 
 
 # -- a service stand-in speaking muxado directly ------------------------------------------
@@ -523,6 +614,16 @@ def quick(*args):
 
 def assert_no_traceback(process):
     assert "Traceback" not in process.stderr_text(), process.stderr_text()
+
+
+def assert_clean_exit(process, code, prefix):
+    """Exit ``code`` and a last stderr line starting with ``prefix``; no traceback."""
+    assert process.wait() == code, process.stderr_text()
+    text = process.stderr_text()
+    assert "Traceback" not in text, text
+    lines = [l for l in text.splitlines() if l.strip()]
+    assert lines and lines[-1].startswith(prefix), lines
+    return lines[-1]
 
 
 class MainRun(object):
