@@ -14,7 +14,7 @@ import pytest
 from helpers.basics import LeakCheck
 from helpers.envs import Env, SecurityEnv, ServiceEnv
 from helpers.logwatch import LogWatcher
-from helpers.relay import Starter
+from helpers.processes import Starter
 from helpers.sessions import RawPeer, SessionPair
 from tcprelay import auth
 

@@ -25,9 +25,10 @@ import urllib.request
 import pytest
 
 from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, pool_args, wait_until
+from helpers.processes import assert_no_traceback, quick
 from helpers.relay import (
-    abort, assert_no_traceback, connect_client, echo_roundtrip, listening_socket, quick,
-    read_until_end, recv_exact, recv_to_eof, sendall_then,
+    abort, connect_client, echo_roundtrip, listening_socket, read_until_end, recv_exact,
+    recv_to_eof, sendall_then,
 )
 from tcprelay.adapter import Adapter
 from tcprelay.echoserver import EchoHandler

@@ -16,7 +16,8 @@ import pytest
 
 from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
 from helpers.envs import Env
-from helpers.relay import Process, recv_exact
+from helpers.processes import Process
+from helpers.relay import recv_exact
 from tcprelay import relay as relay_module
 from tcprelay import adapter as adapter_module
 from tcprelay import service

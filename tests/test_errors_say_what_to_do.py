@@ -17,9 +17,8 @@ import time
 import pytest
 
 from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, free_port_range, wait_until
-from helpers.relay import (
-    assert_clean_exit, echo_handler, echo_roundtrip, read_until_end, server_tls, trusting_tls,
-)
+from helpers.processes import assert_clean_exit
+from helpers.relay import echo_handler, echo_roundtrip, read_until_end, server_tls, trusting_tls
 import tcprelay
 from tcprelay.service import ServicePortError, connect
 

@@ -19,9 +19,9 @@ import pytest
 from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, bindable, free_port_range, wait_until
 from helpers.docs import help_groups, option_tables, readme, section
 from helpers.envs import Env
+from helpers.processes import assert_clean_exit
 from helpers.relay import (
-    assert_clean_exit, echo_roundtrip, fill_until_the_adapter_holds, listening_socket,
-    read_until_end,
+    echo_roundtrip, fill_until_the_adapter_holds, listening_socket, read_until_end,
 )
 from tcprelay import adapter, echoserver, servicecli
 from tcprelay.relay import Relay

@@ -18,9 +18,10 @@ import pytest
 from helpers.basics import (
     LOOPBACK, MIB, RESET_ERRORS, TIMEOUT, Worker, free_port_range, pool_args, wait_until,
 )
+from helpers.processes import MainRun, assert_no_traceback, quick
 from helpers.relay import (
-    MainRun, assert_no_traceback, connect_client, echo_roundtrip, listeners, quick, read_until_end,
-    recv_exact, recv_to_eof, sendall_then,
+    connect_client, echo_roundtrip, listeners, read_until_end, recv_exact, recv_to_eof,
+    sendall_then,
 )
 
 OPTIONS = ["--host", "--public-bind", "--public-host", "--ports", "--max-services",

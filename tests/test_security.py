@@ -34,10 +34,10 @@ import pytest
 from helpers.basics import (
     LOOPBACK, MIB, TIMEOUT, FakeClock, Worker, free_port_range, pool_args, wait_until,
 )
+from helpers.processes import MainRun, assert_clean_exit
 from helpers.relay import (
-    CA, CERT, KEY, MainRun, assert_clean_exit, checked_echo, connect_client, digest, echo_handler,
-    echo_roundtrip, link_of, listeners, read_until_end, recv_exact, recv_to_eof, server_tls,
-    trusting_tls,
+    CA, CERT, KEY, checked_echo, connect_client, digest, echo_handler, echo_roundtrip, link_of,
+    listeners, read_until_end, recv_exact, recv_to_eof, server_tls, trusting_tls,
 )
 from tcprelay import auth, frames, muxado, registration, tls
 from tcprelay.muxado import ErrorCode
