@@ -15,6 +15,7 @@ import time
 import pytest
 
 from helpers.basics import TIMEOUT, Worker, tcp_pair
+from helpers.relay import recv_exact
 from helpers.sessions import SessionPair, frames_until, pattern, raw_open
 from tcprelay import frames, muxado
 from tcprelay.muxado import (
@@ -38,12 +39,8 @@ def times_out(call, *args):
 
 
 def read_exactly(stream, n):
-    out = bytearray()
-    while len(out) < n:
-        chunk = stream.recv(n - len(out))
-        assert chunk, "EOF after %d of %d bytes" % (len(out), n)
-        out += chunk
-    return bytes(out)
+    """recv_exact asking recv for the whole remainder each time (no cap)."""
+    return recv_exact(stream, n, max_chunk=None)
 
 
 def read_to_eof(stream, size=1 << 20):

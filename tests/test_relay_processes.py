@@ -10,18 +10,14 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 
 import pytest
 
-from helpers.basics import (
-    LOOPBACK, MIB, RESET_ERRORS, TIMEOUT, Worker, free_port_range, pool_args, wait_until,
-)
+from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, pool_args, wait_until
 from helpers.processes import MainRun, assert_no_traceback, quick
 from helpers.relay import (
-    connect_client, echo_roundtrip, listeners, read_until_end, recv_exact, recv_to_eof,
-    sendall_then,
+    Streamer, connect_client, echo_roundtrip, listeners, read_until_end, recv_to_eof, sendall_then,
 )
 
 OPTIONS = ["--host", "--public-bind", "--public-host", "--ports", "--max-services",
@@ -361,36 +357,6 @@ def _echo_many(port, count, size):
     return sum(_echo_once(port, size) for _ in range(count))
 
 
-class Streamer(object):
-    """A client that keeps a transfer going until stopped or cut off."""
-
-    def __init__(self, port):
-        self.sock = connect_client(port)
-        self.rounds = 0
-        self.started = threading.Event()
-        self.stop = threading.Event()
-        self.worker = Worker(self._run)
-
-    def _run(self):
-        block = os.urandom(64 * 1024)
-        try:
-            while not self.stop.is_set():
-                self.sock.sendall(block)
-                if recv_exact(self.sock, len(block)) != block:
-                    return "corrupted"
-                self.rounds += 1
-                self.started.set()
-            self.sock.shutdown(socket.SHUT_WR)
-            return "eof" if recv_to_eof(self.sock) == b"" else "extra bytes"
-        except RESET_ERRORS:
-            return "reset"
-        except AssertionError:   # EOF in the middle of an echo
-            return "cut"
-        finally:
-            self.started.set()
-            self.sock.close()
-
-
 def test_resources_return_to_baseline_after_services_killed_mid_transfer(procs):
     ports = free_port_range(7)
     relay_port, pool = ports[0], ports[1:]
@@ -409,7 +375,7 @@ def test_resources_return_to_baseline_after_services_killed_mid_transfer(procs):
     assert sum(worker.finish(4 * TIMEOUT) for worker in workers) == 150
 
     # 50 more, in the middle of transfers when three of the services are killed.
-    streamers = [[Streamer(port) for _ in range(10)] for _, port in echoes]
+    streamers = [[Streamer(port, block_size=64 * 1024) for _ in range(10)] for _, port in echoes]
     for group in streamers:
         for streamer in group:
             assert streamer.started.wait(TIMEOUT) and streamer.rounds > 0

@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 
-from helpers.basics import DATA_DIR, LOOPBACK, MIB, TIMEOUT, Worker, wait_until
+from helpers.basics import DATA_DIR, LOOPBACK, MIB, RESET_ERRORS, TIMEOUT, Worker, wait_until
 from tcprelay import frames, muxado, tls
 
 
@@ -99,11 +99,13 @@ def abort(sock):
     sock.close()
 
 
-def recv_exact(conn, size):
-    """Exactly ``size`` bytes from a socket or stream (AssertionError at an early EOF)."""
+def recv_exact(conn, size, max_chunk=256 * 1024):
+    """Exactly ``size`` bytes from a socket or stream (AssertionError at an early EOF).
+    Each recv asks for the rest, at most ``max_chunk`` bytes (None: no cap)."""
     data = bytearray()
     while len(data) < size:
-        chunk = conn.recv(min(size - len(data), 256 * 1024))
+        left = size - len(data)
+        chunk = conn.recv(left if max_chunk is None else min(left, max_chunk))
         if not chunk:
             raise AssertionError("EOF after %d of %d bytes" % (len(data), size))
         data += chunk
@@ -196,6 +198,96 @@ def checked_echo(port, size):
         assert recv_to_eof(client) == b""
     finally:
         client.close()
+
+
+class Streamer(object):
+    """A client that echoes random blocks of ``block_size`` bytes through ``port``
+    until stopped.
+
+    Every byte sent and received is hashed, and each byte received is compared
+    with the byte sent at the same offset (``intact``). ``outcome`` (from
+    ``finish``): "eof" (a clean end after a half-close), "reset", "cut" (EOF
+    in the middle of an echo) or "corrupted". ``started`` is set at the first
+    echo back, or at the end.
+    """
+
+    def __init__(self, port, block_size=32 * 1024):
+        self.block_size = block_size
+        self.sock = connect_client(port)
+        self.started = threading.Event()
+        self.sent = hashlib.sha256()
+        self.received = hashlib.sha256()
+        self.sent_bytes = 0
+        self.received_bytes = 0
+        self.intact = True
+        self.rounds = 0
+        self.ended = False
+        self._cond = threading.Condition()
+        self.stop = threading.Event()
+        self.worker = Worker(self._run, name="streamer")
+
+    def _run(self):
+        try:
+            while not self.stop.is_set():
+                block = os.urandom(self.block_size)
+                self.sock.sendall(block)
+                self.sent.update(block)
+                self.sent_bytes += len(block)
+                got = 0
+                while got < len(block):
+                    chunk = self.sock.recv(len(block) - got)
+                    if not chunk:
+                        return "cut"
+                    if chunk != block[got:got + len(chunk)]:
+                        self.intact = False
+                        return "corrupted"
+                    self.received.update(chunk)
+                    self.received_bytes += len(chunk)
+                    got += len(chunk)
+                with self._cond:
+                    self.rounds += 1
+                    self._cond.notify_all()
+                self.started.set()
+            self.sock.shutdown(socket.SHUT_WR)
+            return "eof" if recv_to_eof(self.sock) == b"" else "extra bytes"
+        except RESET_ERRORS:
+            return "reset"
+        finally:
+            self.started.set()
+            self.sock.close()
+            with self._cond:
+                self.ended = True
+                self._cond.notify_all()
+
+    def wait_rounds(self, count, timeout=TIMEOUT):
+        """Wait until ``count`` echoes have come back."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.rounds < count and not self.ended:
+                left = deadline - time.monotonic()
+                assert left > 0, "the echo stalled at round %d (wanted %d)" % (self.rounds, count)
+                self._cond.wait(left)
+            assert self.rounds >= count, "the client ended after %d rounds" % self.rounds
+
+    def more_rounds(self, count=3, timeout=TIMEOUT):
+        self.wait_rounds(self.rounds + count, timeout)
+
+    def finish(self, timeout=TIMEOUT):
+        self.stop.set()
+        return self.worker.finish(timeout)
+
+    def assert_whole(self):
+        """Stops the client: it ended cleanly with every byte back, checksums equal."""
+        outcome = self.finish()
+        assert outcome == "eof", outcome
+        assert self.sent_bytes == self.received_bytes > 0
+        assert self.sent.hexdigest() == self.received.hexdigest()
+
+    def assert_cut_off(self, outcomes=("reset",)):
+        """It was cut off (one of ``outcomes``), and no byte it got was wrong."""
+        outcome = self.worker.finish()
+        assert outcome in outcomes, outcome
+        assert self.intact and self.received_bytes > 0
 
 
 # -- an in-process relay's insides ---------------------------------------------------------
