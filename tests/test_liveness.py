@@ -14,15 +14,14 @@ Every test runs under ``no_leaks``; the throttling proxy is the test's own
 import hashlib
 import json
 import logging
-import os
 import socket
 import threading
 import time
 
 import pytest
 
-from helpers.basics import DATA_DIR, LOOPBACK, TIMEOUT, Worker
-from helpers.relay import recv_exact, recv_to_eof
+from helpers.basics import LOOPBACK, TIMEOUT, Worker
+from helpers.relay import CA, CERT, KEY, recv_exact, recv_to_eof
 from tcprelay import muxado, service, tls
 
 
@@ -30,11 +29,6 @@ from tcprelay import muxado, service, tls
 def env(service_env):
     """This module's tests run in a ServiceEnv (conftest)."""
     return service_env
-
-
-CERT = os.path.join(DATA_DIR, "test-server.pem")
-KEY = os.path.join(DATA_DIR, "test-server.key")
-CA = os.path.join(DATA_DIR, "test-ca.pem")
 
 
 # -- a throttling TCP proxy ------------------------------------------------------------------
