@@ -1,102 +1,22 @@
-"""Shared fixtures: loopback socket pairs, muxado session pairs, leak checks."""
+"""The fixtures the test modules share (plain helpers: tests/helpers/).
 
-import json
-import os
-import socket
-import threading
+Environments for in-process relays (``relay_env``, ``service_env``,
+``security_env``, ``relay_env_errors_allowed``) and log watchers (``logs``,
+``warning_logs``) come in named flavours; a module picks one for its tests
+with a fixture of its own, e.g. ``def env(service_env): return service_env``;
+so do the starters of child processes (``procs``, ``procs_no_listener_check``).
+"""
+
+import logging
 
 import pytest
 
-from tcprelay import frames, muxado
-
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-TIMEOUT = 10.0   # the bound on any single blocking call in a test
-
-
-def load_vectors():
-    with open(os.path.join(DATA_DIR, "muxado-vectors.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def tcp_pair():
-    """(dialer, acceptor): a connected TCP pair on 127.0.0.1, ephemeral port."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listener.settimeout(TIMEOUT)
-        dialer = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
-        acceptor, _ = listener.accept()
-    finally:
-        listener.close()
-    dialer.settimeout(TIMEOUT)
-    acceptor.settimeout(TIMEOUT)
-    return dialer, acceptor
-
-
-class Worker(threading.Thread):
-    """Runs ``fn(*args)`` in a thread; ``finish()`` joins it and returns or re-raises."""
-
-    def __init__(self, fn, *args, **kwargs):
-        super(Worker, self).__init__(name=kwargs.pop("name", "test-worker"))
-        self.daemon = True
-        self.fn = fn
-        self.args = args
-        self.result = None
-        self.error = None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as exc:   # handed to finish()
-            self.error = exc
-
-    def finish(self, timeout=TIMEOUT):
-        self.join(timeout)
-        assert not self.is_alive(), "worker %r still running after %gs" % (self.fn, timeout)
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-def open_fds():
-    return len(os.listdir("/proc/self/fd"))
-
-
-def fd_targets():
-    """{fd: what it refers to}, to name a leaked descriptor."""
-    targets = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            targets[int(name)] = os.readlink("/proc/self/fd/" + name)
-        except OSError:
-            pass
-    return targets
-
-
-class LeakCheck(object):
-    """Threads and file descriptors at the start, to compare at the end."""
-
-    def __init__(self):
-        self.threads = set(threading.enumerate())
-        self.fds = open_fds()
-        self._targets = fd_targets()
-
-    def new_threads(self):
-        return [t for t in threading.enumerate() if t not in self.threads]
-
-    def assert_clean(self, timeout=TIMEOUT):
-        for thread in self.new_threads():
-            thread.join(timeout)
-        alive = [t.name for t in self.new_threads() if t.is_alive()]
-        assert not alive, "threads left running: %s" % alive
-        if open_fds() != self.fds:
-            now = fd_targets()
-            new = sorted("%d -> %s" % (fd, t) for fd, t in now.items()
-                         if self._targets.get(fd) != t)
-            raise AssertionError("open files: %d before, %d after; new: %s"
-                                 % (self.fds, open_fds(), ", ".join(new)))
+from helpers.basics import LeakCheck
+from helpers.envs import Env, SecurityEnv, ServiceEnv
+from helpers.logwatch import LogWatcher
+from helpers.processes import Starter
+from helpers.sessions import RawPeer, SessionPair
+from tcprelay import auth
 
 
 @pytest.fixture
@@ -107,88 +27,11 @@ def no_leaks():
     check.assert_clean()
 
 
-class SessionPair(object):
-    """A client and a server muxado session over loopback TCP."""
-
-    def __init__(self, client_options=None, server_options=None):
-        dialer, acceptor = tcp_pair()
-        self.client = muxado.client(dialer, **(client_options or {}))
-        self.server = muxado.server(acceptor, **(server_options or {}))
-
-    def stream_pair(self):
-        """(client side, server side) of a new client-opened stream."""
-        opened = self.client.open()
-        accepted = self.server.accept(timeout=TIMEOUT)
-        opened.settimeout(TIMEOUT)
-        accepted.settimeout(TIMEOUT)
-        return opened, accepted
-
-    def close(self):
-        self.client.close()
-        self.server.close()
-        assert self.client.wait(TIMEOUT) and self.server.wait(TIMEOUT)
-
-
 @pytest.fixture
 def sessions(no_leaks):
     pair = SessionPair()
     yield pair
     pair.close()
-
-
-class RawPeer(object):
-    """A hand-driven peer: a plain socket on one end, a Python session on the other.
-
-    ``session`` is ours (a server unless ``client=True`` is given); the test
-    writes raw bytes with ``send`` and reads back decoded frames.
-    """
-
-    def __init__(self, client=False, **options):
-        dialer, acceptor = tcp_pair()
-        if client:
-            # Our session dialed; the raw socket is the accepting side.
-            self.sock = acceptor
-            self.session = muxado.client(dialer, **options)
-        else:
-            self.sock = dialer
-            self.session = muxado.server(acceptor, **options)
-        self._decoder_frames = []
-        self._collector = frames._FrameCollector()
-        self._decoder = frames.FrameDecoder(self._collector, keep_unknown_bodies=True)
-        self.eof = False
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def read_frame(self, timeout=TIMEOUT):
-        """The next frame from our session, or None at EOF."""
-        self.sock.settimeout(timeout)
-        while not self._collector.frames:
-            if self.eof:
-                return None
-            try:
-                data = self.sock.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                self.eof = True
-                continue
-            self._decoder.feed(data)
-        return self._collector.frames.pop(0)
-
-    def read_until_eof(self, timeout=TIMEOUT):
-        """Every frame until our session closes the connection."""
-        out = []
-        while True:
-            frame = self.read_frame(timeout)
-            if frame is None:
-                return out
-            out.append(frame)
-
-    def close(self):
-        self.session.close()
-        self.sock.close()
-        assert self.session.wait(TIMEOUT)
 
 
 @pytest.fixture
@@ -203,3 +46,99 @@ def raw_peer(no_leaks):
     yield make
     for peer in peers:
         peer.close()
+
+
+# -- in-process relays ----------------------------------------------------------------------
+
+def _closed_without_errors(environment, caplog):
+    """Yields ``environment``, closes it, then fails the test if tcprelay logged an error."""
+    caplog.set_level(logging.INFO, logger="tcprelay")
+    yield environment
+    environment.close()
+    crashes = [r for r in caplog.records
+               if r.name.startswith("tcprelay") and r.levelno >= logging.ERROR]
+    assert not crashes, "tcprelay logged errors: %s" % [r.getMessage() for r in crashes]
+
+
+@pytest.fixture
+def relay_env(no_leaks, caplog):
+    """An ``Env``; the test fails if tcprelay logs an error."""
+    yield from _closed_without_errors(Env(), caplog)
+
+
+@pytest.fixture
+def relay_env_errors_allowed(no_leaks):
+    """An ``Env`` without the check that tcprelay logged no error (as test_extremes
+    has always run: relay restarts, sessions out of stream ids)."""
+    environment = Env()
+    yield environment
+    environment.close()
+
+
+@pytest.fixture
+def service_env(no_leaks, caplog):
+    """A ``ServiceEnv``; the test fails if tcprelay logs an error."""
+    yield from _closed_without_errors(ServiceEnv(), caplog)
+
+
+@pytest.fixture
+def security_env(no_leaks, caplog, warning_logs):
+    """A ``SecurityEnv``; the test fails if tcprelay logs an error."""
+    yield from _closed_without_errors(SecurityEnv(), caplog)
+
+
+# -- tcprelay's log --------------------------------------------------------------------------
+
+@pytest.fixture
+def logs():
+    """A ``LogWatcher`` on the tcprelay logger, set to INFO for the test; its
+    ``messages`` look at every level unless told, ``wait_for`` returns the first
+    ``count`` messages."""
+    watcher = LogWatcher()
+    logger = logging.getLogger("tcprelay")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(watcher)
+    try:
+        yield watcher
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def warning_logs():
+    """A ``LogWatcher`` on the tcprelay logger, whose level it leaves alone; its
+    ``messages`` and ``wait_for`` look at WARNING and up unless told, and
+    ``wait_for`` returns every match (so a test can see there is no extra one)."""
+    watcher = LogWatcher(default_level=logging.WARNING, wait_returns_all=True)
+    logger = logging.getLogger("tcprelay")
+    logger.addHandler(watcher)
+    try:
+        yield watcher
+    finally:
+        logger.removeHandler(watcher)
+
+
+# -- child processes ------------------------------------------------------------------------
+
+def _closed_at_the_end(starter, monkeypatch):
+    """Yields ``starter`` with $TCPRELAY_SECRET unset (a start may set it for its
+    child); closes every process it started at the end, whatever happened."""
+    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
+    try:
+        yield starter
+    finally:
+        starter.close()
+
+
+@pytest.fixture
+def procs(monkeypatch):
+    """A ``Starter`` whose ``relay()`` checks that 127.0.0.1 alone listens on its port."""
+    yield from _closed_at_the_end(Starter(check_listeners=True), monkeypatch)
+
+
+@pytest.fixture
+def procs_no_listener_check(monkeypatch):
+    """A ``Starter`` whose ``relay()`` does not look at the port's listeners."""
+    yield from _closed_at_the_end(Starter(check_listeners=False), monkeypatch)

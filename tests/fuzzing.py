@@ -68,7 +68,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if HERE not in sys.path:   # tests/helpers, when run from scripts/fuzz.py
+    sys.path.insert(0, HERE)
 
+from helpers.relay import abort, recv_exact  # noqa: E402
 from tcprelay import limits, muxado, proxyproto, registration, tls  # noqa: E402
 from tcprelay import service as relay_service  # noqa: E402
 from tcprelay.muxado import ErrorCode  # noqa: E402
@@ -1369,16 +1372,6 @@ def _port_free(port):
         sock.close()
 
 
-def recv_exact(conn, size):
-    data = bytearray()
-    while len(data) < size:
-        chunk = conn.recv(min(size - len(data), 256 * 1024))
-        if not chunk:
-            raise AssertionError("EOF after %d of %d bytes" % (len(data), size))
-        data += chunk
-    return bytes(data)
-
-
 class Traffic(object):
     """A client of the healthy service's public port: random chunks, each echoed and
     compared byte for byte; sha256 of everything sent and received. ``churn`` opens a
@@ -2325,12 +2318,6 @@ def _relay_side_done(env, local_port):
         except RuntimeError:
             continue   # not started yet (serve_forever lists it first): checked at the end
         check(done, "hang: the relay still serves %r after the case", link)
-
-
-def abort(sock):
-    """Close with a TCP reset (SO_LINGER 0)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def run_raw_relay_case(case, env):

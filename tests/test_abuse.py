@@ -6,16 +6,20 @@ Every test runs under ``no_leaks`` and bounds each blocking call.
 import socket
 import time
 
+import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, Service, Worker, echo_handler, echo_roundtrip, read_until_end, recv_exact,
-    wait_until,
-)
-from test_relay import env, registered  # noqa: F401 (env: a fixture)
+from helpers.basics import LOOPBACK, TIMEOUT, Worker, wait_until
+from helpers.envs import registered
+from helpers.relay import Service, echo_handler, echo_roundtrip, read_until_end, recv_exact
 from tcprelay import frames
 from tcprelay.muxado import ErrorCode
 from tcprelay.relay import PENDING_READ_BUDGET
+
+
+@pytest.fixture
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
 
 
 def test_streams_the_service_refuses_end_those_clients_not_the_service(env, caplog):
@@ -59,8 +63,7 @@ def test_streams_the_service_refuses_end_those_clients_not_the_service(env, capl
 
 def test_tls_and_the_request_share_one_handshake_deadline(env):
     # TLS finishing late in the handshake timeout leaves the request only what is left.
-    from test_security import server_tls, trusting_tls
-    from relay_helpers import Registration
+    from helpers.relay import Registration, server_tls, trusting_tls
     from tcprelay import muxado, tls
     relay = env.relay(ports=1, tls_context=server_tls(), handshake_timeout=1.0)
     started = time.monotonic()

@@ -24,15 +24,20 @@ import urllib.request
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, Worker, abort, connect_client, echo_roundtrip, free_port_range,
-    pool_args, read_until_end, recv_exact, recv_to_eof, sendall_then, wait_until,
+from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, pool_args, wait_until
+from helpers.processes import assert_no_traceback, quick
+from helpers.relay import (
+    abort, connect_client, echo_roundtrip, listening_socket, read_until_end, recv_exact,
+    recv_to_eof, sendall_then,
 )
-from test_relay_processes import assert_no_traceback, procs, quick  # noqa: F401
-from test_service import env, logs  # noqa: F401  (fixtures)
 from tcprelay.adapter import Adapter
 from tcprelay.echoserver import EchoHandler
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 
 # -- local services --------------------------------------------------------------------------
@@ -57,15 +62,6 @@ def start_backend(cleanups, handler, server_class=ThreadedTCPServer):
         server.server_close()
     cleanups.append(stop)
     return server
-
-
-def listening_socket(cleanups, backlog=8):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    cleanups.append(sock.close)
-    sock.bind((LOOPBACK, 0))
-    sock.listen(backlog)
-    sock.settimeout(TIMEOUT)
-    return sock
 
 
 def serve_once(listener, handle):

@@ -14,15 +14,20 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, Process, Worker, free_port_range, recv_exact, wait_until,
-)
-from test_relay import Env, env  # noqa: F401 (env: a fixture)
+from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.envs import Env
+from helpers.processes import Process
+from helpers.relay import recv_exact
 from tcprelay import relay as relay_module
 from tcprelay import adapter as adapter_module
 from tcprelay import registrant, service
 from tcprelay.relay import Relay
+
+
+@pytest.fixture
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
 
 
 def _ipv6_problem():

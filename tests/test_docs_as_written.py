@@ -16,7 +16,6 @@
 Every subprocess and socket wait has a timeout; relays bind 127.0.0.1 only.
 """
 
-import argparse
 import fnmatch
 import json
 import os
@@ -30,33 +29,20 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import ROOT, recv_to_eof
-from test_relay import env  # noqa: F401 (a fixture)
+from helpers.basics import ROOT, TIMEOUT
+from helpers.docs import help_groups, listed, option_tables, readme, section
+from helpers.relay import recv_to_eof
 from tcprelay import adapter, auth, echoserver, registration, relay as relay_module
 from tcprelay.service import connect
 
-README = os.path.join(ROOT, "README.md")
+
+@pytest.fixture
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
+
+
 GO_SERVICE = os.path.join(os.path.dirname(ROOT), "shared", "go-peers", "bin-v2-service")
-
-
-def readme():
-    with open(README, encoding="utf-8") as f:
-        return f.read()
-
-
-def section(text, heading):
-    """The lines of ``text`` from the ``heading`` line up to the next heading of its level or higher."""
-    level = len(heading) - len(heading.lstrip("#"))
-    lines = text.splitlines()
-    start = lines.index(heading)
-    end = len(lines)
-    for i in range(start + 1, len(lines)):
-        match = re.match(r"(#+) ", lines[i])
-        if match and len(match.group(1)) <= level:
-            end = i
-            break
-    return lines[start:end]
 
 
 # -- the test command (item 16) ----------------------------------------------------------------
@@ -149,40 +135,6 @@ def test_readme_names_every_console_script():
     deployment = "\n".join(section(readme(), "## Deployment: copy it in"))
     missing = [name for name in scripts if "`%s`" % name not in deployment]
     assert not missing, "console scripts the README does not name: %s" % missing
-
-
-def option_tables(lines):
-    """The tables in ``lines`` as lists of the option each row names (its first ``--x``)."""
-    tables, current = [], None
-    for line in lines:
-        if line.startswith("|"):
-            if current is None:
-                current = []
-                tables.append(current)
-            match = re.match(r"\| `(--[\w-]+)", line)
-            if match:
-                current.append(match.group(1))
-        else:
-            current = None
-    return [table for table in tables if table]
-
-
-def listed(action):
-    """An option the README's tables list: not a positional, --help, --version or
-    one hidden from --help (a knob for the tests)."""
-    return bool(action.option_strings) and action.help != argparse.SUPPRESS and not isinstance(
-        action, (argparse._HelpAction, argparse._VersionAction))
-
-
-def help_groups(parser):
-    """The options of each ``--help`` group, in its order (-h and positionals left out)."""
-    groups = []
-    for group in parser._action_groups:
-        options = [action.option_strings[-1] for action in group._group_actions
-                   if listed(action)]
-        if options:
-            groups.append((group.title, options))
-    return groups
 
 
 def test_readme_relay_options_are_every_option_grouped_as_help():

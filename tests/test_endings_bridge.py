@@ -18,17 +18,20 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    MIB, Worker, abort, echo_handler, fill_until_the_adapter_holds, read_until_end, recv_exact,
-    recv_to_eof, wait_until,
+from helpers.basics import MIB, TIMEOUT, Worker, wait_until
+from helpers.relay import (
+    abort, echo_handler, fill_until_the_adapter_holds, link_of, listening_socket, only_bridge,
+    push_until_stalled, read_until_end, recv_exact, recv_to_eof, send_until_it_fails,
 )
-from test_relay import link_of, push_until_stalled, send_until_it_fails
-from test_adapter import listening_socket
-from test_service import env, logs  # noqa: F401  (fixtures)
 from tcprelay import bridge as bridge_module
 from tcprelay.adapter import Adapter
 from tcprelay.service import RelayGone
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 
 WINDOW_CHECK = 0.25   # the pump's look at its client while it waits for window (1 s by default)
@@ -38,13 +41,6 @@ WINDOW_CHECK = 0.25   # the pump's look at its client while it waits for window 
 def quick_window_checks(monkeypatch):
     """Pumps waiting for window look at their client every WINDOW_CHECK seconds."""
     monkeypatch.setattr(bridge_module, "_WINDOW_CHECK", WINDOW_CHECK)
-
-
-def only_bridge(relay, port):
-    link = link_of(relay, port)
-    wait_until(lambda: link.client_count == 1, what="the client counted")
-    with link._lock:
-        return next(iter(link._bridges))
 
 
 # -- A: a client reset while its pump waits for window -------------------------------------

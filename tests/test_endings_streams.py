@@ -20,15 +20,18 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT, Worker
-from relay_helpers import (
-    LOOPBACK, MIB, RESET_ERRORS, ROOT, recv_exact, wait_until,
-)
-from test_muxado_streams import frames_until, pattern, raw_open
-from test_relay import link_of
-from test_service import env  # noqa: F401 (fixture)
+from helpers.basics import LOOPBACK, MIB, RESET_ERRORS, ROOT, TIMEOUT, Worker, wait_until
+from helpers.relay import link_of, recv_exact
+from helpers.sessions import frames_until, pattern, raw_open
 from tcprelay import frames, muxado
 from tcprelay.muxado import Data, ErrorCode, Rst, SessionClosedError, StreamResetError, WndInc
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
+
 
 WINDOW = 256 * 1024
 PROMPTLY = 5.0          # a reset that takes longer than this has not come "promptly"

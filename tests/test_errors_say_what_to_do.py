@@ -16,16 +16,30 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, ROOT, Worker, echo_handler, echo_roundtrip, free_port_range, read_until_end,
-    wait_until,
-)
-from test_security import (  # noqa: F401 (env, logs, procs: fixtures)
-    assert_clean_exit, env, logs, procs, server_tls, trusting_tls,
-)
+from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.processes import assert_clean_exit
+from helpers.relay import echo_handler, echo_roundtrip, read_until_end, server_tls, trusting_tls
 import tcprelay
 from tcprelay.service import ServicePortError, connect
+
+
+@pytest.fixture
+def env(security_env):
+    """This module's tests run in a SecurityEnv (conftest)."""
+    return security_env
+
+
+@pytest.fixture
+def logs(warning_logs):
+    """WARNING and up unless told; wait_for returns every match (conftest)."""
+    return warning_logs
+
+
+@pytest.fixture
+def procs(procs_no_listener_check):
+    """Relays started here are not checked for their listeners (conftest)."""
+    return procs_no_listener_check
+
 
 NOT_A_SERVICE_PORT = "does not look like a tcprelay service port"
 

@@ -10,9 +10,8 @@ import socket
 
 import pytest
 
-from relay_helpers import (
-    LOOPBACK, Process, connect_client, echo_roundtrip, free_port_range, listeners, wait_until,
-)
+from helpers.basics import LOOPBACK, free_port_range, wait_until
+from helpers.relay import connect_client, echo_roundtrip
 
 pytest.importorskip("resource", reason="RLIMIT_NOFILE is a POSIX feature")
 
@@ -20,35 +19,14 @@ LIMIT = 200
 
 
 @pytest.fixture
-def procs():
-    started = []
-
-    class Starter(object):
-        def relay(self, port, *args, **kw):
-            relay = Process("tcprelay.relay", (port, "--host", LOOPBACK, "--public-bind",
-                                               LOOPBACK) + args, open_files=kw.get("open_files"))
-            started.append(relay)
-            wait_until(lambda: not relay.alive() or "listening" in relay.stderr_text(),
-                       what="the relay to start")
-            assert relay.alive(), relay.stderr_text()
-            assert listeners(port) == [LOOPBACK]
-            return relay
-
-        def echo(self, relay_port):
-            echo = Process("tcprelay.echoserver", (LOOPBACK, relay_port))
-            started.append(echo)
-            match = re.match(r"^127\.0\.0\.1:(\d+)$", echo.readline())
-            assert match
-            return echo, int(match.group(1))
-
+def procs(procs):
+    """(conftest's procs, a list of sockets the test hands over to be closed first)."""
     sockets = []
     try:
-        yield Starter(), sockets
+        yield procs, sockets
     finally:
         for sock in sockets:
             sock.close()
-        for process in reversed(started):
-            process.close()
 
 
 def _pool(count=2):

@@ -14,29 +14,26 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, SessionPair
-from relay_helpers import (
-    LOOPBACK, Worker, bindable, echo_handler, echo_roundtrip, free_port_range, recv_exact,
-    wait_until,
-)
-from test_relay import Env
+from helpers.basics import LOOPBACK, TIMEOUT, Worker, bindable, free_port_range, wait_until
+from helpers.relay import echo_handler, echo_roundtrip, recv_exact
+from helpers.sessions import SessionPair
 from tcprelay import clock, heartbeat, mainthread, muxado, muxerrors, service, socketlike
 from tcprelay import streambuffer, window
 from tcprelay import reader as muxado_reader, stream as muxado_stream, writer as muxado_writer
 from tcprelay.relay import Relay
 from tcprelay.service import RelayServer
 
+
+@pytest.fixture
+def env(relay_env_errors_allowed):
+    """This module's tests run in a Env, errors in the log allowed (conftest)."""
+    return relay_env_errors_allowed
+
+
 THIRTY_DAYS = 30 * 24 * 3600.0
 # serve_forever with reconnect, noticing shutdown() within 0.1 s (its default poll is 0.5 s)
 RECONNECT = {"reconnect": True, "poll_interval": 0.1}
 EXTREMES = [THIRTY_DAYS, 10 * 365 * 24 * 3600.0, clock.MAX_TIMEOUT]
-
-
-@pytest.fixture
-def env(no_leaks):
-    environment = Env()
-    yield environment
-    environment.close()
 
 
 @pytest.mark.parametrize("timeout", EXTREMES, ids=["30-days", "10-years", "max"])

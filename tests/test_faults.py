@@ -15,26 +15,28 @@ byte (``Streamer.intact``).
 Only 127.0.0.1; every process is killed at the end; every wait has a deadline.
 """
 
-import hashlib
 import os
 import re
 import resource
 import selectors
 import socket
-import threading
 import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, RESET_ERRORS, Worker, abort, accept_queue, connect_client, free_port_range,
-    pool_args, recv_exact, recv_to_eof, wait_until,
-)
-from test_security import (   # noqa: F401 (procs is a fixture)
-    Proxy, RawService, checked_echo, procs,
+from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, pool_args, wait_until
+from helpers.proxies import Proxy
+from helpers.relay import (
+    RawService, Streamer, abort, accept_queue, checked_echo, connect_client, recv_exact,
 )
 from tcprelay import frames
+
+
+@pytest.fixture
+def procs(procs_no_listener_check):
+    """Relays started here are not checked for their listeners (conftest)."""
+    return procs_no_listener_check
+
 
 MEMORY_LOG = []   # (test, figures) for the record; the bounds are asserted in each test
 # Idle pump threads end after this (the relay's default is 2 s), so that
@@ -103,92 +105,6 @@ def assert_clean_logs(*processes):
 
 
 # -- clients that check every byte ----------------------------------------------------------------
-
-class Streamer(object):
-    """A client that echoes random blocks through ``port`` until stopped.
-
-    Every byte sent and received is hashed, and each byte received is compared
-    with the byte sent at the same offset (``intact``). ``outcome`` (from
-    ``finish``): "eof" (a clean end after a half-close), "reset", "cut" (EOF
-    in the middle of an echo) or "corrupted".
-    """
-
-    BLOCK = 32 * 1024
-
-    def __init__(self, port):
-        self.sock = connect_client(port)
-        self.sent = hashlib.sha256()
-        self.received = hashlib.sha256()
-        self.sent_bytes = 0
-        self.received_bytes = 0
-        self.intact = True
-        self.rounds = 0
-        self.ended = False
-        self._cond = threading.Condition()
-        self.stop = threading.Event()
-        self.worker = Worker(self._run, name="streamer")
-
-    def _run(self):
-        try:
-            while not self.stop.is_set():
-                block = os.urandom(self.BLOCK)
-                self.sock.sendall(block)
-                self.sent.update(block)
-                self.sent_bytes += len(block)
-                got = 0
-                while got < len(block):
-                    chunk = self.sock.recv(len(block) - got)
-                    if not chunk:
-                        return "cut"
-                    if chunk != block[got:got + len(chunk)]:
-                        self.intact = False
-                        return "corrupted"
-                    self.received.update(chunk)
-                    self.received_bytes += len(chunk)
-                    got += len(chunk)
-                with self._cond:
-                    self.rounds += 1
-                    self._cond.notify_all()
-            self.sock.shutdown(socket.SHUT_WR)
-            return "eof" if recv_to_eof(self.sock) == b"" else "extra bytes"
-        except RESET_ERRORS:
-            return "reset"
-        finally:
-            self.sock.close()
-            with self._cond:
-                self.ended = True
-                self._cond.notify_all()
-
-    def wait_rounds(self, count, timeout=TIMEOUT):
-        """Wait until ``count`` echoes have come back."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.rounds < count and not self.ended:
-                left = deadline - time.monotonic()
-                assert left > 0, "the echo stalled at round %d (wanted %d)" % (self.rounds, count)
-                self._cond.wait(left)
-            assert self.rounds >= count, "the client ended after %d rounds" % self.rounds
-
-    def more_rounds(self, count=3, timeout=TIMEOUT):
-        self.wait_rounds(self.rounds + count, timeout)
-
-    def finish(self, timeout=TIMEOUT):
-        self.stop.set()
-        return self.worker.finish(timeout)
-
-    def assert_whole(self):
-        """Stops the client: it ended cleanly with every byte back, checksums equal."""
-        outcome = self.finish()
-        assert outcome == "eof", outcome
-        assert self.sent_bytes == self.received_bytes > 0
-        assert self.sent.hexdigest() == self.received.hexdigest()
-
-    def assert_cut_off(self, outcomes=("reset",)):
-        """It was cut off (one of ``outcomes``), and no byte it got was wrong."""
-        outcome = self.worker.finish()
-        assert outcome in outcomes, outcome
-        assert self.intact and self.received_bytes > 0
-
 
 def healthy_clients(port, count=2):
     streamers = [Streamer(port) for _ in range(count)]

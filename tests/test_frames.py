@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import load_vectors
+from helpers.basics import load_vectors
 from tcprelay import frames
 from tcprelay.frames import (
     GOAWAY_DEBUG_LIMIT, MAX_LENGTH, MAX_STREAM_ID, MAX_WINDOW, PAD_FRAME, Data, ErrorCode,

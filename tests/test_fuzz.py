@@ -22,7 +22,7 @@ import threading
 import pytest
 
 import fuzzing
-from conftest import TIMEOUT
+from helpers.basics import TIMEOUT
 from fuzzing import FIN, SYN, ErrorCode, data_frame, frame
 from tcprelay import muxado
 

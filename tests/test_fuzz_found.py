@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT, tcp_pair
+from helpers.basics import TIMEOUT, tcp_pair
 from tcprelay import muxado, proxyproto, registration, service
 
 

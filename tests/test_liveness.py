@@ -14,21 +14,21 @@ Every test runs under ``no_leaks``; the throttling proxy is the test's own
 import hashlib
 import json
 import logging
-import os
 import socket
 import threading
 import time
 
 import pytest
 
-from conftest import DATA_DIR, TIMEOUT, Worker
-from relay_helpers import LOOPBACK, recv_exact, recv_to_eof
-from test_service import env, logs  # noqa: F401 (fixtures)
+from helpers.basics import LOOPBACK, TIMEOUT, Worker
+from helpers.relay import CA, CERT, KEY, recv_exact, recv_to_eof
 from tcprelay import muxado, service, tls
 
-CERT = os.path.join(DATA_DIR, "test-server.pem")
-KEY = os.path.join(DATA_DIR, "test-server.key")
-CA = os.path.join(DATA_DIR, "test-ca.pem")
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 
 # -- a throttling TCP proxy ------------------------------------------------------------------

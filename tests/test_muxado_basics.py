@@ -2,7 +2,7 @@
 
 import threading
 
-from conftest import TIMEOUT
+from helpers.basics import TIMEOUT
 
 
 def test_open_write_halfclose_reply(sessions):
@@ -46,7 +46,7 @@ def test_server_opens_stream(sessions):
 
 
 def test_close_ends_threads_and_socket(no_leaks):
-    from conftest import SessionPair
+    from helpers.sessions import SessionPair
     pair = SessionPair()
     opened, accepted = pair.stream_pair()
     pair.client.close()

@@ -16,8 +16,9 @@ import time
 import pytest
 
 import fuzzing
-from conftest import TIMEOUT, LeakCheck, SessionPair
-from relay_helpers import recv_exact, recv_to_eof
+from helpers.basics import TIMEOUT, LeakCheck
+from helpers.relay import recv_exact, recv_to_eof
+from helpers.sessions import SessionPair
 from tcprelay import muxado, writer
 from tcprelay.frames import (
     DEFAULT_WINDOW, FIN, GOAWAY_DEBUG_LIMIT, MAX_WINDOW, PAD_FRAME, SYN, encode_data,

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT, RawPeer, Worker
+from helpers.basics import TIMEOUT, Worker
+from helpers.sessions import RawPeer
 from tcprelay import muxado
 from tcprelay.frames import FIN, SYN, encode_data
 from tcprelay.reader import SessionReader

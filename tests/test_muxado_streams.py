@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, SessionPair, Worker, tcp_pair
+from helpers.basics import TIMEOUT, Worker, tcp_pair
+from helpers.relay import recv_exact
+from helpers.sessions import SessionPair, frames_until, pattern, raw_open
 from tcprelay import frames, muxado
 from tcprelay.muxado import (
     Data, ErrorCode, MuxadoError, SessionClosedError, StreamClosedError, StreamResetError,
@@ -37,12 +39,8 @@ def times_out(call, *args):
 
 
 def read_exactly(stream, n):
-    out = bytearray()
-    while len(out) < n:
-        chunk = stream.recv(n - len(out))
-        assert chunk, "EOF after %d of %d bytes" % (len(out), n)
-        out += chunk
-    return bytes(out)
+    """recv_exact asking recv for the whole remainder each time (no cap)."""
+    return recv_exact(stream, n, max_chunk=None)
 
 
 def read_to_eof(stream, size=1 << 20):
@@ -53,34 +51,6 @@ def read_to_eof(stream, size=1 << 20):
         if not n:
             return bytes(out)
         out += buf[:n]
-
-
-def pattern(n, seed=0):
-    """``n`` bytes with a prime period (251): a byte lost, repeated or moved by any
-    power-of-two amount (frames, windows, buffers) shows up as a mismatch."""
-    block = bytes((i * 7 + seed) & 0xFF for i in range(251))
-    return (block * (n // 251 + 1))[:n]
-
-
-def raw_open(peer, stream_id, payload=b"", fin=False):
-    """The raw peer opens ``stream_id`` (DATA+SYN); returns the accepted stream."""
-    flags = frames.SYN | (frames.FIN if fin else 0)
-    peer.send(frames.encode_data(stream_id, payload, flags))
-    stream = peer.session.accept(timeout=TIMEOUT)
-    stream.settimeout(TIMEOUT)
-    assert stream.id == stream_id
-    return stream
-
-
-def frames_until(peer, stop):
-    """Frames read by the raw peer up to and including the first for which ``stop`` is true."""
-    out = []
-    while True:
-        frame = peer.read_frame(TIMEOUT)
-        assert frame is not None, "EOF before the expected frame; got %r" % (out,)
-        out.append(frame)
-        if stop(frame):
-            return out
 
 
 @pytest.fixture

@@ -21,12 +21,17 @@ import sys
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import LOOPBACK, ROOT, free_port_range, read_until_end
-from test_relay import env  # noqa: F401 (a fixture)
+from helpers.basics import LOOPBACK, ROOT, TIMEOUT, free_port_range
+from helpers.relay import read_until_end
 from tcprelay import adapter, echoserver, registration, relay as relay_module, servicecli
 from tcprelay import limits
 from tcprelay.service import RelayServer, connect
+
+
+@pytest.fixture
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
 
 
 def parse_error(parser, argv, capsys):

@@ -16,18 +16,34 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, ROOT, Worker, bindable, echo_roundtrip, fill_until_the_adapter_holds,
-    free_port_range, read_until_end, wait_until,
-)
-from test_relay import Env
-from test_docs_as_written import help_groups, option_tables, readme, section
-from test_security import (  # noqa: F401 (env, logs, procs: fixtures)
-    assert_clean_exit, env, logs, procs,
+from helpers.basics import LOOPBACK, ROOT, TIMEOUT, Worker, bindable, free_port_range, wait_until
+from helpers.docs import help_groups, option_tables, readme, section
+from helpers.envs import Env
+from helpers.processes import assert_clean_exit
+from helpers.relay import (
+    echo_roundtrip, fill_until_the_adapter_holds, listening_socket, read_until_end,
 )
 from tcprelay import adapter, echoserver, servicecli
 from tcprelay.relay import Relay
+
+
+@pytest.fixture
+def env(security_env):
+    """This module's tests run in a SecurityEnv (conftest)."""
+    return security_env
+
+
+@pytest.fixture
+def logs(warning_logs):
+    """WARNING and up unless told; wait_for returns every match (conftest)."""
+    return warning_logs
+
+
+@pytest.fixture
+def procs(procs_no_listener_check):
+    """Relays started here are not checked for their listeners (conftest)."""
+    return procs_no_listener_check
+
 
 MIB = 1024 * 1024
 SERVICE_PROGRAMS = ["tcprelay.echoserver", "tcprelay.adapter"]
@@ -108,17 +124,6 @@ def test_help_describes_max_wait(procs, module):
 
 # -- item 2: a second Ctrl-C quits at once -------------------------------------------------
 
-def listening_socket(cleanups):
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    cleanups.append(listener.close)
-    # Small buffers: the adapter keeps part of the upload waiting for the service.
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    listener.bind((LOOPBACK, 0))
-    listener.listen(4)
-    listener.settimeout(TIMEOUT)
-    return listener
-
-
 def test_a_second_ctrl_c_cuts_the_adapters_wait_for_a_local_service_short(env):
     # A client uploads, then finishes; the local service takes none of it. On
     # SIGINT the adapter gives it up to 5 s (DEFAULT_DRAIN_TIMEOUT) to take the
@@ -127,7 +132,8 @@ def test_a_second_ctrl_c_cuts_the_adapters_wait_for_a_local_service_short(env):
     relay = env.relay(ports=1)
     cleanups = []
     env.defer(lambda: [fn() for fn in reversed(cleanups)])
-    backend = listening_socket(cleanups)
+    # Small buffers: the adapter keeps part of the upload waiting for the service.
+    backend = listening_socket(cleanups, backlog=4, receive_buffer=4096)
     args = adapter.build_parser().parse_args(
         [LOOPBACK, str(relay.server_address[1]), "%s:%d" % backend.getsockname()])
     made = []

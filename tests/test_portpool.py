@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT
+from helpers.basics import TIMEOUT
 from tcprelay.portpool import Cancelled, PoolError, PortPool
 
 

@@ -17,90 +17,25 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, Service, Worker, abort, connect_client, echo_handler,
-    echo_roundtrip, free_port_range, read_until_end, recv_exact, recv_to_eof, sendall_then,
-    wait_until,
+from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.envs import registered
+from helpers.relay import (
+    Service, abort, connect_client, echo_handler, echo_roundtrip, link_of, push_until_stalled,
+    read_until_end, recv_exact, recv_to_eof, send_until_it_fails, sendall_then,
 )
 from tcprelay import muxado
 from tcprelay.muxado import ErrorCode
 from tcprelay.relay import Relay
 
 
-class Env(object):
-    """Builds relays, services and clients for one test and tears them down, newest first."""
-
-    def __init__(self):
-        self._cleanups = []
-
-    def defer(self, fn, *args):
-        self._cleanups.append((fn, args))
-
-    def relay(self, ports=1, **options):
-        """A started relay on 127.0.0.1 with ``ports`` free public ports (or that list)."""
-        if isinstance(ports, int):
-            ports = free_port_range(ports)
-        options.setdefault("public_bind", LOOPBACK)
-        options.setdefault("handshake_timeout", 5.0)
-        # These tests follow moves in line; the repeated waiting lines of a
-        # relay's waiting_interval are tested in test_waits.
-        options.setdefault("waiting_interval", None)
-        relay = Relay((LOOPBACK, 0), ports=ports, **options)
-        thread = threading.Thread(target=relay.serve_forever, name="relay serve_forever")
-        thread.start()
-        self.defer(self._stop_relay, relay, thread)
-        return relay
-
-    @staticmethod
-    def _stop_relay(relay, thread):
-        relay.shutdown()
-        thread.join(TIMEOUT)
-        assert not thread.is_alive(), "serve_forever did not return after shutdown()"
-        relay.server_close()
-
-    def service(self, relay):
-        service = Service(relay.server_address)
-        self.defer(service.close)
-        return service
-
-    def client(self, port):
-        sock = connect_client(port)
-        self.defer(sock.close)
-        return sock
-
-    def close(self):
-        errors = []
-        while self._cleanups:
-            fn, args = self._cleanups.pop()
-            try:
-                fn(*args)
-            except Exception as exc:   # run every cleanup, report the first failure
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-
-
 @pytest.fixture
-def env(no_leaks, caplog):
-    caplog.set_level(logging.INFO, logger="tcprelay")
-    environment = Env()
-    yield environment
-    environment.close()
-    crashes = [r for r in caplog.records
-               if r.name.startswith("tcprelay") and r.levelno >= logging.ERROR]
-    assert not crashes, "the relay logged errors: %s" % [r.getMessage() for r in crashes]
+def env(relay_env):
+    """This module's tests run in a Env (conftest)."""
+    return relay_env
 
 
 def address(port):
     return "127.0.0.1:%d" % port
-
-
-def link_of(relay, port):
-    """The relay's ServiceLink holding ``port`` (to join its thread)."""
-    links = [link for link in relay.services if link.port == port]
-    assert len(links) == 1, relay.services
-    return links[0]
 
 
 # -- registration -------------------------------------------------------------------------
@@ -428,14 +363,6 @@ def test_unbindable_port_is_skipped_logged_and_retried(env, caplog):
 
 # -- forwarding ----------------------------------------------------------------------------
 
-def registered(env, ports=1, **relay_options):
-    """(relay, service, public port): one service registered on a fresh relay."""
-    relay = env.relay(ports=ports, **relay_options)
-    service = env.service(relay)
-    port = service.register_ok()
-    return relay, service, port
-
-
 def test_banner_service_speaks_first(env):
     relay, service, port = registered(env)
     client = env.client(port)
@@ -557,22 +484,6 @@ def wait_counted_out(relay, port, clients=0):
                what="%d clients counted" % clients)
 
 
-def push_until_stalled(stream, block_size=64 * 1024):
-    """Send on a stream or socket until nothing more goes anywhere; what was sent."""
-    sent = bytearray()
-    block = os.urandom(block_size)
-    stream.settimeout(0.5)
-    while True:
-        try:
-            n = stream.send(block)
-        except socket.timeout:
-            break
-        sent += block[:n]
-        assert len(sent) < 256 * MIB, "nothing ever pushed back"
-    stream.settimeout(TIMEOUT)
-    return bytes(sent)
-
-
 def test_stream_reset_after_the_client_half_closed_resets_the_client(env):
     relay, service, port, client, stream = half_closed_client(env)
     stream.sendall(b"partial")
@@ -592,17 +503,6 @@ def test_client_reset_after_its_half_close_resets_the_stream_mid_download(env):
     how = send_until_it_fails(stream)
     assert isinstance(how, muxado.StreamResetError), "the stream saw %r, not a reset" % (how,)
     wait_counted_out(relay, port)
-
-
-def send_until_it_fails(stream, chunk=b"x" * 65536):
-    """Send until the stream fails; the error."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            stream.sendall(chunk)
-        except OSError as exc:
-            return exc
-    raise AssertionError("the stream never failed")
 
 
 def test_service_fin_after_the_client_half_closed_ends_the_connection(env):

@@ -10,67 +10,18 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, RESET_ERRORS, MainRun, Process, Worker, connect_client, echo_roundtrip,
-    free_port_range, listeners, pool_args, read_until_end, recv_exact, recv_to_eof,
-    sendall_then, wait_until,
+from helpers.basics import LOOPBACK, MIB, TIMEOUT, Worker, free_port_range, pool_args, wait_until
+from helpers.processes import MainRun, assert_no_traceback, quick
+from helpers.relay import (
+    Streamer, connect_client, echo_roundtrip, listeners, read_until_end, recv_to_eof, sendall_then,
 )
 
 OPTIONS = ["--host", "--public-bind", "--public-host", "--ports", "--max-services",
            "--handshake-timeout", "--drain-timeout", "--log-level"]
-
-
-@pytest.fixture
-def procs():
-    """Starts processes; kills every one of them at the end, whatever happened."""
-    started = []
-
-    class Starter(object):
-        def start(self, module, *args):
-            process = Process(module, args)
-            started.append(process)
-            return process
-
-        def relay(self, port, *args, **kw):
-            """A relay on 127.0.0.1:port, listening when this returns."""
-            relay = self.start("tcprelay.relay", port, "--host", LOOPBACK,
-                               "--public-bind", LOOPBACK, *args)
-            ready = kw.get("ready", "listening")
-            wait_until(lambda: not relay.alive() or ready in relay.stderr_text(),
-                       what="the relay to start")
-            assert relay.alive(), "relay exited with %r:\n%s" % (relay.popen.poll(),
-                                                                  relay.stderr_text())
-            assert listeners(port) == [LOOPBACK]
-            return relay
-
-        def echo(self, relay_port, *args):
-            """An echo server registered with the relay: (process, public port)."""
-            echo = self.start("tcprelay.echoserver", LOOPBACK, relay_port, *args)
-            line = echo.readline()
-            match = re.match(r"^127\.0\.0\.1:(\d+)$", line)
-            assert match, "first line %r" % line
-            return echo, int(match.group(1))
-
-    try:
-        yield Starter()
-    finally:
-        for process in reversed(started):
-            process.close()
-
-
-def quick(*args):
-    """The relay options the tests use unless they test them: short timeouts."""
-    return ["--handshake-timeout", "1", "--drain-timeout", "2"] + list(args)
-
-
-def assert_no_traceback(process):
-    assert "Traceback" not in process.stderr_text(), process.stderr_text()
 
 
 # -- the transcript ---------------------------------------------------------------------------
@@ -406,36 +357,6 @@ def _echo_many(port, count, size):
     return sum(_echo_once(port, size) for _ in range(count))
 
 
-class Streamer(object):
-    """A client that keeps a transfer going until stopped or cut off."""
-
-    def __init__(self, port):
-        self.sock = connect_client(port)
-        self.rounds = 0
-        self.started = threading.Event()
-        self.stop = threading.Event()
-        self.worker = Worker(self._run)
-
-    def _run(self):
-        block = os.urandom(64 * 1024)
-        try:
-            while not self.stop.is_set():
-                self.sock.sendall(block)
-                if recv_exact(self.sock, len(block)) != block:
-                    return "corrupted"
-                self.rounds += 1
-                self.started.set()
-            self.sock.shutdown(socket.SHUT_WR)
-            return "eof" if recv_to_eof(self.sock) == b"" else "extra bytes"
-        except RESET_ERRORS:
-            return "reset"
-        except AssertionError:   # EOF in the middle of an echo
-            return "cut"
-        finally:
-            self.started.set()
-            self.sock.close()
-
-
 def test_resources_return_to_baseline_after_services_killed_mid_transfer(procs):
     ports = free_port_range(7)
     relay_port, pool = ports[0], ports[1:]
@@ -454,7 +375,7 @@ def test_resources_return_to_baseline_after_services_killed_mid_transfer(procs):
     assert sum(worker.finish(4 * TIMEOUT) for worker in workers) == 150
 
     # 50 more, in the middle of transfers when three of the services are killed.
-    streamers = [[Streamer(port) for _ in range(10)] for _, port in echoes]
+    streamers = [[Streamer(port, block_size=64 * 1024) for _ in range(10)] for _, port in echoes]
     for group in streamers:
         for streamer in group:
             assert streamer.started.wait(TIMEOUT) and streamer.rounds > 0

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 
-from relay_helpers import LOOPBACK, TIMEOUT, wait_until
+from helpers.basics import LOOPBACK, TIMEOUT, wait_until
 from tcprelay.leases import Leases
 from tcprelay.portpool import PortPool
 

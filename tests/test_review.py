@@ -4,12 +4,17 @@ and the bridge's endings, each a case that failed before its fix."""
 import socket
 import threading
 
+import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import Worker, recv_exact, recv_to_eof, wait_until
-from test_endings_bridge import only_bridge
-from test_service import env, logs  # noqa: F401  (fixtures)
+from helpers.basics import TIMEOUT, Worker, wait_until
+from helpers.relay import only_bridge, recv_exact, recv_to_eof
 from tcprelay import frames, heartbeat, muxado
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
 
 
 # -- the bridge's idle timeout ------------------------------------------------------------

@@ -31,31 +31,42 @@ import warnings
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, MIB, FakeClock, MainRun, Process, Worker, connect_client, echo_handler,
-    echo_roundtrip, free_port_range, listeners, pool_args, read_until_end, recv_exact,
-    recv_to_eof, wait_until,
+from helpers.basics import (
+    LOOPBACK, MIB, TIMEOUT, FakeClock, Worker, free_port_range, pool_args, wait_until,
 )
-from test_relay import Env, link_of
+from helpers.processes import MainRun, assert_clean_exit
+from helpers.relay import (
+    CA, CERT, KEY, checked_echo, connect_client, digest, echo_handler, echo_roundtrip, link_of,
+    listeners, read_until_end, recv_exact, recv_to_eof, server_tls, trusting_tls,
+)
 from tcprelay import auth, frames, muxado, registration, tls
 from tcprelay.muxado import ErrorCode
 from tcprelay.service import RegistrationRefused, connect
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-CA = os.path.join(DATA, "test-ca.pem")
-CERT = os.path.join(DATA, "test-server.pem")
-KEY = os.path.join(DATA, "test-server.key")
+
+@pytest.fixture
+def env(security_env):
+    """This module's tests run in a SecurityEnv (conftest)."""
+    return security_env
+
+
+@pytest.fixture
+def logs(warning_logs):
+    """WARNING and up unless told; wait_for returns every match (conftest)."""
+    return warning_logs
+
+
+@pytest.fixture
+def procs(procs_no_listener_check):
+    """Relays started here are not checked for their listeners (conftest)."""
+    return procs_no_listener_check
+
 
 SECRET = b"s3cret-" + binascii.hexlify(os.urandom(12))   # distinctive on the wire
 METHOD = "hmac-sha256"
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-def digest(data):
-    return hashlib.sha256(data).hexdigest()
-
 
 def hmac_answer(secret, nonce):
     """The answer the issue specifies: HMAC-SHA256 keyed by the secret over a fixed
@@ -67,100 +78,9 @@ def answer_line(hex_answer):
     return (json.dumps({"hmac": hex_answer}) + "\n").encode("ascii")
 
 
-def server_tls():
-    return tls.server_context(CERT, KEY)
-
-
-def trusting_tls():
-    return tls.client_context(CA)
-
-
 def warnings_from(caplog, text, level=logging.WARNING):
     return [r.getMessage() for r in caplog.records
             if r.name.startswith("tcprelay") and r.levelno >= level and text in r.getMessage()]
-
-
-class LogWatcher(logging.Handler):
-    """tcprelay's log messages, to wait for one logged on another thread."""
-
-    def __init__(self):
-        logging.Handler.__init__(self, logging.DEBUG)
-        self._cond = threading.Condition()
-        self._records = []   # (level, message)
-
-    def emit(self, record):
-        with self._cond:
-            self._records.append((record.levelno, record.getMessage()))
-            self._cond.notify_all()
-
-    def messages(self, text, level=logging.WARNING):
-        with self._cond:
-            return [m for lv, m in self._records if lv >= level and text in m]
-
-    def wait_for(self, text, count=1, level=logging.WARNING, timeout=TIMEOUT):
-        """The messages containing ``text`` once there are ``count`` of them."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self.messages(text, level)) < count:
-                left = deadline - time.monotonic()
-                assert left > 0, "no %d log messages with %r within %gs" % (count, text, timeout)
-                self._cond.wait(left)
-            return self.messages(text, level)
-
-
-class RawService(object):
-    """A service that speaks muxado frame by frame over a plain socket: no Session,
-    so nothing reads or answers unless the test does."""
-
-    def __init__(self, address, sock=None):
-        self.sock = sock or socket.create_connection(tuple(address[:2]), timeout=TIMEOUT)
-        self.sock.settimeout(TIMEOUT)
-        collector = frames._FrameCollector()
-        self.frames = collector.frames
-        self._decoder = frames.FrameDecoder(collector)
-        self.eof = False
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def feed(self, data):
-        """Decode ``data`` read from the socket elsewhere (b"": the relay closed)."""
-        if data:
-            self._decoder.feed(data)
-        else:
-            self.eof = True
-
-    def open(self, stream_id, payload=b"", fin=False):
-        self.send(frames.encode_data(stream_id, payload, frames.SYN | (frames.FIN if fin else 0)))
-
-    def read_until(self, predicate, timeout=TIMEOUT):
-        """Read frames until ``predicate()`` holds (True) or the relay closes (False)."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.eof:
-                return False
-            left = deadline - time.monotonic()
-            assert left > 0, "the relay sent nothing more within %gs; frames: %r" % (
-                timeout, self.frames[-10:])
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(256 * 1024)
-            except ConnectionResetError:
-                data = b""
-            self.feed(data)
-        return True
-
-    def read_to_eof(self, timeout=TIMEOUT):
-        self.read_until(lambda: False, timeout)
-
-    def lines(self, stream_id=3):
-        """The JSON lines the relay wrote on ``stream_id`` so far."""
-        payload = b"".join(f.payload for f in self.frames
-                           if isinstance(f, frames.Data) and f.stream_id == stream_id)
-        return [json.loads(line.decode("utf-8")) for line in payload.split(b"\n") if line]
-
-    def close(self):
-        self.sock.close()
 
 
 def probe(address):
@@ -180,234 +100,6 @@ def probe(address):
         return "admitted" if data else "refused"
     finally:
         sock.close()
-
-
-class EchoLoop(object):
-    """Serves a ``ServiceConnection``: every stream is echoed, on a thread each."""
-
-    def __init__(self, connection):
-        self.connection = connection
-        self._threads = []
-        self._lock = threading.Lock()
-        self._acceptor = threading.Thread(target=self._run, name="test echo loop")
-        self._acceptor.daemon = True
-        self._acceptor.start()
-
-    def _run(self):
-        while True:
-            try:
-                stream = self.connection.accept()
-            except (OSError, muxado.MuxadoError):
-                return
-            stream.settimeout(TIMEOUT)
-            thread = threading.Thread(target=echo_handler, args=(stream,), name="test echo")
-            thread.daemon = True
-            with self._lock:
-                self._threads.append(thread)
-            thread.start()
-
-    def close(self):
-        self.connection.close()
-        self._acceptor.join(TIMEOUT)
-        assert not self._acceptor.is_alive(), "echo loop still accepting"
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(TIMEOUT)
-            assert not thread.is_alive(), "echo handler still running"
-
-
-class _Piped(object):
-    """One connection through ``Proxy``."""
-
-    def __init__(self, proxy, down):
-        self.proxy = proxy
-        self.down = down
-        self.up = None
-        self.upstream = bytearray()     # client -> target
-        self.downstream = bytearray()   # target -> client
-        self.frozen = False
-        self._threads = []
-        self._main = threading.Thread(target=self._run, name="test proxy")
-        self._main.daemon = True
-
-    def start(self):
-        self._main.start()
-
-    def _run(self):
-        if not self.proxy._wait_open():
-            return
-        try:
-            self.up = socket.create_connection(self.proxy.target, timeout=TIMEOUT)
-        except OSError:
-            return
-        self.up.settimeout(None)
-        self.down.settimeout(None)
-        other = threading.Thread(target=self._pump, args=(self.up, self.down, self.downstream),
-                                 name="test proxy down")
-        other.daemon = True
-        self._threads.append(other)
-        other.start()
-        self._pump(self.down, self.up, self.upstream)
-
-    def _pump(self, src, dst, record):
-        while True:
-            try:
-                data = src.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                if not self.frozen:
-                    try:
-                        dst.shutdown(socket.SHUT_WR)   # pass the FIN on
-                    except OSError:
-                        pass
-                return
-            if self.frozen:
-                continue   # a silent path: bytes vanish, nothing comes back
-            with self.proxy._lock:
-                record += data
-            try:
-                dst.sendall(data)
-            except OSError:
-                return
-
-    def join(self, timeout=TIMEOUT):
-        for thread in [self._main] + self._threads:
-            if thread.ident is not None:
-                thread.join(timeout)
-                assert not thread.is_alive(), "test proxy pump still running"
-
-    def close(self):
-        for sock in (self.down, self.up):
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        self.join()
-        for sock in (self.down, self.up):
-            if sock is not None:
-                sock.close()
-
-
-class Proxy(object):
-    """A TCP proxy on 127.0.0.1 in front of ``target`` that records every byte each
-    way (``connections[i].upstream`` / ``.downstream``).
-
-    ``freeze()``: the connections open now go silent both ways (no bytes, no FIN,
-    no RST: a path that died with both ends up), and new connections are held,
-    unconnected, until ``thaw()``.
-    """
-
-    def __init__(self, target):
-        self.target = tuple(target[:2])
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind((LOOPBACK, 0))
-        self._listener.listen(64)
-        self.address = self._listener.getsockname()
-        self.port = self.address[1]
-        self._lock = threading.Lock()
-        self._state = threading.Condition(self._lock)
-        self._frozen = False
-        self._closing = False
-        self.connections = []
-        self._acceptor = threading.Thread(target=self._accept_loop, name="test proxy accept")
-        self._acceptor.daemon = True
-        self._acceptor.start()
-
-    def _accept_loop(self):
-        while True:
-            try:
-                down, _ = self._listener.accept()
-            except OSError:
-                return
-            piped = _Piped(self, down)
-            with self._lock:
-                if self._closing:
-                    down.close()
-                    return
-                self.connections.append(piped)
-            piped.start()
-
-    def _wait_open(self):
-        with self._lock:
-            while self._frozen and not self._closing:
-                self._state.wait()
-            return not self._closing
-
-    def freeze(self):
-        with self._lock:
-            self._frozen = True
-            for piped in self.connections:
-                piped.frozen = True
-
-    def thaw(self):
-        with self._lock:
-            self._frozen = False
-            self._state.notify_all()
-
-    def close(self):
-        with self._lock:
-            self._closing = True
-            self._state.notify_all()
-            connections = list(self.connections)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)   # wakes accept()
-        except OSError:
-            pass
-        self._acceptor.join(TIMEOUT)
-        assert not self._acceptor.is_alive(), "test proxy still accepting"
-        self._listener.close()
-        for piped in connections:
-            piped.close()
-
-
-class SecurityEnv(Env):
-    """test_relay's Env plus library connections, echo loops and proxies."""
-
-    def connect(self, address, **options):
-        options.setdefault("timeout", TIMEOUT)
-        connection = connect(tuple(address[:2]), **options)
-        self.defer(connection.close)
-        return connection
-
-    def echo(self, connection):
-        loop = EchoLoop(connection)
-        self.defer(loop.close)
-        return loop
-
-    def proxy(self, target):
-        proxy = Proxy(target)
-        self.defer(proxy.close)
-        return proxy
-
-    def raw(self, address):
-        raw = RawService(address)
-        self.defer(raw.close)
-        return raw
-
-
-@pytest.fixture
-def logs():
-    watcher = LogWatcher()
-    logger = logging.getLogger("tcprelay")
-    logger.addHandler(watcher)
-    try:
-        yield watcher
-    finally:
-        logger.removeHandler(watcher)
-
-
-@pytest.fixture
-def env(no_leaks, caplog, logs):
-    caplog.set_level(logging.INFO, logger="tcprelay")
-    environment = SecurityEnv()
-    yield environment
-    environment.close()
-    crashes = [r for r in caplog.records
-               if r.name.startswith("tcprelay") and r.levelno >= logging.ERROR]
-    assert not crashes, "tcprelay logged errors: %s" % [r.getMessage() for r in crashes]
 
 
 def challenge(service, body=None):
@@ -431,18 +123,6 @@ def connect_and_read(port):
         return read_until_end(sock)
     finally:
         sock.close()
-
-
-def checked_echo(port, size):
-    """A client sends ``size`` random bytes through ``port`` and gets them all back."""
-    client = connect_client(port)
-    try:
-        data = os.urandom(size)
-        got = echo_roundtrip(client, data)
-        assert len(got) == len(data) and digest(got) == digest(data)
-        assert recv_to_eof(client) == b""
-    finally:
-        client.close()
 
 
 # -- authentication: the challenge ------------------------------------------------------------
@@ -1005,52 +685,6 @@ def test_idle_timeout_closes_quiet_clients_only(env):
 
 # -- the command line ---------------------------------------------------------------------------
 
-@pytest.fixture
-def procs(monkeypatch):
-    """Starts processes (``python -m``, cwd the repository); kills them all at the end.
-    $TCPRELAY_SECRET is unset unless a start asks for it."""
-    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
-    started = []
-
-    class Starter(object):
-        def start(self, module, *args, **kw):
-            secret_env = kw.get("secret_env")
-            if secret_env is not None:
-                os.environ[auth.SECRET_ENV] = secret_env
-            try:
-                process = Process(module, args)
-            finally:
-                os.environ.pop(auth.SECRET_ENV, None)
-            started.append(process)
-            return process
-
-        def relay(self, port, *args, **kw):
-            relay = self.start("tcprelay.relay", port, "--host", LOOPBACK,
-                               "--public-bind", LOOPBACK, *args, **kw)
-            wait_until(lambda: not relay.alive() or "listening for services" in
-                       relay.stderr_text(), what="the relay to start")
-            assert relay.alive(), "relay exited with %r:\n%s" % (relay.popen.poll(),
-                                                                  relay.stderr_text())
-            return relay
-
-        def service(self, module, relay_port, *args, **kw):
-            """A service program registered with the relay: (process, public port)."""
-            process = self.start(module, kw.pop("host", LOOPBACK), relay_port, *args, **kw)
-            line = process.readline()
-            match = re.match(r"^127\.0\.0\.1:(\d+)$", line)
-            assert match, "first line %r" % line
-            return process, int(match.group(1))
-
-        def echo(self, relay_port, *args, **kw):
-            return self.service("tcprelay.echoserver", relay_port, *args, **kw)
-
-    try:
-        yield Starter()
-    finally:
-        for process in reversed(started):
-            process.close()
-
-
 class LocalEcho(object):
     """A plain TCP echo server on 127.0.0.1: the adapter's local service."""
 
@@ -1094,16 +728,6 @@ def secret_file(tmp_path, secret, name="secret"):
     path.write_bytes(secret + b"\n")   # a trailing newline is not part of the secret
     os.chmod(str(path), stat.S_IRUSR | stat.S_IWUSR)
     return str(path)
-
-
-def assert_clean_exit(process, code, prefix):
-    """Exit ``code`` and a last stderr line starting with ``prefix``; no traceback."""
-    assert process.wait() == code, process.stderr_text()
-    text = process.stderr_text()
-    assert "Traceback" not in text, text
-    lines = [l for l in text.splitlines() if l.strip()]
-    assert lines and lines[-1].startswith(prefix), lines
-    return lines[-1]
 
 
 @pytest.mark.parametrize("module, args", [

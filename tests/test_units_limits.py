@@ -5,7 +5,7 @@ No sockets and no threads: each test runs in microseconds.
 
 import logging
 
-from relay_helpers import FakeClock
+from helpers.basics import FakeClock
 from tcprelay.limits import FailureBans, LogGate, LogGates, Networks, RateLimit
 
 

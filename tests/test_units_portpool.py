@@ -4,7 +4,7 @@ timeout 0 (a grant that can be made now, or None), so nothing blocks and each
 test runs in microseconds. (tests/test_portpool.py races real threads.)
 """
 
-from relay_helpers import FakeClock
+from helpers.basics import FakeClock
 from tcprelay.leases import Leases
 from tcprelay.portpool import PortPool
 

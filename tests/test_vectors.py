@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import TIMEOUT, load_vectors
+from helpers.basics import TIMEOUT, load_vectors
 from tcprelay import frames, muxado
 from tcprelay.frames import Data, ErrorCode, GoAway, Rst, WndInc, decode_frames, encode_data
 

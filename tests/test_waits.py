@@ -22,36 +22,30 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT
-from relay_helpers import (
-    LOOPBACK, Process, Worker, echo_roundtrip, free_port_range, wait_until,
-)
-from test_service import Serving, env, logs  # noqa: F401 (fixtures)
+from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.envs import Serving
+from helpers.relay import echo_roundtrip
 from tcprelay import muxado, service
 from tcprelay.echoserver import EchoHandler
 from tcprelay.service import RelayGone, RelayServer, connect
+
+
+@pytest.fixture
+def env(service_env):
+    """This module's tests run in a ServiceEnv (conftest)."""
+    return service_env
+
+
+@pytest.fixture
+def procs(procs):
+    """conftest's procs, as its plain start function: procs(module, *args)."""
+    return procs.start
+
 
 NOTICE = 0.3          # the relay's waiting_interval in these tests
 SILENCE = 1.0         # the service's timeout: a relay silent this long is dead
 HELD = 2.0            # how long a port stays taken while someone waits for it (2 x SILENCE)
 PROMPT = 1.0          # "promptly": a stage cut short ends within this
-
-
-@pytest.fixture
-def procs():
-    """Starts service processes; kills and closes every one at the end."""
-    started = []
-
-    def start(module, *args):
-        process = Process(module, args)
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in reversed(started):
-            process.close()
 
 
 def still_running_after(worker, seconds):
