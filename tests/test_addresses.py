@@ -7,7 +7,6 @@ In process on 127.0.0.1 and ::1 (the IPv6 tests are skipped, with the reason,
 on a machine without an IPv6 loopback), plus a few ``python -m`` runs.
 """
 
-import logging
 import re
 import socket
 import threading

@@ -23,7 +23,7 @@ import pytest
 
 import fuzzing
 from helpers.basics import TIMEOUT
-from fuzzing import FIN, SYN, ErrorCode, data_frame, frame
+from fuzzing import SYN, ErrorCode, data_frame, frame
 from tcprelay import muxado
 
 SEED = fuzzing.DEFAULT_SEED
