@@ -55,6 +55,27 @@ _BIG_READ = 512 * 1024                    # ...bulk ones read big
 _WINDOW_CHECK = 1.0   # seconds between checks for a client reset while waiting for window
 _DISCARD_READS = 64   # 64 KiB reads of unread client input before a close (else it sends RST)
 
+# A bridge's states, each a field of its own guarded by the bridge's lock.
+# Bridge._down, stream -> socket (an abort ends it in any of these: see _down_done):
+DOWN_OPEN = "open"                 # no FIN from the stream yet: its data goes to the socket
+DOWN_FIN_PENDING = "fin pending"   # the stream's FIN has come; what is pending goes out first
+DOWN_SHUT = "shut"                 # the FIN has gone on: shutdown(SHUT_WR)
+# Bridge._up, socket -> stream: does the stream take the client's data
+UP_OPEN = "open"
+UP_CUT = "cut"       # the peer left after its FIN: we stopped reading the socket (SHUT_RD)
+# Bridge._pump_state: the pump thread's life, and how it ended
+PUMPING = "pumping"
+PUMP_CLIENT_FIN = "ended at the client's FIN"   # not at our own SHUT_RD
+PUMP_ENDED = "ended"                            # a cut, a reset or an error ended it
+# Bridge._ending: closing the socket and the stream once both directions are done
+RUNNING = "running"
+FINISHING = "finishing"   # _finish is claimed, by whichever direction ended last
+CLOSED = "closed"         # _finish has closed them
+
+# Bridge._abort, once the connection is being reset: why, and whether the stream
+# is to be reset too (not when the stream's own failure is the reason)
+_Abort = collections.namedtuple("_Abort", "reason reset_stream")
+
 
 class Flusher(object):
     """One thread that writes out what slow sockets could not take at once.
@@ -206,17 +227,14 @@ class Bridge(object):
         self._up_ended = 0.0                  # when the pump ended (its last read: EOF, say)
         self._finished = threading.Event()
         self._lock = threading.Lock()
+        # Guarded by self._lock (the states: see the module's constants):
         self._pending = collections.deque()   # stream data the socket has not taken yet
-        self._service_done = False            # the stream's FIN has come: the peer finished
-        self._client_eof = False              # the client's FIN came before the stream failed
-        self._up_cut = False                  # socket -> stream ended: the stream takes no more
-        self._down_done = False               # stream -> socket has ended
-        self._up_done = False                 # socket -> stream has ended (the pump is done)
-        self._finishing = False               # _finish has been claimed
-        self._aborted = None                  # why, once the connection is being reset
-        self._reset_stream = False            # the pump must reset the stream too
-        self._closed = False
-        self._watched = False                 # the flusher watches our socket
+        self._down = DOWN_OPEN                # stream -> socket
+        self._up = UP_OPEN                    # socket -> stream: does the stream take data
+        self._pump_state = PUMPING            # the pump's life, and how it ended
+        self._ending = RUNNING                # closing both, once both directions are done
+        self._abort = None                    # an _Abort once the connection is being reset
+        self._watched = False                 # the flusher watches our socket (Flusher sets it)
         self._read_timeout = None             # the SO_RCVTIMEO set, in seconds
         self._poll = None                     # polls the socket for an error (_client_gone)
         self._last_queued = None              # the socket's send queue at the last idle check
@@ -261,7 +279,7 @@ class Bridge(object):
 
     def stream_data(self, data):
         with self._lock:
-            if self._aborted is not None or self._closed:
+            if self._abort is not None or self._ending == CLOSED:
                 return len(data)   # dropped; the window goes back
             if self._pending:
                 self._pending.append(data)
@@ -272,7 +290,7 @@ class Bridge(object):
                 sent = 0
             except OSError as exc:
                 self._abort_locked("socket write failed: %s" % exc, reset_stream=True)
-                if self._up_done:
+                if self._pump_state != PUMPING:
                     # No pump to finish, and the stream's lock is held here: the
                     # flusher sees the failed socket at once and finishes.
                     self._flusher.watch(self)
@@ -288,9 +306,10 @@ class Bridge(object):
     def stream_end(self, error):
         with self._lock:
             if error is None:
-                self._service_done = True
-                if not self._pending:
-                    self._shut_write_locked()   # else the flusher does, once they are out
+                if self._pending:
+                    self._down = DOWN_FIN_PENDING   # the flusher shuts, once they are out
+                else:
+                    self._shut_write_locked()
             elif self._service_done and _only_ends_sending(error):
                 # The peer finished this stream before its session ended (or
                 # before it closed the stream): what it sent is still
@@ -304,7 +323,7 @@ class Bridge(object):
 
     def _flush(self):
         with self._lock:
-            if self._aborted is not None or self._closed:
+            if self._abort is not None or self._ending == CLOSED:
                 self._flusher.unwatch(self)
                 sent, finish = 0, self._finisher_locked()
             else:
@@ -345,33 +364,54 @@ class Bridge(object):
     # -- shared (bridge lock held) ------------------------------------------------------
 
     @property
+    def _service_done(self):
+        """The stream's FIN has come: the peer finished (an abort does not undo it)."""
+        return self._down != DOWN_OPEN
+
+    @property
     def _fin_pending(self):
         """The stream's FIN has come and waits for _pending to go out."""
-        return self._service_done and not self._down_done
+        return self._down == DOWN_FIN_PENDING and self._abort is None
+
+    @property
+    def _down_done(self):
+        """stream -> socket has ended: its FIN has gone on, or we are resetting."""
+        return self._down == DOWN_SHUT or self._abort is not None
+
+    @property
+    def _up_done(self):
+        """socket -> stream has ended: the pump is done."""
+        return self._pump_state != PUMPING
+
+    @property
+    def _aborted(self):
+        """Why the connection is being reset, or None."""
+        return None if self._abort is None else self._abort.reason
 
     def _shut_write_locked(self):
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        self._down_done = True
+        self._down = DOWN_SHUT
 
     def _cut_up_locked(self):
         """The stream takes no more data: stop reading the socket, keep delivering."""
-        if self._up_cut:
+        if self._up == UP_CUT:
             return
-        self._up_cut = True
-        if not self._up_done:
+        self._up = UP_CUT
+        if self._pump_state == PUMPING:
             try:
                 self.sock.shutdown(socket.SHUT_RD)   # wakes the pump's recv
             except OSError:
                 pass
 
     def _abort_locked(self, reason, reset_stream):
-        if self._aborted is not None or self._closed:
+        """Start resetting the connection, once: what is pending is dropped,
+        stream -> socket ends (see _down_done), the pump's recv is woken."""
+        if self._abort is not None or self._ending == CLOSED:
             return
-        self._aborted = reason
-        self._reset_stream = reset_stream
+        self._abort = _Abort(reason, reset_stream)
         self._pending.clear()
         self._flusher.unwatch(self)
         try:
@@ -380,7 +420,6 @@ class Bridge(object):
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
-        self._down_done = True
 
     # -- socket -> stream: the pump thread ---------------------------------------------
 
@@ -455,7 +494,7 @@ class Bridge(object):
         an error on the socket, or a failed write to it, counts.
         """
         with self._lock:
-            if self._aborted is not None:
+            if self._abort is not None:
                 return True
         if self._poll is None:
             self._poll = select.poll()
@@ -494,7 +533,7 @@ class Bridge(object):
 
     def _stream_write_failed(self, exc):
         with self._lock:
-            if self._aborted is None and self._up_cut:
+            if self._abort is None and self._up == UP_CUT:
                 return   # the peer finished and left: its data is still on its way down
             self._abort_locked("stream write failed: %s" % exc, reset_stream=False)
 
@@ -502,13 +541,14 @@ class Bridge(object):
         threading.current_thread().name = self.name
         stream = self.stream
         idle_timeout = self._idle_timeout
+        client_fin = False
         try:
             if idle_timeout is not None:
                 self._set_read_timeout(idle_timeout)
             # The waits for window end every _WINDOW_CHECK to look at the client;
             # nothing else waits on this stream (its data goes to stream_data).
             stream.settimeout(_WINDOW_CHECK)
-            self._pump_up()
+            client_fin = self._pump_up()
             self._end_up()
         except Exception:
             log.exception("bridge for stream %d failed", stream.id)
@@ -519,17 +559,20 @@ class Bridge(object):
             # The other direction may go on for as long as the peer likes:
             # whichever side ends last finishes (see _finisher_locked).
             with self._lock:
-                self._up_done = True
+                self._pump_state = PUMP_CLIENT_FIN if client_fin else PUMP_ENDED
                 self._up_ended = time.monotonic()   # the client's FIN is activity too
                 finish = self._finisher_locked()
-                if (finish is None and idle_timeout is not None and self._aborted is None
-                        and not self._closed):
+                if (finish is None and idle_timeout is not None and self._abort is None
+                        and self._ending != CLOSED):
                     self._flusher.watch_idle(self)   # no read of ours times it out now
             if finish is not None:
                 finish()
 
     def _pump_up(self):
-        """socket -> stream until the client's EOF, an error, an abort or the idle timeout."""
+        """socket -> stream until the client's EOF, an error, an abort or the idle timeout.
+
+        True if it ended at the client's FIN (not at our own SHUT_RD).
+        """
         sock = self.sock
         idle_timeout = self._idle_timeout
         buf = bytearray(_SMALL_READ)
@@ -544,18 +587,18 @@ class Bridge(object):
                         continue
                     with self._lock:
                         self._abort_locked("idle for %gs" % idle_timeout, reset_stream=True)
-                    return
+                    return False
                 except OSError as exc:
                     with self._lock:
                         self._abort_locked("socket read failed: %s" % exc, reset_stream=True)
-                    return
+                    return False
                 if not n:
-                    self._client_eof = not self._up_cut   # else: our own SHUT_RD
-                    return
+                    with self._lock:
+                        return self._up == UP_OPEN   # else: our own SHUT_RD
                 if idle_timeout is not None and self._read_timeout != idle_timeout:
                     self._set_read_timeout(idle_timeout)   # after a shortened wait
                 if not self._send_up(view[:n]):
-                    return
+                    return False
                 self.bytes_up += n
                 if n == len(buf) and len(buf) < _BIG_READ:
                     view.release()
@@ -567,15 +610,14 @@ class Bridge(object):
     def _end_up(self):
         """Pass on how socket -> stream ended: the client's FIN, or a reset."""
         with self._lock:
-            aborted = self._aborted
-            reset_stream = self._reset_stream
-            cut = self._up_cut
-        if aborted is None and not cut:
+            abort = self._abort
+            cut = self._up == UP_CUT
+        if abort is None and not cut:
             try:
                 self.stream.close_write()
             except (MuxadoError, OSError) as exc:
                 self._stream_write_failed(exc)
-        elif aborted is not None and reset_stream:
+        elif abort is not None and abort.reset_stream:
             self.stream.reset(ErrorCode.STREAM_RESET)
 
     # -- the end: both directions done -------------------------------------------------
@@ -596,8 +638,8 @@ class Bridge(object):
 
     def _finisher_locked(self):
         """``_finish`` if both directions are done and nobody has claimed it, else None."""
-        if self._up_done and self._down_done and not self._finishing:
-            self._finishing = True
+        if self._pump_state != PUMPING and self._down_done and self._ending == RUNNING:
+            self._ending = FINISHING
             return self._finish
         return None
 
@@ -610,16 +652,17 @@ class Bridge(object):
         stream = self.stream
         try:
             with self._lock:
-                self._closed = True
+                self._ending = CLOSED
                 self._pending.clear()
                 self._flusher.unwatch(self)
                 if self._idle_timeout is not None:
                     self._flusher.unwatch_idle(self)
-                reset = self._aborted is not None and self._reset_stream
-                discard = self._up_cut and self._aborted is None
+                abort = self._abort   # CLOSED: no abort comes after this
+                discard = self._up == UP_CUT and abort is None
+                client_fin = self._pump_state == PUMP_CLIENT_FIN
             if discard:
                 self._discard_input()
-                if not self._client_eof and self._client_has_all():
+                if not client_fin and self._client_has_all():
                     # The client may still be sending, to a socket shut for
                     # reading: that socket would answer with a zero window, not
                     # a reset, and leave it hanging. Everything it was owed has
@@ -629,13 +672,13 @@ class Bridge(object):
                     except OSError:
                         pass
             try:
-                if reset:   # a no-op if the pump has reset it already
+                if abort is not None and abort.reset_stream:   # a no-op if the pump has reset it
                     stream.reset(ErrorCode.STREAM_RESET, wait=False)
             finally:
                 self.sock.close()
             stream.close()
-            if self._aborted is not None:
-                log.debug("stream %d: reset: %s", stream.id, self._aborted)
+            if abort is not None:
+                log.debug("stream %d: reset: %s", stream.id, abort.reason)
             if self._on_close is not None:
                 self._on_close(self)
         except Exception:
