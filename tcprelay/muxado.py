@@ -341,6 +341,10 @@ class Session(object):
     def _on_syn(self, stream_id):
         """A peer-opened stream; returns it, or None if refused (reader thread)."""
         with self._lock:
+            if self.error is not None:
+                # Ended by another thread while the reader applied the rest of
+                # its chunk: nothing would ever end this stream.
+                return None
             if self._local_goaway:
                 refuse = ErrorCode.STREAM_REFUSED
             elif stream_id & 1 == self._local_parity:

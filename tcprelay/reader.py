@@ -112,9 +112,9 @@ class SessionReader(object):
                     self._lead.wait()
                 self._leader = _BACKGROUND   # for good: nobody reads a closed socket
             self._recv_view.release()
-            self._owner._finish()
             self._wake_r.close()
             self._wake_w.close()
+            self._owner._finish()
 
     def read_once(self, timeout=None, consumer=False):
         """Read what the socket has and apply it (the leader only).

@@ -25,7 +25,11 @@ from .socketlike import SocketLike
 from .streambuffer import ReceiveBuffer
 from .window import ReceiveWindow
 
-_RECV_FLAGS = socket.MSG_PEEK | socket.MSG_WAITALL
+# As plain ints: socket.MSG_* are IntFlag members, and their operators are
+# Python calls on every recv.
+_MSG_PEEK = int(socket.MSG_PEEK)
+_MSG_WAITALL = int(socket.MSG_WAITALL)
+_RECV_FLAGS = _MSG_PEEK | _MSG_WAITALL
 
 # A stream's close state (Stream._close_state)
 OPEN = "open"
@@ -41,8 +45,6 @@ def _byte_view(data):
     return view
 
 
-
-
 class Stream(SocketLike):
     """One muxado stream: a socket-like, file-like byte pipe.
 
@@ -54,7 +56,7 @@ class Stream(SocketLike):
         self.session = session
         self._writer = session._writer
         self._reader = session._reader
-        # An RLock for its owner check only (see _hold_again): never taken
+        # An RLock for its owner check only (see mainthread.hold_again): never taken
         # twice. So a signal handler must not call into a stream the main
         # thread may be in: it would run on half-updated state.
         self._lock = threading.RLock()
@@ -79,8 +81,7 @@ class Stream(SocketLike):
         self._send_window = DEFAULT_WINDOW
         self._fin_sent = False
         # SYN goes out with the first frame (Go's lazy open). Written only
-        # under the session's write lock (FrameWriter.send_data), with the
-        # frame; read anywhere else as a hint that send_data checks again.
+        # under the session's write lock (FrameWriter.write), with the frame.
         self._unannounced = not announced
         # end states
         self._close_state = OPEN
@@ -107,7 +108,7 @@ class Stream(SocketLike):
             raise ValueError("negative buffersize in recv")
         if bufsize == 0:
             return b""
-        waitall = flags & socket.MSG_WAITALL
+        waitall = flags & _MSG_WAITALL
         buffer = self._buffer
         start = end = None
         try:
@@ -116,7 +117,7 @@ class Stream(SocketLike):
                 start = buffer.read_pos
                 if start == buffer.end:
                     return b""
-                if flags & socket.MSG_PEEK:
+                if flags & _MSG_PEEK:
                     return buffer.copy_out(start, bufsize, True)
                 data = buffer.copy_out(start, bufsize, bool(waitall))
                 end = start + len(data)
@@ -424,7 +425,7 @@ class Stream(SocketLike):
             if self.session.closed:
                 self._close_state = CLOSED   # nothing left to tell the peer
             else:
-                self._writer.defer(self.close)
+                self._writer.defer_from_finaliser(self.close)
 
     @property
     def closed(self):
@@ -644,7 +645,12 @@ class Stream(SocketLike):
 
     def _consumed(self, n):
         """Account for ``n`` bytes consumed (lock held); the WNDINC increment to send, or 0."""
-        return self._window.consumed(n, self._unread(), self._peer_done())
+        window = self._window
+        if not n and not window.grant_pending:
+            return 0
+        buffer = self._buffer   # inline: this runs for every frame and every read
+        return window.consumed(n, buffer.end - buffer.read_pos,
+                               self._fin_received or self._error is not None)
 
     def _set_error(self, error):
         """Make ``error`` terminal; False if the stream had already ended."""

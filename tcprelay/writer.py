@@ -47,7 +47,7 @@ class FrameWriter(object):
         # Conditions are entered by their locks (a C __enter__): a signal
         # handler's exception in Condition.__enter__, Python code, could
         # leave the lock taken for good.
-        self._control_lock = threading.Lock()
+        self._control_lock = threading.RLock()   # see defer_from_finaliser
         self._control_ready = threading.Condition(self._control_lock)
         self.use_sendmsg = not _is_tls(sock) and hasattr(sock, "sendmsg")
         _tune_socket(sock, write_timeout)
@@ -100,6 +100,11 @@ class FrameWriter(object):
                     # must know that the peer hears of the stream now.
                     announcing = True
                     stream._unannounced = False
+                    if stream._error is not None:
+                        # Reset before its first frame went: the RST was
+                        # skipped (send_rst), so the peer must never hear of it.
+                        stream._unannounced = True
+                        return
                     buffers = (with_syn(buffers[0]),) + tuple(buffers[1:])
                 self._sendv(buffers, written)
             except OSError as exc:
@@ -140,8 +145,12 @@ class FrameWriter(object):
             pass  # the session has ended; the stream's next call says so
 
     def send_rst(self, stream, code, wait=True):
+        """RST for ``stream``, whose error is set already (see Stream.reset)."""
         if stream._unannounced:
-            return  # the peer never heard of it
+            # The peer never heard of it. A first frame about to go sees the
+            # error and is dropped (write): the SYN is cleared before the
+            # error is read there, and the error set before this read.
+            return
         if not wait:
             self.queue_control(encode_rst(stream.id, code))
             return
@@ -298,6 +307,15 @@ class FrameWriter(object):
         """Run ``action()`` on the writer thread, which holds no stream lock."""
         self._hand_to_writer(action)
 
+    def defer_from_finaliser(self, action):
+        """``defer`` for a finaliser, which runs wherever the garbage collector
+        does: on any thread, the writer thread too, inside its own hold of
+        the queue's lock (an RLock for this). Holders of that lock wait for
+        nothing else, so taking it from another thread cannot deadlock."""
+        self._control.append(action)   # one C call: atomic
+        with self._control_lock:
+            self._control_ready.notify()
+
     def _control_loop(self):
         try:
             while True:
@@ -306,8 +324,11 @@ class FrameWriter(object):
                         self._control_ready.wait()
                     if self._owner.error is not None:
                         return
-                    items = list(self._control)
-                    self._control.clear()
+                    # popleft, not list() and clear(): a finaliser may append
+                    # meanwhile, even on this thread (defer_from_finaliser)
+                    items = []
+                    while self._control:
+                        items.append(self._control.popleft())
                 frames = []
                 for item in items:
                     if callable(item):
@@ -325,18 +346,10 @@ class FrameWriter(object):
             log.exception("%s: writer thread failed", self._owner.name)
             self._owner._die(ErrorCode.INTERNAL_ERROR, "writer thread failed")
 
-    # -- reading (reader thread) ------------------------------------------------------
-
-    # Reading is leader/follower. Exactly one thread at a time, the leader,
-    # reads the socket and applies frames. A thread about to block on a
-    # stream takes the lead if it is free, so that in request/response
-    # traffic the reply wakes the very thread waiting for it: a thread
-    # handoff costs tens of microseconds, more than the whole round trip.
-    # The reader thread leads whenever no consumer does: at once if anyone
-    # is parked waiting, else after LEAD_GRACE, giving a consumer that just
-    # got its data the chance to come back and lead again.
-
     def try_goaway(self, last_stream_id, code, debug):
+        """The closing GOAWAY, best effort: at most GOAWAY_ON_CLOSE_TIMEOUT for
+        the write lock, and no wait for room on the socket (over TLS, at most
+        as long again)."""
         if not self.lock.acquire(True, GOAWAY_ON_CLOSE_TIMEOUT):
             return
         try:
