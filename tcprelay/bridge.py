@@ -212,10 +212,13 @@ class Bridge(object):
     down means bytes handed to the socket (at once or by the flusher) or
     the client taking bytes from its socket's send queue; moving up means
     bytes read from the socket or sent on the stream.
+
+    ``nodelay``: set TCP_NODELAY on ``sock`` (False: it has it already, say
+    from its listener).
     """
 
     def __init__(self, sock, stream, flusher, name=None, on_close=None, workers=None,
-                 idle_timeout=None):
+                 idle_timeout=None, nodelay=True):
         self.sock = sock
         self.stream = stream
         self.name = name or "bridge-%d" % stream.id
@@ -242,10 +245,11 @@ class Bridge(object):
         self.bytes_down = 0                   # stream -> socket
         if sock.gettimeout() is not None:
             sock.settimeout(None)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        if nodelay:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
 
     def run(self):
         """Pump in the calling thread until both directions end."""

@@ -251,6 +251,10 @@ class ServiceLink(Registrar):
                 continue
             if not client_options_inherited(conn):   # from the listener (set_client_options)
                 enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
+                try:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
             try:
                 stream, early = self._open_stream(session, conn, client_address)
             except (muxado.MuxadoError, OSError) as exc:
@@ -314,7 +318,7 @@ class ServiceLink(Registrar):
         bridge = Bridge(conn, stream, relay.flusher,
                         name="client %s" % _address(client_address),
                         on_close=self._client_closed, workers=relay.workers,
-                        idle_timeout=relay.idle_timeout)
+                        idle_timeout=relay.idle_timeout, nodelay=False)
         bridge.bytes_up = len(early)
         with self._lock:
             self._bridges.add(bridge)
