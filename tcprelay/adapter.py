@@ -40,6 +40,7 @@ class Adapter(servicecli.AnnouncingServer):
     def __init__(self, relay_address, local_address, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
                  drain_timeout=DEFAULT_DRAIN_TIMEOUT, probe_local=False, **options):
         self.local_address = tuple(local_address)
+        self._local_family = _numeric_family(self.local_address[0])   # None: a host name
         self.probe_local = probe_local   # try the local service once, at the first registration
         self.local_label = addresses.format_sockaddr(self.local_address)
         self.local_connect_timeout = connect_timeout
@@ -75,16 +76,16 @@ class Adapter(servicecli.AnnouncingServer):
     def _join(self, stream, client_address):
         """Connect to the local service and pump until both directions end."""
         try:
-            sock = socket.create_connection(self.local_address,
-                                            min(self.local_connect_timeout, clock.MAX_TIMEOUT))
+            sock = self._connect_local()
         except OSError as exc:
             self._log_unreachable("cannot reach the local service at %s (%s); resetting the "
                                   "client's stream", self.local_label,
                                   getattr(exc, "strerror", None) or exc)
             stream.reset()
             return
-        log.debug("client %s joined to %s on stream %d", addresses.format_sockaddr(client_address),
-                  self.local_label, stream.id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s joined to %s on stream %d",
+                      addresses.format_sockaddr(client_address), self.local_label, stream.id)
         bridge = Bridge(sock, stream, self.flusher, name="client stream %d" % stream.id)
         with self._bridges_lock:
             self._bridges.add(bridge)
@@ -93,6 +94,22 @@ class Adapter(servicecli.AnnouncingServer):
         finally:
             with self._bridges_lock:
                 self._bridges.discard(bridge)
+
+    def _connect_local(self):
+        """A connected socket to the local service; raises OSError."""
+        timeout = min(self.local_connect_timeout, clock.MAX_TIMEOUT)
+        if self._local_family is None:
+            # A host name: resolved for each client, as its address may change.
+            return socket.create_connection(self.local_address, timeout)
+        # A numeric address: no resolver call per client.
+        sock = socket.socket(self._local_family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.local_address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def server_close(self):
         servicecli.AnnouncingServer.server_close(self)
@@ -130,6 +147,14 @@ class Adapter(servicecli.AnnouncingServer):
                 bridge.abort("closing, and the local service stopped reading")
         self.workers.close()
         self.flusher.close()
+
+
+def _numeric_family(host):
+    """AF_INET or AF_INET6 for a numeric address, None for a host name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
 
 
 def _resolve(host, port):

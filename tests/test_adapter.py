@@ -507,3 +507,14 @@ def test_relay_killed_and_restarted_services_come_back_on_their_ports(procs, bac
         assert process.wait() == 0
         assert process.stdout_rest() == ""   # same address: no new line
         assert_no_traceback(process)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["numeric", "name"])
+def test_local_service_by_address_or_by_name(env, local, host):
+    # A numeric local address is connected to directly (no resolver call per
+    # client); a host name is resolved for each client, as it may change.
+    relay = env.relay(ports=1)
+    backend = start_backend(local.cleanups, EchoHandler)
+    port = start_adapter(env, relay, (host, backend.server_address[1]))
+    client = env.client(port)
+    assert echo_roundtrip(client, b"ping", half_close=True) == b"ping"
