@@ -78,8 +78,10 @@ class Setup(object):
         self.relay = None
         self.relay_pid = None
         try:
+            self.direct_child = self.service = None
             if direct:
-                direct = self._child([py, os.path.abspath(__file__), "--serve-direct"])
+                direct = self.direct_child = self._child(
+                    [py, os.path.abspath(__file__), "--serve-direct"])
                 self.direct = ("127.0.0.1", int(direct.line))
             self.adapter_target = None
             if args.target:
@@ -101,6 +103,7 @@ class Setup(object):
             echo = self._child([py, "-m", "tcprelay.echoserver", relay_address[0],
                                 str(relay_address[1]), "--log-level", "warning"]
                                + (["--tls", "--tls-ca", TEST_CA] if tls else []))
+            self.service = echo
             host, port = benchkit.parse_hostport(echo.line)
             self.target = ("127.0.0.1" if host == "localhost" else host, port)
             self.adapter_target = None

@@ -7,7 +7,12 @@ client code, and reads each process's user and system CPU time from /proc
 (Linux only) around each workload:
 
   connection  short connections, 8 at a time, 1-byte echo each: us per connection
+  request     32 connections of back-to-back 64-byte echo rounds: us per round
   bulk        8 connections echoing at once: ms per MiB (one direction counted)
+
+Beside the CPU time, each process's context switches per unit (voluntary and
+not, summed over its live threads: the cost of thread handoffs and GIL
+passing, which is most of the system time).
 
 On 2 cores the relay path's total (client + relay + service) against the
 direct path's total (client + server) bounds the ratios bench.py can show.
@@ -23,7 +28,6 @@ import argparse
 import os
 import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,16 +47,30 @@ def cpu_times(pid):
     return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
+def context_switches(pid):
+    """Context switches so far of process ``pid``'s live threads (this process: None)."""
+    total = 0
+    base = "/proc/%s/task" % ("self" if pid is None else pid)
+    for tid in os.listdir(base):
+        try:
+            with open("%s/%s/status" % (base, tid)) as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass   # the thread ended meanwhile
+    return total
+
+
 def measure(pids, workload):
-    """Run ``workload()`` -> (units, rate); CPU per unit of each process in ``pids``."""
-    before = {name: cpu_times(pid) for name, pid in pids.items()}
+    """Run ``workload()`` -> (units, rate); (user, system, switches) per unit of
+    each process in ``pids``."""
+    before = {name: cpu_times(pid) + (context_switches(pid),) for name, pid in pids.items()}
     units, rate = workload()
-    after = {name: cpu_times(pid) for name, pid in pids.items()}
+    after = {name: cpu_times(pid) + (context_switches(pid),) for name, pid in pids.items()}
     cost = {}
     for name in pids:
-        user = (after[name][0] - before[name][0]) / units
-        system = (after[name][1] - before[name][1]) / units
-        cost[name] = (user, system)
+        cost[name] = tuple((after[name][i] - before[name][i]) / units for i in range(3))
     return rate, cost
 
 
@@ -66,6 +84,8 @@ def build_parser():
                         help="short connections per run (default 3000)")
     parser.add_argument("--mib", type=int, default=256,
                         help="MiB echoed per bulk run, over 8 connections (default 256)")
+    parser.add_argument("--seconds", type=int, default=4,
+                        help="seconds of each request run (default 4)")
     return parser
 
 
@@ -82,8 +102,8 @@ def main(argv=None):
     try:
         relay = benchkit.tcp_connector(setup.target)
         direct = benchkit.tcp_connector(setup.direct)
-        service_pid = setup.children[-1].pid
-        direct_pid = setup.children[0].pid
+        service_pid = setup.service.pid
+        direct_pid = setup.direct_child.pid
         relay_pids = {"client": None, "relay": setup.relay_pid, "service": service_pid}
         direct_pids = {"client": None, "server": direct_pid}
         per_stream = (args.mib // 8) << 20
@@ -95,6 +115,12 @@ def main(argv=None):
         def bulk(connect):
             return lambda: (mib, benchkit.throughput(connect, per_stream, 8))
 
+        def requests(address):
+            def run():
+                rate = benchkit.request_rate(address, 32, args.seconds)[0]
+                return rate * args.seconds, rate
+            return run
+
         # Warm up: threads and buffers grown, as in steady use.
         benchkit.connect_rate(relay, 200, 8)
         benchkit.throughput(relay, 8 << 20, 8)
@@ -102,6 +128,8 @@ def main(argv=None):
         # (label, unit, scale to the unit, number format, rate format, loads)
         workloads = (
             ("connection", "us", 1e6, "%.0f", "%.0f/s", connections(relay), connections(direct)),
+            ("request", "us", 1e6, "%.0f", "%.0f/s", requests(setup.target),
+             requests(setup.direct)),
             ("bulk 8 streams", "ms/MiB", 1e3, "%.2f", "%.0f MiB/s", bulk(relay), bulk(direct)))
         for label, unit, scale, number, rate_format, relay_load, direct_load in workloads:
             samples = {"relay": [], "direct": []}
@@ -117,12 +145,16 @@ def main(argv=None):
                 for name in pids:
                     user = benchkit.median([c[name][0] for _, c in runs]) * scale
                     system = benchkit.median([c[name][1] for _, c in runs]) * scale
+                    switches = benchkit.median([c[name][2] for _, c in runs])
                     total += user + system
-                    cells.append(("%s " + number + "+" + number) % (name, user, system))
+                    cells.append(("%s " + number + "+" + number + " (%.1f sw)")
+                                 % (name, user, system, switches))
                 rows.append((label, subject, rate_format % rate, (number + " %s") % (total, unit),
                              ", ".join(cells)))
-        print("CPU per unit of work, user+system, median of %d run(s)" % args.runs)
-        rows.insert(0, ("workload", "subject", "rate", "total", "each process: user+system"))
+        print("CPU per unit of work, user+system (sw: context switches per unit), median of "
+              "%d run(s)" % args.runs)
+        rows.insert(0, ("workload", "subject", "rate", "total",
+                        "each process: user+system (switches)"))
         widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
         for row in rows:
             print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths))
