@@ -50,15 +50,19 @@ def _next_reply(lines, silence, deadline, silent):
 
 
 def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
-             on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None):
+             on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None,
+             allow=None):
     """Register over an open session (extended form).
 
     Returns ``(reply, stream)``: the relay's ok reply, and the registration
     stream if it now carries the heartbeat (else None: it is closed).
     ``on_waiting(position)`` is called when we join the line for a port and
     each time our place in it changes. With ``secret`` (bytes) we answer the
-    relay's challenge. Raises ``RegistrationRefused`` if the relay says no,
-    ``socket.timeout`` if it goes silent (see below).
+    relay's challenge. With ``allow`` (CIDR texts) only clients from those
+    networks may reach us; a relay whose ``ok`` does not confirm it (an older
+    one ignores the field) is ``RegistrationRefused`` too. Raises
+    ``RegistrationRefused`` if the relay says no, ``socket.timeout`` if it
+    goes silent (see below).
 
     Each answer must come within ``timeout`` seconds. Once in line we wait
     as long as ``max_wait`` allows (None: for ever), and silence means a
@@ -73,7 +77,8 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
         request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True,
                                        lease=lease, heartbeat=heartbeat,
                                        proxy_protocol=proxy_protocol,
-                                       auth=auth.METHOD if secret is not None else None)
+                                       auth=auth.METHOD if secret is not None else None,
+                                       allow=allow)
         stream.settimeout(timeout)
         stream.sendall(request.encode())
         replies = StreamLines(stream, registration.MAX_REPLY)
@@ -97,7 +102,8 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                     if on_waiting is not None:
                         on_waiting(position)
             elif status == "ok":
-                _check_ok(reply, unasked_secret=secret is not None and not challenged)
+                _check_ok(reply, unasked_secret=secret is not None and not challenged,
+                          allow=allow)
                 keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
                 return reply, (stream if keep else None)
             elif status == "challenge":
@@ -114,11 +120,18 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
             stream.close()
 
 
-def _check_ok(reply, unasked_secret):
-    """Raise RegistrationError if the relay's ``ok`` gives no address; warn if
-    we have a secret it did not ask for (``unasked_secret``)."""
+def _check_ok(reply, unasked_secret, allow=None):
+    """Raise RegistrationError if the relay's ``ok`` gives no address, and
+    RegistrationRefused if it does not confirm our ``allow`` list; warn if we
+    have a secret it did not ask for (``unasked_secret``)."""
     if not isinstance(reply.get("address"), str):
         raise registration.RegistrationError("the relay's ok has no address")
+    if allow is not None and reply.get("allow") != list(allow):
+        # Fail closed: a relay that ignored the list would let anyone in.
+        raise RegistrationRefused(
+            "it did not confirm our allow list (an older relay ignores it): clients "
+            "from anywhere could reach us, so we do not serve through it; upgrade the "
+            "relay, or leave the allow list out")
     if unasked_secret:
         log.warning("the relay did not ask for our secret: it lets anyone "
                     "register (no --secret-file), or it is not the relay meant")

@@ -338,7 +338,8 @@ class Registrar(object):
             lease = self.lease = relay.leases.issue(self, port)
         stream.sendall(registration.ok_line(
             address, port, lease=lease, lease_time=relay.lease_time,
-            heartbeat_timeout=relay.keepalive if request.heartbeat else None))
+            heartbeat_timeout=relay.keepalive if request.heartbeat else None,
+            allow=request.allow))
         if request.heartbeat:
             # The registration stream carries the heartbeat from now on.
             self._heartbeat = HeartbeatResponder(self._session, stream, relay.keepalive,
@@ -346,8 +347,9 @@ class Registrar(object):
             self._heartbeat.start()
         else:
             stream.close()
-        log.info("%s: registered; public address %s%s", self.label, address,
-                 " (PROXY %s headers)" % request.proxy_protocol if request.proxy_protocol else "")
+        log.info("%s: registered; public address %s%s%s", self.label, address,
+                 " (PROXY %s headers)" % request.proxy_protocol if request.proxy_protocol else "",
+                 "; clients from %s only" % ", ".join(request.allow) if request.allow else "")
 
 
 def _request_bytes(lines, deadline):

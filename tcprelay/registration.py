@@ -13,6 +13,7 @@ This module only turns requests and replies into bytes and back.
 """
 
 import binascii
+import ipaddress
 import json
 
 PROTOCOL_VERSION = 1
@@ -24,6 +25,7 @@ MAX_REPLY = 64 * 1024       # bytes of one reply line a service reads at most
 MAX_NAME = 64
 MAX_WAIT = 10 ** 9          # seconds: the longest max_wait a relay takes
 MAX_LEASE = 128
+MAX_ALLOW = 64              # networks in one request's allow list
 
 # The link's muxado session, the same on both sides: the relay's and the
 # service's streams get a bigger window than the codec's 256 KiB default
@@ -48,11 +50,11 @@ class Request(object):
     """What a service asks for. ``minimal`` is True for the empty request."""
 
     FIELDS = ("version", "port", "name", "max_wait", "notices", "lease", "heartbeat",
-              "proxy_protocol", "auth")
+              "proxy_protocol", "auth", "allow")
 
     def __init__(self, port=None, name=None, max_wait=None, notices=False, lease=None,
                  heartbeat=False, proxy_protocol=None, auth=None, version=PROTOCOL_VERSION,
-                 extra=None, minimal=False):
+                 extra=None, minimal=False, allow=None):
         self.version = version
         self.port = port
         self.name = name
@@ -62,6 +64,7 @@ class Request(object):
         self.heartbeat = heartbeat            # keep the stream open for pings
         self.proxy_protocol = proxy_protocol  # "v1" or "v2": start each stream with a header
         self.auth = auth                      # "hmac-sha256": we will answer a challenge
+        self.allow = allow                    # CIDR texts: only clients from these networks
         self.extra = dict(extra or {})   # fields later versions and extensions add
         self.minimal = minimal
 
@@ -77,7 +80,7 @@ class Request(object):
         if self.minimal:
             return b""
         body = {"version": self.version}
-        for key in ("port", "name", "max_wait", "lease", "proxy_protocol", "auth"):
+        for key in ("port", "name", "max_wait", "lease", "proxy_protocol", "auth", "allow"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
@@ -141,6 +144,12 @@ def parse_request(data):
     auth = body.get("auth")
     if auth is not None and not isinstance(auth, str):
         raise RegistrationError("'auth' must name a method, such as \"hmac-sha256\"")
+    allow = body.get("allow")
+    if allow is not None:
+        try:
+            allow = allow_list(allow)
+        except ValueError as exc:
+            raise RegistrationError("'allow' %s" % exc)
     extra = dict((k, v) for k, v in body.items() if k not in Request.FIELDS)
     return Request(
         port=_number(body, "port", 1, 65535, integer=True),
@@ -153,7 +162,32 @@ def parse_request(data):
         auth=auth,
         version=version,
         extra=extra,
+        allow=allow,
     )
+
+
+def allow_list(networks):
+    """``networks`` (an iterable of CIDR texts such as "10.0.0.0/8" or "::1/128";
+    host bits may be set) as a list of those texts, checked: 1 to MAX_ALLOW of
+    them. Raises ValueError saying what is wrong (the text follows a field or
+    option name)."""
+    if isinstance(networks, (str, bytes, dict)):
+        raise ValueError("must be a list of networks like \"10.0.0.0/8\"")
+    try:
+        networks = list(networks)
+    except TypeError:
+        raise ValueError("must be a list of networks like \"10.0.0.0/8\"")
+    if not 1 <= len(networks) <= MAX_ALLOW:
+        raise ValueError("must list 1 to %d networks" % MAX_ALLOW)
+    for network in networks:
+        # Text only: ipaddress also takes integers and bytes, which a peer's JSON must not pass as networks.
+        if not isinstance(network, str):
+            raise ValueError("must hold network texts like \"10.0.0.0/8\", not %.40r" % (network,))
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError("holds %.60r, which is not a network like \"10.0.0.0/8\"" % network)
+    return networks
 
 
 # JSON integers are exact up to here in every decoder (JavaScript's doubles too).
@@ -201,12 +235,15 @@ def waiting_line(position, interval=None, port=None, reason=None):
     return encode_reply("waiting", **fields)
 
 
-def ok_line(address, port, lease=None, lease_time=None, heartbeat_timeout=None):
+def ok_line(address, port, lease=None, lease_time=None, heartbeat_timeout=None, allow=None):
     """The relay's ``ok``: the public ``address`` ("host:port") and ``port``;
     the ``lease`` token and its ``lease_time`` (seconds) if one was issued;
     with ``heartbeat_timeout`` (seconds), the heartbeat's terms: a ping
-    every third of it."""
+    every third of it; with ``allow`` (CIDR texts), the service's allow list,
+    as the relay holds it: the service's proof that this relay enforces it."""
     fields = {"address": address, "port": port, "version": PROTOCOL_VERSION}
+    if allow is not None:
+        fields["allow"] = list(allow)
     if lease is not None:
         fields.update(lease=lease, lease_seconds=seconds(lease_time))
     if heartbeat_timeout is not None:

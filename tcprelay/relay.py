@@ -72,6 +72,9 @@ class Relay(object):
     service may make no progress before its session ends (muxado's). ``port_retry_after``:
     seconds a public port that could not be bound is skipped before it is tried again.
     ``pump_idle_timeout``: seconds an idle pump thread waits for a new client before it ends.
+    ``public_allow``: CIDR texts; if any, only clients from those networks reach any
+    service (a ceiling: a service's own ``allow`` narrows it further); ValueError if one
+    is not a network. ``allow_from``: the same for services registering.
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -85,7 +88,7 @@ class Relay(object):
                  waiting_interval=DEFAULT_WAITING_INTERVAL,
                  write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
                  port_retry_after=DEFAULT_PORT_RETRY_AFTER,
-                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT):
+                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, public_allow=()):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -101,6 +104,7 @@ class Relay(object):
         self.write_timeout = write_timeout
         self.secret = secret
         self.allow_from = limits.Networks(allow_from)
+        self.public_allow = limits.Networks(public_allow)
         self.tls_context = tls_context
         self.max_waiting = max_waiting
         self.max_clients = max_clients
@@ -360,6 +364,10 @@ def build_parser():
                              "non-ASCII name goes out in IDNA (default: the address each "
                              "service dialled; the --public-bind address if that is one "
                              "address)")
+    parser.add_argument("--public-allow", action="append", default=[], metavar="CIDR",
+                        type=cli.network,
+                        help="only clients from networks like this reach the public "
+                             "ports, whatever a service allows; repeatable (default: any)")
     parser.add_argument("--ports", type=cli.port_range, metavar="LOW-HIGH",
                         help="the public port pool (default: PORT+1 to PORT+50)")
     parser.add_argument("--max-services", type=cli.positive(int), default=DEFAULT_POOL_SIZE,
@@ -506,7 +514,8 @@ def _start_relay(args, ports, secret, tls_context):
                      registration_rate=args.registration_rate,
                      max_pending=args.max_pending,
                      max_pending_per_host=args.max_pending_per_host,
-                     pump_idle_timeout=args.pump_idle_timeout)
+                     pump_idle_timeout=args.pump_idle_timeout,
+                     public_allow=args.public_allow)
     except OSError as exc:
         where = addresses.join_host_port(args.host or "*", args.port)
         if exc.errno == errno.EADDRINUSE:

@@ -166,7 +166,7 @@ def _dial(relay_address, timeout, attempt):
 def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wait=None,
             on_waiting=None, lease=None, heartbeat=True, proxy_protocol=None,
             keepalive=DEFAULT_KEEPALIVE, secret=None, tls=None, attempt=None,
-            **session_options):
+            allow_clients=None, **session_options):
     """Dial the relay, register, and return a ``ServiceConnection``.
 
     ``port`` asks for a particular public port, ``name`` labels us in the
@@ -176,11 +176,20 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     ("v1" or "v2") asks for each stream to start with the client's address.
     ``secret`` (bytes) answers the relay's challenge; ``tls`` (an
     ``ssl.SSLContext``, see ``tcprelay.tls.client_context``) puts TLS on the
-    connection. ``timeout`` bounds connecting and each answer from the relay
+    connection. ``allow_clients`` (CIDR texts, such as ``["10.0.0.0/8"]``)
+    lets only clients from those networks reach us: the relay resets the
+    others (ValueError at once for a text that is no network;
+    ``RegistrationRefused`` from a relay that does not confirm the list).
+    ``timeout`` bounds connecting and each answer from the relay
     (the wait in line: see ``register``). ``attempt`` (an ``Attempt``) lets
     another thread cut it all short: then ``ConnectCancelled`` is raised.
     """
     where = addresses.join_host_port(*relay_address[:2])
+    if allow_clients is not None:
+        try:
+            allow_clients = registration.allow_list(allow_clients)
+        except ValueError as exc:
+            raise ValueError("allow_clients %s" % exc)
     if attempt is None:
         attempt = Attempt()
     sock = _dial(relay_address, timeout, attempt)
@@ -200,7 +209,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
         reply, stream = register(session, port=port, name=name, max_wait=max_wait,
                                  timeout=timeout, on_waiting=waiting, lease=lease,
                                  heartbeat=heartbeat, proxy_protocol=proxy_protocol,
-                                 secret=secret)
+                                 secret=secret, allow=allow_clients)
         in_line.append(None)
         if stream is not None:
             beat = reply["heartbeat"]
@@ -324,6 +333,9 @@ class RelayServer(object):
     ``retry=True`` retries the first connection too; without it a relay
     that cannot be reached is an error at once. A relay that refuses us
     (``RegistrationRefused``) is final either way.
+
+    Other keyword arguments (``allow_clients``, ``secret``, ``tls``, ...) go
+    to ``connect()`` at every registration.
 
     ``shutdown()`` and ``server_close()`` cut every stage short within
     about a second: connecting, registering, waiting in line, the backoff

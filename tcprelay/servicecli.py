@@ -7,8 +7,8 @@ import socket
 import sys
 
 from . import addresses, auth, registration, tls
-from .cli import (LOG_LEVELS, Parser, configure_logging, on_stop_signals, port_number,
-                  positive)
+from .cli import (LOG_LEVELS, Parser, configure_logging, network, on_stop_signals,
+                  port_number, positive)
 from .muxado import MuxadoError
 from .registration import MAX_WAIT, RegistrationError
 from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
@@ -81,6 +81,10 @@ def service_parser(prog, description):
     parser.add_argument("--name", default=None, type=_service_name,
                         help="our name in the relay's logs (printable, up to %d characters)"
                              % registration.MAX_NAME)
+    parser.add_argument("--allow-client", action="append", default=None, metavar="CIDR",
+                        type=network,
+                        help="only clients from networks like this may reach us: the "
+                             "relay resets the others; repeatable (default: any)")
     parser.add_argument("--retry", action="store_true",
                         help="keep trying if the relay cannot be reached at first "
                              "(by default that is an error at once)")
@@ -208,6 +212,7 @@ def run_service(prog, args, make_server, **server_options):
     try:
         server = make_server(port=args.port, name=args.name, retry=args.retry,
                              timeout=args.timeout, max_wait=args.max_wait,
+                             allow_clients=args.allow_client,
                              bind_and_activate=False, **server_options)
     except StartError as exc:
         sys.stderr.write("%s: %s\n" % (prog, exc))

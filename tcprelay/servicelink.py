@@ -60,8 +60,11 @@ class ServiceLink(Registrar):
         self.request = None
         self.lease = None           # the token we handed out, once registered
         self.clients_served = 0
-        # Its own gate: one service's overload says so once a second, whatever else is refused.
+        self.clients_not_allowed = 0   # reset at once: outside --public-allow or the service's allow
+        self.allowed_clients = limits.Networks(())   # the service's "allow" (empty: any)
+        # Its own gates: one service's overload says so once a second, whatever else is refused.
         self.log_over_max_clients = limits.LogGate(log, more="refusals")
+        self.log_not_allowed = limits.LogGate(log, more="refusals")
         self._thread = threading.Thread(target=self._run, name="service %s" % _address(address))
         self._thread.daemon = True
 
@@ -154,6 +157,7 @@ class ServiceLink(Registrar):
         session.set_read_budget(None)
         session.set_window_size(relay.window_size)
         self.request = request
+        self.allowed_clients = limits.Networks(request.allow or ())
         granted = self._wait_for_port(request, stream)
         if granted is None:
             return
@@ -232,22 +236,18 @@ class ServiceLink(Registrar):
         relay = self.relay
         acceptor = resources.Acceptor(self._listener, self._stopping,
                                       "%s's port %d" % (self.label, self.port))
-        refused = self.log_over_max_clients
+        gates = (self.log_over_max_clients, self.log_not_allowed)
         while True:
-            owed = refused.owed()
-            if owed is not None and not _readable(self._listener, owed):
-                refused.flush()   # a burst's count, told within a second even if it ended
+            owed = [wait for wait in (gate.owed() for gate in gates) if wait is not None]
+            if owed and not _readable(self._listener, min(owed)):
+                for gate in gates:
+                    gate.flush()   # a burst's count, told within a second even if it ended
                 continue
             try:
                 conn, client_address = acceptor.accept()
             except OSError:
                 return  # the listener was shut down: session ended, or the relay is leaving
-            if relay.max_clients is not None and self.client_count >= relay.max_clients:
-                # A raw TCP client can be told nothing: a reset at once says "refused"
-                # (a FIN would look like a service that took it and hung up).
-                _reset(conn)
-                refused("%s: refused a client from %s: %d clients already (--max-clients)",
-                        self.label, client_address[0], relay.max_clients)
+            if self._refused(conn, client_address[0]):
                 continue
             if not client_options_inherited(conn):   # from the listener (set_client_options)
                 enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
@@ -262,6 +262,36 @@ class ServiceLink(Registrar):
                     return
                 continue
             self._start_bridge(conn, stream, early, client_address)
+
+    def _refused(self, conn, host):
+        """True if the new client ``conn`` from ``host`` was refused: outside the
+        allowed networks, or over --max-clients. A raw TCP client can be told
+        nothing: a reset at once says "refused" (a FIN would look like a service
+        that took it and hung up); the reason goes to the log."""
+        relay = self.relay
+        outside = self._outside(host)
+        if outside is not None:
+            _reset(conn)
+            self.clients_not_allowed += 1   # this thread's alone: a plain int
+            self.log_not_allowed("%s: refused a client from %s: not in %s", self.label,
+                                 host, outside)
+            return True
+        if relay.max_clients is not None and self.client_count >= relay.max_clients:
+            _reset(conn)
+            self.log_over_max_clients("%s: refused a client from %s: %d clients already "
+                                      "(--max-clients)", self.label, host, relay.max_clients)
+            return True
+        return False
+
+    def _outside(self, host):
+        """Which allowed networks leave ``host`` out (text for the log), or None if it
+        may connect: it must be in the relay's --public-allow and the service's allow."""
+        ceiling = self.relay.public_allow
+        if ceiling and host not in ceiling:
+            return "--public-allow (%s)" % ceiling
+        if self.allowed_clients and host not in self.allowed_clients:
+            return "the service's allowed networks (%s)" % self.allowed_clients
+        return None
 
     def _open_stream(self, session, conn, client_address):
         """A new stream of ``session`` for the client ``conn``, with what it sent
