@@ -61,7 +61,7 @@ class RelayCounters(object):
             counts = dict(self._counts)
             recent = list(self._recent)
         by_name = collections.OrderedDict((name, {}) for name in COUNTERS)
-        for (name, label), value in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        for (name, label), value in counts.items():
             by_name[name][label or ""] = value
         recent.reverse()
         return {"counts": by_name, "recent_refusals": recent}

@@ -253,8 +253,8 @@ class ServiceLink(Registrar):
             if relay.max_clients is not None and self.client_count >= relay.max_clients:
                 # A raw TCP client can be told nothing: a reset at once says "refused"
                 # (a FIN would look like a service that took it and hung up).
+                relay.counters.count("clients_refused", "max_clients")   # before the client knows
                 _reset(conn)
-                relay.counters.count("clients_refused", "max_clients")
                 refused("%s: refused a client from %s: %d clients already (--max-clients)",
                         self.label, client_address[0], relay.max_clients)
                 continue

@@ -82,7 +82,9 @@ def _age(then, now):
 
 def table(headers, rows):
     """Rows of text as columns padded to fit, headers first (a list of lines)."""
-    rows = [[str(c) for c in row] for row in rows]
+    # A name is printable text by the protocol; a terminal is not trusted with it anyway.
+    rows = [["".join(ch if ch.isprintable() else "?" for ch in str(c)) for c in row]
+            for row in rows]
     widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for row in rows:
