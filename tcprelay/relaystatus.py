@@ -71,6 +71,7 @@ def _relay(relay, now, accepting, pending, clients, clients_accepted, bytes_in, 
     stats = pool.stats()
     return {
         "version": __version__,
+        "time": now,   # ages are measured from it: the reader's clock may differ
         "started": relay.started_at,
         "uptime": max(0.0, now - relay.started_at),
         "service_address": _address(relay.server_address),

@@ -94,7 +94,8 @@ def table(headers, rows):
 
 def format_status(status, now=None):
     """``status`` (a /status.json dict) as the lines the terminal shows."""
-    now = time.time() if now is None else now
+    if now is None:   # the relay's clock: ages are right whatever ours says
+        now = status["relay"].get("time", time.time())
     relay, pool = status["relay"], status["relay"]["pool"]
     lines = ["tcprelay %s on %s, up %s%s" % (relay["version"], relay["service_address"],
                                              _age(relay["started"], now),

@@ -162,7 +162,7 @@ function table(rows, heads) {
   return wrap;
 }
 function render(st) {
-  var now = Date.now() / 1000, r = st.relay, p = r.pool, root = el("div");
+  var r = st.relay, p = r.pool, root = el("div"), now = r.time;  // the relay's clock
   var head = el("header");
   head.appendChild(el("h1", "tcprelay " + r.version + " on " + r.service_address));
   facts(head, [["up", ago(r.started, now).split(" (")[0].replace(" ago", "")],

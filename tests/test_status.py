@@ -19,9 +19,8 @@ import urllib.request
 import pytest
 
 from conftest import TIMEOUT
-from relay_helpers import (LOOPBACK, MainRun, Service, connect_client, free_port_range,
-                           recv_exact, wait_until)
-from tcprelay import status as status_cli
+from relay_helpers import (LOOPBACK, MainRun, Service, abort, connect_client,
+                           free_port_range, recv_exact, wait_until)
 from tcprelay.relay import Relay
 
 TOKEN = "s3cret-token"
@@ -281,6 +280,20 @@ def test_relay_totals_keep_the_bytes_of_services_that_left(env):
     assert samples[("tcprelay_bytes_total", (("direction", "in"),))] == 2048
     assert samples[("tcprelay_bytes_total", (("direction", "out"),))] == 2048
     assert samples[("tcprelay_services", ())] == 0
+
+
+def test_streams_reset_are_counted_by_code(env):
+    relay = env.relay(ports=1)
+    service = env.service(relay)
+    port = service.register_ok({"name": "resets"})
+    client = env.client(port)
+    stream = service.accept()
+    abort(client)   # the client's reset: the relay resets its stream
+    with pytest.raises(ConnectionResetError):
+        stream.recv(1)
+    stream.close()
+    wait_until(lambda: status_json(relay)["counters"]["streams_reset"], what="the count")
+    assert status_json(relay)["counters"]["streams_reset"] == {"STREAM_RESET": 1}
 
 
 def test_label_values_are_escaped(env):
