@@ -1,5 +1,9 @@
 """What the relay is doing, as plain dicts: ``snapshot(relay)``.
 
+It reads the relay's, its service links' and the pool's fields directly (the
+relay's ``_services``, a link's ``_bridges`` and ``_ticket``): the one module
+outside them that does, so that they carry no status code of their own.
+
 The one reader of a relay's state for the status endpoint (``/status.json``,
 ``/metrics``, the page, ``python3 -m tcprelay.status``). Each lock is held
 only to copy what it guards; nothing is written to anyone under it.

@@ -37,7 +37,8 @@ main { padding-bottom:24px; }
 .card dl { display:grid; grid-template-columns:auto 1fr; gap:2px 10px; margin:8px 0;
            font-size:14px; }
 .card dt { color:var(--dim); } .card dd { margin:0; overflow-wrap:anywhere; }
-svg { width:100%; height:64px; display:block; }
+svg { width:100%; height:64px; display:block; border-bottom:1px solid var(--line); }
+polyline { fill:none; stroke-width:2px; } .g-in { stroke:var(--in); } .g-out { stroke:var(--out); }
 .legend { font-size:12px; color:var(--dim); }
 .legend .in { color:var(--in); } .legend .out { color:var(--out); }
 .wrap { overflow-x:auto; padding:0 16px; }
@@ -98,14 +99,12 @@ function graph(points) {
   svg.setAttribute("role", "img");
   var top = 1;
   points.forEach(function (p) { top = Math.max(top, p[0], p[1]); });
-  [[0, "var(--in)"], [1, "var(--out)"]].forEach(function (d) {
+  [[0, "g-in"], [1, "g-out"]].forEach(function (d) {
     var line = document.createElementNS(ns, "polyline"), at = HISTORY - points.length;
     line.setAttribute("points", points.map(function (p, i) {
       return (at + i) + "," + (98 - 96 * p[d[0]] / top).toFixed(1);
     }).join(" "));
-    line.setAttribute("fill", "none");
-    line.setAttribute("stroke", d[1]);
-    line.setAttribute("stroke-width", "2");
+    line.setAttribute("class", d[1]);
     line.setAttribute("vector-effect", "non-scaling-stroke");
     svg.appendChild(line);
   });
