@@ -79,7 +79,9 @@ class Relay(object):
     ``status_address``: ``(host, port)`` of the status endpoint (``statusserver``; None: no
     endpoint; StatusAddressError if it cannot listen), ``status_token``: the token it
     requires (str, or None), ``status_timeout``: seconds an HTTP client has to send its
-    request; see ``status()`` for what it shows.
+    request; see ``status()`` for what it shows. The endpoint serves from construction
+    until ``server_close()`` (through ``shutdown()`` and ``drain()``: a draining relay is
+    worth watching).
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
