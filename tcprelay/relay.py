@@ -32,7 +32,6 @@ from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
 from .portpool import PortPool
 from .relaycounters import RelayCounters
 from .servicelink import ServiceLink, _reset
-from .statusserver import DEFAULT_REQUEST_TIMEOUT as DEFAULT_STATUS_TIMEOUT
 from .statusserver import StatusAddressError, StatusServer, TokenError, load_token
 from .workers import DEFAULT_IDLE_TIMEOUT as DEFAULT_PUMP_IDLE_TIMEOUT
 from .workers import WorkerPool
@@ -78,10 +77,9 @@ class Relay(object):
     ``pump_idle_timeout``: seconds an idle pump thread waits for a new client before it ends.
     ``status_address``: ``(host, port)`` of the status endpoint (``statusserver``; None: no
     endpoint; StatusAddressError if it cannot listen), ``status_token``: the token it
-    requires (str, or None), ``status_timeout``: seconds an HTTP client has to send its
-    request; see ``status()`` for what it shows. The endpoint serves from construction
-    until ``server_close()`` (through ``shutdown()`` and ``drain()``: a draining relay is
-    worth watching).
+    requires (str, or None); see ``status()`` for what it shows. The endpoint serves
+    from construction until ``server_close()``, through ``shutdown()`` and ``drain()``
+    (a draining relay is worth watching).
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -94,9 +92,8 @@ class Relay(object):
                  max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST,
                  waiting_interval=DEFAULT_WAITING_INTERVAL,
                  write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
-                 port_retry_after=DEFAULT_PORT_RETRY_AFTER,
-                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, status_address=None,
-                 status_token=None, status_timeout=DEFAULT_STATUS_TIMEOUT):
+                 port_retry_after=DEFAULT_PORT_RETRY_AFTER, status_address=None,
+                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, status_token=None):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -130,12 +127,6 @@ class Relay(object):
         self._lock = threading.Condition()
         self._services = set()
         self._clients = 0
-        # What the status endpoint reads (relaystatus): counts taken under _lock.
-        self.counters = RelayCounters()
-        self.started_at = time.time()
-        self.clients_accepted = 0
-        self.bytes_in_ended = 0    # carried by clients of services that left, to them
-        self.bytes_out_ended = 0   # ... and from them
         self._accepting = True
         self._stopping = threading.Event()   # set by _stop_accepting
         self._drain_cut = False              # cut_drain(): stop waiting for clients
@@ -147,19 +138,27 @@ class Relay(object):
                                     socket.SOCK_STREAM)
         if bind_and_activate:
             self._bind_and_activate()
-        self.status_server = None
-        if status_address is not None:
-            try:
-                self.status_server = StatusServer(status_address, self.status,
-                                                  token=status_token,
-                                                  request_timeout=status_timeout)
-            except OSError:
-                self.socket.close()
-                raise
         self.flusher = Flusher(name="relay-flusher")
         self.workers = WorkerPool(name="relay-pump", idle_timeout=pump_idle_timeout)
-        if self.status_server is not None:
-            self.status_server.start()
+        self._open_status(status_address, status_token)
+
+    def _open_status(self, address, token):
+        """What the status endpoint reads, and the endpoint if ``address`` is given."""
+        self.counters = RelayCounters()
+        self.started_at = time.time()
+        # Counted under _lock, where the relay counts clients and services already.
+        self.clients_accepted = 0
+        self.bytes_in_ended = 0    # carried by clients of services that left, to them
+        self.bytes_out_ended = 0   # ... and from them
+        self.status_server = None
+        if address is None:
+            return
+        try:
+            self.status_server = StatusServer(address, self.status, token=token)
+        except OSError:
+            self.server_close()
+            raise
+        self.status_server.start()
 
     def _open_log_gates(self):
         self._log_refusal = limits.LogGate(log, more="refusals")

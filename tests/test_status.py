@@ -369,7 +369,8 @@ def test_other_methods_and_paths(env):
 
 
 def test_a_slowloris_on_the_status_port_leaves_relaying_and_the_endpoint_working(env):
-    relay = env.relay(ports=1, status_timeout=1.0)
+    relay = env.relay(ports=1)
+    relay.status_server.request_timeout = 1.0   # each slow client's time in all
     service = env.service(relay)
     port = service.register_ok({"name": "echo"})
     service.serve()
