@@ -21,6 +21,7 @@ setup(
             "tcprelay-relay = tcprelay.relay:main",
             "tcprelay-echoserver = tcprelay.echoserver:main",
             "tcprelay-adapter = tcprelay.adapter:main",
+            "tcprelay-status = tcprelay.status:main",
         ],
     },
     classifiers=[

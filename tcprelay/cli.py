@@ -74,6 +74,14 @@ def positive(kind):
     return parse
 
 
+def status_address(text):
+    """``(host, port)`` of ``--status``: HOST:PORT, [V6]:PORT, or a bare PORT on 127.0.0.1."""
+    try:
+        return addresses.split_host_port(text, default_host="127.0.0.1")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def port_range(text):
     try:
         low, _, high = text.partition("-")

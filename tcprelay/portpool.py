@@ -88,6 +88,11 @@ class PortPool(object):
     def ports(self):
         return list(self._ports)
 
+    @property
+    def limit(self):
+        """How many ports may be in use at once (``limit``, or every port)."""
+        return self._limit
+
     def __contains__(self, port):
         return port in self._free or port in self._ports
 

@@ -66,6 +66,7 @@ class Registrar(object):
         relay = self.relay
         public = "host %s, ports %s" % (self._public_host(), relay.pool.describe())
         if first[:4] in _HTTP_METHODS:
+            relay.counters.count("registrations", "http_request")
             relay._log_remote("http", "%s: an HTTP request on the service port: a client "
                               "sent to the wrong port? Clients connect to the public ports "
                               "(%s); answered 400", self.label, public)
@@ -84,6 +85,7 @@ class Registrar(object):
                               "--tls-cert (or it dialed the wrong port)", self.label)
             return False
         if relay.tls_context is not None and first[0] != _TLS_HANDSHAKE:
+            relay.counters.count("registrations", "plain_on_tls")
             relay._log_remote("plain on tls", "%s: a plain (non-TLS) connection on this TLS "
                               "service port: the service needs --tls (or it is not a "
                               "tcprelay service); closing", self.label)
@@ -125,6 +127,7 @@ class Registrar(object):
             sslsock = relay.tls_context.wrap_socket(self._sock, server_side=True,
                                                     do_handshake_on_connect=False)
         except OSError as exc:
+            relay.counters.count("registrations", "tls_failed")
             relay._log_remote("tls", "%s: TLS failed: %s", self.label, exc)
             return None
         self._sock = sslsock   # closed by _run's cleanup from now on
@@ -133,6 +136,7 @@ class Registrar(object):
                                    max(0.0, self._handshake_deadline - time.monotonic())))
             sslsock.do_handshake()
         except (OSError, ValueError) as exc:
+            relay.counters.count("registrations", "tls_failed")
             relay._log_remote("tls", "%s: TLS handshake failed: %s", self.label, exc)
             return None
         return tls.TLSTransport(sslsock)
@@ -144,6 +148,7 @@ class Registrar(object):
         try:
             stream = session.accept(timeout=max(0.0, deadline - time.monotonic()))
         except socket.timeout:
+            relay.counters.count("registrations", "silent")
             relay._log_remote("silent", "%s: opened no registration stream within %gs; "
                               "dropping it", self.label, relay.handshake_timeout)
             return None, None
@@ -155,11 +160,13 @@ class Registrar(object):
                     and not self._authenticate(request, stream, lines, deadline):
                 return None, None
         except socket.timeout:
+            relay.counters.count("registrations", "slow")
             relay._log_remote("slow", "%s: did not finish registering within %gs; dropping it",
                               self.label, relay.handshake_timeout)
             self._refuse(stream, "registration not finished within %gs" % relay.handshake_timeout)
             return None, None
         except registration.RegistrationError as exc:
+            relay.counters.count("registrations", "bad_request")
             relay._log_remote("bad request", "%s: bad registration request: %s", self.label, exc)
             self._refuse(stream, "bad registration request: %s" % exc)
             return None, None
@@ -167,6 +174,7 @@ class Registrar(object):
         log.info("%s: registering (%s)", self.label,
                  "minimal form" if request.minimal else request)
         if request.port is not None and request.port not in relay.pool:
+            relay.counters.count("registrations", "port_not_in_pool")
             self._refuse(stream, "port %d is not in this relay's pool (%s)"
                          % (request.port, relay.pool.describe()))
             return None, None
@@ -196,7 +204,12 @@ class Registrar(object):
 
     def _auth_failed(self, stream, reason):
         host = self.address[0]
+        counters = self.relay.counters
         banned = self.relay.auth_failures.failed(host)
+        counters.count("auth_failures")
+        counters.refused("registrations", "auth_failed", host, reason)
+        if banned:
+            counters.refused("bans", None, host, "too many failed authentications")
         self.relay._log_remote("ban" if banned else "auth", "%s: %s%s", self.label, reason,
                                "; too many failures, refusing %s for a minute" % host
                                if banned else "")
@@ -219,6 +232,7 @@ class Registrar(object):
         try:
             granted = self._wait_in_line(ticket, request, stream)
         except Cancelled:
+            self.relay.counters.count("registrations", "left_line")
             log.info("%s: left the line%s", self.label,
                      " (the relay is leaving)" if self._draining else "")
             return None
@@ -248,6 +262,7 @@ class Registrar(object):
                 # still be letting go of it.
                 port, prefer = prefer, None
         ticket = relay.pool.request(port, lease=lease, prefer=prefer)
+        self.waiting_since = time.time()
         with self._lock:
             self._ticket = ticket
             ended = self._ended
@@ -268,6 +283,8 @@ class Registrar(object):
         if granted is None and relay.max_waiting is not None \
                 and relay.pool.waiting > relay.max_waiting:
             ticket.cancel()
+            relay.counters.refused("registrations", "max_waiting", self.address[0],
+                                   "%d services already wait (--max-waiting)" % relay.max_waiting)
             log.warning("%s: refused: %d services already wait for a port (--max-waiting)",
                         self.label, relay.max_waiting)
             self._refuse(stream, "too many services are waiting for a port (%d); try "
@@ -304,6 +321,7 @@ class Registrar(object):
         else:
             reason = "%s, and it did not become free within %gs" % (why, request.max_wait)
         log.info("%s: %s", self.label, reason)
+        self.relay.counters.count("registrations", "max_wait")
         self._refuse(stream, reason)
         ticket.cancel()
 
@@ -328,6 +346,8 @@ class Registrar(object):
         """Tell the service its public address, in the form it registered with."""
         relay = self.relay
         address = addresses.join_host_port(self._public_host(), port)
+        self.public_address, self.registered_at = address, time.time()
+        relay.counters.count("registrations", "ok")
         if request.minimal:
             stream.sendall(address.encode("ascii"))
             stream.close()

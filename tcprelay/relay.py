@@ -23,13 +23,16 @@ import sys
 import threading
 import time
 
-from . import addresses, auth, cli, clock, limits, muxado, registration, resources, tls
+from . import (addresses, auth, cli, clock, limits, muxado, registration, relaystatus,
+               resources, tls)
 from .bridge import Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, set_client_options
 from .leases import Leases
 from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
 from .portpool import PortPool
+from .relaycounters import RelayCounters
 from .servicelink import ServiceLink, _reset
+from .statusserver import StatusAddressError, StatusServer, TokenError, load_token
 from .workers import DEFAULT_IDLE_TIMEOUT as DEFAULT_PUMP_IDLE_TIMEOUT
 from .workers import WorkerPool
 # Names callers and tests have always taken from this module.
@@ -75,6 +78,11 @@ class Relay(object):
     ``public_allow``: CIDR texts; if any, only clients from those networks reach any
     service (a ceiling: a service's own ``allow`` narrows it further); ValueError if one
     is not a network. ``allow_from``: the same for services registering.
+    ``status_address``: ``(host, port)`` of the status endpoint (``statusserver``; None: no
+    endpoint; StatusAddressError if it cannot listen), ``status_token``: the token it
+    requires (str, or None); see ``status()`` for what it shows. The endpoint serves
+    from construction until ``server_close()``, through ``shutdown()`` and ``drain()``
+    (a draining relay is worth watching).
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -87,8 +95,9 @@ class Relay(object):
                  max_pending_per_host=DEFAULT_MAX_PENDING_PER_HOST,
                  waiting_interval=DEFAULT_WAITING_INTERVAL,
                  write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
-                 port_retry_after=DEFAULT_PORT_RETRY_AFTER,
-                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, public_allow=()):
+                 port_retry_after=DEFAULT_PORT_RETRY_AFTER, status_address=None,
+                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, status_token=None,
+                 public_allow=()):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -110,13 +119,7 @@ class Relay(object):
         self.max_clients = max_clients
         self.idle_timeout = idle_timeout
         self.waiting_interval = waiting_interval
-        self.auth_failures = limits.FailureBans(limit=5, window=60.0, ban=60.0)
-        self.registration_rate = limits.RateLimit(per_minute=registration_rate,
-                                                  burst=max(1, registration_rate // 3))
-        self._open_log_gates()
-        self.max_pending = max_pending
-        self.max_pending_per_host = max_pending_per_host
-        self._pending = {}   # ServiceLink not yet registered -> its host
+        self._set_limits(registration_rate, max_pending, max_pending_per_host)
         self.pool = PortPool(ports, self._bind_public, limit=max_services,
                              retry_after=port_retry_after)
         self.leases = Leases(self.pool, lease_time)
@@ -136,6 +139,35 @@ class Relay(object):
             self._bind_and_activate()
         self.flusher = Flusher(name="relay-flusher")
         self.workers = WorkerPool(name="relay-pump", idle_timeout=pump_idle_timeout)
+        self._open_status(status_address, status_token)
+
+    def _set_limits(self, registration_rate, max_pending, max_pending_per_host):
+        """Who may try and how often (limits.py), and the log gates of refusals."""
+        self.auth_failures = limits.FailureBans(limit=5, window=60.0, ban=60.0)
+        self.registration_rate = limits.RateLimit(per_minute=registration_rate,
+                                                  burst=max(1, registration_rate // 3))
+        self._open_log_gates()
+        self.max_pending = max_pending
+        self.max_pending_per_host = max_pending_per_host
+        self._pending = {}   # ServiceLink not yet registered -> its host
+
+    def _open_status(self, address, token):
+        """What the status endpoint reads, and the endpoint if ``address`` is given."""
+        self.counters = RelayCounters()
+        self.started_at = time.time()
+        # Counted under _lock, where the relay counts clients and services already.
+        self.clients_accepted = 0
+        self.bytes_in_ended = 0    # carried by clients of services that left, to them
+        self.bytes_out_ended = 0   # ... and from them
+        self.status_server = None
+        if address is None:
+            return
+        try:
+            self.status_server = StatusServer(address, self.status, token=token)
+        except OSError:
+            self.server_close()
+            raise
+        self.status_server.start()
 
     def _open_log_gates(self):
         self._log_refusal = limits.LogGate(log, more="refusals")
@@ -180,9 +212,7 @@ class Relay(object):
                     raise
                 refusal = self._admission(address[0])
                 if refusal is not None:
-                    _reset(sock)
-                    self._log_refusal("refused a service connection from %s: %s",
-                                      address[0], refusal)
+                    self._refuse_connection(sock, address, refusal)
                     continue
                 with self._lock:
                     if not self._accepting:
@@ -194,10 +224,9 @@ class Relay(object):
                         self._services.add(link)
                         self._pending[link] = address[0]
                 if refusal is not None:
-                    _reset(sock)
-                    self._log_refusal("refused a service connection from %s: %s",
-                                      address[0], refusal)
+                    self._refuse_connection(sock, address, refusal)
                     continue
+                self.counters.count("service_connections_accepted")
                 self._log_connected("service connected from %s", _address(address))
                 link.start()
         finally:
@@ -251,6 +280,12 @@ class Relay(object):
         if self.flusher is not None:
             self.workers.close()
             self.flusher.close()
+        if self.status_server is not None:
+            self.status_server.close()
+
+    def status(self):
+        """What the relay is doing, as plain dicts: ``relaystatus.snapshot``."""
+        return relaystatus.snapshot(self)
 
     def __enter__(self):
         return self
@@ -261,28 +296,39 @@ class Relay(object):
     # -- internals ---------------------------------------------------------------------
 
     def _admission(self, host):
-        """Why a connection from ``host`` may not even try to register, or None.
+        """Why a connection from ``host`` may not even try to register: ``(reason,
+        text)`` (reason: a metric label), or None.
 
         Checked before any handshake work, so refusals cost almost nothing.
         """
         if self.allow_from and host not in self.allow_from:
-            return "not in --allow-from (%s)" % self.allow_from
+            return "allow_from", "not in --allow-from (%s)" % self.allow_from
         if self.auth_failures.banned(host):
-            return "too many failed authentications; refused for a minute"
+            return "banned", "too many failed authentications; refused for a minute"
         if not self.registration_rate.allow(host):
-            return "too many registrations from this address (--registration-rate)"
+            return ("registration_rate",
+                    "too many registrations from this address (--registration-rate)")
         return None
 
     def _pending_refusal(self, host):
-        """Why a new connection from ``host`` may not wait to register, or None (lock held)."""
+        """Why a new connection from ``host`` may not wait to register, as
+        ``_admission``'s, or None (lock held)."""
         if self.max_pending is not None and len(self._pending) >= self.max_pending:
-            return "%d connections are registering already (--max-pending)" % self.max_pending
+            return ("max_pending", "%d connections are registering already (--max-pending)"
+                    % self.max_pending)
         if self.max_pending_per_host is not None:
             from_host = sum(1 for h in self._pending.values() if h == host)
             if from_host >= self.max_pending_per_host:
-                return ("%d connections from this address are registering already "
+                return ("max_pending_per_host",
+                        "%d connections from this address are registering already "
                         "(--max-pending-per-host)" % self.max_pending_per_host)
         return None
+
+    def _refuse_connection(self, sock, address, refusal):
+        reason, text = refusal
+        _reset(sock)
+        self.counters.refused("service_connections_refused", reason, address[0], text)
+        self._log_refusal("refused a service connection from %s: %s", address[0], text)
 
     def _registered(self, link):
         """``link`` is no longer pending: registered, refused or gone."""
@@ -319,11 +365,15 @@ class Relay(object):
     def _forget_service(self, link):
         with self._lock:
             self._services.discard(link)
+            # Its clients are all done: their bytes join the relay's totals here.
+            self.bytes_in_ended += link.bytes_in_ended
+            self.bytes_out_ended += link.bytes_out_ended
             self._lock.notify_all()
 
     def _client_opened(self):
         with self._lock:
             self._clients += 1
+            self.clients_accepted += 1
 
     def _client_closed(self):
         with self._lock:
@@ -392,6 +442,7 @@ def build_parser():
                              "heartbeat for services that ask) within this time (default: 30)")
     _add_security_options(parser)
     _add_limit_options(parser)
+    _add_status_options(parser)
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
     # Not in --help: for tests that wait for the relay's threads to go back.
@@ -437,6 +488,18 @@ def _add_limit_options(parser):
     capacity.add_argument("--idle-timeout", type=cli.positive(float), default=None,
                           metavar="SECONDS", help="close a public client after this long with "
                                                   "no bytes either way (default: never)")
+
+
+def _add_status_options(parser):
+    status = parser.add_argument_group("status page and metrics (README)")
+    status.add_argument("--status", metavar="HOST:PORT", type=cli.status_address,
+                        help="serve the status page (/), /status.json and Prometheus "
+                             "/metrics over HTTP here; a bare PORT listens on 127.0.0.1 "
+                             "(default: no status endpoint)")
+    status.add_argument("--status-token-file", metavar="PATH",
+                        help="the status endpoint requires 'Authorization: Bearer TOKEN' "
+                             "with the token in this file, on every path. Or set "
+                             "$TCPRELAY_STATUS_TOKEN (docs/SECURITY.md)")
 
 
 def _public_bind_problem(host):
@@ -487,6 +550,12 @@ def _settings(parser, args):
         secret = auth.load_secret(args.secret_file)
     except auth.SecretError as exc:
         parser.error(str(exc))
+    try:
+        args.status_token = load_token(args.status_token_file)
+    except TokenError as exc:
+        parser.error(str(exc))
+    if args.status_token_file and not args.status:
+        parser.error("--status-token-file needs --status")
     tls_context = None
     if args.tls_cert:
         try:
@@ -515,7 +584,12 @@ def _start_relay(args, ports, secret, tls_context):
                      max_pending=args.max_pending,
                      max_pending_per_host=args.max_pending_per_host,
                      pump_idle_timeout=args.pump_idle_timeout,
-                     public_allow=args.public_allow)
+                     public_allow=args.public_allow,
+                     status_address=args.status, status_token=args.status_token)
+    except StatusAddressError as exc:
+        sys.stderr.write("tcprelay.relay: cannot serve --status on %s: %s\n"
+                         % (addresses.join_host_port(*args.status), exc.strerror))
+        return None
     except OSError as exc:
         where = addresses.join_host_port(args.host or "*", args.port)
         if exc.errno == errno.EADDRINUSE:
@@ -549,6 +623,9 @@ def main(argv=None):
     log.info("listening for services on %s%s; public ports %s on %s",
              _address(relay.server_address), " (TLS)" if tls_context else "",
              relay.pool.describe(), args.public_bind or "all interfaces")
+    if relay.status_server is not None:
+        log.info("status page on %s (/status.json, /metrics)%s", relay.status_server.url,
+                 "" if args.status_token else "; no token: anyone who can reach it can read it")
     if secret is None:
         log.warning("no secret (--secret-file or $TCPRELAY_SECRET): anyone who can reach "
                     "port %d can register a service", args.port)

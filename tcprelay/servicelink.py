@@ -62,6 +62,14 @@ class ServiceLink(Registrar):
         self.clients_served = 0
         self.clients_not_allowed = 0   # reset at once: outside --public-allow or the service's allow
         self.allowed_clients = limits.Networks(())   # the service's "allow" (empty: any)
+        # For the status endpoint (relaystatus): wall-clock times, and the bytes
+        # of clients that ended (live ones are their bridges' counts), under _lock.
+        self.connected_at = time.time()
+        self.waiting_since = None     # joined the line for a port
+        self.registered_at = None     # got its port
+        self.public_address = None    # "host:port", as announced
+        self.bytes_in_ended = 0       # from its clients, to the service
+        self.bytes_out_ended = 0      # to its clients
         # Its own gates: one service's overload says so once a second, whatever else is refused.
         self.log_over_max_clients = limits.LogGate(log, more="refusals")
         self.log_not_allowed = limits.LogGate(log, more="refusals")
@@ -271,12 +279,14 @@ class ServiceLink(Registrar):
         relay = self.relay
         outside = self._outside(host)
         if outside is not None:
+            relay.counters.count("clients_refused", "not_allowed")   # before the client knows
             _reset(conn)
             self.clients_not_allowed += 1   # this thread's alone: a plain int
             self.log_not_allowed("%s: refused a client from %s: not in %s", self.label,
                                  host, outside)
             return True
         if relay.max_clients is not None and self.client_count >= relay.max_clients:
+            relay.counters.count("clients_refused", "max_clients")   # before the client knows
             _reset(conn)
             self.log_over_max_clients("%s: refused a client from %s: %d clients already "
                                       "(--max-clients)", self.label, host, relay.max_clients)
@@ -338,6 +348,7 @@ class ServiceLink(Registrar):
             return True
         # This stream's own error (the service reset it, or the client
         # left already): it ends this client only.
+        self.relay.counters.count("clients_refused", "stream_failed")
         self.relay._log_refusal("%s: client %s refused: %s", self.label,
                                 _address(client_address), exc)
         return False
@@ -380,7 +391,13 @@ class ServiceLink(Registrar):
     def _client_closed(self, bridge):
         with self._lock:
             self._bridges.discard(bridge)
+            # In the same hold as the discard: a status read sees these bytes once.
+            self.bytes_in_ended += bridge.bytes_up
+            self.bytes_out_ended += bridge.bytes_down
             self._idle.notify_all()
+        code = _reset_code(bridge.stream)
+        if code is not None:
+            self.relay.counters.count("streams_reset", code)
         log.debug("%s: client on stream %d done (%d bytes in, %d out)", self.label,
                   bridge.stream.id, bridge.bytes_up, bridge.bytes_down)
         self.relay._client_closed()
@@ -410,6 +427,16 @@ class ServiceLink(Registrar):
             listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
+
+
+def _reset_code(stream):
+    """The name of the muxado error code that reset ``stream`` (by either side),
+    or None if it was not reset."""
+    error = stream.error
+    if not isinstance(error, muxado.StreamResetError):
+        return None
+    # A code we do not know is "other": a service cannot make labels without end.
+    return getattr(muxado.ErrorCode.of(error.code), "name", "other")
 
 
 def _early_bytes(conn):

@@ -431,6 +431,12 @@ class Stream(SocketLike):
     def closed(self):
         return self._close_state is CLOSED
 
+    @property
+    def error(self):
+        """What ended the stream abnormally: a ``StreamResetError`` (by either side)
+        or the session's end; None while it has not, or after a clean close."""
+        return self._error
+
     # -- internals (callers hold self._lock where noted) ------------------------
 
     def _closed_error(self):
