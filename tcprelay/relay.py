@@ -18,6 +18,7 @@ writer threads.
 import argparse
 import errno
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -25,6 +26,7 @@ import time
 
 from . import (addresses, auth, cli, clock, limits, muxado, registration, relaystatus,
                resources, tls)
+from .accesslog import AccessLog, AccessLogError
 from .bridge import Flusher
 from .heartbeat import DEFAULT_KEEPALIVE, set_client_options
 from .leases import Leases
@@ -82,7 +84,9 @@ class Relay(object):
     endpoint; StatusAddressError if it cannot listen), ``status_token``: the token it
     requires (str, or None); see ``status()`` for what it shows. The endpoint serves
     from construction until ``server_close()``, through ``shutdown()`` and ``drain()``
-    (a draining relay is worth watching).
+    (a draining relay is worth watching). ``access_log``: a file the access lines
+    (``accesslog``) are appended to (None: the ``tcprelay.access`` logger; AccessLogError
+    if it cannot be opened); ``access_log.reopen()`` reopens it (logrotate).
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -97,7 +101,7 @@ class Relay(object):
                  write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
                  port_retry_after=DEFAULT_PORT_RETRY_AFTER, status_address=None,
                  pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, status_token=None,
-                 public_allow=()):
+                 public_allow=(), access_log=None):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -131,7 +135,7 @@ class Relay(object):
         self._drain_cut = False              # cut_drain(): stop waiting for clients
         self._stopped = threading.Event()
         self._stopped.set()
-        self.flusher = None
+        self.flusher = self.access_log = None
         self.server_address = (host, port)
         self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                     socket.SOCK_STREAM)
@@ -140,6 +144,7 @@ class Relay(object):
         self.flusher = Flusher(name="relay-flusher")
         self.workers = WorkerPool(name="relay-pump", idle_timeout=pump_idle_timeout)
         self._open_status(status_address, status_token)
+        self.access_log = self._open_access_log(access_log)
 
     def _set_limits(self, registration_rate, max_pending, max_pending_per_host):
         """Who may try and how often (limits.py), and the log gates of refusals."""
@@ -168,6 +173,14 @@ class Relay(object):
             self.server_close()
             raise
         self.status_server.start()
+
+    def _open_access_log(self, path):
+        """Where the access lines go (``accesslog``): ``path``, or the log."""
+        try:
+            return AccessLog(path, self.counters)
+        except AccessLogError:
+            self.server_close()
+            raise
 
     def _open_log_gates(self):
         self._log_refusal = limits.LogGate(log, more="refusals")
@@ -282,6 +295,8 @@ class Relay(object):
             self.flusher.close()
         if self.status_server is not None:
             self.status_server.close()
+        if self.access_log is not None:
+            self.access_log.close()   # after every client's line
 
     def status(self):
         """What the relay is doing, as plain dicts: ``relaystatus.snapshot``."""
@@ -443,6 +458,10 @@ def build_parser():
     _add_security_options(parser)
     _add_limit_options(parser)
     _add_status_options(parser)
+    parser.add_argument("--access-log", metavar="FILE",
+                        help="append a line for each public client that ends to FILE "
+                             "(README, \"Access log\"); reopened on SIGHUP (default: the "
+                             "log on stderr, as tcprelay.access)")
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
     # Not in --help: for tests that wait for the relay's threads to go back.
@@ -585,7 +604,11 @@ def _start_relay(args, ports, secret, tls_context):
                      max_pending_per_host=args.max_pending_per_host,
                      pump_idle_timeout=args.pump_idle_timeout,
                      public_allow=args.public_allow,
-                     status_address=args.status, status_token=args.status_token)
+                     status_address=args.status, status_token=args.status_token,
+                     access_log=args.access_log)
+    except AccessLogError as exc:
+        sys.stderr.write("tcprelay.relay: %s (check --access-log)\n" % exc.strerror)
+        return None
     except StatusAddressError as exc:
         sys.stderr.write("tcprelay.relay: cannot serve --status on %s: %s\n"
                          % (addresses.join_host_port(*args.status), exc.strerror))
@@ -605,7 +628,10 @@ def _start_relay(args, ports, secret, tls_context):
 
 def _handle_signals(relay):
     """SIGINT and SIGTERM: the first drains the relay, the second cuts the drain
-    short. Returns the list the signals received are appended to."""
+    short; SIGHUP reopens the access log file (only a flag: the next line reopens
+    it). Returns the list the signals received are appended to."""
+    if relay.access_log.file is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: relay.access_log.reopen())
     return cli.on_stop_signals(log, "shutting down", relay.shutdown, relay.cut_drain)
 
 

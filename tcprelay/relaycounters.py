@@ -25,6 +25,7 @@ COUNTERS = collections.OrderedDict([
     ("bans", ("Addresses banned for a minute after repeated failed authentications.", None)),
     ("clients_refused", ("Public clients refused, by reason.", "reason")),
     ("streams_reset", ("Client streams that ended in a reset, by muxado error code.", "code")),
+    ("access_log_failures", ("Access log lines dropped: the write to --access-log failed.", None)),
 ])
 
 

@@ -8,6 +8,7 @@ bytes, and the port goes back to the pool (held for the service's lease if
 it left without saying goodbye).
 """
 
+import functools
 import logging
 import math
 import select
@@ -15,7 +16,7 @@ import socket
 import threading
 import time
 
-from . import addresses, clock, limits, muxado, proxyproto, registration, resources
+from . import accesslog, addresses, clock, limits, muxado, proxyproto, registration, resources
 from .bridge import Bridge
 from .heartbeat import client_options_inherited, enable_tcp_keepalive
 from .registrar import Registrar
@@ -358,7 +359,9 @@ class ServiceLink(Registrar):
         relay = self.relay
         bridge = Bridge(conn, stream, relay.flusher,
                         name="client %s" % _address(client_address),
-                        on_close=self._client_closed, workers=relay.workers,
+                        on_close=functools.partial(self._client_closed,
+                                                   visit=accesslog.visit(client_address)),
+                        workers=relay.workers,
                         idle_timeout=relay.idle_timeout, nodelay=False)
         bridge.bytes_up = len(early)
         with self._lock:
@@ -388,7 +391,7 @@ class ServiceLink(Registrar):
         port, self._port_given_back = self.port, True
         self.relay._release_port(self, port)
 
-    def _client_closed(self, bridge):
+    def _client_closed(self, bridge, visit):
         with self._lock:
             self._bridges.discard(bridge)
             # In the same hold as the discard: a status read sees these bytes once.
@@ -398,6 +401,7 @@ class ServiceLink(Registrar):
         code = _reset_code(bridge.stream)
         if code is not None:
             self.relay.counters.count("streams_reset", code)
+        self.relay.access_log.client_ended(self, bridge, visit, code)
         log.debug("%s: client on stream %d done (%d bytes in, %d out)", self.label,
                   bridge.stream.id, bridge.bytes_up, bridge.bytes_down)
         self.relay._client_closed()
