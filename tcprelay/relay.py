@@ -459,9 +459,9 @@ def build_parser():
     _add_limit_options(parser)
     _add_status_options(parser)
     parser.add_argument("--access-log", metavar="FILE",
-                        help="append a line for each public client that ends to FILE "
-                             "(README, \"Access log\"); reopened on SIGHUP (default: the "
-                             "log on stderr, as tcprelay.access)")
+                        help="append the access line of each public client that ends "
+                             "to FILE (README, \"Access log\"); reopened after SIGHUP "
+                             "(default: the log on stderr)")
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
     # Not in --help: for tests that wait for the relay's threads to go back.
