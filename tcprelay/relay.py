@@ -25,6 +25,7 @@ import time
 
 from . import addresses, auth, cli, clock, limits, muxado, registration, resources, tls
 from .bridge import Flusher
+from .groups import Groups, load_key
 from .heartbeat import DEFAULT_KEEPALIVE, set_client_options
 from .leases import Leases
 from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
@@ -75,6 +76,8 @@ class Relay(object):
     ``public_allow``: CIDR texts; if any, only clients from those networks reach any
     service (a ceiling: a service's own ``allow`` narrows it further); ValueError if one
     is not a network. ``allow_from``: the same for services registering.
+    ``group_keys``: {group name: key (bytes)}: services that prove a group's key
+    share one public port (docs/PROTOCOL.md, 2.9); no other group may form.
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -88,7 +91,7 @@ class Relay(object):
                  waiting_interval=DEFAULT_WAITING_INTERVAL,
                  write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
                  port_retry_after=DEFAULT_PORT_RETRY_AFTER,
-                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, public_allow=()):
+                 pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, public_allow=(), group_keys=None):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -120,6 +123,7 @@ class Relay(object):
         self.pool = PortPool(ports, self._bind_public, limit=max_services,
                              retry_after=port_retry_after)
         self.leases = Leases(self.pool, lease_time)
+        self.groups = Groups(self, group_keys)
         self._lock = threading.Condition()
         self._services = set()
         self._clients = 0
@@ -216,6 +220,7 @@ class Relay(object):
         with self._lock:
             services = list(self._services)
         log.info("draining: %d services, %d clients open", len(services), self._clients)
+        self.groups.stop_listening()
         for link in services:
             link.goaway()
         end = time.monotonic() + (self.drain_timeout if timeout is None else timeout)
@@ -409,6 +414,10 @@ def _add_security_options(parser):
     security.add_argument("--allow-from", action="append", default=[], metavar="CIDR",
                           type=cli.network, help="only networks like this may register "
                                                  "services; repeatable (default: any)")
+    security.add_argument("--group-key", action="append", default=[], metavar="NAME=FILE",
+                          type=_group_key,
+                          help="services that prove the key in FILE share one public port "
+                               "as group NAME (HMAC challenge); repeatable, one per group")
     security.add_argument("--tls-cert", metavar="FILE",
                           help="put TLS on the service port with this certificate (PEM)")
     security.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
@@ -437,6 +446,13 @@ def _add_limit_options(parser):
     capacity.add_argument("--idle-timeout", type=cli.positive(float), default=None,
                           metavar="SECONDS", help="close a public client after this long with "
                                                   "no bytes either way (default: never)")
+
+
+def _group_key(text):
+    try:
+        return load_key(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 def _public_bind_problem(host):
@@ -515,7 +531,7 @@ def _start_relay(args, ports, secret, tls_context):
                      max_pending=args.max_pending,
                      max_pending_per_host=args.max_pending_per_host,
                      pump_idle_timeout=args.pump_idle_timeout,
-                     public_allow=args.public_allow)
+                     public_allow=args.public_allow, group_keys=dict(args.group_key))
     except OSError as exc:
         where = addresses.join_host_port(args.host or "*", args.port)
         if exc.errno == errno.EADDRINUSE:
