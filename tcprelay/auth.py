@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 METHOD = "hmac-sha256"
 CONTEXT = b"tcprelay registration v1\x00"   # binds the answer to this use of the secret
+GROUP_CONTEXT = b"tcprelay group v1\x00"    # ... and a group key's answer to its group
 NONCE_BYTES = 32
 SECRET_ENV = "TCPRELAY_SECRET"
 
@@ -64,7 +65,24 @@ def answer(secret, nonce):
 
 def check(secret, nonce, given):
     """True if ``given`` (a hex string from the service) answers ``nonce``."""
+    return _matches(answer(secret, nonce), given)
+
+
+def group_answer(key, nonce, group):
+    """A group member's answer to ``nonce`` for ``group`` (its name, text): hex
+    HMAC-SHA256 keyed by the group's ``key`` (bytes) of GROUP_CONTEXT, the nonce
+    and the name in UTF-8, so that an answer for one group proves nothing for another."""
+    return hmac.new(key, GROUP_CONTEXT + nonce + group.encode("utf-8"),
+                    hashlib.sha256).hexdigest()
+
+
+def check_group(key, nonce, group, given):
+    """True if ``given`` (a hex string from the service) answers ``nonce`` for ``group``."""
+    return _matches(group_answer(key, nonce, group), given)
+
+
+def _matches(expected, given):
+    """Constant-time comparison of our hex ``expected`` with the peer's ``given``."""
     if not isinstance(given, str):
         return False
-    expected = answer(secret, nonce)
     return hmac.compare_digest(expected.encode("ascii"), given.encode("ascii", "replace"))

@@ -51,7 +51,7 @@ def _next_reply(lines, silence, deadline, silent):
 
 def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
              on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None,
-             allow=None):
+             allow=None, group=None, group_key=None, health=None):
     """Register over an open session (extended form).
 
     Returns ``(reply, stream)``: the relay's ok reply, and the registration
@@ -60,7 +60,11 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
     each time our place in it changes. With ``secret`` (bytes) we answer the
     relay's challenge. With ``allow`` (CIDR texts) only clients from those
     networks may reach us; a relay whose ``ok`` does not confirm it (an older
-    one ignores the field) is ``RegistrationRefused`` too. Raises
+    one ignores the field) is ``RegistrationRefused`` too. With ``group`` (a
+    name) and ``group_key`` (bytes) we join that group's shared public port,
+    answering the relay's group challenge; ``health`` ({"interval": seconds,
+    "failures": count}) asks for health checks (docs/PROTOCOL.md, 2.9); a relay
+    whose ``ok`` does not confirm the group is ``RegistrationRefused``. Raises
     ``RegistrationRefused`` if the relay says no, ``socket.timeout`` if it
     goes silent (see below).
 
@@ -78,7 +82,7 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                                        lease=lease, heartbeat=heartbeat,
                                        proxy_protocol=proxy_protocol,
                                        auth=auth.METHOD if secret is not None else None,
-                                       allow=allow)
+                                       allow=allow, group=group, health=health)
         stream.settimeout(timeout)
         stream.sendall(request.encode())
         replies = StreamLines(stream, registration.MAX_REPLY)
@@ -103,9 +107,12 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                         on_waiting(position)
             elif status == "ok":
                 _check_ok(reply, unasked_secret=secret is not None and not challenged,
-                          allow=allow)
+                          allow=allow, group=group)
                 keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
                 return reply, (stream if keep else None)
+            elif status == "challenge" and "group" in reply:
+                _answer_group_challenge(stream, reply, group, group_key)
+                silence, silent = timeout, "did not answer within %gs"
             elif status == "challenge":
                 _answer_challenge(stream, reply, secret)
                 challenged = True
@@ -120,12 +127,18 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
             stream.close()
 
 
-def _check_ok(reply, unasked_secret, allow=None):
+def _check_ok(reply, unasked_secret, allow=None, group=None):
     """Raise RegistrationError if the relay's ``ok`` gives no address, and
-    RegistrationRefused if it does not confirm our ``allow`` list; warn if we
-    have a secret it did not ask for (``unasked_secret``)."""
+    RegistrationRefused if it does not confirm our ``allow`` list or ``group``;
+    warn if we have a secret it did not ask for (``unasked_secret``)."""
     if not isinstance(reply.get("address"), str):
         raise registration.RegistrationError("the relay's ok has no address")
+    joined = reply.get("group")
+    if group is not None and not (isinstance(joined, dict) and joined.get("name") == group):
+        # An older relay ignores "group": we would be alone on a port of our own.
+        raise RegistrationRefused(
+            "it did not confirm our group %r (an older relay ignores groups): upgrade the "
+            "relay, or leave the group out" % group)
     if allow is not None and reply.get("allow") != list(allow):
         # Fail closed: a relay that ignored the list would let anyone in.
         raise RegistrationRefused(
@@ -149,6 +162,20 @@ def _answer_challenge(stream, reply, secret):
     except (TypeError, ValueError, binascii.Error):
         raise registration.RegistrationError("the relay's challenge is malformed")
     stream.sendall(registration.answer_line(auth.answer(secret, nonce)))
+
+
+def _answer_group_challenge(stream, reply, group, key):
+    """Answer the relay's challenge for ``group`` with its ``key`` (bytes).
+    Raises RegistrationRefused if we cannot, RegistrationError if it is malformed."""
+    if group is None or key is None or reply.get("group") != group \
+            or reply.get("method") != auth.METHOD:
+        raise RegistrationRefused("the relay asks for the key of group %r, which we cannot "
+                                  "give" % (reply.get("group"),))
+    try:
+        nonce = binascii.unhexlify(reply.get("nonce", ""))
+    except (TypeError, ValueError, binascii.Error):
+        raise registration.RegistrationError("the relay's challenge is malformed")
+    stream.sendall(registration.answer_line(auth.group_answer(key, nonce, group)))
 
 
 def _why_waiting(reply):

@@ -159,6 +159,9 @@ class Registrar(object):
             if relay.secret is not None \
                     and not self._authenticate(request, stream, lines, deadline):
                 return None, None
+            if request.group is not None \
+                    and not relay.groups.prove(self, request, stream, lines, deadline):
+                return None, None
         except socket.timeout:
             relay.counters.count("registrations", "slow")
             relay._log_remote("slow", "%s: did not finish registering within %gs; dropping it",
@@ -354,12 +357,18 @@ class Registrar(object):
             log.info("%s: registered; public address %s", self.label, address)
             return
         lease = None
-        if relay.lease_time > 0:
+        if relay.lease_time > 0 and self.group is None:   # a group's port is held for it
             lease = self.lease = relay.leases.issue(self, port)
+        if request.health is not None:
+            self._health = relay.groups.health_check(self, request.health)
         stream.sendall(registration.ok_line(
             address, port, lease=lease, lease_time=relay.lease_time,
             heartbeat_timeout=relay.keepalive if request.heartbeat else None,
-            allow=request.allow))
+            allow=request.allow,
+            group=self.group.describe() if self.group is not None else None,
+            health=self._health.terms() if self._health is not None else None))
+        if self._health is not None:
+            self._health.start()
         if request.heartbeat:
             # The registration stream carries the heartbeat from now on.
             self._heartbeat = HeartbeatResponder(self._session, stream, relay.keepalive,

@@ -26,6 +26,12 @@ MAX_NAME = 64
 MAX_WAIT = 10 ** 9          # seconds: the longest max_wait a relay takes
 MAX_LEASE = 128
 MAX_ALLOW = 64              # networks in one request's allow list
+# A group member's health checks (docs/PROTOCOL.md, 2.9): seconds between them, and
+# failures in a row that take it out of rotation.
+MIN_HEALTH_INTERVAL = 0.05
+MAX_HEALTH_INTERVAL = 3600
+MAX_HEALTH_FAILURES = 100
+DEFAULT_HEALTH_FAILURES = 3
 
 # The link's muxado session, the same on both sides: the relay's and the
 # service's streams get a bigger window than the codec's 256 KiB default
@@ -50,11 +56,11 @@ class Request(object):
     """What a service asks for. ``minimal`` is True for the empty request."""
 
     FIELDS = ("version", "port", "name", "max_wait", "notices", "lease", "heartbeat",
-              "proxy_protocol", "auth", "allow")
+              "proxy_protocol", "auth", "allow", "group", "health")
 
     def __init__(self, port=None, name=None, max_wait=None, notices=False, lease=None,
                  heartbeat=False, proxy_protocol=None, auth=None, version=PROTOCOL_VERSION,
-                 extra=None, minimal=False, allow=None):
+                 extra=None, minimal=False, allow=None, group=None, health=None):
         self.version = version
         self.port = port
         self.name = name
@@ -65,6 +71,8 @@ class Request(object):
         self.proxy_protocol = proxy_protocol  # "v1" or "v2": start each stream with a header
         self.auth = auth                      # "hmac-sha256": we will answer a challenge
         self.allow = allow                    # CIDR texts: only clients from these networks
+        self.group = group                    # a group's name: share its public port
+        self.health = health                  # {"interval": s, "failures": k}: health checks
         self.extra = dict(extra or {})   # fields later versions and extensions add
         self.minimal = minimal
 
@@ -80,7 +88,8 @@ class Request(object):
         if self.minimal:
             return b""
         body = {"version": self.version}
-        for key in ("port", "name", "max_wait", "lease", "proxy_protocol", "auth", "allow"):
+        for key in ("port", "name", "max_wait", "lease", "proxy_protocol", "auth", "allow",
+                    "group", "health"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
@@ -125,12 +134,11 @@ def parse_request(data):
     if version > PROTOCOL_VERSION:
         raise RegistrationError("protocol version %d is not supported; this relay speaks %d"
                                 % (version, PROTOCOL_VERSION))
-    name = body.get("name")
-    if name is not None:
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME \
-                or not name.isprintable():
-            raise RegistrationError("'name' must be printable text of 1 to %d characters"
-                                    % MAX_NAME)
+    name = _label(body, "name")
+    group = _label(body, "group")
+    health = _health(body.get("health"))
+    if health is not None and group is None:
+        raise RegistrationError("'health' is for the members of a group: give 'group' too")
     for flag in ("notices", "heartbeat"):
         if not isinstance(body.get(flag, False), bool):
             raise RegistrationError("%r must be true or false" % flag)
@@ -163,7 +171,39 @@ def parse_request(data):
         version=version,
         extra=extra,
         allow=allow,
+        group=group,
+        health=health,
     )
+
+
+def _label(body, key):
+    """The text field ``key`` (a name or a group's): printable, 1 to MAX_NAME characters."""
+    value = body.get(key)
+    if value is not None:
+        if not isinstance(value, str) or not value or len(value) > MAX_NAME \
+                or not value.isprintable():
+            raise RegistrationError("%r must be printable text of 1 to %d characters"
+                                    % (key, MAX_NAME))
+    return value
+
+
+def _health(health):
+    """The request's ``health`` ({"interval": seconds, "failures": count}, failures
+    optional) with the default filled in, or None."""
+    if health is None:
+        return None
+    if not isinstance(health, dict):
+        raise RegistrationError("'health' must be an object like {\"interval\": 5, "
+                                "\"failures\": 3}")
+    try:
+        interval = _number(health, "interval", MIN_HEALTH_INTERVAL, MAX_HEALTH_INTERVAL, False)
+        failures = _number(health, "failures", 1, MAX_HEALTH_FAILURES, integer=True)
+    except RegistrationError as exc:
+        raise RegistrationError("'health': %s" % exc)
+    if interval is None:
+        raise RegistrationError("'health' needs an 'interval' (seconds)")
+    return {"interval": interval,
+            "failures": DEFAULT_HEALTH_FAILURES if failures is None else failures}
 
 
 def allow_list(networks):
@@ -235,15 +275,22 @@ def waiting_line(position, interval=None, port=None, reason=None):
     return encode_reply("waiting", **fields)
 
 
-def ok_line(address, port, lease=None, lease_time=None, heartbeat_timeout=None, allow=None):
+def ok_line(address, port, lease=None, lease_time=None, heartbeat_timeout=None, allow=None,
+            group=None, health=None):
     """The relay's ``ok``: the public ``address`` ("host:port") and ``port``;
     the ``lease`` token and its ``lease_time`` (seconds) if one was issued;
     with ``heartbeat_timeout`` (seconds), the heartbeat's terms: a ping
     every third of it; with ``allow`` (CIDR texts), the service's allow list,
-    as the relay holds it: the service's proof that this relay enforces it."""
+    as the relay holds it: the service's proof that this relay enforces it; with
+    ``group`` ({"name": text, "members": count}), the group joined; with ``health``
+    ({"interval": seconds, "failures": count, "probe": text}), the health checks' terms."""
     fields = {"address": address, "port": port, "version": PROTOCOL_VERSION}
     if allow is not None:
         fields["allow"] = list(allow)
+    if group is not None:
+        fields["group"] = dict(group)
+    if health is not None:
+        fields["health"] = dict(health, interval=seconds(health["interval"]))
     if lease is not None:
         fields.update(lease=lease, lease_seconds=seconds(lease_time))
     if heartbeat_timeout is not None:
@@ -258,10 +305,13 @@ def error_line(message):
     return encode_reply("error", error=message)
 
 
-def challenge_line(method, nonce):
-    """The relay's challenge: the ``method`` to answer with and the ``nonce`` (bytes)."""
-    return encode_reply("challenge", method=method,
-                        nonce=binascii.hexlify(nonce).decode("ascii"))
+def challenge_line(method, nonce, group=None):
+    """The relay's challenge: the ``method`` to answer with and the ``nonce``
+    (bytes); with ``group`` (a name), to be answered with that group's key."""
+    fields = {"method": method, "nonce": binascii.hexlify(nonce).decode("ascii")}
+    if group is not None:
+        fields["group"] = group
+    return encode_reply("challenge", **fields)
 
 
 def answer_line(mac):

@@ -28,6 +28,7 @@ from . import (addresses, auth, cli, clock, limits, muxado, registration, relays
                resources, tls)
 from .accesslog import AccessLog, AccessLogError
 from .bridge import Flusher
+from .groups import Groups, load_key
 from .heartbeat import DEFAULT_KEEPALIVE, set_client_options
 from .leases import Leases
 from .portpool import DEFAULT_RETRY_AFTER as DEFAULT_PORT_RETRY_AFTER
@@ -87,6 +88,8 @@ class Relay(object):
     (a draining relay is worth watching). ``access_log``: a file the access lines
     (``accesslog``) are appended to (None: the ``tcprelay.access`` logger; AccessLogError
     if it cannot be opened); ``access_log.reopen()`` reopens it (logrotate).
+    ``group_keys``: {group name: key (bytes)}: services that prove a group's key
+    share one public port (docs/PROTOCOL.md, 2.9); no other group may form.
     """
 
     def __init__(self, server_address, ports=None, public_bind="", public_host=None,
@@ -101,7 +104,7 @@ class Relay(object):
                  write_timeout=muxado.DEFAULT_WRITE_TIMEOUT, bind_and_activate=True,
                  port_retry_after=DEFAULT_PORT_RETRY_AFTER, status_address=None,
                  pump_idle_timeout=DEFAULT_PUMP_IDLE_TIMEOUT, status_token=None,
-                 public_allow=(), access_log=None):
+                 public_allow=(), access_log=None, group_keys=None):
         host, port = server_address[:2]
         if ports is None:
             if not port:
@@ -127,6 +130,7 @@ class Relay(object):
         self.pool = PortPool(ports, self._bind_public, limit=max_services,
                              retry_after=port_retry_after)
         self.leases = Leases(self.pool, lease_time)
+        self.groups = Groups(self, group_keys)
         self._lock = threading.Condition()
         self._services = set()
         self._clients = 0
@@ -258,6 +262,7 @@ class Relay(object):
         with self._lock:
             services = list(self._services)
         log.info("draining: %d services, %d clients open", len(services), self._clients)
+        self.groups.stop_listening()
         for link in services:
             link.goaway()
         end = time.monotonic() + (self.drain_timeout if timeout is None else timeout)
@@ -479,6 +484,10 @@ def _add_security_options(parser):
     security.add_argument("--allow-from", action="append", default=[], metavar="CIDR",
                           type=cli.network, help="only networks like this may register "
                                                  "services; repeatable (default: any)")
+    security.add_argument("--group-key", action="append", default=[], metavar="NAME=FILE",
+                          type=_group_key,
+                          help="services that prove the key in FILE share one public port "
+                               "as group NAME (HMAC challenge); repeatable, one per group")
     security.add_argument("--tls-cert", metavar="FILE",
                           help="put TLS on the service port with this certificate (PEM)")
     security.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
@@ -519,6 +528,13 @@ def _add_status_options(parser):
                         help="the status endpoint requires 'Authorization: Bearer TOKEN' "
                              "with the token in this file, on every path. Or set "
                              "$TCPRELAY_STATUS_TOKEN (docs/SECURITY.md)")
+
+
+def _group_key(text):
+    try:
+        return load_key(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 def _public_bind_problem(host):
@@ -603,7 +619,7 @@ def _start_relay(args, ports, secret, tls_context):
                      max_pending=args.max_pending,
                      max_pending_per_host=args.max_pending_per_host,
                      pump_idle_timeout=args.pump_idle_timeout,
-                     public_allow=args.public_allow,
+                     public_allow=args.public_allow, group_keys=dict(args.group_key),
                      status_address=args.status, status_token=args.status_token,
                      access_log=args.access_log)
     except AccessLogError as exc:

@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 
-from . import addresses, clock, limits, muxado, proxyproto, registration
+from . import addresses, clock, healthprobe, limits, muxado, proxyproto, registration
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
 from .registrant import DEFAULT_TIMEOUT, RegistrationRefused, _seconds, register
 from .tls import TLSTransport
@@ -106,6 +106,11 @@ class ServiceConnection(object):
 
     def __init__(self, session, reply, heartbeat=None, proxy_protocol=None):
         self.session = session
+        health = reply.get("health")
+        probe = health.get("probe") if isinstance(health, dict) else None
+        # A group member's health probes, answered here (healthprobe): bytes, or None.
+        self.health_probe = probe.encode("ascii", "replace") if isinstance(probe, str) \
+            and probe else None
         self.reply = reply                    # the relay's whole ok reply (extended form)
         self.address = reply.get("address")   # "host:port", as the relay hands it out
         self.port = reply.get("port")
@@ -114,11 +119,17 @@ class ServiceConnection(object):
         self._heartbeat = heartbeat
 
     def accept(self, timeout=None):
-        """The next client's stream. Raises ``RelayGone`` once the relay is gone."""
-        try:
-            return self.session.accept(timeout)
-        except muxado.SessionClosedError as exc:
-            raise RelayGone("connection to the relay ended: %s" % exc.message)
+        """The next client's stream. Raises ``RelayGone`` once the relay is gone.
+        The relay's health probes (a group member's) are answered, not returned."""
+        deadline = None if self.health_probe is None else clock.Deadline(timeout)
+        while True:
+            try:
+                stream = self.session.accept(timeout if deadline is None else deadline.remaining())
+            except muxado.SessionClosedError as exc:
+                raise RelayGone("connection to the relay ended: %s" % exc.message)
+            if self.health_probe is None or not healthprobe.is_probe(stream, self.health_probe):
+                return stream
+            healthprobe.answer(stream, self.health_probe)
 
     def close(self):
         if self._heartbeat is not None:
@@ -166,7 +177,7 @@ def _dial(relay_address, timeout, attempt):
 def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wait=None,
             on_waiting=None, lease=None, heartbeat=True, proxy_protocol=None,
             keepalive=DEFAULT_KEEPALIVE, secret=None, tls=None, attempt=None,
-            allow_clients=None, **session_options):
+            allow_clients=None, group=None, group_key=None, health=None, **session_options):
     """Dial the relay, register, and return a ``ServiceConnection``.
 
     ``port`` asks for a particular public port, ``name`` labels us in the
@@ -180,6 +191,10 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     lets only clients from those networks reach us: the relay resets the
     others (ValueError at once for a text that is no network;
     ``RegistrationRefused`` from a relay that does not confirm the list).
+    ``group`` (a name) and ``group_key`` (bytes, the operator's key for it)
+    join a group: replicas sharing one public port; ``health`` (``{"interval":
+    seconds, "failures": count}``) asks the relay to check us, and our streams'
+    ``accept`` answers its probes (docs/PROTOCOL.md, 2.9).
     ``timeout`` bounds connecting and each answer from the relay
     (the wait in line: see ``register``). ``attempt`` (an ``Attempt``) lets
     another thread cut it all short: then ``ConnectCancelled`` is raised.
@@ -190,6 +205,8 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
             allow_clients = registration.allow_list(allow_clients)
         except ValueError as exc:
             raise ValueError("allow_clients %s" % exc)
+    if (group is None) != (group_key is None) or (health is not None and group is None):
+        raise ValueError("group and group_key go together, and health needs them")
     if attempt is None:
         attempt = Attempt()
     sock = _dial(relay_address, timeout, attempt)
@@ -209,7 +226,8 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
         reply, stream = register(session, port=port, name=name, max_wait=max_wait,
                                  timeout=timeout, on_waiting=waiting, lease=lease,
                                  heartbeat=heartbeat, proxy_protocol=proxy_protocol,
-                                 secret=secret, allow=allow_clients)
+                                 secret=secret, allow=allow_clients, group=group,
+                                 group_key=group_key, health=health)
         in_line.append(None)
         if stream is not None:
             beat = reply["heartbeat"]

@@ -104,6 +104,7 @@ def service_parser(prog, description):
                           help="the relay's shared secret, to answer its challenge "
                                "(or set $TCPRELAY_SECRET)")
     security.add_argument("--tls", action="store_true", help="connect to the relay with TLS")
+    _add_group_options(parser)
     security.add_argument("--tls-ca", metavar="FILE",
                           help="trust the relay's certificate if this CA signed it "
                                "(default: the system's store)")
@@ -111,6 +112,49 @@ def service_parser(prog, description):
                           help="do not verify the relay's certificate (logs a warning; for "
                                "testing only)")
     return parser
+
+
+def _add_group_options(parser):
+    group = parser.add_argument_group("replicas behind one public port (docs/PROTOCOL.md, 2.9)")
+    group.add_argument("--group", default=None, type=_service_name, metavar="NAME",
+                       help="share the public port of group NAME with its other members; "
+                            "the relay gives each new client to the member with the fewest")
+    group.add_argument("--group-key-file", metavar="PATH",
+                       help="the group's key (the relay's operator has the same: "
+                            "--group-key NAME=PATH)")
+    group.add_argument("--health-interval", type=positive(float), default=None,
+                       metavar="SECONDS",
+                       help="ask the relay to check us this often; after --health-failures "
+                            "unanswered checks in a row we get no new clients until we "
+                            "answer again (default: no checks)")
+    group.add_argument("--health-failures", type=positive(int),
+                       default=registration.DEFAULT_HEALTH_FAILURES, metavar="N",
+                       help="see --health-interval (default: %d)"
+                            % registration.DEFAULT_HEALTH_FAILURES)
+
+
+def group_options(parser, args):
+    """``group=``, ``group_key=`` and ``health=`` for connect(), from the parsed
+    options (exits on error); {} without --group."""
+    if args.group is None:
+        if args.group_key_file or args.health_interval is not None:
+            parser.error("--group-key-file and --health-interval need --group")
+        return {}
+    if not args.group_key_file:
+        parser.error("--group needs --group-key-file")
+    try:
+        key = auth.load_secret(args.group_key_file)
+    except auth.SecretError as exc:
+        parser.error(str(exc).replace("secret", "group key"))
+    options = {"group": args.group, "group_key": key}
+    if args.health_interval is not None:
+        if not registration.MIN_HEALTH_INTERVAL <= args.health_interval \
+                <= registration.MAX_HEALTH_INTERVAL:
+            parser.error("--health-interval must be from %g to %d seconds"
+                         % (registration.MIN_HEALTH_INTERVAL, registration.MAX_HEALTH_INTERVAL))
+        options["health"] = {"interval": args.health_interval,
+                             "failures": args.health_failures}
+    return options
 
 
 def security_options(parser, args):
@@ -164,6 +208,7 @@ def service_main(prog, parser, argv, make_server):
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     security = security_options(parser, args)
+    security.update(group_options(parser, args))
     return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
 
 

@@ -58,6 +58,10 @@ class ServiceLink(Registrar):
         self._bridges = set()
         self._idle = threading.Condition(self._lock)   # a client left, or the session ended
         self._heartbeat = None
+        self.group = None           # its groups.Group, if it registered as a member
+        self.in_rotation = False    # a member that may take clients (announced, not leaving)
+        self.health_failing = False  # a member out of rotation after failed health checks
+        self._health = None         # its groups.HealthCheck, if it asked for one
         self.request = None
         self.lease = None           # the token we handed out, once registered
         self.clients_served = 0
@@ -167,15 +171,32 @@ class ServiceLink(Registrar):
         session.set_window_size(relay.window_size)
         self.request = request
         self.allowed_clients = limits.Networks(request.allow or ())
-        granted = self._wait_for_port(request, stream)
-        if granted is None:
-            return
-        self._announce(request, stream, granted[0])
-        self._serve_clients(session)
+        if request.group is not None:
+            if not self._serve_in_group(request, stream):
+                return
+        else:
+            granted = self._wait_for_port(request, stream)
+            if granted is None:
+                return
+            self._announce(request, stream, granted[0])
+            self._serve_clients(session)
         # Draining: open clients finish before the session goes (close() cuts it short).
         with self._lock:
             while self._draining and self._bridges and not self._ended:
                 self._idle.wait()
+
+    def _serve_in_group(self, request, stream):
+        """A group member's life: join (the group's port), announce, take clients
+        from the group's accept loop until it stops. False if it never joined."""
+        groups = self.relay.groups
+        port = groups.join(self, request, stream)
+        if port is None:
+            return False
+        self._announce(request, stream, port)
+        groups.enter(self)
+        self._stopping.wait()   # session ended, the service's GOAWAY, or the relay leaving
+        groups.withdraw(self)
+        return True
 
     def _open_session(self):
         """The connection's muxado session, after TLS if the relay has it; None if
@@ -207,6 +228,7 @@ class ServiceLink(Registrar):
         """The service thread's end: session, clients, heartbeat, port."""
         relay = self.relay
         self._close_listener()
+        relay.groups.withdraw(self)   # a member: no client is being handed to it after this
         if self._session is not None:
             self._session.close()
         else:
@@ -214,7 +236,11 @@ class ServiceLink(Registrar):
         self._let_clients_finish()
         if self._heartbeat is not None:
             self._heartbeat.join()
-        if self.port is not None and not self._port_given_back:
+        if self._health is not None:
+            self._health.join()
+        if self.group is not None:
+            relay.groups.leave(self)   # the group's port goes back with its last member
+        elif self.port is not None and not self._port_given_back:
             held = relay._release_port(self, self.port)
             log.info("%s: left; port %d is free again%s (%d clients served)",
                      self.label, self.port,
@@ -242,7 +268,6 @@ class ServiceLink(Registrar):
 
     def _serve_clients(self, session):
         """The public port's accept loop: each client becomes a stream of ``session``."""
-        relay = self.relay
         acceptor = resources.Acceptor(self._listener, self._stopping,
                                       "%s's port %d" % (self.label, self.port))
         gates = (self.log_over_max_clients, self.log_not_allowed)
@@ -256,21 +281,28 @@ class ServiceLink(Registrar):
                 conn, client_address = acceptor.accept()
             except OSError:
                 return  # the listener was shut down: session ended, or the relay is leaving
-            if self._refused(conn, client_address[0]):
-                continue
-            if not client_options_inherited(conn):   # from the listener (set_client_options)
-                enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
-                try:
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
+            if self._take_client(session, conn, client_address):
+                return
+
+    def _take_client(self, session, conn, client_address):
+        """The new client ``conn`` becomes a stream of ``session``, joined to it; or
+        it is refused, or its stream fails. True if that ends this service's accept
+        loop (also called by a group's accept loop: groups.Group)."""
+        relay = self.relay
+        if self._refused(conn, client_address[0]):
+            return False
+        if not client_options_inherited(conn):   # from the listener (set_client_options)
+            enable_tcp_keepalive(conn, relay.keepalive)   # notice a client that vanished
             try:
-                stream, early = self._open_stream(session, conn, client_address)
-            except (muxado.MuxadoError, OSError) as exc:
-                if self._stream_failed(session, exc, client_address):
-                    return
-                continue
-            self._start_bridge(conn, stream, early, client_address)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        try:
+            stream, early = self._open_stream(session, conn, client_address)
+        except (muxado.MuxadoError, OSError) as exc:
+            return self._stream_failed(session, exc, client_address)
+        self._start_bridge(conn, stream, early, client_address)
+        return False
 
     def _refused(self, conn, host):
         """True if the new client ``conn`` from ``host`` was refused: outside the
@@ -388,8 +420,9 @@ class ServiceLink(Registrar):
                                                             b"register again")
         except muxado.MuxadoError:
             pass
-        port, self._port_given_back = self.port, True
-        self.relay._release_port(self, port)
+        if self.group is None:   # a group's port is the group's
+            port, self._port_given_back = self.port, True
+            self.relay._release_port(self, port)
 
     def _client_closed(self, bridge, visit):
         with self._lock:
