@@ -91,7 +91,7 @@ def _next_reply(lines, silence, deadline, silent, first=False):
         # Nothing at all, the session alive: a relay that answered the 2014
         # way (host:port, then close, unread) whose answer a reset cost us.
         raise MinimalRelay()
-    if first and not bare.startswith(b"{"):
+    if first and not bare.lstrip().startswith(b"{"):   # JSON may start with blanks
         raise MinimalRelay(registration.parse_minimal_reply(bare))
     if line is None:
         raise registration.RegistrationError(
@@ -211,7 +211,7 @@ def register_minimal(session, timeout=DEFAULT_TIMEOUT, max_wait=None, patient=Tr
             raise socket.timeout("answered neither the extended nor the minimal form within "
                                  "%gs" % timeout)
         answer = replies.rest if line is None else line
-        if answer.startswith(b"{"):
+        if answer.lstrip().startswith(b"{"):
             reply = registration.parse_reply(answer)
             if reply["status"] == "error":
                 raise RegistrationRefused(str(reply.get("error", "refused")))
@@ -237,6 +237,7 @@ def extended_form(keepalive, request, session, noted):
         if told is not None:
             told(position)
     reply, stream = register(session, grace=MINIMAL_GRACE, **dict(request, on_waiting=waiting))
+    noted(None)   # the relay answered: a bad heartbeat term is no sign of a wrong port
     if stream is None:
         return reply, None
     beat = reply["heartbeat"]
