@@ -1,8 +1,9 @@
 """The service's side of registration: the request, the relay's answers, the
 challenge, the wait in line (docs/PROTOCOL.md, section 2).
 
-``register`` runs the extended form over an open session; ``service.connect``
-dials, sets up the session and calls it. ``registration.py`` holds the bytes
+``register`` runs the extended form over an open session, ``register_minimal``
+the minimal one; ``service.connect`` dials, sets up the session and calls
+them (and tells a relay that speaks only the minimal form). ``registration.py`` holds the bytes
 of requests and replies; this module decides what to send and how long to
 wait. The relay's side is ``registrar.py``.
 """
@@ -13,12 +14,30 @@ import socket
 import time
 
 from . import auth, registration
+from .muxerrors import StreamResetError
 from .streamlines import DeadlinePassed, StreamLines
 
 # The service library's lines, wherever its code lives: users filter them by this name.
 log = logging.getLogger("tcprelay.service")
 
 DEFAULT_TIMEOUT = 10.0
+# Seconds the extended request waits for the relay's first answer before we
+# take the relay for one that speaks only the minimal form (it waits for a FIN
+# the extended form never sends). A tcprelay relay answers at once.
+MINIMAL_GRACE = 2.0
+MINIMAL_ONLY = ("the relay at %s speaks only the minimal registration form: no leases, "
+                "no heartbeat, no PROXY headers, no waiting-line notices")
+
+
+class MinimalRelay(registration.RegistrationError):
+    """The relay answered our extended request as one that speaks only the
+    minimal form does: with a bare ``host:port`` (``reply``, the ok reply:
+    we are registered, in the minimal form), or not at all within the grace
+    (``reply`` None: dial again in the minimal form)."""
+
+    def __init__(self, reply=None):
+        super(MinimalRelay, self).__init__("the relay speaks only the minimal form")
+        self.reply = reply
 
 
 class RegistrationRefused(Exception):
@@ -32,17 +51,49 @@ class RegistrationRefused(Exception):
         self.in_line = in_line
 
 
-def _next_reply(lines, silence, deadline, silent):
+class NeedsExtendedForm(RegistrationRefused):
+    """We asked for what only the extended form carries (``option``:
+    ``"port"``, ``"proxy_protocol"`` or ``"secret"``), of a relay that
+    speaks only the minimal form."""
+
+    def __init__(self, where, option):
+        super(NeedsExtendedForm, self).__init__(
+            "the relay at %s speaks only the minimal registration form, which cannot carry "
+            "%s= (leave it out, or use a relay that speaks the extended form)" % (where, option))
+        self.option = option
+
+
+def needs_extended_form(port=None, proxy_protocol=None, secret=None, allow=None, group=None):
+    """The first option given (its parameter name) that the minimal form cannot
+    carry, else None. A lease, a name, the heartbeat are dropped: harmless. An
+    allow list or a group is never dropped: every client would reach us."""
+    for option, value in (("port", port), ("proxy_protocol", proxy_protocol),
+                          ("secret", secret), ("allow_clients", allow), ("group", group)):
+        if value is not None:
+            return option
+    return None
+
+
+def _next_reply(lines, silence, deadline, silent, first=False):
     """The relay's next reply, as a dict. The relay may be quiet ``silence``
     seconds at a time (None: as long as the session lasts), up to
     ``deadline`` (monotonic, or None). Raises ``socket.timeout`` saying
-    ``silent % silence`` or why."""
+    ``silent % silence`` or why. The ``first`` reply of connect()'s attempt
+    may be a minimal relay's bare ``host:port``, or nothing: then
+    MinimalRelay is raised."""
     try:
         line = lines.read_line(silence, deadline)
     except DeadlinePassed:
         raise socket.timeout("gave no port within max_wait and the timeout")
     except socket.timeout:
         raise socket.timeout(silent % silence)
+    bare = lines.rest if line is None else line
+    if first and not bare:
+        # Nothing at all, the session alive: a relay that answered the 2014
+        # way (host:port, then close, unread) whose answer a reset cost us.
+        raise MinimalRelay()
+    if first and not bare.lstrip().startswith(b"{"):   # JSON may start with blanks
+        raise MinimalRelay(registration.parse_minimal_reply(bare))
     if line is None:
         raise registration.RegistrationError(
             "the relay closed the registration stream without answering")
@@ -51,7 +102,7 @@ def _next_reply(lines, silence, deadline, silent):
 
 def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
              on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None,
-             allow=None, group=None, group_key=None, health=None):
+             allow=None, group=None, group_key=None, health=None, grace=None):
     """Register over an open session (extended form).
 
     Returns ``(reply, stream)``: the relay's ok reply, and the registration
@@ -74,8 +125,16 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
     (its ``interval``): then after ``max(timeout, 2 * interval)`` seconds.
     A relay that made no such promise (older tcprelay) keeps us in line
     until the session ends (TCP keepalive notices a vanished machine).
+
+    With ``grace`` (seconds, or None), a first answer that is a bare
+    ``host:port`` raises ``MinimalRelay`` (its ``reply`` the ok reply); so
+    does silence for ``grace`` seconds, or a registration stream that ends
+    without a byte (``reply`` None).
     """
-    stream = session.open()
+    # The SYN goes with the request, in one frame: a relay that answers and
+    # closes without reading (the 2014 style) gets no DATA on a closed stream
+    # to answer with a reset, which would cost us its answer.
+    stream = session.open(announce=False)
     keep = False
     try:
         request = registration.Request(port=port, name=name, max_wait=max_wait, notices=True,
@@ -92,8 +151,21 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
         reported = None
         challenged = False
         in_line = False
+        first = True
         while True:
-            reply = _next_reply(replies, silence, deadline, silent)
+            if first and grace is not None:
+                try:
+                    reply = _next_reply(replies, min(grace, timeout), deadline, silent, True)
+                except StreamResetError:
+                    raise MinimalRelay()   # as for an answer lost (above)
+                except socket.timeout:
+                    # A reset, not a FIN: a minimal relay would take a FIN for the
+                    # end of a request, and answer it with a port.
+                    stream.reset()
+                    raise MinimalRelay()
+            else:
+                reply = _next_reply(replies, silence, deadline, silent)
+            first = False
             status = reply["status"]
             if status == "waiting":
                 in_line = True
@@ -125,6 +197,70 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
     finally:
         if not keep:
             stream.close()
+
+
+def register_minimal(session, timeout=DEFAULT_TIMEOUT, max_wait=None, patient=True):
+    """Register over an open session in the minimal form (docs/PROTOCOL.md 2.1).
+
+    Returns the ok reply: a dict with ``address`` ("host:port") and ``port``.
+    The relay is silent until it has a port for us: ``patient`` waits for as
+    long as the session lasts, else the answer must come within ``timeout``
+    seconds (``socket.timeout``). With ``max_wait`` (seconds) we give up
+    after it and ``timeout`` more: ``RegistrationRefused`` (``in_line``), as
+    for the relay's error line. ``RegistrationError`` for any other answer.
+    """
+    stream = session.open(announce=False)   # SYN and FIN in one frame, as Go sends it
+    try:
+        stream.close_write()
+        replies = StreamLines(stream, registration.MAX_REPLY)
+        deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
+        try:
+            line = replies.read_line(None if patient else timeout, deadline)
+        except DeadlinePassed:
+            raise RegistrationRefused("no public port came within max_wait (%gs; a relay "
+                                      "of the minimal form does not say why)" % max_wait,
+                                      in_line=True)
+        except socket.timeout:
+            raise socket.timeout("answered neither the extended nor the minimal form within "
+                                 "%gs" % timeout)
+        answer = replies.rest if line is None else line
+        if answer.lstrip().startswith(b"{"):
+            reply = registration.parse_reply(answer)
+            if reply["status"] == "error":
+                raise RegistrationRefused(str(reply.get("error", "refused")))
+            raise registration.RegistrationError("unexpected reply status %r to the minimal "
+                                                 "form" % reply["status"])
+        if not answer:
+            raise registration.RegistrationError(
+                "the relay closed the registration stream without answering")
+        return registration.parse_minimal_reply(answer)
+    finally:
+        stream.close()
+
+
+def extended_form(keepalive, request, session, noted):
+    """connect()'s extended attempt: ``register`` with ``request`` (its
+    keywords) and the grace, telling ``noted`` each place in line too.
+    Returns (the ok reply, the heartbeat's (stream, interval, timeout) or
+    None); ``keepalive`` (seconds) fills in terms the relay leaves out."""
+    told = request.get("on_waiting")
+
+    def waiting(position):
+        noted(position)
+        if told is not None:
+            told(position)
+    reply, stream = register(session, grace=MINIMAL_GRACE, **dict(request, on_waiting=waiting))
+    noted(None)   # the relay answered: a bad heartbeat term is no sign of a wrong port
+    if stream is None:
+        return reply, None
+    beat = reply["heartbeat"]
+    return reply, (stream, _seconds(beat, "interval", keepalive / 3.0),
+                   _seconds(beat, "timeout", keepalive))
+
+
+def minimal_form(timeout, max_wait, patient, session, noted):
+    """connect()'s minimal attempt: ``register_minimal``'s reply, and no heartbeat."""
+    return register_minimal(session, timeout, max_wait, patient), None
 
 
 def _check_ok(reply, unasked_secret, allow=None, group=None):

@@ -16,6 +16,8 @@ import binascii
 import ipaddress
 import json
 
+from . import addresses
+
 PROTOCOL_VERSION = 1
 MAX_REQUEST = 4096          # bytes of request the relay reads at most
 # The debug text of the GOAWAY a TLS relay sends a plain connection, in plain
@@ -338,6 +340,21 @@ def parse_object(line):
     if not isinstance(body, dict):
         raise RegistrationError("not a JSON object on one line")
     return body
+
+
+def parse_minimal_reply(data):
+    """The minimal form's reply (``host:port``, ASCII, a newline tolerated) as
+    an ``ok`` reply dict with ``address`` and ``port``. Raises
+    RegistrationError for anything else (a JSON line is the caller's to read)."""
+    try:
+        text = data.decode("ascii").rstrip("\r\n")
+        port = addresses.split_host_port(text)[1]
+    except (UnicodeDecodeError, ValueError):
+        raise RegistrationError("the relay's answer is neither a JSON line nor host:port: "
+                                "%.60r" % data)
+    if not text.isprintable() or " " in text:
+        raise RegistrationError("the relay's answer is not host:port: %.60r" % data)
+    return {"status": "ok", "address": text, "port": port}
 
 
 def parse_reply(line):

@@ -12,6 +12,7 @@
 Handlers get a ``muxado.Stream`` as ``request``; it behaves like a socket.
 """
 
+import functools
 import logging
 import random
 import socket
@@ -22,9 +23,16 @@ import traceback
 
 from . import addresses, clock, healthprobe, limits, muxado, proxyproto, registration
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
-from .registrant import DEFAULT_TIMEOUT, RegistrationRefused, _seconds, register
+from .registrant import (DEFAULT_TIMEOUT, MINIMAL_ONLY, MinimalRelay, NeedsExtendedForm,
+                         RegistrationRefused, extended_form, minimal_form, needs_extended_form,
+                         register, register_minimal)
 from .tls import TLSTransport
 from .workers import WorkerPool
+
+# The service library's public names (register and its errors live in registrant.py).
+__all__ = ["Attempt", "Backoff", "ConnectCancelled", "DEFAULT_TIMEOUT", "NeedsExtendedForm",
+           "RegistrationRefused", "RelayGone", "RelayServer", "ServiceConnection",
+           "ServicePortError", "connect", "register", "register_minimal"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +112,7 @@ def _cut(target):
 class ServiceConnection(object):
     """A registered service: one muxado session to the relay and a public address."""
 
-    def __init__(self, session, reply, heartbeat=None, proxy_protocol=None):
+    def __init__(self, session, reply, heartbeat=None, proxy_protocol=None, minimal=False):
         self.session = session
         health = reply.get("health")
         probe = health.get("probe") if isinstance(health, dict) else None
@@ -112,6 +120,7 @@ class ServiceConnection(object):
         self.health_probe = probe.encode("ascii", "replace") if isinstance(probe, str) \
             and probe else None
         self.reply = reply                    # the relay's whole ok reply (extended form)
+        self.minimal = minimal                # registered in the minimal form: no lease
         self.address = reply.get("address")   # "host:port", as the relay hands it out
         self.port = reply.get("port")
         self.lease = reply.get("lease")       # the token to get this port back
@@ -177,7 +186,8 @@ def _dial(relay_address, timeout, attempt):
 def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wait=None,
             on_waiting=None, lease=None, heartbeat=True, proxy_protocol=None,
             keepalive=DEFAULT_KEEPALIVE, secret=None, tls=None, attempt=None,
-            allow_clients=None, group=None, group_key=None, health=None, **session_options):
+            allow_clients=None, group=None, group_key=None, health=None, minimal=False,
+            **session_options):
     """Dial the relay, register, and return a ``ServiceConnection``.
 
     ``port`` asks for a particular public port, ``name`` labels us in the
@@ -198,6 +208,13 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     ``timeout`` bounds connecting and each answer from the relay
     (the wait in line: see ``register``). ``attempt`` (an ``Attempt``) lets
     another thread cut it all short: then ``ConnectCancelled`` is raised.
+
+    A relay that speaks only the minimal form (docs/PROTOCOL.md 2.1) gets it,
+    with a warning: one that answers a bare ``host:port``, or nothing within
+    ``MINIMAL_GRACE`` seconds (then we dial again). ``minimal=True`` uses it
+    from the start. ``port``, ``proxy_protocol`` and ``secret`` need the
+    extended form: ``NeedsExtendedForm`` with such a relay, ValueError with
+    ``minimal=True``; a lease, the name and the heartbeat are dropped.
     """
     where = addresses.join_host_port(*relay_address[:2])
     if allow_clients is not None:
@@ -209,30 +226,63 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
         raise ValueError("group and group_key go together, and health needs them")
     if attempt is None:
         attempt = Attempt()
+    option = needs_extended_form(port, proxy_protocol, secret, allow_clients, group)
+    if minimal and option is not None:
+        raise ValueError("%s= needs the extended registration form: not with minimal=True"
+                         % option)
+    link = functools.partial(_open_link, relay_address, where, timeout, keepalive, tls,
+                             attempt, session_options)
+    if minimal:
+        run = functools.partial(minimal_form, timeout, max_wait, True)
+    else:
+        run = functools.partial(extended_form, keepalive, dict(
+            port=port, name=name, max_wait=max_wait, timeout=timeout, on_waiting=on_waiting,
+            lease=lease, heartbeat=heartbeat, proxy_protocol=proxy_protocol, secret=secret,
+            allow=allow_clients, group=group, group_key=group_key, health=health))
+    session = link()
+    try:
+        reply, beat = _registered(session, where, tls, attempt, run)
+    except MinimalRelay as exc:
+        if exc.reply is None or option is not None:
+            session.close()
+        if option is not None:
+            raise NeedsExtendedForm(where, option)
+        log.warning(MINIMAL_ONLY, where)
+        minimal, reply, beat = True, exc.reply, None
+        if reply is None:   # it waits for a FIN on that stream: a fresh session
+            session = link()
+            reply, _ = _registered(session, where, tls, attempt, functools.partial(
+                minimal_form, timeout, max_wait, False))
+    sender = None
+    if beat is not None:
+        sender = HeartbeatSender(session, *(beat + ("relay %s" % where,)))
+        sender.start()
+    return ServiceConnection(session, reply, heartbeat=sender, proxy_protocol=proxy_protocol,
+                             minimal=minimal)
+
+
+def _open_link(relay_address, where, timeout, keepalive, tls, attempt, options):
+    """Dial the relay: the muxado session, with TCP keepalive and ``tls`` (or None)."""
     sock = _dial(relay_address, timeout, attempt)
     enable_tcp_keepalive(sock, keepalive)
     if tls is not None:
         sock = _start_tls(sock, tls, relay_address[0], where, attempt)
-    session = _link_session(sock, where, session_options)
+    return _link_session(sock, where, options)
+
+
+def _registered(session, where, tls, attempt, run):
+    """``run(session, on_waiting)``'s (reply, stream), registering over
+    ``session``; on failure the session is closed and the error says what
+    answered. ``MinimalRelay`` passes through, the session left open."""
     in_line = []   # the relay answered: what goes wrong from then on is no wrong port
-
-    def waiting(position):
-        in_line.append(position)
-        if on_waiting is not None:
-            on_waiting(position)
-
     try:
         attempt.hold(session)
-        reply, stream = register(session, port=port, name=name, max_wait=max_wait,
-                                 timeout=timeout, on_waiting=waiting, lease=lease,
-                                 heartbeat=heartbeat, proxy_protocol=proxy_protocol,
-                                 secret=secret, allow=allow_clients, group=group,
-                                 group_key=group_key, health=health)
-        in_line.append(None)
-        if stream is not None:
-            beat = reply["heartbeat"]
-            interval = _seconds(beat, "interval", keepalive / 3.0)
-            beat_timeout = _seconds(beat, "timeout", keepalive)
+        return run(session, in_line.append)
+    except MinimalRelay:
+        if attempt.cancelled:
+            session.close()
+            raise ConnectCancelled("connecting to the relay was cancelled")
+        raise
     except BaseException as exc:
         session.close()
         if attempt.cancelled:
@@ -244,11 +294,6 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
             if failure is not None:
                 raise failure
         raise
-    sender = None
-    if stream is not None:
-        sender = HeartbeatSender(session, stream, interval, beat_timeout, "relay %s" % where)
-        sender.start()
-    return ServiceConnection(session, reply, heartbeat=sender, proxy_protocol=proxy_protocol)
 
 
 def _link_session(sock, where, options):
@@ -350,7 +395,9 @@ class RelayServer(object):
     away, with backoff, and gets the same port back while its lease holds.
     ``retry=True`` retries the first connection too; without it a relay
     that cannot be reached is an error at once. A relay that refuses us
-    (``RegistrationRefused``) is final either way.
+    (``RegistrationRefused``) is final either way. ``minimal=True`` registers
+    in the minimal form (see ``connect``); a relay found to speak only that
+    form gets it on every reconnect too, without the grace and the warning.
 
     Other keyword arguments (``allow_clients``, ``secret``, ``tls``, ...) go
     to ``connect()`` at every registration.
@@ -373,7 +420,7 @@ class RelayServer(object):
 
     def __init__(self, relay_address, RequestHandlerClass, port=None, name=None,
                  timeout=DEFAULT_TIMEOUT, bind_and_activate=True, retry=False,
-                 proxy_protocol=None, heartbeat=True, **connect_options):
+                 proxy_protocol=None, heartbeat=True, minimal=False, **connect_options):
         self.relay_address = tuple(relay_address[:2])
         self.RequestHandlerClass = RequestHandlerClass
         self.requested_port = port
@@ -382,6 +429,7 @@ class RelayServer(object):
         self.retry = retry
         self.proxy_protocol = proxy_protocol
         self.heartbeat = heartbeat
+        self.minimal = minimal   # the minimal form: asked for, or the relay's only one
         self.connect_options = connect_options
         self.connection = None
         self.public_address = None
@@ -435,7 +483,7 @@ class RelayServer(object):
                                      name=self.name, timeout=self.connect_timeout,
                                      lease=self._lease, heartbeat=self.heartbeat,
                                      proxy_protocol=self.proxy_protocol, attempt=attempt,
-                                     on_waiting=on_waiting, **options)
+                                     on_waiting=on_waiting, minimal=self.minimal, **options)
             except RegistrationRefused:
                 raise
             except (OSError, registration.RegistrationError, muxado.MuxadoError) as exc:
@@ -466,6 +514,7 @@ class RelayServer(object):
                 raise RelayGone("shut down while registering with the relay")
             break
         self._lease = connection.lease
+        self.minimal = connection.minimal   # found once: reconnects neither wait nor warn again
         self.public_address = connection.address
         self.server_address = addresses.split_host_port(self.public_address)
         log.info("registered with the relay at %s; public address %s",

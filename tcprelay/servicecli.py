@@ -11,8 +11,8 @@ from .cli import (LOG_LEVELS, Parser, configure_logging, network, on_stop_signal
                   port_number, positive)
 from .muxado import MuxadoError
 from .registration import MAX_WAIT, RegistrationError
-from .service import (DEFAULT_TIMEOUT, RegistrationRefused, RelayGone, RelayServer,
-                      ServicePortError)
+from .service import (DEFAULT_TIMEOUT, NeedsExtendedForm, RegistrationRefused, RelayGone,
+                      RelayServer, ServicePortError)
 
 # The service programs' lines have always come from "tcprelay.cli" (their log
 # format names it); they still do.
@@ -97,6 +97,11 @@ def service_parser(prog, description):
                              "(connecting, each step of registering; in line, a relay "
                              "that stops saying we are waiting) (default: %g)"
                              % DEFAULT_TIMEOUT)
+    parser.add_argument("--minimal", action="store_true",
+                        help="register in the minimal form, for a relay that speaks only "
+                             "that (no leases, heartbeat, PROXY headers or notices; "
+                             "docs/PROTOCOL.md 2.1). Without it such a relay is found out "
+                             "within 2 s, with a warning")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
     security = parser.add_argument_group(SECURITY_GROUP)
@@ -209,7 +214,28 @@ def service_main(prog, parser, argv, make_server):
     configure_logging(args.log_level)
     security = security_options(parser, args)
     security.update(group_options(parser, args))
+    if args.minimal:
+        option = _extended_only(args, security["secret"])
+        if option is not None:
+            parser.error("%s needs the extended registration form: it cannot be used with "
+                         "--minimal" % option)
     return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
+
+
+def _extended_only(args, secret):
+    """The first option given that only the extended form carries, as the user
+    gave it (None if none): the minimal form cannot carry it."""
+    if args.port is not None:
+        return "--port"
+    if getattr(args, "proxy_protocol", "none") != "none":
+        return "--proxy-protocol"
+    if secret is not None:
+        return "--secret-file" if args.secret_file else "$%s" % auth.SECRET_ENV
+    if getattr(args, "allow_client", None):
+        return "--allow-client"
+    if getattr(args, "group", None) is not None:
+        return "--group"
+    return None
 
 
 def _refusal_hint(exc, args):
@@ -257,7 +283,7 @@ def run_service(prog, args, make_server, **server_options):
     try:
         server = make_server(port=args.port, name=args.name, retry=args.retry,
                              timeout=args.timeout, max_wait=args.max_wait,
-                             allow_clients=args.allow_client,
+                             allow_clients=args.allow_client, minimal=args.minimal,
                              bind_and_activate=False, **server_options)
     except StartError as exc:
         sys.stderr.write("%s: %s\n" % (prog, exc))
@@ -267,6 +293,12 @@ def run_service(prog, args, make_server, **server_options):
     try:
         server.server_activate()
         server.serve_forever(reconnect=not args.no_reconnect)
+    except NeedsExtendedForm:
+        sys.stderr.write("%s: the relay at %s speaks only the minimal registration form, which "
+                         "cannot carry %s: leave it out, or use a relay that speaks the "
+                         "extended form\n" % (prog, relay, _extended_only(
+                             args, server_options.get("secret"))))
+        status = 1
     except RegistrationRefused as exc:
         sys.stderr.write("%s: the relay at %s refused us: %s%s\n"
                          % (prog, relay, exc.reason, _refusal_hint(exc, args)))
