@@ -144,59 +144,67 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                                        allow=allow, group=group, health=health)
         stream.settimeout(timeout)
         stream.sendall(request.encode())
-        replies = StreamLines(stream, registration.MAX_REPLY)
-        # The relay answers max_wait's end with an error: we need wait no longer.
-        deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
-        silence, silent = timeout, "did not answer within %gs"
-        reported = None
-        challenged = False
-        in_line = False
-        first = True
-        while True:
-            if first and grace is not None:
-                try:
-                    reply = _next_reply(replies, min(grace, timeout), deadline, silent, True)
-                except StreamResetError:
-                    raise MinimalRelay()   # as for an answer lost (above)
-                except socket.timeout:
-                    # A reset, not a FIN: a minimal relay would take a FIN for the
-                    # end of a request, and answer it with a port.
-                    stream.reset()
-                    raise MinimalRelay()
-            else:
-                reply = _next_reply(replies, silence, deadline, silent)
-            first = False
-            status = reply["status"]
-            if status == "waiting":
-                in_line = True
-                position = reply.get("position")
-                silence = _silence_in_line(reply.get("interval"), timeout)
-                silent = "went silent for %gs while we waited in line"
-                if position != reported:
-                    log.info("%s; waiting in line (position %s)", _why_waiting(reply), position)
-                    reported = position
-                    if on_waiting is not None:
-                        on_waiting(position)
-            elif status == "ok":
-                _check_ok(reply, unasked_secret=secret is not None and not challenged,
-                          allow=allow, group=group)
-                keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
-                return reply, (stream if keep else None)
-            elif status == "challenge" and "group" in reply:
-                _answer_group_challenge(stream, reply, group, group_key)
-                silence, silent = timeout, "did not answer within %gs"
-            elif status == "challenge":
-                _answer_challenge(stream, reply, secret)
-                challenged = True
-                silence, silent = timeout, "did not answer within %gs"
-            elif status == "error":
-                raise RegistrationRefused(str(reply.get("error", "refused")),
-                                          in_line=in_line)
-            else:
-                raise registration.RegistrationError("unexpected reply status %r" % status)
+        reply, challenged = _until_ok(stream, timeout, max_wait, grace, on_waiting, secret,
+                                      group, group_key)
+        _check_ok(reply, unasked_secret=secret is not None and not challenged,
+                  allow=allow, group=group)
+        keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
+        return reply, (stream if keep else None)
     finally:
         if not keep:
             stream.close()
+
+
+def _until_ok(stream, timeout, max_wait, grace, on_waiting, secret, group, group_key):
+    """The relay's answers to our request, up to its ``ok``: (that reply, whether
+    it challenged us). Waiting lines are told, challenges answered (see register)."""
+    replies = StreamLines(stream, registration.MAX_REPLY)
+    # The relay answers max_wait's end with an error: we need wait no longer.
+    deadline = None if max_wait is None else time.monotonic() + max_wait + timeout
+    silence, silent = timeout, "did not answer within %gs"
+    reported = None
+    challenged = False
+    in_line = False
+    first = True
+    while True:
+        if first and grace is not None:
+            try:
+                reply = _next_reply(replies, min(grace, timeout), deadline, silent, True)
+            except StreamResetError:
+                raise MinimalRelay()   # as for an answer lost (above)
+            except socket.timeout:
+                # A reset, not a FIN: a minimal relay would take a FIN for the
+                # end of a request, and answer it with a port.
+                stream.reset()
+                raise MinimalRelay()
+        else:
+            reply = _next_reply(replies, silence, deadline, silent)
+        first = False
+        status = reply["status"]
+        if status == "waiting":
+            in_line = True
+            position = reply.get("position")
+            silence = _silence_in_line(reply.get("interval"), timeout)
+            silent = "went silent for %gs while we waited in line"
+            if position != reported:
+                log.info("%s; waiting in line (position %s)", _why_waiting(reply), position)
+                reported = position
+                if on_waiting is not None:
+                    on_waiting(position)
+        elif status == "ok":
+            return reply, challenged
+        elif status == "challenge" and "group" in reply:
+            _answer_group_challenge(stream, reply, group, group_key)
+            silence, silent = timeout, "did not answer within %gs"
+        elif status == "challenge":
+            _answer_challenge(stream, reply, secret)
+            challenged = True
+            silence, silent = timeout, "did not answer within %gs"
+        elif status == "error":
+            raise RegistrationRefused(str(reply.get("error", "refused")),
+                                      in_line=in_line)
+        else:
+            raise registration.RegistrationError("unexpected reply status %r" % status)
 
 
 def register_minimal(session, timeout=DEFAULT_TIMEOUT, max_wait=None, patient=True):

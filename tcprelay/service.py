@@ -16,17 +16,17 @@ import functools
 import logging
 import random
 import socket
-import ssl
 import sys
 import threading
 import traceback
 
 from . import addresses, clock, healthprobe, limits, muxado, proxyproto, registration
-from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender, enable_tcp_keepalive
+from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender
 from .registrant import (DEFAULT_TIMEOUT, MINIMAL_ONLY, MinimalRelay, NeedsExtendedForm,
                          RegistrationRefused, extended_form, minimal_form, needs_extended_form,
                          register, register_minimal)
-from .tls import TLSTransport
+from .relaydial import (Attempt, ConnectCancelled, RelayGone, ServicePortError, _open_link,
+                        _registered)
 from .workers import WorkerPool
 
 # The service library's public names (register and its errors live in registrant.py).
@@ -36,77 +36,6 @@ __all__ = ["Attempt", "Backoff", "ConnectCancelled", "DEFAULT_TIMEOUT", "NeedsEx
 
 log = logging.getLogger(__name__)
 
-# The relay opens one stream per client and caps clients itself, so a
-# service takes far more streams than muxado's defaults for unknown peers.
-DEFAULT_MAX_STREAMS = 65536
-DEFAULT_ACCEPT_BACKLOG = 4096
-
-
-class RelayGone(ConnectionError):
-    """The connection to the relay ended."""
-
-
-class ServicePortError(ConnectionError):
-    """Registering failed because of what answered at the relay's address: not
-    a tcprelay service port (a public port, another server), TLS on one side
-    only, or a relay that closed the connection without a word. The message
-    says which, and what to try; ``cause`` is the error as it came."""
-
-    def __init__(self, message, cause=None):
-        super(ServicePortError, self).__init__(message)
-        self.cause = cause
-
-
-class ConnectCancelled(RelayGone):
-    """``connect()`` was cut short by ``Attempt.cancel()``."""
-
-
-class Attempt(object):
-    """A ``connect()`` in progress that another thread may cut short.
-
-    ``cancel()`` ends it at whatever stage it is: the TCP connect, TLS,
-    registration, the wait in line. ``connect()`` then raises
-    ``ConnectCancelled``. A cancel after ``connect()`` returned closes the
-    connection it made.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._target = None      # the socket or session that cancel() ends
-        self.cancelled = False
-
-    def cancel(self):
-        """Cut the attempt short (safe from any thread, any number of times)."""
-        with self._lock:
-            self.cancelled = True
-            target = self._target
-        _cut(target)
-
-    def hold(self, target):
-        """From now on ``cancel()`` ends ``target`` (a socket or a muxado session).
-
-        Raises ``ConnectCancelled`` (having ended ``target``) if it was cancelled already.
-        """
-        with self._lock:
-            if not self.cancelled:
-                self._target = target
-                return
-        _cut(target)
-        raise ConnectCancelled("connecting to the relay was cancelled")
-
-
-def _cut(target):
-    """End what a blocked connect(), TLS handshake or recv waits on, from another thread."""
-    if target is None:
-        return
-    if isinstance(target, muxado.Session):
-        target.close()
-        return
-    try:
-        # Linux aborts even a connect() still waiting for its SYN-ACK.
-        target.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class ServiceConnection(object):
@@ -161,28 +90,6 @@ class ServiceConnection(object):
         return "<ServiceConnection %s>" % self.address
 
 
-def _dial(relay_address, timeout, attempt):
-    """socket.create_connection, with each socket held by ``attempt`` while it connects."""
-    host, port = relay_address[:2]
-    error = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0,
-                                                                socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            attempt.hold(sock)
-            sock.settimeout(None if timeout is None else min(timeout, clock.MAX_TIMEOUT))
-            sock.connect(address)
-            return sock
-        except BaseException as exc:
-            sock.close()
-            if attempt.cancelled:
-                raise ConnectCancelled("connecting to the relay was cancelled")
-            if not isinstance(exc, OSError):
-                raise
-            error = exc
-    raise error if error is not None else OSError("no address for %s" % host)
-
-
 def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wait=None,
             on_waiting=None, lease=None, heartbeat=True, proxy_protocol=None,
             keepalive=DEFAULT_KEEPALIVE, secret=None, tls=None, attempt=None,
@@ -217,13 +124,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     ``minimal=True``; a lease, the name and the heartbeat are dropped.
     """
     where = addresses.join_host_port(*relay_address[:2])
-    if allow_clients is not None:
-        try:
-            allow_clients = registration.allow_list(allow_clients)
-        except ValueError as exc:
-            raise ValueError("allow_clients %s" % exc)
-    if (group is None) != (group_key is None) or (health is not None and group is None):
-        raise ValueError("group and group_key go together, and health needs them")
+    allow_clients = _check_options(allow_clients, group, group_key, health)
     if attempt is None:
         attempt = Attempt()
     option = needs_extended_form(port, proxy_protocol, secret, allow_clients, group)
@@ -261,113 +162,17 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
                              minimal=minimal)
 
 
-def _open_link(relay_address, where, timeout, keepalive, tls, attempt, options):
-    """Dial the relay: the muxado session, with TCP keepalive and ``tls`` (or None)."""
-    sock = _dial(relay_address, timeout, attempt)
-    enable_tcp_keepalive(sock, keepalive)
-    if tls is not None:
-        sock = _start_tls(sock, tls, relay_address[0], where, attempt)
-    return _link_session(sock, where, options)
-
-
-def _registered(session, where, tls, attempt, run):
-    """``run(session, on_waiting)``'s (reply, stream), registering over
-    ``session``; on failure the session is closed and the error says what
-    answered. ``MinimalRelay`` passes through, the session left open."""
-    in_line = []   # the relay answered: what goes wrong from then on is no wrong port
-    try:
-        attempt.hold(session)
-        return run(session, in_line.append)
-    except MinimalRelay:
-        if attempt.cancelled:
-            session.close()
-            raise ConnectCancelled("connecting to the relay was cancelled")
-        raise
-    except BaseException as exc:
-        session.close()
-        if attempt.cancelled:
-            raise ConnectCancelled("connecting to the relay was cancelled")
-        if isinstance(exc, socket.timeout):
-            raise socket.timeout("the relay at %s %s" % (where, exc))
-        if not in_line:
-            failure = _what_answered(where, session, exc, tls is not None)
-            if failure is not None:
-                raise failure
-        raise
-
-
-def _link_session(sock, where, options):
-    """The muxado client session to the relay over ``sock``: the link's window
-    and frame size, and room for a stream per client, unless ``options`` say."""
-    options = dict(options)
-    options.setdefault("window_size", registration.LINK_WINDOW)
-    options.setdefault("max_frame_size", registration.LINK_MAX_FRAME)
-    options.setdefault("max_streams", DEFAULT_MAX_STREAMS)
-    options.setdefault("accept_backlog", DEFAULT_ACCEPT_BACKLOG)
-    return muxado.client(sock, name="relay %s" % where, **options)
-
-
-def _start_tls(sock, context, server_hostname, where, attempt):
-    """TLS over the dialled ``sock``: the transport for the session. Raises
-    ConnectCancelled, or ServicePortError if what answered seems not to speak
-    TLS (a certificate the relay's name does not match is raised as it is)."""
-    try:
-        sslsock = context.wrap_socket(sock, server_hostname=server_hostname)
-    except BaseException as exc:
-        sock.close()
-        if attempt.cancelled:
-            raise ConnectCancelled("connecting to the relay was cancelled")
-        if isinstance(exc, OSError) and not _trust_failure(exc) \
-                and not isinstance(exc, socket.timeout):
-            raise ServicePortError(
-                "TLS with %s failed: %s (it may not use TLS: try without --tls; or %s "
-                "may not be a tcprelay service port)" % (where, _reason(exc), where), exc)
-        raise
-    return TLSTransport(sslsock)
-
-
-# The session died of bytes that are not muxado (or not a relay's muxado).
-_NOT_A_RELAY = frozenset((muxado.ErrorCode.PROTOCOL_ERROR, muxado.ErrorCode.FRAME_SIZE_ERROR,
-                          muxado.ErrorCode.FLOW_CONTROL_ERROR))
-_HUNG_UP = frozenset((muxado.ErrorCode.PEER_EOF, muxado.ErrorCode.SESSION_CLOSED))
-
-
-def _reason(exc):
-    return getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc)
-
-
-def _trust_failure(exc):
-    """True for a TLS error about the relay's certificate (it does speak TLS)."""
-    return (isinstance(exc, ssl.CertificateError)
-            or getattr(exc, "reason", None) == "CERTIFICATE_VERIFY_FAILED")
-
-
-def _what_answered(where, session, exc, tls):
-    """A ServicePortError saying what to try, for ``exc`` raised while registering
-    before the relay answered anything; None if ``exc`` says it well already."""
-    if isinstance(exc, (RegistrationRefused, socket.timeout)):
-        return None
-    goaway = session.remote_goaway
-    if goaway is not None:
-        if goaway[2].startswith(registration.TLS_REQUIRED):
-            return ServicePortError("the relay at %s requires TLS: connect with --tls "
-                                    "(tls= in connect())" % where, exc)
-        return None   # a relay, which said why
-    error = session.error if session.error is not None else exc
-    code = getattr(error, "code", None)
-    if isinstance(exc, registration.RegistrationError) or code in _NOT_A_RELAY:
-        return ServicePortError(
-            "%s does not look like a tcprelay service port (%s): is it a public port, or "
-            "another kind of server? Services dial the relay's service port"
-            % (where, _reason(error if code in _NOT_A_RELAY else exc)), exc)
-    if code in _HUNG_UP or isinstance(exc, ConnectionError):
-        maybe = "refuse this address (--allow-from, rate limits)"
-        if not tls:
-            maybe = "require TLS (--tls), " + maybe
-        return ServicePortError(
-            "the relay at %s closed the connection before answering (%s): it may %s, or %s "
-            "may not be a tcprelay service port" % (where, _reason(error), maybe, where), exc)
-    return None
+def _check_options(allow_clients, group, group_key, health):
+    """connect()'s options that a relay would refuse, checked before dialling:
+    the allow list as the wire carries it. Raises ValueError."""
+    if allow_clients is not None:
+        try:
+            allow_clients = registration.allow_list(allow_clients)
+        except ValueError as exc:
+            raise ValueError("allow_clients %s" % exc)
+    if (group is None) != (group_key is None) or (health is not None and group is None):
+        raise ValueError("group and group_key go together, and health needs them")
+    return allow_clients
 
 
 class Backoff(object):
