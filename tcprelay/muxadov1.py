@@ -19,7 +19,7 @@ from .frames import ErrorCode, MuxadoError
 
 log = logging.getLogger("tcprelay.muxado")
 
-__all__ = ["server", "client", "HeartbeatEcho"]
+__all__ = ["server", "client", "HeartbeatEcho", "heartbeat_of"]
 
 
 class HeartbeatEcho(object):
@@ -34,6 +34,7 @@ class HeartbeatEcho(object):
     def __init__(self, stream):
         self._stream = stream
         self._defer = stream.session._writer.defer
+        self.echoed = 0   # bytes sent back (the writer thread's count)
 
     def stream_data(self, data):
         self._defer(functools.partial(self._echo, bytes(data)))
@@ -53,6 +54,8 @@ class HeartbeatEcho(object):
                      stream.session.name, stream.id)
         except (MuxadoError, OSError):
             return   # the stream or session has ended
+        else:
+            self.echoed += len(data)
         stream.consumed(len(data))
 
 
@@ -60,13 +63,19 @@ def _extension_stream(stream, stream_type):
     """A v1 peer's extension stream (reader thread): its heartbeat is answered;
     a second one, or another type, is reset as Go v1 does (STREAM_CLOSED)."""
     session = stream.session
-    if stream_type == framesv1.HEARTBEAT_TYPE and not getattr(session, "_v1_heartbeat", None):
-        session._v1_heartbeat = stream
-        stream.set_receiver(HeartbeatEcho(stream))
+    if stream_type == framesv1.HEARTBEAT_TYPE and heartbeat_of(session) is None:
+        session._v1_heartbeat = echo = HeartbeatEcho(stream)
+        stream.set_receiver(echo)
         return
     log.debug("%s: refused extension stream %d of type 0x%x", session.name, stream.id,
               stream_type)
     session._abort_stream(stream, ErrorCode.STREAM_CLOSED, "unknown extension")
+
+
+def heartbeat_of(session):
+    """The ``HeartbeatEcho`` answering ``session``'s peer, or None before its
+    heartbeat stream came (or for a v2 session)."""
+    return getattr(session, "_v1_heartbeat", None)
 
 
 def _options(options):
