@@ -15,8 +15,9 @@ import threading
 
 import pytest
 
-from helpers.basics import LOOPBACK, ROOT, TIMEOUT, wait_until
-from helpers.relay import recv_exact
+from helpers.basics import LOOPBACK, ROOT, TIMEOUT, free_port_range, wait_until
+from helpers.processes import assert_no_traceback, quick
+from helpers.relay import recv_exact, recv_to_eof
 from tcprelay import muxadov1
 from tcprelay.frames import ErrorCode, FrameHandler
 from tcprelay.framesv1 import (
@@ -298,3 +299,25 @@ def test_the_2014_echoserver_registers_echoes_padded_and_outlives_its_first_hear
     again = relay_env.client(public_port(address))
     again.sendall(b"again")
     assert recv_exact(again, 256) == b"again" + bytes(251)
+
+
+@pytest.mark.skipif(not os.path.exists(ECHOSERVER),
+                    reason="the 2014 Go echoserver not found (%s): ../shared is absent"
+                    % ECHOSERVER)
+def test_the_readme_transcript_the_2014_echoserver_on_python3_m_tcprelay_relay(procs):
+    ports = free_port_range(2)
+    relay = procs.relay(ports[0], *quick("--ports", "%d-%d" % (ports[1], ports[1])))
+    echoserver = EchoServer2014((LOOPBACK, ports[0]))
+    try:
+        echoserver.line(r"Connected\. Waiting for handshake\.\.\.$")
+        assert echoserver.line(r"Listening on (\S+)$").group(1) == "%s:%d" % (LOOPBACK,
+                                                                               ports[1])
+        client = socket.create_connection((LOOPBACK, ports[1]), timeout=TIMEOUT)
+        with client:
+            client.sendall(b"Hello, world\n")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_to_eof(client) == b"Hello, world\n" + bytes(243)
+    finally:
+        echoserver.stop()
+    assert "muxado v1" in relay.stderr_text()
+    assert_no_traceback(relay)
