@@ -53,11 +53,11 @@ import logging
 import threading
 import time
 
+from . import frames
 from .clock import Deadline, timeout_error
 from .frames import (
-    DEFAULT_WINDOW, MAX_LENGTH, MAX_STREAM_ID, MAX_WINDOW, PAD_FRAME,
+    DEFAULT_WINDOW, MAX_LENGTH, MAX_STREAM_ID, MAX_WINDOW,
     Data, ErrorCode, GoAway, MuxadoError, ProtocolError, Rst, Unknown, WndInc, decode_frames,
-    encode_goaway, encode_rst,
 )
 from .limits import LogGate
 from .mainthread import MAIN_IDENT, hold_again
@@ -128,6 +128,13 @@ class Session(object):
       self-reset streams (default 10,000 and 1,000)
     - ``name``: for logs and thread names
     - ``read_budget``: bytes the peer may send in all (default: no cap)
+    - ``codec``: the wire protocol, a module with ``frames``' names (default
+      ``frames``, muxado v2; ``framesv1`` for v1, see ``muxadov1``). The
+      window's least size and the largest frame are the codec's.
+    - ``on_extension_stream``: ``callback(stream, stream_type)`` for a stream
+      the peer opens for a protocol extension (v1's heartbeat), which is not
+      queued for ``accept()``; it runs on the reader thread and must not
+      block. None: such streams are reset (STREAM_CLOSED).
 
     ``set_read_budget`` caps what the peer may send in all (say, before it
     has authenticated); ``set_window_size`` changes the window of streams
@@ -141,9 +148,12 @@ class Session(object):
     def __init__(self, sock, client=True, window_size=DEFAULT_WINDOW, accept_backlog=None,
                  max_streams=1024, write_timeout=DEFAULT_WRITE_TIMEOUT,
                  max_frame_size=DEFAULT_WINDOW, flood_limit=DEFAULT_FLOOD_LIMIT, name=None,
-                 read_budget=None):
-        if not DEFAULT_WINDOW <= window_size <= MAX_WINDOW:
-            raise ValueError("window_size must be between %d and %d" % (DEFAULT_WINDOW, MAX_WINDOW))
+                 read_budget=None, codec=frames, on_extension_stream=None):
+        self.codec = codec
+        self._initial_window = codec.DEFAULT_WINDOW   # each stream's, both ways
+        if not codec.DEFAULT_WINDOW <= window_size <= MAX_WINDOW:
+            raise ValueError("window_size must be between %d and %d"
+                             % (codec.DEFAULT_WINDOW, MAX_WINDOW))
         if not 1 <= max_frame_size <= MAX_LENGTH:
             raise ValueError("max_frame_size must be between 1 and %d" % MAX_LENGTH)
         if accept_backlog is None:
@@ -156,7 +166,8 @@ class Session(object):
         self._window_size = int(window_size)
         self._accept_backlog = int(accept_backlog)
         self._max_streams = int(max_streams)
-        self._max_frame = int(max_frame_size)
+        self._max_frame = min(int(max_frame_size), codec.MAX_LENGTH)
+        self._on_extension_stream = on_extension_stream
         self._pointless = _TokenBucket(*flood_limit)
         self._self_resets = _TokenBucket(*flood_limit)
 
@@ -236,8 +247,9 @@ class Session(object):
 
         Raises ValueError outside 256 KiB .. 2**31-1, as the constructor does.
         """
-        if not DEFAULT_WINDOW <= window_size <= MAX_WINDOW:
-            raise ValueError("window_size must be between %d and %d" % (DEFAULT_WINDOW, MAX_WINDOW))
+        if not self._initial_window <= window_size <= MAX_WINDOW:
+            raise ValueError("window_size must be between %d and %d"
+                             % (self._initial_window, MAX_WINDOW))
         self._window_size = int(window_size)
 
     def set_read_budget(self, nbytes):
@@ -296,8 +308,12 @@ class Session(object):
             last_id = self._last_remote_id
             self._accept_ready.notify_all()
         self._reader.wake_leader()
-        # The pad keeps a Go peer in step: its GOAWAY reader swallows 8 bytes too many.
-        self._writer.write([encode_goaway(last_id, code, debug), PAD_FRAME])
+        # The pad keeps a Go v2 peer in step: its GOAWAY reader swallows 8 bytes
+        # too many. (v1 has none: it skips no frame type.)
+        goodbye = [self.codec.encode_goaway(last_id, code, debug)]
+        if self.codec.PAD_FRAME:
+            goodbye.append(self.codec.PAD_FRAME)
+        self._writer.write(goodbye)
 
     def close(self):
         """GOAWAY, then close the transport and end every stream. Idempotent.
@@ -338,8 +354,11 @@ class Session(object):
 
     # -- the reader thread's calls (see reader.FrameDispatch) ------------------------
 
-    def _on_syn(self, stream_id):
-        """A peer-opened stream; returns it, or None if refused (reader thread)."""
+    def _on_syn(self, stream_id, queued=True):
+        """A peer-opened stream; returns it, or None if refused (reader thread).
+
+        ``queued``: for ``accept()``; else the caller takes it (an extension's).
+        """
         with self._lock:
             if self.error is not None:
                 # Ended by another thread while the reader applied the rest of
@@ -364,11 +383,22 @@ class Session(object):
                     stream = Stream(self, stream_id, self._window_size, announced=True)
                     self._streams[stream_id] = stream
                     self._remote_streams += 1
-                    self._accept_queue.append(stream)
-                    self._accept_ready.notify()
+                    if queued:
+                        self._accept_queue.append(stream)
+                        self._accept_ready.notify()
                     return stream
-        self._writer.reply(encode_rst(stream_id, refuse))
+        self._writer.reply(self.codec.encode_rst(stream_id, refuse))
         return None
+
+    def _on_extension_syn(self, stream_id, stream_type):
+        """A stream the peer opened for a protocol extension (reader thread)."""
+        stream = self._on_syn(stream_id, queued=False)
+        if stream is None:
+            return
+        if self._on_extension_stream is None:
+            self._abort_stream(stream, ErrorCode.STREAM_CLOSED, "no such extension")
+        else:
+            self._on_extension_stream(stream, stream_type)
 
     def _on_rst(self, stream_id, code):
         stream = self._streams.get(stream_id)
@@ -404,7 +434,7 @@ class Session(object):
         """
         stream._set_error(StreamResetError(code, message))
         self._forget(stream, keep_queued=True)
-        self._writer.reply(encode_rst(stream.id, code))
+        self._writer.reply(self.codec.encode_rst(stream.id, code))
 
     # -- shared ---------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import threading
 import time
 
 from . import clock
-from .frames import FIN, SYN, ErrorCode, FrameDecoder, FrameHandler, ProtocolError, encode_rst
+from .frames import FIN, SYN, ErrorCode, FrameHandler, ProtocolError
 from .limits import LogGate
 from .mainthread import MAIN_THREAD
 
@@ -58,7 +58,7 @@ class SessionReader(object):
         self._read_budget = read_budget   # bytes the peer may still send (set_read_budget)
         self._recv_buffer = bytearray(_FIRST_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
-        self._decoder = FrameDecoder(FrameDispatch(owner))
+        self._decoder = owner.codec.FrameDecoder(FrameDispatch(owner))
         self._poller = None
         self._wake_r, self._wake_w = socket.socketpair()   # see wake_leader
         self._wake_r.setblocking(False)
@@ -296,6 +296,7 @@ class FrameDispatch(FrameHandler):
 
     def __init__(self, session):
         self._session = session
+        self._encode_rst = session.codec.encode_rst
         self._target = None    # stream taking the current DATA frame's payload
         self._fin_target = None
 
@@ -309,7 +310,7 @@ class FrameDispatch(FrameHandler):
         if status < 0:
             self._overrun(stream)
         elif status == 0:
-            self._session._writer.reply(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+            self._session._writer.reply(self._encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
 
     def _overrun(self, stream):
         session = self._session
@@ -330,7 +331,7 @@ class FrameDispatch(FrameHandler):
             if stream is None:
                 session._pointless_frame("frames on unknown streams")
                 if not (length == 0 and flags & FIN):
-                    session._writer.reply(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+                    session._writer.reply(self._encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
                 return
             if length == 0 and not flags:
                 session._pointless_frame("empty DATA frames")
@@ -338,7 +339,7 @@ class FrameDispatch(FrameHandler):
         if length:
             admitted = stream._admit(length)
             if admitted == 0:
-                session._writer.reply(encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
+                session._writer.reply(self._encode_rst(stream_id, ErrorCode.STREAM_CLOSED))
                 return
             if admitted < 0:
                 self._overrun(stream)
@@ -352,7 +353,7 @@ class FrameDispatch(FrameHandler):
             # Closed mid-frame: the rest is dropped (its FIN too), and the peer told so.
             self._target = None
             self._fin_target = None
-            self._session._writer.reply(encode_rst(target.id, ErrorCode.STREAM_CLOSED))
+            self._session._writer.reply(self._encode_rst(target.id, ErrorCode.STREAM_CLOSED))
 
     def data_end(self, stream_id, flags):
         stream = self._fin_target
@@ -378,6 +379,10 @@ class FrameDispatch(FrameHandler):
 
     def goaway(self, last_stream_id, code, debug):
         self._session._on_goaway(last_stream_id, code, debug)
+
+    def extension_syn(self, stream_id, flags, priority, stream_type):
+        """A stream opened for a protocol extension (v1's heartbeat; framesv1)."""
+        self._session._on_extension_syn(stream_id, stream_type)
 
     def unknown(self, ftype, flags, stream_id, length, body):
         self._session._pointless_frame("frames of unknown type")

@@ -16,7 +16,10 @@ import socket
 import threading
 import time
 
-from . import accesslog, addresses, clock, limits, muxado, proxyproto, registration, resources
+from . import (
+    accesslog, addresses, clock, framesv1, limits, muxado, muxadov1, proxyproto, registrarv1,
+    registration, resources,
+)
 from .bridge import Bridge
 from .heartbeat import client_options_inherited, enable_tcp_keepalive
 from .registrar import Registrar
@@ -62,6 +65,7 @@ class ServiceLink(Registrar):
         self.in_rotation = False    # a member that may take clients (announced, not leaving)
         self.health_failing = False  # a member out of rotation after failed health checks
         self._health = None         # its groups.HealthCheck, if it asked for one
+        self.muxado_version = 2     # 1 for a service on Go muxado v1 (from its first bytes)
         self.request = None
         self.lease = None           # the token we handed out, once registered
         self.clients_served = 0
@@ -163,7 +167,10 @@ class ServiceLink(Registrar):
         session = self._open_session()
         if session is None:
             return
-        request, stream = self._handshake(session)
+        if self.muxado_version == 1:
+            request, stream = registrarv1.handshake(self, session)
+        else:
+            request, stream = self._handshake(session)
         relay._registered(self)
         if request is None:
             return
@@ -202,8 +209,13 @@ class ServiceLink(Registrar):
         """The connection's muxado session, after TLS if the relay has it; None if
         the peer was answered as a wrong-port one, or TLS failed."""
         relay = self.relay
-        if self._wrong_port(self._peek()):
+        first = self._peek()
+        if self._wrong_port(first):
             return None
+        new_session = muxado.server
+        if relay.tls_context is None and framesv1.opens_v1_session(first):
+            self.muxado_version = 1
+            new_session = muxadov1.server
         transport = self._sock
         if relay.tls_context is not None:
             transport = self._tls_handshake()
@@ -214,7 +226,7 @@ class ServiceLink(Registrar):
         # Until it has registered, a connection gets the smallest session
         # that can register: the protocol's least window, a small read
         # buffer and a budget of bytes, after which it is dropped.
-        session = muxado.server(transport, name="service %s" % _address(self.address),
+        session = new_session(transport, name="service %s" % _address(self.address),
                                 max_streams=16, accept_backlog=8,
                                 max_frame_size=min(registration.LINK_MAX_FRAME, relay.window_size),
                                 read_budget=PENDING_READ_BUDGET,

@@ -16,9 +16,7 @@ import socket
 import threading
 
 from .clock import Deadline, timeout_error
-from .frames import (
-    DEFAULT_WINDOW, FIN, MAX_WINDOW, ErrorCode, MuxadoError, encode_data_header, encode_wndinc,
-)
+from .frames import FIN, MAX_WINDOW, ErrorCode, MuxadoError
 from .mainthread import MAIN_IDENT, hold_again
 from .muxerrors import SessionClosedError, StreamClosedError, StreamResetError
 from .socketlike import SocketLike
@@ -70,7 +68,7 @@ class Stream(SocketLike):
         self._buffer = ReceiveBuffer()
         self._accounted = 0            # reads up to here are in the window accounting
         self._waitall_want = 0         # a MSG_WAITALL read in the main thread waits for this
-        self._window = ReceiveWindow(window_size)
+        self._window = ReceiveWindow(window_size, session._initial_window)
         self._kept = 0                 # handed to the receiver, not yet reported consumed
         self._fin_received = False
         self._read_shut = False
@@ -78,7 +76,7 @@ class Stream(SocketLike):
         self._receiver = None          # takes incoming data instead of the buffer (set_receiver)
         self._may_lead = True          # a thread blocked here may read the socket (set_lead_reads)
         # send side
-        self._send_window = DEFAULT_WINDOW
+        self._send_window = session._initial_window   # the protocol's: no negotiation
         self._fin_sent = False
         # SYN goes out with the first frame (Go's lazy open). Written only
         # under the session's write lock (FrameWriter.write), with the frame.
@@ -230,7 +228,7 @@ class Stream(SocketLike):
             if self._send_window < n:
                 raise BlockingIOError(errno.EAGAIN, "no send window on stream %d" % self.id)
             self._send_window -= n
-        self._writer.queue_control(encode_data_header(self.id, n) + bytes(view))
+        self._writer.queue_control(self._writer.encode_data_header(self.id, n) + bytes(view))
 
     def announce(self):
         """Tell the peer of this stream now, if no frame has yet (see Session.open).
@@ -350,7 +348,7 @@ class Stream(SocketLike):
             elif self._error is not None:
                 after = receiver.stream_end(self._error)
         if grant:
-            self._writer.queue_control(encode_wndinc(self.id, grant))
+            self._writer.queue_control(self._writer.encode_wndinc(self.id, grant))
         if after is not None:
             after()
 
@@ -360,7 +358,7 @@ class Stream(SocketLike):
             self._kept -= nbytes
             grant = self._consumed(nbytes)
         if grant:
-            self._writer.queue_control(encode_wndinc(self.id, grant))
+            self._writer.queue_control(self._writer.encode_wndinc(self.id, grant))
 
     def close(self):
         """Close the stream and forget it; the peer is told, as by a TCP close.
@@ -570,7 +568,7 @@ class Stream(SocketLike):
             return False
         self._lock.release()
         try:
-            self._writer.queue_control(encode_wndinc(self.id, grant))
+            self._writer.queue_control(self._writer.encode_wndinc(self.id, grant))
         finally:
             self._lock.acquire()
         return True
@@ -706,7 +704,7 @@ class Stream(SocketLike):
                     after = self._receiver.stream_end(None)
                 done = self._fin_sent
         if grant:
-            self._writer.queue_control(encode_wndinc(self.id, grant))
+            self._writer.queue_control(self._writer.encode_wndinc(self.id, grant))
         if done:
             self.session._forget(self)
         if after is not None:
@@ -722,7 +720,7 @@ class Stream(SocketLike):
                 return False
             grant = self._deliver_locked(data)
         if grant:
-            self._writer.queue_control(encode_wndinc(self.id, grant))
+            self._writer.queue_control(self._writer.encode_wndinc(self.id, grant))
         return True
 
     def _deliver_locked(self, data):

@@ -15,27 +15,30 @@ batching of window updates at half the window.
 from .frames import DEFAULT_WINDOW
 
 # The early grant of a big window waits until the peer has used this much of
-# its first one, unless it rides along with a frame of ours first: a short
-# request and reply then costs no WNDINC frame of its own.
+# its first one (a quarter), unless it rides along with a frame of ours first:
+# a short request and reply then costs no WNDINC frame of its own.
 EARLY_GRANT_AFTER = DEFAULT_WINDOW // 4
 
 
 class ReceiveWindow(object):
     """What the peer may still send on one stream, and what we owe it back.
 
-    ``size`` (bytes) is the window we keep, at least 256 KiB (DEFAULT_WINDOW);
-    the peer starts with 256 KiB and gets the rest as the early grant.
+    ``size`` (bytes) is the window we keep, at least ``initial``, the
+    protocol's window (v2's 256 KiB, DEFAULT_WINDOW; v1's 64 KiB): the peer
+    starts with ``initial`` and gets the rest as the early grant.
     """
 
-    __slots__ = ("size", "available", "threshold", "unacked", "granted_ahead", "grant_pending")
+    __slots__ = ("size", "available", "threshold", "unacked", "granted_ahead", "grant_pending",
+                 "early_after")
 
-    def __init__(self, size):
+    def __init__(self, size, initial=DEFAULT_WINDOW):
         self.size = size
         self.available = size           # what the peer may still send us
         self.threshold = max(1, size // 2)   # a WNDINC goes once this much is owed
         self.unacked = 0                # consumed, not yet granted back
         self.granted_ahead = 0          # buffered, granted back before it was read (MSG_WAITALL)
-        self.grant_pending = size - DEFAULT_WINDOW   # the early grant of a big window
+        self.grant_pending = size - initial   # the early grant of a big window
+        self.early_after = initial // 4       # EARLY_GRANT_AFTER for v2
 
     def admit(self, length):
         """Take a DATA frame of ``length`` bytes; False if it overruns the window."""
@@ -71,7 +74,7 @@ class ReceiveWindow(object):
         if ended:
             return 0
         if self.unacked >= self.threshold or (
-                self.grant_pending and self.unacked + buffered >= EARLY_GRANT_AFTER):
+                self.grant_pending and self.unacked + buffered >= self.early_after):
             grant = self.unacked + self.grant_pending
             self.available += self.unacked
             self.unacked = 0

@@ -15,10 +15,7 @@ import struct
 import sys
 import threading
 
-from .frames import (
-    ErrorCode, MuxadoError, ProtocolError, encode_data_header, encode_goaway, encode_rst,
-    encode_wndinc, with_syn,
-)
+from .frames import ErrorCode, MuxadoError, ProtocolError
 from .mainthread import MAIN_IDENT
 
 log = logging.getLogger("tcprelay.muxado")
@@ -33,13 +30,21 @@ class FrameWriter(object):
     """The write side of one session: the write lock, the socket's writes,
     and the writer thread that sends what the reader thread owes the peer.
 
-    ``owner`` is the Session; the writer reads its ``name`` and ``error`` (set: ended),
-    and a failed write ends it (``_die``). Methods raise SessionClosedError
-    once the session has ended.
+    ``owner`` is the Session; the writer reads its ``name``, ``codec`` and ``error``
+    (set: ended), and a failed write ends it (``_die``). Methods raise
+    SessionClosedError once the session has ended. The codec's encoders are
+    bound here once (``encode_data_header``, ``encode_wndinc``, ``encode_rst``),
+    for the session's streams too.
     """
 
     def __init__(self, owner, sock, write_timeout):
         self._owner = owner
+        codec = owner.codec
+        self.encode_data_header = codec.encode_data_header
+        self.encode_wndinc = codec.encode_wndinc
+        self.encode_rst = codec.encode_rst
+        self._with_syn = codec.with_syn
+        self._encode_goaway = codec.encode_goaway
         self._sock = sock
         self.write_timeout = write_timeout
         self.lock = threading.Lock()             # one whole frame (or batch) at a time
@@ -105,7 +110,7 @@ class FrameWriter(object):
                         # skipped (send_rst), so the peer must never hear of it.
                         stream._unannounced = True
                         return
-                    buffers = (with_syn(buffers[0]),) + tuple(buffers[1:])
+                    buffers = (self._with_syn(buffers[0]),) + tuple(buffers[1:])
                 self._sendv(buffers, written)
             except OSError as exc:
                 failure = exc
@@ -130,9 +135,9 @@ class FrameWriter(object):
 
         ``written`` as for ``write``.
         """
-        header = encode_data_header(stream.id, len(payload), flags)
+        header = self.encode_data_header(stream.id, len(payload), flags)
         if grant:
-            self.write((header, payload, encode_wndinc(stream.id, grant)), written, stream)
+            self.write((header, payload, self.encode_wndinc(stream.id, grant)), written, stream)
         elif payload:
             self.write((header, payload), written, stream)
         else:
@@ -140,7 +145,7 @@ class FrameWriter(object):
 
     def send_wndinc(self, stream, increment):
         try:
-            self.write((encode_wndinc(stream.id, increment),))
+            self.write((self.encode_wndinc(stream.id, increment),))
         except MuxadoError:
             pass  # the session has ended; the stream's next call says so
 
@@ -152,10 +157,10 @@ class FrameWriter(object):
             # error is read there, and the error set before this read.
             return
         if not wait:
-            self.queue_control(encode_rst(stream.id, code))
+            self.queue_control(self.encode_rst(stream.id, code))
             return
         try:
-            self.write((encode_rst(stream.id, code),))
+            self.write((self.encode_rst(stream.id, code),))
         except MuxadoError:
             pass
 
@@ -353,7 +358,7 @@ class FrameWriter(object):
         if not self.lock.acquire(True, GOAWAY_ON_CLOSE_TIMEOUT):
             return
         try:
-            frame = encode_goaway(last_stream_id, code, debug)
+            frame = self._encode_goaway(last_stream_id, code, debug)
             if self.use_sendmsg:
                 self._sock.send(frame, socket.MSG_DONTWAIT)
             else:
