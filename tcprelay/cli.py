@@ -14,14 +14,21 @@ from . import __version__, addresses, limits
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
+# The name a program goes by in its usage and errors when ``python3 -m tcprelay
+# PROGRAM`` (or the zipapp) runs it, such as "tcprelay.pyz relay"; set by __main__.
+invoked_as = None
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2), as the CLIs promise, and --version."""
 
     def __init__(self, *args, **kwargs):
-        # Run as a console script (tcprelay-relay), say so in usage and errors.
+        # Run by name (python3 -m tcprelay relay) or as a console script
+        # (tcprelay-relay): say so in usage and errors.
         script = os.path.basename(sys.argv[0]) if sys.argv else ""
-        if script.startswith("tcprelay-"):
+        if invoked_as:
+            kwargs["prog"] = invoked_as
+        elif script.startswith("tcprelay-"):
             kwargs["prog"] = script
         argparse.ArgumentParser.__init__(self, *args, **kwargs)
         self.add_argument("--version", action="version",

@@ -27,9 +27,11 @@ class Process(object):
     temporary file (``stderr_text``), so a chatty child can never block.
     """
 
-    def __init__(self, module, args, open_files=None):
-        """``open_files``: (soft, hard) RLIMIT_NOFILE for the child."""
-        self.argv = [sys.executable, "-m", module] + [str(a) for a in args]
+    def __init__(self, module, args, open_files=None, command=None):
+        """``open_files``: (soft, hard) RLIMIT_NOFILE for the child; ``command``:
+        the argv before ``args`` instead of ``python -m module`` (a zipapp, say)."""
+        command = [sys.executable, "-m", module] if command is None else list(command)
+        self.argv = command + [str(a) for a in args]
         self._stderr = tempfile.TemporaryFile()
         self._out = bytearray()
         preexec = None
