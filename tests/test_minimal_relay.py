@@ -28,7 +28,7 @@ from helpers.basics import LOOPBACK, TIMEOUT, free_port_range, wait_until
 from helpers.envs import EchoLoop
 from helpers.processes import MainRun, assert_clean_exit, assert_no_traceback
 from helpers.relay import connect_client, recv_to_eof
-from tcprelay import muxado, registration, service
+from tcprelay import muxado, registrant, registration, service
 from tcprelay.service import connect
 
 GO_PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -39,6 +39,17 @@ needs_go_relay = pytest.mark.skipif(
     reason="../shared/go-peers/bin-v2-relay is absent (a clone without ../shared)")
 
 MINIMAL_ONLY = "speaks only the minimal registration form"
+
+
+# The grace a silent relay gets before it is taken for a minimal one is the
+# smaller of 2 s and --timeout (the timeout=): these tests give it less than
+# the 2 s a user waits, to stay quick; what happens after it is the same.
+QUICK_GRACE = ["--timeout", "1"]
+
+
+@pytest.fixture(autouse=True)
+def quick_grace(monkeypatch):
+    monkeypatch.setattr(registrant, "MINIMAL_GRACE", 0.3)
 
 
 @pytest.fixture
@@ -420,7 +431,7 @@ def registered_port(process, relay):
 @pytest.mark.parametrize("seed_handshake", [False, True])
 def test_echoserver_against_the_go_relay(procs, go_relay, seed_handshake):
     relay = go_relay(seed_handshake)
-    echo = procs.start("tcprelay.echoserver", LOOPBACK, relay.port)
+    echo = procs.start("tcprelay.echoserver", LOOPBACK, relay.port, *QUICK_GRACE)
     port = registered_port(echo, relay)
     assert echoed(port)
     warnings = [l for l in echo.stderr_lines() if "WARNING" in l and MINIMAL_ONLY in l]
@@ -459,7 +470,8 @@ def echo_backend():
 @needs_go_relay
 def test_adapter_against_the_go_relay(procs, go_relay, echo_backend):
     relay = go_relay()
-    adapter = procs.start("tcprelay.adapter", LOOPBACK, relay.port, "%s:%d" % echo_backend)
+    adapter = procs.start("tcprelay.adapter", LOOPBACK, relay.port, "%s:%d" % echo_backend,
+                          *QUICK_GRACE)
     assert echoed(registered_port(adapter, relay), b"through the Go relay and back")
     assert_no_traceback(adapter)
 
@@ -493,7 +505,7 @@ def test_go_relay_with_what_only_the_extended_form_carries(procs, go_relay, tmp_
     os.chmod(str(secret), 0o600)
     args = [str(secret) if a == "SECRET" else a for a in args]
     kw = {"secret_env": "a secret of enough length"} if named.startswith("$") else {}
-    process = procs.start(module, LOOPBACK, relay.port, *args, **kw)
+    process = procs.start(module, LOOPBACK, relay.port, *(args + QUICK_GRACE), **kw)
     line = assert_clean_exit(process, 1, "%s: the relay at" % module)
     assert MINIMAL_ONLY in line and "cannot carry %s" % named in line, line
 
