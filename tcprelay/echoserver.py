@@ -58,4 +58,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module by its package name, not as __main__: its log lines then
+    # say tcprelay.echoserver, and its classes exist once.
+    from tcprelay.echoserver import main as _main
+    sys.exit(_main())

@@ -163,4 +163,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module by its package name, not as __main__: its log lines then
+    # say tcprelay.status, and its classes exist once.
+    from tcprelay.status import main as _main
+    sys.exit(_main())

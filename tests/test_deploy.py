@@ -91,6 +91,21 @@ def test_python_m_tcprelay_relay_and_echoserver_carry_bytes(procs):
     assert echo_through(ports[1], b"by name\n") == b"by name\n"
 
 
+@pytest.mark.parametrize("form", [["tcprelay.relay"], ["tcprelay", "relay"]],
+                         ids=["module", "by-name"])
+def test_the_relays_lines_say_tcprelay_relay_however_it_is_run(procs, form):
+    # Run as python3 -m tcprelay.relay, the module is __main__: its lines said
+    # "__main__" where the rest of the relay's say "tcprelay.relay".
+    ports = free_port_range(3)
+    relay = procs.start(form[0], *(form[1:] + [ports[0], "--host", LOOPBACK, "--public-bind",
+                                             LOOPBACK] + quick(*pool_args(ports[1:]))))
+    wait_until(lambda: not relay.alive() or "listening for services" in relay.stderr_text(),
+               what="the relay to start")
+    line = [l for l in relay.stderr_lines() if "listening for services" in l][0]
+    assert " tcprelay.relay: " in line, line
+    assert "__main__" not in relay.stderr_text(), relay.stderr_text()
+
+
 def echo_through(port, data):
     """What comes back from 127.0.0.1:``port`` for ``data``, sent then half-closed."""
     client = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
