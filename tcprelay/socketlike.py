@@ -11,6 +11,11 @@ from .clock import check_timeout
 
 _READ_CHUNK = 1 << 20             # read() until EOF: one recv this big at a time
 
+# A stream's close state (Stream._close_state), as a socket's
+OPEN = "open"
+CLOSE_PENDING = "close pending"   # close() called; makefile() objects still open (as sockets)
+CLOSED = "closed"                 # closed and forgotten: every call fails
+
 
 class SocketLike(object):
     """A base for Stream. It builds on the stream's ``recv``, ``recv_into``,

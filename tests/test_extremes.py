@@ -18,7 +18,7 @@ from helpers.basics import LOOPBACK, TIMEOUT, Worker, bindable, free_port_range,
 from helpers.relay import echo_handler, echo_roundtrip, recv_exact
 from helpers.sessions import SessionPair
 from tcprelay import clock, heartbeat, mainthread, muxado, muxerrors, service, socketlike
-from tcprelay import streambuffer, window
+from tcprelay import streambuffer, streamincoming, window
 from tcprelay import reader as muxado_reader, stream as muxado_stream, writer as muxado_writer
 from tcprelay.relay import Relay
 from tcprelay.service import RelayServer
@@ -313,7 +313,7 @@ def test_a_service_waiting_in_line_follows_a_relay_restart(env):
 # muxado's code: the session, its streams, reads and writes, and their helpers
 _MUXADO_FILES = frozenset(module.__file__.rstrip("c") for module in (
     muxado, muxado_stream, muxado_reader, muxado_writer, mainthread, clock, muxerrors,
-    socketlike, streambuffer, window))
+    socketlike, streambuffer, streamincoming, window))
 _THREADING_FILE = threading.__file__.rstrip("c")
 
 
