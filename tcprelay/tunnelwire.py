@@ -22,8 +22,8 @@ def encode(name):
 
 
 def read(stream):
-    """Take the preamble off ``stream`` (a muxado stream or a socket): the
-    tunnel's name (text). Reads exactly the preamble; blocks as the stream's
+    """Take the preamble off ``stream`` (a muxado stream: its MSG_PEEK with
+    MSG_WAITALL waits, a socket's may not): the tunnel's name (text). Reads exactly the preamble; blocks as the stream's
     timeout says. Raises ``PreambleError`` for anything else."""
     peeked = stream.recv(MAX_PREAMBLE, socket.MSG_PEEK)   # all of it, normally: the SYN's
     while b"\n" not in peeked:
