@@ -30,7 +30,7 @@ from .registrant import (DEFAULT_TIMEOUT, MINIMAL_ONLY, MinimalRelay, NeedsExten
                          register, register_minimal)
 from .relaydial import (Attempt, ConnectCancelled, RelayGone, ServicePortError, _open_link,
                         _registered)
-from .servicetunnels import Tunnel, check_specs, first_tunnel, register_further
+from .servicetunnels import Tunnel, add_further, check_specs
 from .workers import WorkerPool
 
 # The service library's public names (register and its errors live in registrant.py).
@@ -178,14 +178,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     connection = ServiceConnection(session, reply, heartbeat=sender,
                                    proxy_protocol=proxy_protocol, minimal=minimal)
     if specs is not None:
-        try:
-            further = register_further(session, specs, timeout, max_wait)
-        except BaseException:
-            connection.close()
-            raise
-        connection.tunnels = collections.OrderedDict(
-            (tunnel.name, tunnel)
-            for tunnel in [first_tunnel(name, reply, proxy_protocol)] + further)
+        add_further(connection, name, specs, timeout, max_wait)
     return connection
 
 

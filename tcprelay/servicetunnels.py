@@ -42,9 +42,20 @@ def check_specs(name, tunnels):
     return specs
 
 
-def first_tunnel(name, reply, proxy_protocol):
-    return Tunnel(name, reply.get("address"), reply.get("port"), reply.get("lease"),
-                  proxy_protocol, reply)
+def add_further(connection, name, specs, timeout, max_wait):
+    """Register the further tunnels ``specs`` on ``connection`` (a
+    ``ServiceConnection`` whose first tunnel is ``name``) and fill in its
+    ``tunnels``; on an error the connection is closed and it is raised."""
+    try:
+        further = register_further(connection.session, specs, timeout, max_wait)
+    except BaseException:
+        connection.close()
+        raise
+    reply = connection.reply
+    first = Tunnel(name, reply.get("address"), reply.get("port"), reply.get("lease"),
+                   connection.proxy_protocol, reply)
+    connection.tunnels = collections.OrderedDict(
+        (tunnel.name, tunnel) for tunnel in [first] + further)
 
 
 def register_further(session, specs, timeout, max_wait):
