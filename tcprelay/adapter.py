@@ -28,6 +28,7 @@ The config file has one section per tunnel, named by it: ``local`` (required,
 import argparse
 import collections
 import configparser
+import functools
 import ipaddress
 import logging
 import socket
@@ -95,7 +96,7 @@ class Adapter(servicecli.AnnouncingServer):
             for public in publics:
                 if _same_place(local, public):
                     raise servicecli.StartError(
-                        "%s, a local service to expose, is this adapter's own public address "
+                        "%s, the local service to expose, is this adapter's own public address "
                         "(%s): each client would come back through the relay to a new client, "
                         "for ever. Give the address of the service itself"
                         % (addresses.format_sockaddr(local), public))
@@ -262,13 +263,14 @@ def build_parser():
         "python3 -m tcprelay.adapter",
         "Expose a local TCP service through a relay. The first line on stdout is the "
         "public address clients connect to.")
-    parser.add_argument("local", type=_host_port, metavar="LOCAL_HOST:LOCAL_PORT", nargs="*",
-                        help="the service to expose, for example 127.0.0.1:5432; several "
-                             "share one connection, each with a public port of its own, "
-                             "named by this text")
+    parser.add_argument("local", type=_host_port, metavar="LOCAL_HOST:LOCAL_PORT", nargs="?",
+                        help="the service to expose, for example 127.0.0.1:5432; give "
+                             "several to share one connection, each with a public port of "
+                             "its own, named by this text")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="the services to expose, one section per tunnel (its name): "
                              "local = HOST:PORT, and optionally port and proxy_protocol")
+    parser.parse_args = functools.partial(_parse_args, parser)
     parser.add_argument("--proxy-protocol", choices=["none", "v1", "v2"], default="none",
                         help="start each connection to the local service with a PROXY "
                              "protocol header carrying the client's address, for backends "
@@ -298,26 +300,42 @@ def main(argv=None):
         return Adapter((args.relay_host, args.relay_port), target["local"],
                        connect_timeout=args.connect_timeout, proxy_protocol=proxy,
                        probe_local=True, **options)
-    parser = build_parser()
-    return servicecli.service_main("tcprelay.adapter", parser, argv, make,
-                                   check=lambda args: _targets(parser, args))
+    return servicecli.service_main("tcprelay.adapter", build_parser(), argv, make)
 
 
-def _targets(parser, args):
+def _parse_args(parser, argv=None, namespace=None):
+    """``parser.parse_args``, which also takes further targets anywhere among the
+    options (argparse takes a list of positionals in one place only): sets
+    ``args.targets`` (``_targets``); ``args.local`` is the first target."""
+    args, extra = parser.parse_known_args(argv, namespace)
+    locals_given = [args.local] if args.local is not None else []
+    for text in extra:
+        if text.startswith("-"):
+            parser.error("unrecognized arguments: %s" % " ".join(extra))
+        try:
+            locals_given.append(_host_port(text))
+        except argparse.ArgumentTypeError as exc:
+            parser.error("argument LOCAL_HOST:LOCAL_PORT: %s" % exc)
+    args.local = locals_given[0] if locals_given else None
+    _targets(parser, args, locals_given)
+    return args
+
+
+def _targets(parser, args, locals_given):
     """args.targets: {name: {"local", "port", "proxy_protocol"}} from the
     command line's targets or --config (parser.error if wrong)."""
-    if bool(args.local) == (args.config is not None):
+    if bool(locals_given) == (args.config is not None):
         parser.error("give the service to expose (LOCAL_HOST:LOCAL_PORT, one or more) "
                      "or --config FILE, one of the two")
     if args.config is None:
-        if len(args.local) > 1 and args.port is not None:
+        if len(locals_given) > 1 and args.port is not None:
             parser.error("--port is for one service: with several, use --config and give "
                          "each section its port")
         proxy = None if args.proxy_protocol == "none" else args.proxy_protocol
         args.targets = collections.OrderedDict(
             (addresses.join_host_port(*local), {"local": local, "proxy_protocol": proxy})
-            for local in args.local)
-        if len(args.targets) != len(args.local):
+            for local in locals_given)
+        if len(args.targets) != len(locals_given):
             parser.error("the same service is given twice")
         return
     try:

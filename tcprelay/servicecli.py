@@ -214,16 +214,13 @@ class AnnouncingServer(RelayServer):
     _announced = frozenset()   # the "name address" lines printed last (several tunnels)
 
 
-def service_main(prog, parser, argv, make_server, check=None):
+def service_main(prog, parser, argv, make_server):
     """A service program's main(): parse, set up logging and security, run.
 
     ``make_server(args, **options)`` builds the server (an ``AnnouncingServer``);
-    ``check(args)``, if given, checks the parsed arguments further (it may call
-    ``parser.error``). Returns the exit code.
+    returns the exit code.
     """
     args = parser.parse_args(argv)
-    if check is not None:
-        check(args)
     configure_logging(args.log_level)
     security = security_options(parser, args)
     security.update(group_options(parser, args))

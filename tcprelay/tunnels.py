@@ -123,6 +123,15 @@ class TunnelLink(ServiceLink):
             names.add(request.name)
         return None
 
+    def goaway(self):
+        """Refuse new clients; the session's GOAWAY is the first tunnel's to send."""
+        with self._lock:
+            self._draining = True
+            ticket = self._ticket
+        if ticket is not None:
+            ticket.cancel()
+        self._stop_listening()
+
     def _end_session(self):
         pass   # the session is the first tunnel's: it ends it
 

@@ -207,7 +207,9 @@ def test_the_adapter_process_prints_one_name_address_line_per_tunnel(procs, tmp_
         listeners.append(listener)
     try:
         targets = ["%s:%d" % listener.getsockname() for listener in listeners]
-        adapter = procs.start("tcprelay.adapter", LOOPBACK, relay_port, *targets[:2])
+        # Targets may come among the options, as a single one may.
+        adapter = procs.start("tcprelay.adapter", LOOPBACK, relay_port, targets[0],
+                              "--log-level", "info", targets[1])
         assert [adapter.readline(), adapter.readline()] == [
             "%s 127.0.0.1:%d" % (targets[0], ports[0]), "%s 127.0.0.1:%d" % (targets[1], ports[1])]
         config = tmp_path / "tunnels.ini"
