@@ -11,9 +11,24 @@ reconnects to the relay when it goes away and keeps its port while the
 lease holds. With --proxy-protocol the relay starts each stream with the
 client's address, and the adapter passes that header on to the backend
 (nginx, HAProxy and others read it).
+
+Several services on one connection, each with a public port of its own
+(docs/PROTOCOL.md, 2.11): give several targets, or ``--config FILE``; it
+prints one ``name address`` line per tunnel.
+
+    $ python3 -m tcprelay.adapter relay.example 8080 127.0.0.1:5432 127.0.0.1:6379
+    127.0.0.1:5432 203.0.113.5:8081
+    127.0.0.1:6379 203.0.113.5:8082
+
+The config file has one section per tunnel, named by it: ``local`` (required,
+``HOST:PORT``), ``port`` (the public port wanted) and ``proxy_protocol``
+(``none``, ``v1``, ``v2``).
 """
 
 import argparse
+import collections
+import configparser
+import functools
 import ipaddress
 import logging
 import socket
@@ -38,9 +53,22 @@ class Adapter(servicecli.AnnouncingServer):
     consume_proxy_header = False   # the backend reads it, not us
 
     def __init__(self, relay_address, local_address, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, probe_local=False, **options):
+                 drain_timeout=DEFAULT_DRAIN_TIMEOUT, probe_local=False, targets=None,
+                 **options):
+        # Several tunnels: targets is {name: {"local": (host, port), "port": public
+        # port or None, "proxy_protocol": None, "v1" or "v2"}}, and local_address unused.
+        self.targets = None if targets is None else collections.OrderedDict(
+            (name, tuple(target["local"])) for name, target in targets.items())
+        handlers = None
+        if targets is not None:
+            handlers = collections.OrderedDict((name, None) for name in targets)
+            options["tunnel_options"] = dict(
+                (name, dict((k, target[k]) for k in ("port", "proxy_protocol")
+                            if target.get(k) is not None)) for name, target in targets.items())
+            local_address = next(iter(self.targets.values()))
         self.local_address = tuple(local_address)
-        self._local_family = _numeric_family(self.local_address[0])   # None: a host name
+        self._families = dict((local, _numeric_family(local[0]))   # None: a host name
+                              for local in self._locals())
         self.probe_local = probe_local   # try the local service once, at the first registration
         self.local_label = addresses.format_sockaddr(self.local_address)
         self.local_connect_timeout = connect_timeout
@@ -52,22 +80,29 @@ class Adapter(servicecli.AnnouncingServer):
         self.flusher = Flusher(name="adapter-flusher")
         self.workers = WorkerPool(name="adapter-pump")
         try:
-            servicecli.AnnouncingServer.__init__(self, relay_address, None, **options)
+            servicecli.AnnouncingServer.__init__(self, relay_address, handlers, **options)
         except BaseException:
             self._close_pumps()
             raise
 
+    def _locals(self):
+        return list(self.targets.values()) if self.targets is not None else [self.local_address]
+
     def registered(self, previous_address, connection):
         # Before the address is announced: a loop must not be handed out.
-        loop = _same_place(self.local_address, connection.address)
-        if loop:
-            raise servicecli.StartError(
-                "%s, the local service to expose, is this adapter's own public address "
-                "(%s): each client would come back through the relay to a new client, "
-                "for ever. Give the address of the service itself" % (self.local_label,
-                                                                      connection.address))
+        publics = [connection.address] if connection.tunnels is None else \
+            [t.address for t in connection.tunnels.values()]
+        for local in self._locals():
+            for public in publics:
+                if _same_place(local, public):
+                    raise servicecli.StartError(
+                        "%s, the local service to expose, is this adapter's own public address "
+                        "(%s): each client would come back through the relay to a new client, "
+                        "for ever. Give the address of the service itself"
+                        % (addresses.format_sockaddr(local), public))
         if self.probe_local and previous_address is None:
-            _probe(self.local_address, min(self.local_connect_timeout, PROBE_TIMEOUT))
+            for local in self._locals():
+                _probe(local, min(self.local_connect_timeout, PROBE_TIMEOUT))
         servicecli.AnnouncingServer.registered(self, previous_address, connection)
 
     def process_request(self, request, client_address):
@@ -75,17 +110,19 @@ class Adapter(servicecli.AnnouncingServer):
 
     def _join(self, stream, client_address):
         """Connect to the local service and pump until both directions end."""
+        local = self.local_address if self.targets is None else self.targets[stream.tunnel]
         try:
-            sock = self._connect_local()
+            sock = self._connect_local(local)
         except OSError as exc:
             self._log_unreachable("cannot reach the local service at %s (%s); resetting the "
-                                  "client's stream", self.local_label,
+                                  "client's stream", addresses.format_sockaddr(local),
                                   getattr(exc, "strerror", None) or exc)
             stream.reset()
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s joined to %s on stream %d",
-                      addresses.format_sockaddr(client_address), self.local_label, stream.id)
+                      addresses.format_sockaddr(client_address),
+                      addresses.format_sockaddr(local), stream.id)
         bridge = Bridge(sock, stream, self.flusher, name="client stream %d" % stream.id)
         with self._bridges_lock:
             self._bridges.add(bridge)
@@ -95,17 +132,18 @@ class Adapter(servicecli.AnnouncingServer):
             with self._bridges_lock:
                 self._bridges.discard(bridge)
 
-    def _connect_local(self):
-        """A connected socket to the local service; raises OSError."""
+    def _connect_local(self, local):
+        """A connected socket to the local service at ``local``; raises OSError."""
         timeout = min(self.local_connect_timeout, clock.MAX_TIMEOUT)
-        if self._local_family is None:
+        family = self._families[local]
+        if family is None:
             # A host name: resolved for each client, as its address may change.
-            return socket.create_connection(self.local_address, timeout)
+            return socket.create_connection(local, timeout)
         # A numeric address: no resolver call per client.
-        sock = socket.socket(self._local_family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.connect(self.local_address)
+            sock.connect(local)
         except BaseException:
             sock.close()
             raise
@@ -225,8 +263,14 @@ def build_parser():
         "python3 -m tcprelay.adapter",
         "Expose a local TCP service through a relay. The first line on stdout is the "
         "public address clients connect to.")
-    parser.add_argument("local", type=_host_port, metavar="LOCAL_HOST:LOCAL_PORT",
-                        help="the service to expose, for example 127.0.0.1:5432")
+    parser.add_argument("local", type=_host_port, metavar="LOCAL_HOST:LOCAL_PORT", nargs="?",
+                        help="the service to expose, for example 127.0.0.1:5432; give "
+                             "several to share one connection, each with a public port of "
+                             "its own, named by this text")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="the services to expose, one section per tunnel (its name): "
+                             "local = HOST:PORT, and optionally port and proxy_protocol")
+    parser.parse_args = functools.partial(_parse_args, parser)
     parser.add_argument("--proxy-protocol", choices=["none", "v1", "v2"], default="none",
                         help="start each connection to the local service with a PROXY "
                              "protocol header carrying the client's address, for backends "
@@ -242,11 +286,90 @@ def build_parser():
 def main(argv=None):
     def make(args, **options):
         proxy = None if args.proxy_protocol == "none" else args.proxy_protocol
-        check_local(args.local)
-        return Adapter((args.relay_host, args.relay_port), args.local,
+        targets = args.targets
+        for target in targets.values():
+            check_local(target["local"])
+        if len(targets) > 1:
+            return Adapter((args.relay_host, args.relay_port), None, targets=targets,
+                           connect_timeout=args.connect_timeout, probe_local=True, **options)
+        (name, target), = targets.items()
+        if args.config is not None:   # one section: the one-tunnel form, named by it
+            options.update(name=options.get("name") or name,
+                           port=target.get("port") or options.get("port"))
+            proxy = target.get("proxy_protocol")
+        return Adapter((args.relay_host, args.relay_port), target["local"],
                        connect_timeout=args.connect_timeout, proxy_protocol=proxy,
                        probe_local=True, **options)
     return servicecli.service_main("tcprelay.adapter", build_parser(), argv, make)
+
+
+def _parse_args(parser, argv=None, namespace=None):
+    """``parser.parse_args``, which also takes further targets anywhere among the
+    options (argparse takes a list of positionals in one place only): sets
+    ``args.targets`` (``_targets``); ``args.local`` is the first target."""
+    args, extra = parser.parse_known_args(argv, namespace)
+    locals_given = [args.local] if args.local is not None else []
+    for text in extra:
+        if text.startswith("-"):
+            parser.error("unrecognized arguments: %s" % " ".join(extra))
+        try:
+            locals_given.append(_host_port(text))
+        except argparse.ArgumentTypeError as exc:
+            parser.error("argument LOCAL_HOST:LOCAL_PORT: %s" % exc)
+    args.local = locals_given[0] if locals_given else None
+    _targets(parser, args, locals_given)
+    return args
+
+
+def _targets(parser, args, locals_given):
+    """args.targets: {name: {"local", "port", "proxy_protocol"}} from the
+    command line's targets or --config (parser.error if wrong)."""
+    if bool(locals_given) == (args.config is not None):
+        parser.error("give the service to expose (LOCAL_HOST:LOCAL_PORT, one or more) "
+                     "or --config FILE, one of the two")
+    if args.config is None:
+        if len(locals_given) > 1 and args.port is not None:
+            parser.error("--port is for one service: with several, use --config and give "
+                         "each section its port")
+        proxy = None if args.proxy_protocol == "none" else args.proxy_protocol
+        args.targets = collections.OrderedDict(
+            (addresses.join_host_port(*local), {"local": local, "proxy_protocol": proxy})
+            for local in locals_given)
+        if len(args.targets) != len(locals_given):
+            parser.error("the same service is given twice")
+        return
+    try:
+        args.targets = read_config(args.config)
+    except (OSError, ValueError, configparser.Error) as exc:
+        parser.error("--config %s: %s" % (args.config, exc))
+
+
+def read_config(path):
+    """The tunnels in the config file at ``path``: {section name: {"local": (host,
+    port), "port": int or None, "proxy_protocol": None, "v1" or "v2"}}, in order.
+    Raises OSError, configparser.Error, or ValueError saying what is wrong."""
+    config = configparser.ConfigParser()
+    with open(path, encoding="utf-8") as f:
+        config.read_file(f)
+    targets = collections.OrderedDict()
+    for name in config.sections():
+        section = config[name]
+        unknown = sorted(set(section) - {"local", "port", "proxy_protocol"})
+        if unknown or "local" not in section:
+            raise ValueError("section [%s] needs local = HOST:PORT, and takes port and "
+                             "proxy_protocol only%s" % (name, " (not %s)" % ", ".join(unknown)
+                                                        if unknown else ""))
+        proxy = section.get("proxy_protocol", "none")
+        if proxy not in ("none", "v1", "v2"):
+            raise ValueError("section [%s]: proxy_protocol is none, v1 or v2" % name)
+        port = section.getint("port") if "port" in section else None
+        if port is not None and not 0 < port < 65536:
+            raise ValueError("section [%s]: port %d is no port" % (name, port))
+        targets[name] = {"local": addresses.split_host_port(section["local"]), "port": port,
+                         "proxy_protocol": None if proxy == "none" else proxy}
+    if not targets:
+        raise ValueError("no section: give one per service to expose")
+    return targets
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def _next_reply(lines, silence, deadline, silent, first=False):
 
 def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEOUT,
              on_waiting=None, lease=None, heartbeat=False, proxy_protocol=None, secret=None,
-             allow=None, group=None, group_key=None, health=None, grace=None):
+             allow=None, group=None, group_key=None, health=None, grace=None, tunnels=False):
     """Register over an open session (extended form).
 
     Returns ``(reply, stream)``: the relay's ok reply, and the registration
@@ -115,7 +115,10 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
     name) and ``group_key`` (bytes) we join that group's shared public port,
     answering the relay's group challenge; ``health`` ({"interval": seconds,
     "failures": count}) asks for health checks (docs/PROTOCOL.md, 2.9); a relay
-    whose ``ok`` does not confirm the group is ``RegistrationRefused``. Raises
+    whose ``ok`` does not confirm the group is ``RegistrationRefused``. With
+    ``tunnels`` (and a ``name``), further tunnels may be registered on this
+    session after it (docs/PROTOCOL.md, 2.11); a relay whose ``ok`` does not
+    confirm it is ``RegistrationRefused``. Raises
     ``RegistrationRefused`` if the relay says no, ``socket.timeout`` if it
     goes silent (see below).
 
@@ -141,13 +144,14 @@ def register(session, port=None, name=None, max_wait=None, timeout=DEFAULT_TIMEO
                                        lease=lease, heartbeat=heartbeat,
                                        proxy_protocol=proxy_protocol,
                                        auth=auth.METHOD if secret is not None else None,
-                                       allow=allow, group=group, health=health)
+                                       allow=allow, group=group, health=health,
+                                       tunnels=tunnels)
         stream.settimeout(timeout)
         stream.sendall(request.encode())
         reply, challenged = _until_ok(stream, timeout, max_wait, grace, on_waiting, secret,
                                       group, group_key)
         _check_ok(reply, unasked_secret=secret is not None and not challenged,
-                  allow=allow, group=group)
+                  allow=allow, group=group, tunnels=tunnels)
         keep = heartbeat and isinstance(reply.get("heartbeat"), dict)
         return reply, (stream if keep else None)
     finally:
@@ -271,7 +275,7 @@ def minimal_form(timeout, max_wait, patient, session, noted):
     return register_minimal(session, timeout, max_wait, patient), None
 
 
-def _check_ok(reply, unasked_secret, allow=None, group=None):
+def _check_ok(reply, unasked_secret, allow=None, group=None, tunnels=False):
     """Raise RegistrationError if the relay's ``ok`` gives no address, and
     RegistrationRefused if it does not confirm our ``allow`` list or ``group``;
     warn if we have a secret it did not ask for (``unasked_secret``)."""
@@ -283,6 +287,11 @@ def _check_ok(reply, unasked_secret, allow=None, group=None):
         raise RegistrationRefused(
             "it did not confirm our group %r (an older relay ignores groups): upgrade the "
             "relay, or leave the group out" % group)
+    if tunnels and reply.get("tunnels") is not True:
+        # An older relay ignores "tunnels": it would take no further tunnel.
+        raise RegistrationRefused(
+            "it did not confirm several tunnels on one session (an older relay cannot "
+            "carry them): upgrade the relay, or serve one tunnel per connection")
     if allow is not None and reply.get("allow") != list(allow):
         # Fail closed: a relay that ignored the list would let anyone in.
         raise RegistrationRefused(

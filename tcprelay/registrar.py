@@ -366,7 +366,8 @@ class Registrar(object):
             heartbeat_timeout=relay.keepalive if request.heartbeat else None,
             allow=request.allow,
             group=self.group.describe() if self.group is not None else None,
-            health=self._health.terms() if self._health is not None else None))
+            health=self._health.terms() if self._health is not None else None,
+            tunnels=request.tunnels))
         if self._health is not None:
             self._health.start()
         if request.heartbeat:

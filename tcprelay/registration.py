@@ -58,11 +58,12 @@ class Request(object):
     """What a service asks for. ``minimal`` is True for the empty request."""
 
     FIELDS = ("version", "port", "name", "max_wait", "notices", "lease", "heartbeat",
-              "proxy_protocol", "auth", "allow", "group", "health")
+              "proxy_protocol", "auth", "allow", "group", "health", "tunnels")
 
     def __init__(self, port=None, name=None, max_wait=None, notices=False, lease=None,
                  heartbeat=False, proxy_protocol=None, auth=None, version=PROTOCOL_VERSION,
-                 extra=None, minimal=False, allow=None, group=None, health=None):
+                 extra=None, minimal=False, allow=None, group=None, health=None,
+                 tunnels=False):
         self.version = version
         self.port = port
         self.name = name
@@ -75,6 +76,7 @@ class Request(object):
         self.allow = allow                    # CIDR texts: only clients from these networks
         self.group = group                    # a group's name: share its public port
         self.health = health                  # {"interval": s, "failures": k}: health checks
+        self.tunnels = tunnels                # further tunnels on this session (section 2.11)
         self.extra = dict(extra or {})   # fields later versions and extensions add
         self.minimal = minimal
 
@@ -97,7 +99,7 @@ class Request(object):
                 body[key] = value
         if isinstance(self.max_wait, float):
             body["max_wait"] = seconds(self.max_wait)
-        for key in ("notices", "heartbeat"):
+        for key in ("notices", "heartbeat", "tunnels"):
             if getattr(self, key):
                 body[key] = True
         body.update(self.extra)
@@ -141,7 +143,10 @@ def parse_request(data):
     health = _health(body.get("health"))
     if health is not None and group is None:
         raise RegistrationError("'health' is for the members of a group: give 'group' too")
-    for flag in ("notices", "heartbeat"):
+    if body.get("tunnels", False) is True and (name is None or group is not None):
+        raise RegistrationError("'tunnels' needs a 'name' (it names this first tunnel) "
+                                "and no 'group'")
+    for flag in ("notices", "heartbeat", "tunnels"):
         if not isinstance(body.get(flag, False), bool):
             raise RegistrationError("%r must be true or false" % flag)
     lease = body.get("lease")
@@ -175,6 +180,7 @@ def parse_request(data):
         allow=allow,
         group=group,
         health=health,
+        tunnels=body.get("tunnels", False),
     )
 
 
@@ -278,15 +284,18 @@ def waiting_line(position, interval=None, port=None, reason=None):
 
 
 def ok_line(address, port, lease=None, lease_time=None, heartbeat_timeout=None, allow=None,
-            group=None, health=None):
+            group=None, health=None, tunnels=False):
     """The relay's ``ok``: the public ``address`` ("host:port") and ``port``;
     the ``lease`` token and its ``lease_time`` (seconds) if one was issued;
     with ``heartbeat_timeout`` (seconds), the heartbeat's terms: a ping
     every third of it; with ``allow`` (CIDR texts), the service's allow list,
     as the relay holds it: the service's proof that this relay enforces it; with
     ``group`` ({"name": text, "members": count}), the group joined; with ``health``
-    ({"interval": seconds, "failures": count, "probe": text}), the health checks' terms."""
+    ({"interval": seconds, "failures": count, "probe": text}), the health checks' terms;
+    with ``tunnels``, ``"tunnels": true``: further tunnels may follow (section 2.11)."""
     fields = {"address": address, "port": port, "version": PROTOCOL_VERSION}
+    if tunnels:
+        fields["tunnels"] = True
     if allow is not None:
         fields["allow"] = list(allow)
     if group is not None:

@@ -12,6 +12,8 @@
 Handlers get a ``muxado.Stream`` as ``request``; it behaves like a socket.
 """
 
+import collections
+import collections.abc
 import functools
 import logging
 import random
@@ -20,19 +22,21 @@ import sys
 import threading
 import traceback
 
-from . import addresses, clock, healthprobe, limits, muxado, proxyproto, registration
+from . import (addresses, clock, healthprobe, limits, muxado, proxyproto, registration,
+               tunnelwire)
 from .heartbeat import DEFAULT_KEEPALIVE, HeartbeatSender
 from .registrant import (DEFAULT_TIMEOUT, MINIMAL_ONLY, MinimalRelay, NeedsExtendedForm,
                          RegistrationRefused, extended_form, minimal_form, needs_extended_form,
                          register, register_minimal)
 from .relaydial import (Attempt, ConnectCancelled, RelayGone, ServicePortError, _open_link,
                         _registered)
+from .servicetunnels import Tunnel, add_further, check_specs
 from .workers import WorkerPool
 
 # The service library's public names (register and its errors live in registrant.py).
 __all__ = ["Attempt", "Backoff", "ConnectCancelled", "DEFAULT_TIMEOUT", "NeedsExtendedForm",
            "RegistrationRefused", "RelayGone", "RelayServer", "ServiceConnection",
-           "ServicePortError", "connect", "register", "register_minimal"]
+           "ServicePortError", "Tunnel", "connect", "register", "register_minimal"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ class ServiceConnection(object):
         self.lease = reply.get("lease")       # the token to get this port back
         self.proxy_protocol = proxy_protocol  # each stream starts with a PROXY header
         self._heartbeat = heartbeat
+        # With several tunnels (connect's tunnels=): {name: Tunnel}, the first one
+        # first; each stream then starts with its tunnel's preamble (tunnelwire).
+        self.tunnels = None
 
     def accept(self, timeout=None):
         """The next client's stream. Raises ``RelayGone`` once the relay is gone.
@@ -94,7 +101,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
             on_waiting=None, lease=None, heartbeat=True, proxy_protocol=None,
             keepalive=DEFAULT_KEEPALIVE, secret=None, tls=None, attempt=None,
             allow_clients=None, group=None, group_key=None, health=None, minimal=False,
-            **session_options):
+            tunnels=None, **session_options):
     """Dial the relay, register, and return a ``ServiceConnection``.
 
     ``port`` asks for a particular public port, ``name`` labels us in the
@@ -122,12 +129,21 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     from the start. ``port``, ``proxy_protocol`` and ``secret`` need the
     extended form: ``NeedsExtendedForm`` with such a relay, ValueError with
     ``minimal=True``; a lease, the name and the heartbeat are dropped.
+
+    ``tunnels`` (a sequence of dicts: ``name``, and optionally ``port``,
+    ``lease``, ``proxy_protocol``, ``allow_clients``) registers further tunnels
+    on the same session, each with a public port of its own; the first tunnel
+    is the one the other arguments describe, and needs ``name``. The
+    connection's ``tunnels`` is then {name: ``Tunnel``}, and each stream starts
+    with its tunnel's preamble (``tunnelwire.read``; docs/PROTOCOL.md, 2.11).
     """
     where = addresses.join_host_port(*relay_address[:2])
     allow_clients = _check_options(allow_clients, group, group_key, health)
     if attempt is None:
         attempt = Attempt()
-    option = needs_extended_form(port, proxy_protocol, secret, allow_clients, group)
+    specs = None if tunnels is None else check_specs(name, tunnels)
+    option = needs_extended_form(port, proxy_protocol, secret, allow_clients, group) \
+        or ("tunnels" if specs is not None else None)
     if minimal and option is not None:
         raise ValueError("%s= needs the extended registration form: not with minimal=True"
                          % option)
@@ -139,7 +155,8 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
         run = functools.partial(extended_form, keepalive, dict(
             port=port, name=name, max_wait=max_wait, timeout=timeout, on_waiting=on_waiting,
             lease=lease, heartbeat=heartbeat, proxy_protocol=proxy_protocol, secret=secret,
-            allow=allow_clients, group=group, group_key=group_key, health=health))
+            allow=allow_clients, group=group, group_key=group_key, health=health,
+            tunnels=specs is not None))
     session = link()
     try:
         reply, beat = _registered(session, where, tls, attempt, run)
@@ -158,8 +175,11 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     if beat is not None:
         sender = HeartbeatSender(session, *(beat + ("relay %s" % where,)))
         sender.start()
-    return ServiceConnection(session, reply, heartbeat=sender, proxy_protocol=proxy_protocol,
-                             minimal=minimal)
+    connection = ServiceConnection(session, reply, heartbeat=sender,
+                                   proxy_protocol=proxy_protocol, minimal=minimal)
+    if specs is not None:
+        add_further(connection, name, specs, timeout, max_wait)
+    return connection
 
 
 def _check_options(allow_clients, group, group_key, health):
@@ -207,6 +227,15 @@ class RelayServer(object):
     Other keyword arguments (``allow_clients``, ``secret``, ``tls``, ...) go
     to ``connect()`` at every registration.
 
+    Several tunnels on one connection (docs/PROTOCOL.md, 2.11): give
+    ``RequestHandlerClass`` as a mapping {tunnel name: handler class} and,
+    optionally, ``tunnel_options`` {tunnel name: {"port": ..., "proxy_protocol":
+    ..., "allow_clients": ...}}. Each tunnel gets a public port of its own
+    (``public_addresses``: {name: "host:port"}; ``public_address`` is the
+    first's) and its own lease; each stream goes to its tunnel's handler, and
+    its ``tunnel`` attribute names the tunnel. ``port``, ``name`` and
+    ``proxy_protocol`` are then unused.
+
     ``shutdown()`` and ``server_close()`` cut every stage short within
     about a second: connecting, registering, waiting in line, the backoff
     between attempts. A registration they cut short raises ``RelayGone``
@@ -225,9 +254,17 @@ class RelayServer(object):
 
     def __init__(self, relay_address, RequestHandlerClass, port=None, name=None,
                  timeout=DEFAULT_TIMEOUT, bind_and_activate=True, retry=False,
-                 proxy_protocol=None, heartbeat=True, minimal=False, **connect_options):
+                 proxy_protocol=None, heartbeat=True, minimal=False, tunnel_options=None,
+                 **connect_options):
         self.relay_address = tuple(relay_address[:2])
         self.RequestHandlerClass = RequestHandlerClass
+        # Several tunnels: {name: handler class}, in order, and their options; else None.
+        self.tunnel_handlers = None
+        if isinstance(RequestHandlerClass, collections.abc.Mapping):
+            self.tunnel_handlers = collections.OrderedDict(RequestHandlerClass)
+        self.tunnel_options = dict(tunnel_options or {})
+        self.public_addresses = None    # with several tunnels: {name: "host:port"}
+        self._leases = {}               # with several tunnels: {name: lease token}
         self.requested_port = port
         self.name = name
         self.connect_timeout = timeout
@@ -284,10 +321,9 @@ class RelayServer(object):
                     told(position)
 
             try:
-                connection = connect(self.relay_address, port=self.requested_port,
-                                     name=self.name, timeout=self.connect_timeout,
-                                     lease=self._lease, heartbeat=self.heartbeat,
-                                     proxy_protocol=self.proxy_protocol, attempt=attempt,
+                options.update(self._registration_options())
+                connection = connect(self.relay_address, timeout=self.connect_timeout,
+                                     heartbeat=self.heartbeat, attempt=attempt,
                                      on_waiting=on_waiting, minimal=self.minimal, **options)
             except RegistrationRefused:
                 raise
@@ -321,10 +357,31 @@ class RelayServer(object):
         self._lease = connection.lease
         self.minimal = connection.minimal   # found once: reconnects neither wait nor warn again
         self.public_address = connection.address
+        if connection.tunnels is not None:
+            self._leases = dict((t.name, t.lease) for t in connection.tunnels.values())
+            self.public_addresses = collections.OrderedDict(
+                (t.name, t.address) for t in connection.tunnels.values())
         self.server_address = addresses.split_host_port(self.public_address)
         log.info("registered with the relay at %s; public address %s",
                  self.relay_label, self.public_address)
         self.registered(previous, connection)
+
+    def _registration_options(self):
+        """connect()'s options for what we register: one tunnel, or several."""
+        if self.tunnel_handlers is None:
+            return dict(port=self.requested_port, name=self.name, lease=self._lease,
+                        proxy_protocol=self.proxy_protocol)
+        specs = []
+        allow = self.connect_options.get("allow_clients")   # every tunnel's, unless its own
+        for name in self.tunnel_handlers:
+            spec = dict(self.tunnel_options.get(name, {}), name=name)
+            if allow is not None:
+                spec.setdefault("allow_clients", allow)
+            if self._leases.get(name) is not None:
+                spec["lease"] = self._leases[name]
+            specs.append(spec)
+        first = specs.pop(0)
+        return dict(first, tunnels=specs)
 
     def registered(self, previous_address, connection):
         """Called after each registration (the first, and every reconnect)."""
@@ -379,8 +436,16 @@ class RelayServer(object):
     def _handle(self, stream):
         """One client's stream, socketserver style."""
         try:
+            if self.tunnel_handlers is not None:
+                stream.tunnel = self._tunnel_of(stream)
+                if stream.tunnel not in self.tunnel_handlers:
+                    self._log_dropped("resetting a client stream for tunnel %r, which we "
+                                      "do not serve", stream.tunnel)
+                    stream.reset()
+                    return
             client_address = self.client_address_of(stream)
-        except (proxyproto.ProxyHeaderError, OSError, muxado.MuxadoError) as exc:
+        except (proxyproto.ProxyHeaderError, tunnelwire.PreambleError, OSError,
+                muxado.MuxadoError) as exc:
             self._log_dropped("dropping a client stream: %s", exc)
             stream.reset()
             return
@@ -474,13 +539,26 @@ class RelayServer(object):
         With ``proxy_protocol`` it is the client's own, from the PROXY header
         the relay put first on the stream; else it is the relay's.
         """
-        if self.proxy_protocol and self.consume_proxy_header:
+        if self._proxy_protocol_of(stream) and self.consume_proxy_header:
             stream.settimeout(self.connect_timeout)
             source, _ = proxyproto.read_header(stream)
             stream.settimeout(None)
             if source is not None:
                 return source
         return self.connection.session.getpeername()
+
+    def _tunnel_of(self, stream):
+        """The tunnel ``stream`` came through: its preamble, read off."""
+        stream.settimeout(self.connect_timeout)
+        name = tunnelwire.read(stream)
+        stream.settimeout(None)
+        return name
+
+    def _proxy_protocol_of(self, stream):
+        """The PROXY header version ``stream`` starts with (after its preamble), or None."""
+        if self.tunnel_handlers is None:
+            return self.proxy_protocol
+        return self.tunnel_options.get(stream.tunnel, {}).get("proxy_protocol")
 
     def service_actions(self):
         pass
@@ -524,6 +602,9 @@ class RelayServer(object):
                 self._threads_lock.notify_all()
 
     def finish_request(self, request, client_address):
+        if self.tunnel_handlers is not None:
+            self.tunnel_handlers[request.tunnel](request, client_address, self)
+            return
         self.RequestHandlerClass(request, client_address, self)
 
     def shutdown_request(self, request):

@@ -199,9 +199,19 @@ class AnnouncingServer(RelayServer):
 
     def registered(self, previous_address, connection):
         RelayServer.registered(self, previous_address, connection)
-        if connection.address != previous_address:
+        if connection.tunnels is not None:
+            # One "name address" line per tunnel: all of them first, then those that changed.
+            lines = ["%s %s\n" % (t.name, t.address) for t in connection.tunnels.values()]
+            new = [line for line in lines if line not in self._announced]
+            self._announced = set(lines)
+            if new:
+                sys.stdout.write("".join(new))
+                sys.stdout.flush()
+        elif connection.address != previous_address:
             sys.stdout.write(connection.address + "\n")
             sys.stdout.flush()
+
+    _announced = frozenset()   # the "name address" lines printed last (several tunnels)
 
 
 def service_main(prog, parser, argv, make_server):
@@ -235,6 +245,8 @@ def _extended_only(args, secret):
         return "--allow-client"
     if getattr(args, "group", None) is not None:
         return "--group"
+    if len(getattr(args, "targets", None) or ()) > 1:
+        return "several services on one connection"
     return None
 
 

@@ -18,7 +18,7 @@ import time
 
 from . import (
     accesslog, addresses, clock, framesv1, limits, muxado, muxadov1, proxyproto, registrarv1,
-    registration, resources,
+    registration, resources, tunnelwire,
 )
 from .bridge import Bridge
 from .heartbeat import client_options_inherited, enable_tcp_keepalive
@@ -67,6 +67,9 @@ class ServiceLink(Registrar):
         self._health = None         # its groups.HealthCheck, if it asked for one
         self.muxado_version = 2     # 1 for a service on Go muxado v1 (from its first bytes)
         self.request = None
+        self._stream_preamble = b""  # a tunnel's name before each client's bytes (tunnels.py)
+        self.tunnel_names = set()    # with "tunnels": the session's tunnels, by name
+        self._tunnels_thread = None  # takes the further tunnels' registration streams
         self.lease = None           # the token we handed out, once registered
         self.clients_served = 0
         self.clients_not_allowed = 0   # reset at once: outside --public-allow or the service's allow
@@ -186,11 +189,22 @@ class ServiceLink(Registrar):
             if granted is None:
                 return
             self._announce(request, stream, granted[0])
+            if request.tunnels:
+                self._take_further_tunnels(request, session)
             self._serve_clients(session)
         # Draining: open clients finish before the session goes (close() cuts it short).
         with self._lock:
             while self._draining and self._bridges and not self._ended:
                 self._idle.wait()
+
+    def _take_further_tunnels(self, request, session):
+        """From now on the service may register further tunnels on ``session``
+        (docs/PROTOCOL.md, 2.11); this first one's clients get its preamble too."""
+        from . import tunnels   # it builds on this module
+        with self._lock:
+            self.tunnel_names.add(request.name)
+        self._stream_preamble = tunnelwire.encode(request.name)
+        self._tunnels_thread = tunnels.accept_further(self, session)
 
     def _serve_in_group(self, request, stream):
         """A group member's life: join (the group's port), announce, take clients
@@ -241,11 +255,10 @@ class ServiceLink(Registrar):
         relay = self.relay
         self._close_listener()
         relay.groups.withdraw(self)   # a member: no client is being handed to it after this
-        if self._session is not None:
-            self._session.close()
-        else:
-            self._sock.close()
+        self._end_session()
         self._let_clients_finish()
+        if self._tunnels_thread is not None:
+            self._tunnels_thread.join()
         if self._heartbeat is not None:
             self._heartbeat.join()
         if self._health is not None:
@@ -260,6 +273,12 @@ class ServiceLink(Registrar):
                      self.clients_served)
         relay._registered(self)   # if it never got that far
         relay._forget_service(self)
+
+    def _end_session(self):
+        if self._session is not None:
+            self._session.close()
+        else:
+            self._sock.close()
 
     def _let_clients_finish(self):
         with self._lock:
@@ -356,9 +375,12 @@ class ServiceLink(Registrar):
             # The SYN goes out here, in accept order, carrying what the
             # client sent with its connect if anything: one frame, not two.
             stream = session.open(announce=False)
+            header = self._stream_preamble   # a tunnel's name, first (tunnels.py)
             if self.request.proxy_protocol:
-                stream.sendall(proxyproto.encode(self.request.proxy_protocol,
-                                                 client_address[:2], conn.getsockname()[:2]))
+                header += proxyproto.encode(self.request.proxy_protocol,
+                                            client_address[:2], conn.getsockname()[:2])
+            if header:
+                stream.sendall(header)
             early = _early_bytes(conn)
             if early:
                 stream.sendall(early)
