@@ -161,16 +161,9 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     try:
         reply, beat = _registered(session, where, tls, attempt, run)
     except MinimalRelay as exc:
-        if exc.reply is None or option is not None:
-            session.close()
-        if option is not None:
-            raise NeedsExtendedForm(where, option)
-        log.warning(MINIMAL_ONLY, where)
-        minimal, reply, beat = True, exc.reply, None
-        if reply is None:   # it waits for a FIN on that stream: a fresh session
-            session = link()
-            reply, _ = _registered(session, where, tls, attempt, functools.partial(
-                minimal_form, timeout, max_wait, False))
+        session, reply = _minimal_after_all(exc, session, link, option, where, tls, attempt,
+                                            timeout, max_wait)
+        minimal, beat = True, None
     sender = None
     if beat is not None:
         sender = HeartbeatSender(session, *(beat + ("relay %s" % where,)))
@@ -180,6 +173,23 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
     if specs is not None:
         add_further(connection, name, specs, timeout, max_wait)
     return connection
+
+
+def _minimal_after_all(exc, session, link, option, where, tls, attempt, timeout, max_wait):
+    """The relay turned out to speak only the minimal form (``exc``, a
+    MinimalRelay): (the session, the ok reply) registered in that form, with a
+    warning; NeedsExtendedForm if ``option`` needs the extended form."""
+    if exc.reply is None or option is not None:
+        session.close()
+    if option is not None:
+        raise NeedsExtendedForm(where, option)
+    log.warning(MINIMAL_ONLY, where)
+    reply = exc.reply
+    if reply is None:   # it waits for a FIN on that stream: a fresh session
+        session = link()
+        reply, _ = _registered(session, where, tls, attempt, functools.partial(
+            minimal_form, timeout, max_wait, False))
+    return session, reply
 
 
 def _check_options(allow_clients, group, group_key, health):
