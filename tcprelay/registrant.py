@@ -175,6 +175,10 @@ def _until_ok(stream, timeout, max_wait, grace, on_waiting, secret, group, group
             try:
                 reply = _next_reply(replies, min(grace, timeout), deadline, silent, True)
             except StreamResetError:
+                if stream.session.remote_goaway is not None:
+                    # The relay said GOAWAY (a TLS relay to a plain connection,
+                    # say): its reason is the answer, not a minimal relay's.
+                    raise
                 raise MinimalRelay()   # as for an answer lost (above)
             except socket.timeout:
                 # A reset, not a FIN: a minimal relay would take a FIN for the

@@ -8,6 +8,7 @@ The relay must run with ``--status`` (and the token, if it has
 ``--status-token-file``: ``--token-file`` here, or $TCPRELAY_STATUS_TOKEN).
 """
 
+import http.client
 import json
 import socket
 import sys
@@ -30,6 +31,8 @@ class StatusError(Exception):
 def fetch(url, token=None, timeout=TIMEOUT):
     """``/status.json`` of the endpoint at ``url`` (its base, or any of its
     paths), as a dict. Raises StatusError."""
+    if url.isdigit():
+        url = "127.0.0.1:" + url   # a bare port, as --status takes one: loopback
     parts = urlsplit(url if "//" in url else "http://" + url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise StatusError("%s is not an http:// URL of a relay's --status endpoint" % url)
@@ -39,7 +42,10 @@ def fetch(url, token=None, timeout=TIMEOUT):
         request.add_header("Authorization", "Bearer " + token)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return json.loads(reply.read().decode("utf-8"))
+            status = json.loads(reply.read().decode("utf-8"))
+        if not (isinstance(status, dict) and isinstance(status.get("relay"), dict)):
+            raise ValueError("its answer is JSON, but not a relay's status")
+        return status
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             raise StatusError("%s needs the status token: %s" % (
@@ -55,6 +61,9 @@ def fetch(url, token=None, timeout=TIMEOUT):
                                                    or reason))
     except (socket.timeout, OSError) as exc:
         raise StatusError("cannot read %s: %s" % (json_url, exc))
+    except http.client.HTTPException as exc:
+        raise StatusError("%s is not a tcprelay status endpoint (it does not answer HTTP: "
+                          "%s); give the address of the relay's --status" % (json_url, exc))
     except ValueError as exc:
         raise StatusError("%s is not a tcprelay status endpoint (%s)" % (json_url, exc))
 

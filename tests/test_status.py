@@ -437,3 +437,41 @@ def test_relay_status_address_that_cannot_be_bound_is_a_clear_error():
         assert "--status" in run.stderr_text() and "Traceback" not in run.stderr_text()
     finally:
         taken.close()
+
+
+@pytest.mark.parametrize("answer", [b"220 banner ready\r\n", b"GET /status.json HTTP/1.1\r\n",
+                                    b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n[]",
+                                    b'HTTP/1.0 200 OK\r\n\r\n{"relay": 1}'],
+                         ids=["banner", "echo", "json-list", "json-not-a-status"])
+def test_tcprelay_status_at_something_else_says_so_in_one_line(answer):
+    # A public port (an echo service, a banner) or another HTTP server given by
+    # mistake: a traceback before (BadStatusLine, KeyError).
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+
+    def answer_once():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            conn.recv(4096)
+            conn.sendall(answer)
+
+    server = threading.Thread(target=answer_once)
+    server.start()
+    try:
+        run = MainRun("tcprelay.status", ["http://%s:%d/" % listener.getsockname()])
+        assert run.wait() == 1
+        assert "not a tcprelay status endpoint" in run.stderr_text(), run.stderr_text()
+        assert "Traceback" not in run.stderr_text()
+    finally:
+        server.join(TIMEOUT)
+        listener.close()
+
+
+def test_tcprelay_status_takes_a_bare_port_as_loopback_as_status_does(env):
+    relay = env.relay(ports=1)
+    run = MainRun("tcprelay.status", [str(relay.status_server.server_address[1])])
+    assert run.wait() == 0, run.stderr_text()
+    assert "services (0)" in run.stdout_rest()
