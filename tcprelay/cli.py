@@ -30,6 +30,8 @@ class Parser(argparse.ArgumentParser):
             kwargs["prog"] = invoked_as
         elif script.startswith("tcprelay-"):
             kwargs["prog"] = script
+        # No abbreviations: --port would silently be taken for --ports.
+        kwargs.setdefault("allow_abbrev", False)
         argparse.ArgumentParser.__init__(self, *args, **kwargs)
         self.add_argument("--version", action="version",
                           version="%%(prog)s (tcprelay) %s" % __version__)

@@ -255,3 +255,10 @@ def test_systemd_analyze_verify_finds_nothing_to_say(tmp_path, name):
                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     said = [line for line in result.stdout.splitlines() if "tcprelay" in line]
     assert result.returncode == 0 and not said, result.stdout
+
+
+def test_an_abbreviated_option_is_an_error_not_another_option():
+    # argparse took --port for --ports (a one-port pool), silently.
+    run = MainRun("tcprelay.relay", ["8700", "--port", "8701"])
+    assert run.wait() == 2
+    assert "unrecognized arguments: --port 8701" in run.stderr_text(), run.stderr_text()
