@@ -104,7 +104,13 @@ class Groups(object):
         relay = self.relay
         with self._lock:
             self.refused += 1
-        banned = relay.auth_failures.failed(link.address[0])
+        host = link.address[0]
+        banned = relay.auth_failures.failed(host)
+        # Counted as the relay's own failed authentications are (registrar).
+        relay.counters.count("auth_failures")
+        relay.counters.refused("registrations", "group_refused", host, reason)
+        if banned:
+            relay.counters.refused("bans", None, host, "too many failed authentications")
         relay._log_remote("group", "%s: %s%s", link.label, reason,
                           "; too many failures, refusing %s for a minute" % link.address[0]
                           if banned else "")

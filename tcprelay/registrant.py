@@ -238,7 +238,8 @@ def register_minimal(session, timeout=DEFAULT_TIMEOUT, max_wait=None, patient=Tr
                                       in_line=True)
         except socket.timeout:
             raise socket.timeout("answered neither the extended nor the minimal form within "
-                                 "%gs" % timeout)
+                                 "%gs (a relay of the minimal form with every port taken "
+                                 "says nothing: --minimal waits for a port)" % timeout)
         answer = replies.rest if line is None else line
         if answer.lstrip().startswith(b"{"):
             reply = registration.parse_reply(answer)

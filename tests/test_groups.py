@@ -266,6 +266,10 @@ def test_a_wrong_group_key_is_refused_and_counted(env, logs):
         env.connect(relay.server_address, group="api", group_key=KEY)
     assert unknown.value.reason.startswith("no group 'api' on this relay"), unknown.value.reason
     assert relay.groups.refused == 2
+    # In /status.json and /metrics too, as the relay's own failed authentications.
+    counts = relay.counters.snapshot()["counts"]
+    assert counts["auth_failures"][""] == 2, counts
+    assert counts["registrations"]["group_refused"] == 2, counts
     assert len(logs.wait_for("wrong key for group 'web'")) == 1
     assert len(relay.groups.get("web").members) == 1
     assert relay.pool.stats()["free"] == 1   # the refused took no port
