@@ -33,7 +33,10 @@ ARCHIVE_MAIN = '''\
 (built by scripts/build_zipapp.py; --help lists the programs)."""
 import sys
 
-from tcprelay.__main__ import main
+if sys.version_info < (3, 6):   # said in words any Python can read
+    sys.exit("tcprelay needs Python 3.6 or later; this is Python %d.%d" % sys.version_info[:2])
+
+from tcprelay.__main__ import main  # noqa: E402
 
 sys.exit(main())
 '''

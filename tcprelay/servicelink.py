@@ -343,14 +343,18 @@ class ServiceLink(Registrar):
         relay = self.relay
         outside = self._outside(host)
         if outside is not None:
-            relay.counters.count("clients_refused", "not_allowed")   # before the client knows
+            # Counted (and kept among the recent refusals) before the client knows.
+            relay.counters.refused("clients_refused", "not_allowed", host,
+                                   "%s: not in %s" % (self.label, outside))
             _reset(conn)
             self.clients_not_allowed += 1   # this thread's alone: a plain int
             self.log_not_allowed("%s: refused a client from %s: not in %s", self.label,
                                  host, outside)
             return True
         if relay.max_clients is not None and self.client_count >= relay.max_clients:
-            relay.counters.count("clients_refused", "max_clients")   # before the client knows
+            relay.counters.refused("clients_refused", "max_clients", host,
+                                   "%s: %d clients already (--max-clients)"
+                                   % (self.label, relay.max_clients))
             _reset(conn)
             self.log_over_max_clients("%s: refused a client from %s: %d clients already "
                                       "(--max-clients)", self.label, host, relay.max_clients)

@@ -262,3 +262,10 @@ def test_an_abbreviated_option_is_an_error_not_another_option():
     run = MainRun("tcprelay.relay", ["8700", "--port", "8701"])
     assert run.wait() == 2
     assert "unrecognized arguments: --port 8701" in run.stderr_text(), run.stderr_text()
+
+
+def test_a_status_port_inside_the_pool_is_an_error_at_start():
+    # It was taken, and the pool skipped that port later with a warning.
+    run = MainRun("tcprelay.relay", ["8700", "--status", "8701"])
+    assert run.wait() == 2
+    assert "--status port 8701 is in the public port pool" in run.stderr_text()

@@ -272,6 +272,24 @@ def test_refusals_are_counted_with_who_and_why(env):
     assert "requires a secret" in refusal["detail"]
 
 
+def test_a_client_refused_by_an_allow_list_is_among_the_recent_refusals(env):
+    # Counted before, but missing from the list the page shows.
+    relay = env.relay(ports=1)
+    service = env.service(relay)
+    port = service.register_ok({"name": "picky", "allow": ["10.0.0.0/8"]})
+    try:
+        client = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+    except ConnectionResetError:
+        pass   # the relay's reset may come while it connects
+    else:
+        client.close()
+    refusals = wait_until(lambda: status_json(relay)["recent_refusals"],
+                          what="the refusal in /status.json")
+    (refusal,) = refusals
+    assert refusal["kind"] == "clients_refused" and refusal["reason"] == "not_allowed"
+    assert refusal["host"] == LOOPBACK and "10.0.0.0/8" in refusal["detail"], refusal
+
+
 # -- the page, the methods and the token ----------------------------------------------------
 
 
