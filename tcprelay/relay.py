@@ -591,6 +591,9 @@ def _settings(parser, args):
         parser.error(str(exc))
     if args.status_token_file and not args.status:
         parser.error("--status-token-file needs --status")
+    if args.access_log == "-":
+        parser.error("--access-log takes a file; without it the lines go to the log on "
+                     "stderr, and /dev/stdout puts them on stdout")
     if args.status and args.status[1] in ports:
         parser.error("--status port %d is in the public port pool %d-%d: choose one outside it"
                      % (args.status[1], ports[0], ports[-1]))

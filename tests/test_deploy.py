@@ -269,3 +269,11 @@ def test_a_status_port_inside_the_pool_is_an_error_at_start():
     run = MainRun("tcprelay.relay", ["8700", "--status", "8701"])
     assert run.wait() == 2
     assert "--status port 8701 is in the public port pool" in run.stderr_text()
+
+
+def test_access_log_dash_is_a_usage_error_not_a_file_named_dash(tmp_path, monkeypatch):
+    monkeypatch.chdir(str(tmp_path))
+    run = MainRun("tcprelay.relay", ["8700", "--access-log", "-"])
+    assert run.wait() == 2
+    assert "/dev/stdout" in run.stderr_text()
+    assert not (tmp_path / "-").exists()
