@@ -121,9 +121,8 @@ def _service_name(text):
 SECURITY_GROUP = "a relay with a secret or TLS (docs/SECURITY.md)"
 
 
-def service_parser(prog, description):
-    """The options every service program takes."""
-    parser = ServiceParser(prog=prog, description=description)
+def _add_relay_arguments(parser):
+    """The relay, as RELAY_HOST RELAY_PORT or --relay HOST:PORT (see ServiceParser)."""
     parser.add_argument("relay_host", type=_or_none_given(_relay_host), nargs="?",
                         help="host name or address of the relay (IPv6 with or without "
                              "brackets)")
@@ -135,6 +134,12 @@ def service_parser(prog, description):
                              "for the same public port (--port, else the first relay's). "
                              "stdout then has one line per relay: 'HOST:PORT PUBLIC_ADDRESS' "
                              "(docs/DEPLOY.md)")
+
+
+def service_parser(prog, description):
+    """The options every service program takes."""
+    parser = ServiceParser(prog=prog, description=description)
+    _add_relay_arguments(parser)
     parser.add_argument("--port", type=port_number, default=None,
                         help="ask the relay for this public port (wait until it is free)")
     parser.add_argument("--max-wait", type=max_wait_seconds, default=None, metavar="SECONDS",
