@@ -290,14 +290,14 @@ def main(argv=None):
         for target in targets.values():
             check_local(target["local"])
         if len(targets) > 1:
-            return Adapter((args.relay_host, args.relay_port), None, targets=targets,
+            return Adapter(servicecli.relay_address(args), None, targets=targets,
                            connect_timeout=args.connect_timeout, probe_local=True, **options)
         (name, target), = targets.items()
         if args.config is not None:   # one section: the one-tunnel form, named by it
             options.update(name=options.get("name") or name,
                            port=target.get("port") or options.get("port"))
             proxy = target.get("proxy_protocol")
-        return Adapter((args.relay_host, args.relay_port), target["local"],
+        return Adapter(servicecli.relay_address(args), target["local"],
                        connect_timeout=args.connect_timeout, proxy_protocol=proxy,
                        probe_local=True, **options)
     return servicecli.service_main("tcprelay.adapter", build_parser(), argv, make)

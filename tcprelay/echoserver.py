@@ -54,7 +54,7 @@ def build_parser():
 def main(argv=None):
     return servicecli.service_main(
         "tcprelay.echoserver", build_parser(), argv,
-        lambda args, **kw: EchoServer((args.relay_host, args.relay_port), EchoHandler, **kw))
+        lambda args, **kw: EchoServer(servicecli.relay_address(args), EchoHandler, **kw))
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 class ServiceConnection(object):
     """A registered service: one muxado session to the relay and a public address."""
 
-    def __init__(self, session, reply, heartbeat=None, proxy_protocol=None, minimal=False):
+    def __init__(self, session, reply, heartbeat=None, proxy_protocol=None, minimal=False,
+                 relay=None):
         self.session = session
+        self.relay = relay                    # the relay's "host:port", as dialled
         health = reply.get("health")
         probe = health.get("probe") if isinstance(health, dict) else None
         # A group member's health probes, answered here (healthprobe): bytes, or None.
@@ -169,7 +171,7 @@ def connect(relay_address, port=None, name=None, timeout=DEFAULT_TIMEOUT, max_wa
         sender = HeartbeatSender(session, *(beat + ("relay %s" % where,)))
         sender.start()
     connection = ServiceConnection(session, reply, heartbeat=sender,
-                                   proxy_protocol=proxy_protocol, minimal=minimal)
+                                   proxy_protocol=proxy_protocol, minimal=minimal, relay=where)
     if specs is not None:
         add_further(connection, name, specs, timeout, max_wait)
     return connection
@@ -237,6 +239,17 @@ class RelayServer(object):
     Other keyword arguments (``allow_clients``, ``secret``, ``tls``, ...) go
     to ``connect()`` at every registration.
 
+    Several relays (docs/DEPLOY.md): give ``relay_address`` as a list of
+    (host, port) addresses. The server registers with each, asking every one
+    for the same public port (``port``, else the one the first relay gave),
+    serves clients from all of them, and reconnects to each on its own, with
+    its own lease (``relay_sessions``: one ``relaysessions.RelaySession`` per
+    relay, in order). ``public_address`` is the first relay's; ``registered``
+    is called for each relay's registrations (``connection.relay`` names it).
+    ``serve_forever`` without ``reconnect`` raises ``RelayGone`` once every
+    relay is gone; with ``retry``, a relay after the first that cannot be
+    reached at start is tried again while the others serve.
+
     Several tunnels on one connection (docs/PROTOCOL.md, 2.11): give
     ``RequestHandlerClass`` as a mapping {tunnel name: handler class} and,
     optionally, ``tunnel_options`` {tunnel name: {"port": ..., "proxy_protocol":
@@ -266,7 +279,11 @@ class RelayServer(object):
                  timeout=DEFAULT_TIMEOUT, bind_and_activate=True, retry=False,
                  proxy_protocol=None, heartbeat=True, minimal=False, tunnel_options=None,
                  **connect_options):
-        self.relay_address = tuple(relay_address[:2])
+        several = not isinstance(relay_address[0], (str, bytes))
+        # Every relay we register with, in order: (host, port) tuples.
+        self.relay_addresses = [tuple(a[:2]) for a in relay_address] if several \
+            else [tuple(relay_address[:2])]
+        self.relay_address = self.relay_addresses[0]
         self.RequestHandlerClass = RequestHandlerClass
         # Several tunnels: {name: handler class}, in order, and their options; else None.
         self.tunnel_handlers = None
@@ -302,6 +319,11 @@ class RelayServer(object):
         self._log_dropped = limits.LogGate(log)
         self._log_client_gone = limits.LogGate(log, logging.INFO)
         self._log_handler_error = limits.LogGate(log, logging.ERROR)
+        # With several relays: one RelaySession per relay; else None.
+        self.relay_sessions = None
+        if several:
+            from . import relaysessions   # it builds on this module's RelayServer
+            self.relay_sessions = relaysessions.sessions_for(self)
         if bind_and_activate:
             self.server_activate()
 
@@ -311,6 +333,10 @@ class RelayServer(object):
 
     def server_activate(self):
         """Connect to the relay and register (socketserver's bind + listen)."""
+        if self.relay_sessions is not None:
+            from . import relaysessions
+            relaysessions.register_all(self)
+            return
         self._register(retry=self.retry)
 
     def _register(self, retry):
@@ -410,6 +436,9 @@ class RelayServer(object):
             poll_interval = 0.5   # never block for good: shutdown() must get through
         self._stopped.clear()
         self._serving.set()
+        if self.relay_sessions is not None:
+            from . import relaysessions
+            return relaysessions.serve_all(self, poll_interval, reconnect)
         try:
             while not self._shutdown_requested.is_set():
                 if reconnect and self.connection.session.remote_goaway is not None:
@@ -513,13 +542,15 @@ class RelayServer(object):
             attempt = self._attempt
         if attempt is not None:
             attempt.cancel()
+        for session in self.relay_sessions or ():
+            session._stop_registering()
 
     def server_close(self):
         """Wait for clients being served (``block_on_close``), then leave the relay."""
         self._stop_registering()
         with self._attempt_lock:
             connection = self.connection
-        if connection is not None:
+        if connection is not None or self.relay_sessions is not None:
             if self.block_on_close:
                 with self._threads_lock:
                     threads = list(self._threads)
@@ -527,11 +558,14 @@ class RelayServer(object):
                         self._threads_lock.wait()
                 for thread in threads:
                     thread.join()
-            connection.close()
+            if connection is not None:
+                connection.close()
         with self._threads_lock:
             retired, self._retired = self._retired, []
         for old in retired:
             old.close()
+        for session in self.relay_sessions or ():
+            session.server_close()   # its loop thread ended: serve_forever's finally joins it
         if self._workers is not None:
             self._workers.close()
 
@@ -555,7 +589,9 @@ class RelayServer(object):
             stream.settimeout(None)
             if source is not None:
                 return source
-        return self.connection.session.getpeername()
+        # The relay's address: the stream's own (with several relays, the one it came by).
+        session = getattr(stream, "session", None) or self.connection.session
+        return session.getpeername()
 
     def _tunnel_of(self, stream):
         """The tunnel ``stream`` came through: its preamble, read off."""

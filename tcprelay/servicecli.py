@@ -51,6 +51,64 @@ def _relay_host(text):
         raise argparse.ArgumentTypeError(str(exc))
 
 
+# Stands for the relay positionals when --relay is given, so that the further
+# positionals (the adapter's services) are not taken for them.
+_NO_POSITIONAL = "\0"
+
+
+def _or_none_given(parse):
+    return lambda text: text if text == _NO_POSITIONAL else parse(text)
+
+
+def _relay_option(text):
+    """--relay HOST:PORT: (host, port)."""
+    host_port = addresses.with_port(text)
+    if host_port is None:
+        raise argparse.ArgumentTypeError("%r is not HOST:PORT (a relay's host and its service "
+                                         "port, such as relay-a:8080 or [::1]:8080)" % text)
+    try:
+        return addresses.host_option(host_port[0]), port_number(str(host_port[1]))
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise argparse.ArgumentTypeError("--relay %s: %s" % (text, exc))
+
+
+class ServiceParser(Parser):
+    """A service program's parser: the relay as ``RELAY_HOST RELAY_PORT`` or as
+    ``--relay HOST:PORT``, repeatable; sets ``args.relays``, a list of (host,
+    port), and ``relay_host``/``relay_port`` to the first's."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        options = any(a == "--relay" or a.startswith("--relay=") for a in args)
+        if options:   # take the relay positionals' places; any further positionals follow
+            args = [_NO_POSITIONAL, _NO_POSITIONAL] + args
+        parsed, extra = Parser.parse_known_args(self, args, namespace)
+        positional = [parsed.relay_host, parsed.relay_port]
+        if options:
+            if any(text != _NO_POSITIONAL for text in positional) or (
+                    not hasattr(parsed, "local") and
+                    any(not text.startswith("-") for text in extra)):
+                self.error("give the relay either as RELAY_HOST RELAY_PORT or with --relay "
+                           "HOST:PORT (repeatable), not both")
+            parsed.relays = list(parsed.relay)
+        elif parsed.relay_host is None:
+            self.error("give the relay: RELAY_HOST RELAY_PORT, or --relay HOST:PORT for each "
+                       "of several")
+        elif parsed.relay_port is None:
+            self.error("give the relay's port after its host, %s: RELAY_HOST RELAY_PORT"
+                       % parsed.relay_host)
+        else:
+            parsed.relays = [(parsed.relay_host, parsed.relay_port)]
+        parsed.relay_host, parsed.relay_port = parsed.relays[0]
+        return parsed, extra
+
+
+def relay_address(args):
+    """What RelayServer takes for the relays of ``args``: (host, port) for one,
+    a list of them for several."""
+    return args.relays[0] if len(args.relays) == 1 else list(args.relays)
+
+
 def _service_name(text):
     # The relay's rule, checked here: else the relay refuses it after we connect.
     if not text or len(text) > registration.MAX_NAME or not text.isprintable():
@@ -63,13 +121,25 @@ def _service_name(text):
 SECURITY_GROUP = "a relay with a secret or TLS (docs/SECURITY.md)"
 
 
-def service_parser(prog, description):
-    """The options every service program takes."""
-    parser = Parser(prog=prog, description=description)
-    parser.add_argument("relay_host", type=_relay_host,
+def _add_relay_arguments(parser):
+    """The relay, as RELAY_HOST RELAY_PORT or --relay HOST:PORT (see ServiceParser)."""
+    parser.add_argument("relay_host", type=_or_none_given(_relay_host), nargs="?",
                         help="host name or address of the relay (IPv6 with or without "
                              "brackets)")
-    parser.add_argument("relay_port", type=port_number, help="the relay's service port")
+    parser.add_argument("relay_port", type=_or_none_given(port_number), nargs="?",
+                        help="the relay's service port")
+    parser.add_argument("--relay", action="append", type=_relay_option, metavar="HOST:PORT",
+                        help="instead of RELAY_HOST RELAY_PORT: a relay's host and service "
+                             "port; repeat it to register with several relays, each asked "
+                             "for the same public port (--port, else the first relay's). "
+                             "stdout then has one line per relay: 'HOST:PORT PUBLIC_ADDRESS' "
+                             "(docs/DEPLOY.md)")
+
+
+def service_parser(prog, description):
+    """The options every service program takes."""
+    parser = ServiceParser(prog=prog, description=description)
+    _add_relay_arguments(parser)
     parser.add_argument("--port", type=port_number, default=None,
                         help="ask the relay for this public port (wait until it is free)")
     parser.add_argument("--max-wait", type=max_wait_seconds, default=None, metavar="SECONDS",
@@ -178,19 +248,22 @@ def security_options(parser, args):
 
 
 class AnnouncingServer(RelayServer):
-    """Prints the public address on stdout: first, and again if it changes."""
+    """Prints the public address on stdout: first, and again if it changes.
+    With several relays each line is "RELAY PUBLIC_ADDRESS" (RELAY as host:port)."""
 
     def leave_relay(self):
-        """End our sessions with the relay, the current one and any the relay is
-        leaving (after its GOAWAY): every client still connected is ended."""
+        """End our sessions with the relay (with every relay), the current one and
+        any the relay is leaving (after its GOAWAY): every client still connected
+        is ended."""
         self._stop_registering()
-        with self._attempt_lock:
-            connection = self.connection
-        with self._threads_lock:
-            retired = list(self._retired)
-        for each in [connection] + retired:
-            if each is not None:
-                each.close()
+        for server in [self] + list(self.relay_sessions or ()):
+            with server._attempt_lock:
+                connection = server.connection
+            with server._threads_lock:
+                retired = list(server._retired)
+            for each in [connection] + retired:
+                if each is not None:
+                    each.close()
 
     def cut_close(self):
         """Make the close under way (or to come) end at once: a second signal.
@@ -199,19 +272,24 @@ class AnnouncingServer(RelayServer):
 
     def registered(self, previous_address, connection):
         RelayServer.registered(self, previous_address, connection)
+        relay = connection.relay + " " if self.relay_sessions is not None else ""
         if connection.tunnels is not None:
             # One "name address" line per tunnel: all of them first, then those that changed.
-            lines = ["%s %s\n" % (t.name, t.address) for t in connection.tunnels.values()]
-            new = [line for line in lines if line not in self._announced]
-            self._announced = set(lines)
+            lines = ["%s%s %s\n" % (relay, t.name, t.address)
+                     for t in connection.tunnels.values()]
+            new = [line for line in lines if line not in self._announced.get(relay, ())]
+            announced = dict(self._announced)
+            announced[relay] = set(lines)
+            self._announced = announced
             if new:
                 sys.stdout.write("".join(new))
                 sys.stdout.flush()
         elif connection.address != previous_address:
-            sys.stdout.write(connection.address + "\n")
+            sys.stdout.write(relay + connection.address + "\n")
             sys.stdout.flush()
 
-    _announced = frozenset()   # the "name address" lines printed last (several tunnels)
+    # {relay prefix: the "name address" lines printed last} (several tunnels); replaced, not changed
+    _announced = {}
 
 
 def service_main(prog, parser, argv, make_server):
@@ -291,7 +369,7 @@ def run_service(prog, args, make_server, **server_options):
     gives a local service time to take its last bytes) quits at once, exit
     code 130.
     """
-    relay = addresses.join_host_port(args.relay_host, args.relay_port)
+    relay = ", ".join(addresses.join_host_port(*each) for each in args.relays)
     try:
         server = make_server(port=args.port, name=args.name, retry=args.retry,
                              timeout=args.timeout, max_wait=args.max_wait,
@@ -319,7 +397,7 @@ def run_service(prog, args, make_server, **server_options):
         sys.stderr.write("%s: %s\n" % (prog, exc))
         status = 1
     except RelayGone as exc:
-        if server.connection is not None and not signalled and not server.shutdown_requested:
+        if server.public_address is not None and not signalled and not server.shutdown_requested:
             sys.stderr.write("%s: lost the relay at %s: %s\n" % (prog, relay, exc))
             status = 1
     except (OSError, ValueError, RegistrationError) as exc:
