@@ -15,6 +15,7 @@ This module only turns requests and replies into bytes and back.
 import binascii
 import ipaddress
 import json
+import re
 
 from . import addresses
 
@@ -117,6 +118,26 @@ def _number(body, key, low, high, integer):
     return value
 
 
+# Registration lines are flat; a line nested deeper than this is refused
+# before json.loads sees it: its recursion can overflow a thread's C stack
+# (the relay's threads have 256 KiB) and crash the process (CPython 3.13.0,
+# at 4,000 levels), where a RecursionError was meant.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _load_json(line):
+    """``line`` (bytes) as JSON; ValueError if it is not, or nests deeper than
+    MAX_JSON_DEPTH."""
+    depth = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b"", line)):
+        depth += 1 if bracket in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError("nested deeper than %d levels" % MAX_JSON_DEPTH)
+    return json.loads(line.decode("utf-8"))
+
+
 def parse_request(data):
     """The ``Request`` in ``data`` (the bytes before the first newline, or all)."""
     if len(data) > MAX_REQUEST:
@@ -125,7 +146,7 @@ def parse_request(data):
     if not line:
         return Request(minimal=True)
     try:
-        body = json.loads(line.decode("utf-8"))
+        body = _load_json(line)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # RecursionError: deeply nested input; it is still just a bad request.
         raise RegistrationError("request is not a JSON object on one line: %s"
@@ -343,7 +364,7 @@ def pong_line(seq):
 def parse_object(line):
     """One line holding a JSON object, as a dict."""
     try:
-        body = json.loads(line.decode("utf-8"))
+        body = _load_json(line)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise RegistrationError("not a JSON object on one line")
     if not isinstance(body, dict):

@@ -1837,6 +1837,26 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MAX_JSON_DEPTH = 32   # docs/PROTOCOL.md 2.2: a request nested deeper is refused
+
+
+def _json_depth(value):
+    """How deep arrays and objects nest in ``value`` (a scalar: 0), without recursion."""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def judge_request(sent, half_closed):
     """docs/PROTOCOL.md 2.2 and 2.6, for a relay that requires the secret."""
     newline = sent.find(b"\n")
@@ -1859,6 +1879,8 @@ def judge_request(sent, half_closed):
         return Verdict(["error"], "not JSON"), rest
     if not isinstance(body, dict):
         return Verdict(["error"], "not an object"), rest
+    if _json_depth(body) > MAX_JSON_DEPTH:
+        return Verdict(["error"], "nested deeper than %d levels" % MAX_JSON_DEPTH), rest
     errors, doubts = [], []
     version = body.get("version", 1)
     if not _is_int(version) or version != 1:

@@ -171,3 +171,27 @@ def test_pending_connections_are_capped_in_all_and_per_address(env):
         env.defer(sock.close)
     wait_until(lambda: len(relay.services) == 4, what="two more pending connections")
     assert _reset_at_once(relay.server_address)
+
+
+def test_a_deeply_nested_request_is_refused_on_the_relays_small_thread_stacks(env):
+    # The relay runs its threads with 256 KiB stacks (relay.THREAD_STACK_SIZE,
+    # set by its main()). There, json.loads of 4,000 nested brackets overflowed
+    # the C stack on CPython 3.13.0: the whole relay died of a segfault on one
+    # registration line. The suite met it when an in-process main() had set the
+    # stack size before this module's test of the same line.
+    import threading
+    from tcprelay.relay import THREAD_STACK_SIZE
+    previous = threading.stack_size(THREAD_STACK_SIZE)
+    try:
+        relay = env.relay(ports=1)
+        service = Service(relay.server_address)
+    finally:
+        threading.stack_size(previous)
+    try:
+        reply = service.register(raw=b"[" * 4000 + b"\n").final()
+        assert reply[1]["status"] == "error", reply
+        assert "nested" in reply[1]["error"], reply
+    finally:
+        service.close()
+    # Still serving, on the same small stacks.
+    assert env.service(relay).register_ok() == relay.pool.ports[0]
