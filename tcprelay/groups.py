@@ -375,17 +375,18 @@ class HealthCheck(object):
             healthy = self._check()
             self.probes += 1
             if healthy:
-                if link.health_failing:
+                was_failing = link.health_failing
+                self.failed = 0
+                link.health_failing = False   # before the line says so: a reader acts on it
+                if was_failing:
                     log.info("%s: answers its health check again; back in rotation",
                              link.label)
-                self.failed = 0
-                link.health_failing = False
                 continue
             self.failed += 1
             if self.failed == self.failures and not link._stopping.is_set():
+                link.health_failing = True
                 log.warning("%s: failed %d health checks in a row; no new clients until "
                             "it answers again", link.label, self.failed)
-                link.health_failing = True
 
     def _check(self):
         """One probe: True if the member answered it in time."""
