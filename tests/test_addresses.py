@@ -13,7 +13,9 @@ import threading
 
 import pytest
 
-from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until
+from helpers.basics import (
+    IPV6_PROBLEM, LOOPBACK, TIMEOUT, Worker, free_port_range, wait_until,
+)
 from helpers.envs import Env
 from helpers.processes import Process
 from helpers.relay import recv_exact
@@ -29,21 +31,6 @@ def env(relay_env):
     return relay_env
 
 
-def _ipv6_problem():
-    """Why this machine cannot run the IPv6 tests, or None."""
-    if not socket.has_ipv6:
-        return "Python was built without IPv6"
-    probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    try:
-        probe.bind(("::1", 0))
-    except OSError as exc:
-        return "no IPv6 loopback (binding ::1: %s)" % exc
-    finally:
-        probe.close()
-    return None
-
-
-IPV6_PROBLEM = _ipv6_problem()
 needs_ipv6 = pytest.mark.skipif(IPV6_PROBLEM is not None, reason=IPV6_PROBLEM or "")
 
 

@@ -14,7 +14,9 @@ import socket
 
 import pytest
 
-from helpers.basics import LOOPBACK, TIMEOUT, FakeClock, free_port_range, pool_args, wait_until
+from helpers.basics import (
+    IPV6_PROBLEM, LOOPBACK, TIMEOUT, FakeClock, free_port_range, pool_args, wait_until,
+)
 from helpers.processes import MainRun, assert_clean_exit
 from helpers.relay import checked_echo, echo_roundtrip, link_of, read_until_end
 from tcprelay import registration
@@ -167,21 +169,6 @@ def test_a_relay_that_ignores_the_allow_list_is_not_served_through(env, monkeypa
 
 # -- IPv6 ----------------------------------------------------------------------------------------
 
-def _ipv6_problem():
-    """Why this machine cannot run the IPv6 tests, or None."""
-    if not socket.has_ipv6:
-        return "Python was built without IPv6"
-    probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    try:
-        probe.bind(("::1", 0))
-    except OSError as exc:
-        return "no IPv6 loopback (binding ::1: %s)" % exc
-    finally:
-        probe.close()
-    return None
-
-
-IPV6_PROBLEM = _ipv6_problem()
 needs_ipv6 = pytest.mark.skipif(IPV6_PROBLEM is not None, reason=IPV6_PROBLEM or "")
 
 

@@ -197,3 +197,20 @@ class FakeClock(object):
                 left = deadline - time.monotonic()
                 assert left > 0, "the clock was read %d times, not %d" % (self.calls, count)
                 self._cond.wait(left)
+
+
+def ipv6_problem():
+    """Why this machine cannot run the IPv6 tests, or None."""
+    if not socket.has_ipv6:
+        return "Python was built without IPv6"
+    probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        probe.bind(("::1", 0))
+    except OSError as exc:
+        return "no IPv6 loopback (binding ::1: %s)" % exc
+    finally:
+        probe.close()
+    return None
+
+
+IPV6_PROBLEM = ipv6_problem()   # for a skip marker; None on this machine if it can
