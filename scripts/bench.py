@@ -69,12 +69,31 @@ def free_port_range(count, low=20000, high=32000):
     raise RuntimeError("no %d free consecutive ports in %d-%d" % (count, low, high))
 
 
-class Setup(object):
+class Children(object):
+    """Child processes started in order and stopped in reverse (``stop``)."""
+
+    def __init__(self):
+        self.children = []
+
+    def _child(self, args, wait_for_port=None):
+        if wait_for_port is None:
+            child = benchkit.Child(args)
+        else:
+            child = _ProcessWaitingForPort(args, wait_for_port)
+        self.children.append(child)
+        return child
+
+    def stop(self):
+        for child in reversed(self.children):
+            child.stop()
+
+
+class Setup(Children):
     """The processes under test for one run."""
 
     def __init__(self, args, tls=False, direct=True):
         py = sys.executable
-        self.children = []
+        Children.__init__(self)
         self.relay = None
         self.relay_pid = None
         try:
@@ -116,19 +135,6 @@ class Setup(object):
         except BaseException:
             self.stop()
             raise
-
-    def _child(self, args, wait_for_port=None):
-        if wait_for_port is None:
-            child = benchkit.Child(args)
-        else:
-            child = _ProcessWaitingForPort(args, wait_for_port)
-        self.children.append(child)
-        return child
-
-    def stop(self):
-        for child in reversed(self.children):
-            child.stop()
-
 
 class _ProcessWaitingForPort(object):
     """A child that prints nothing on stdout; ready once its port accepts."""

@@ -36,7 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchkit  # noqa: E402
-from bench import _ProcessWaitingForPort, free_port_range  # noqa: E402
+from bench import Children, free_port_range  # noqa: E402
 
 GO_PEERS = os.path.join(os.path.dirname(benchkit.ROOT), "shared", "go-peers")
 FIGURES = ("echo_1", "echo_8", "rtt", "conn", "rr_32")
@@ -79,51 +79,40 @@ def measure(figure, address, mib, seconds):
     raise ValueError(figure)
 
 
-class Subjects(object):
+class Subjects(Children):
     """The four subjects' processes, started once for all rounds."""
 
     def __init__(self):
-        self.children = []
+        Children.__init__(self)
         self.addresses = {}
         py = sys.executable
         try:
             base = free_port_range(12)
             direct = ("127.0.0.1", base)
-            self._start([os.path.join(GO_PEERS, "bin-loadgen"), "serve", "127.0.0.1:%d" % base,
+            self._child([os.path.join(GO_PEERS, "bin-loadgen"), "serve", "127.0.0.1:%d" % base,
                          "echo"], wait_for_port=direct)
             self.addresses["direct"] = direct
             go_relay = ("127.0.0.1", base + 1)
-            self._start([os.path.join(GO_PEERS, "bin-v2-relay"), str(base + 1), str(base + 2),
+            self._child([os.path.join(GO_PEERS, "bin-v2-relay"), str(base + 1), str(base + 2),
                          str(base + 3)], wait_for_port=go_relay)
-            go = self._start([os.path.join(GO_PEERS, "bin-v2-service"),
+            go = self._child([os.path.join(GO_PEERS, "bin-v2-service"),
                               "127.0.0.1:%d" % (base + 1), "echo"])
             self.addresses["go"] = benchkit.parse_hostport(go.line)
             ours = ("127.0.0.1", base + 4)
-            self._start([py, "-m", "tcprelay.relay", str(base + 4), "--host", "127.0.0.1",
+            self._child([py, "-m", "tcprelay.relay", str(base + 4), "--host", "127.0.0.1",
                          "--public-bind", "127.0.0.1", "--ports", "%d-%d" % (base + 5, base + 8),
                          "--max-clients", "4000", "--log-level", "warning"],
                         wait_for_port=ours)
-            echo = self._start([py, "-m", "tcprelay.echoserver", "127.0.0.1", str(base + 4),
+            echo = self._child([py, "-m", "tcprelay.echoserver", "127.0.0.1", str(base + 4),
                                 "--log-level", "warning"])
             self.addresses["ours"] = benchkit.parse_hostport(echo.line)
-            adapter = self._start([py, "-m", "tcprelay.adapter", "127.0.0.1", str(base + 4),
+            adapter = self._child([py, "-m", "tcprelay.adapter", "127.0.0.1", str(base + 4),
                                    "127.0.0.1:%d" % base, "--log-level", "warning"])
             self.addresses["adapter"] = benchkit.parse_hostport(adapter.line)
         except BaseException:
             self.stop()
             raise
 
-    def _start(self, args, wait_for_port=None):
-        if wait_for_port is None:
-            child = benchkit.Child(args)
-        else:
-            child = _ProcessWaitingForPort(args, wait_for_port)
-        self.children.append(child)
-        return child
-
-    def stop(self):
-        for child in reversed(self.children):
-            child.stop()
 
 
 def main():
