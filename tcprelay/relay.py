@@ -16,6 +16,7 @@ writer threads.
 """
 
 import argparse
+import contextlib
 import errno
 import logging
 import signal
@@ -25,7 +26,7 @@ import threading
 import time
 
 from . import (addresses, auth, cli, clock, limits, muxado, registration, relaystatus,
-               resources, tls)
+               resources, scheduling, tls)
 from .accesslog import AccessLog, AccessLogError
 from .bridge import Flusher
 from .groups import Groups, load_key
@@ -469,6 +470,7 @@ def build_parser():
                              "(default: the log on stderr)")
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
+    scheduling.add_option(parser)
     # Not in --help: for tests that wait for the relay's threads to go back.
     parser.add_argument("--pump-idle-timeout", type=cli.positive(float),
                         default=DEFAULT_PUMP_IDLE_TIMEOUT, help=argparse.SUPPRESS)
@@ -662,7 +664,22 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     ports, secret, tls_context = _settings(parser, args)
-    threading.stack_size(THREAD_STACK_SIZE)
+    with scheduling.applied(args.cpu_policy), _thread_stack_size(THREAD_STACK_SIZE):
+        return _run(args, ports, secret, tls_context)
+
+
+@contextlib.contextmanager
+def _thread_stack_size(size):
+    """Threads started in the block get ``size`` bytes of stack; the process's
+    setting comes back afterwards (main() may run inside another program)."""
+    previous = threading.stack_size(size)
+    try:
+        yield
+    finally:
+        threading.stack_size(previous)
+
+
+def _run(args, ports, secret, tls_context):
     relay = _start_relay(args, ports, secret, tls_context)
     if relay is None:
         return 1

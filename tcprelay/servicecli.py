@@ -6,7 +6,7 @@ import logging
 import socket
 import sys
 
-from . import addresses, auth, registration, tls
+from . import addresses, auth, registration, scheduling, tls
 from .cli import (LOG_LEVELS, Parser, configure_logging, network, on_stop_signals,
                   port_number, positive)
 from .muxado import MuxadoError
@@ -174,6 +174,7 @@ def service_parser(prog, description):
                              "within 2 s, with a warning")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
+    scheduling.add_option(parser)
     security = parser.add_argument_group(SECURITY_GROUP)
     security.add_argument("--secret-file", metavar="PATH",
                           help="the relay's shared secret, to answer its challenge "
@@ -307,7 +308,8 @@ def service_main(prog, parser, argv, make_server):
         if option is not None:
             parser.error("%s needs the extended registration form: it cannot be used with "
                          "--minimal" % option)
-    return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
+    with scheduling.applied(args.cpu_policy):
+        return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
 
 
 def _extended_only(args, secret):
