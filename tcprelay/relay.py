@@ -470,7 +470,7 @@ def build_parser():
                              "(default: the log on stderr)")
     parser.add_argument("--log-level", default="info", choices=cli.LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
-    scheduling.add_option(parser)
+    scheduling.add_options(parser)
     # Not in --help: for tests that wait for the relay's threads to go back.
     parser.add_argument("--pump-idle-timeout", type=cli.positive(float),
                         default=DEFAULT_PUMP_IDLE_TIMEOUT, help=argparse.SUPPRESS)
@@ -664,7 +664,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     ports, secret, tls_context = _settings(parser, args)
-    with scheduling.applied(args.cpu_policy), _thread_stack_size(THREAD_STACK_SIZE):
+    with scheduling.applied(args.cpu_policy, args.cpu), _thread_stack_size(THREAD_STACK_SIZE):
         return _run(args, ports, secret, tls_context)
 
 

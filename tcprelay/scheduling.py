@@ -1,4 +1,5 @@
-"""The CPU scheduling policy of a tcprelay program's threads (Linux).
+"""How a tcprelay program's threads run on the CPUs (Linux): their scheduling
+policy (``--cpu-policy``) and the CPUs they may run on (``--cpu``).
 
 Under Linux's default policy (``SCHED_OTHER``) a thread woken on a busy CPU
 often preempts its waker at once. Between our threads that is wasted: the
@@ -12,6 +13,13 @@ a quarter more small requests and a fifth more new connections a second.
 The programs (relay, echo server, adapter, the service CLIs) run with the
 batch policy unless ``--cpu-policy default`` is given. A program using the
 library may do the same with ``batch()`` before it starts its threads.
+
+``--cpu`` keeps all of a program's threads on the CPUs given (as ``taskset
+-c`` or systemd's ``CPUAffinity=`` would). Only one thread runs Python code at
+a time, and a thread woken on another CPU costs that CPU a wake-up (an
+interrupt, dear on a virtual machine) and the GIL a trip between CPUs; on one
+CPU small requests and new connections cost half as much, bulk transfers a
+little more (docs/PERFORMANCE.md, "One CPU per process").
 """
 
 import contextlib
@@ -29,14 +37,60 @@ HELP = ("the CPU scheduling policy of this program's threads: 'batch' keeps a th
         "elsewhere both are the same)")
 
 
+CPU_HELP = ("run this program's threads on these CPUs only, a list like 1 or 0,2 or 0-3 (as "
+            "taskset -c). A busy relay or service kept on one CPU handles more small requests "
+            "and new connections a second (threads woken on another CPU cost more than the "
+            "work; docs/PERFORMANCE.md); give each such process its own (default: any CPU; "
+            "Linux only)")
+
+
 def supported():
     """True where the batch policy exists (Linux)."""
     return hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH")
 
 
-def add_option(parser):
-    """``--cpu-policy`` on an argparse parser."""
+def add_options(parser):
+    """``--cpu-policy`` and ``--cpu`` on an argparse parser."""
     parser.add_argument("--cpu-policy", choices=POLICIES, default=DEFAULT_POLICY, help=HELP)
+    parser.add_argument("--cpu", type=cpu_list, metavar="CPUS", default=None, help=CPU_HELP)
+
+
+def cpu_list(text):
+    """The set of CPU numbers in ``text`` ("1", "0,2", "0-3"), each one this process
+    may run on; raises argparse.ArgumentTypeError saying what is wrong."""
+    import argparse
+    if not hasattr(os, "sched_setaffinity"):
+        raise argparse.ArgumentTypeError("choosing CPUs needs Linux; leave --cpu out here")
+    cpus = set()
+    try:
+        for part in text.split(","):
+            low, dash, high = part.partition("-")
+            low = int(low)
+            high = int(high) if dash else low
+            if low < 0 or high < low:
+                raise ValueError(part)
+            cpus.update(range(low, high + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a list of CPUs like 1, 0,2 or 0-3" % text)
+    available = os.sched_getaffinity(0)
+    missing = cpus - available
+    if missing:
+        raise argparse.ArgumentTypeError(
+            "%s %s %s not available: this program may run on %s only"
+            % ("CPU" if len(missing) == 1 else "CPUs", format_cpus(missing),
+               "is" if len(missing) == 1 else "are", format_cpus(available)))
+    return cpus
+
+
+def format_cpus(cpus):
+    """``{0, 1, 2, 5}`` as "0-2,5"."""
+    runs = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in runs)
 
 
 def batch():
@@ -55,10 +109,31 @@ def batch():
 
 
 @contextlib.contextmanager
-def applied(policy):
-    """Run the block under ``policy`` (one of POLICIES) on the calling thread,
-    which the threads it starts meanwhile inherit; the calling thread's own
-    policy is put back afterwards (a program's main() called in-process)."""
+def applied(policy, cpus=None):
+    """Run the block under ``policy`` (one of POLICIES) and on ``cpus`` (a set of
+    CPU numbers, or None for any) on the calling thread, which the threads it
+    starts meanwhile inherit; the calling thread's own settings are put back
+    afterwards (a program's main() called in-process)."""
+    with _affinity(cpus), _policy(policy):
+        yield
+
+
+@contextlib.contextmanager
+def _affinity(cpus):
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    log.info("running on CPU %s", format_cpus(cpus))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
+def _policy(policy):
     if policy != "batch" or not supported():
         yield
         return

@@ -174,7 +174,7 @@ def service_parser(prog, description):
                              "within 2 s, with a warning")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                         help="how much to log to stderr (default: info)")
-    scheduling.add_option(parser)
+    scheduling.add_options(parser)
     security = parser.add_argument_group(SECURITY_GROUP)
     security.add_argument("--secret-file", metavar="PATH",
                           help="the relay's shared secret, to answer its challenge "
@@ -308,7 +308,7 @@ def service_main(prog, parser, argv, make_server):
         if option is not None:
             parser.error("%s needs the extended registration form: it cannot be used with "
                          "--minimal" % option)
-    with scheduling.applied(args.cpu_policy):
+    with scheduling.applied(args.cpu_policy, args.cpu):
         return run_service(prog, args, lambda **kw: make_server(args, **kw), **security)
 
 

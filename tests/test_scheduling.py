@@ -1,5 +1,6 @@
 """The programs' CPU scheduling policy (tcprelay.scheduling, --cpu-policy)."""
 
+import argparse
 import logging
 import os
 import threading
@@ -94,3 +95,69 @@ def test_relay_main_puts_the_process_thread_stack_size_back(tmp_path):
                                      str(tmp_path / "missing" / "a.log")] + pool_args(ports[1:]))
     assert run.wait() == 1, run.stderr_text()
     assert threading.stack_size() == stack_before
+
+
+def thread_affinities(pid):
+    """{thread id: its set of CPUs} of every thread of ``pid``."""
+    affinities = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            affinities[int(tid)] = frozenset(os.sched_getaffinity(int(tid)))
+        except ProcessLookupError:
+            pass
+    return affinities
+
+
+@pytest.mark.parametrize("text, cpus", [("0", {0}), ("0,0", {0}), ("0-0", {0})])
+def test_cpu_lists_read_as_taskset_writes_them(text, cpus):
+    assert scheduling.cpu_list(text) == cpus
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x", "'x' is not a list of CPUs like 1, 0,2 or 0-3"),
+    ("1-0", "'1-0' is not a list of CPUs like 1, 0,2 or 0-3"),
+    ("-1", "'-1' is not a list of CPUs like 1, 0,2 or 0-3"),
+    ("0,", "'0,' is not a list of CPUs like 1, 0,2 or 0-3"),
+    ("4096", "CPU 4096 is not available: this program may run on "),
+    ("4096-4097", "CPUs 4096-4097 are not available: this program may run on ")])
+def test_a_wrong_cpu_list_says_what_is_wrong(text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        scheduling.cpu_list(text)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_format_cpus_joins_runs():
+    assert scheduling.format_cpus({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+
+
+def test_cpus_apply_to_the_block_and_its_threads_then_come_back():
+    before = os.sched_getaffinity(0)
+    one = {min(before)}
+    seen = []
+    with scheduling.applied("default", one):
+        assert os.sched_getaffinity(0) == one
+        thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        thread.start()
+        thread.join(TIMEOUT)
+    assert seen == [one]
+    assert os.sched_getaffinity(0) == before
+
+
+def test_the_relay_and_the_echo_server_keep_every_thread_on_the_cpu_given(procs):
+    cpu = max(os.sched_getaffinity(0))
+    ports = free_port_range(2)
+    relay = procs.relay(ports[0], *quick("--cpu", str(cpu), *pool_args(ports[1:])))
+    echo, public = procs.echo(ports[0], "--cpu", str(cpu))
+    assert "running on CPU %d" % cpu in relay.stderr_text()
+    for process in (relay, echo):
+        wait_until(lambda: len(thread_affinities(process.pid)) > 1,
+                   what="%r to start its threads" % process)
+        assert set(thread_affinities(process.pid).values()) == {frozenset([cpu])}, process
+
+
+def test_a_cpu_not_available_is_a_usage_error():
+    run = MainRun("tcprelay.relay", ["8700", "--cpu", "4096"])
+    assert run.wait() == 2
+    assert run.stderr_lines() == [
+        "python3 -m tcprelay.relay: error: argument --cpu: CPU 4096 is not available: this "
+        "program may run on %s only (see --help)" % scheduling.format_cpus(os.sched_getaffinity(0))]
