@@ -96,6 +96,7 @@ class Setup(Children):
         Children.__init__(self)
         self.relay = None
         self.relay_pid = None
+        relay_cpu, service_cpu = pin_cpus(args.pin)
         try:
             self.direct_child = self.service = None
             if direct:
@@ -116,12 +117,13 @@ class Setup(Children):
                     [py, "-m", "tcprelay.relay", str(base), "--host", "127.0.0.1",
                      "--public-bind", "127.0.0.1", "--ports", "%d-%d" % (base + 1, base + 2),
                      "--max-clients", "4000", "--log-level", "warning"]
-                    + (["--tls-cert", TEST_CERT, "--tls-key", TEST_KEY] if tls else []),
+                    + (["--tls-cert", TEST_CERT, "--tls-key", TEST_KEY] if tls else [])
+                    + relay_cpu,
                     wait_for_port=relay_address)
                 self.relay_pid = self.relay.pid
             echo = self._child([py, "-m", "tcprelay.echoserver", relay_address[0],
                                 str(relay_address[1]), "--log-level", "warning"]
-                               + (["--tls", "--tls-ca", TEST_CA] if tls else []))
+                               + (["--tls", "--tls-ca", TEST_CA] if tls else []) + service_cpu)
             self.service = echo
             host, port = benchkit.parse_hostport(echo.line)
             self.target = ("127.0.0.1" if host == "localhost" else host, port)
@@ -129,12 +131,23 @@ class Setup(Children):
             if direct and not tls:
                 adapter = self._child([py, "-m", "tcprelay.adapter", relay_address[0],
                                        str(relay_address[1]), "%s:%d" % self.direct,
-                                       "--log-level", "warning"])
+                                       "--log-level", "warning"] + service_cpu)
                 host, port = benchkit.parse_hostport(adapter.line)
                 self.adapter_target = ("127.0.0.1" if host == "localhost" else host, port)
         except BaseException:
             self.stop()
             raise
+
+def pin_cpus(pin):
+    """The --cpu options of (the relay, the services) for --pin: the first CPU
+    and the second; empty without --pin. Exits if there are not two."""
+    if not pin:
+        return [], []
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        sys.exit("bench: --pin needs two CPUs; this process may use %s" % cpus)
+    return ["--cpu", str(cpus[0])], ["--cpu", str(cpus[1])]
+
 
 class _ProcessWaitingForPort(object):
     """A child that prints nothing on stdout; ready once its port accepts."""
@@ -223,6 +236,9 @@ def main():
                              "ours, a Go relay, frp) instead of starting a relay and a "
                              "service")
     parser.add_argument("--skip-hold", action="store_true", help="skip the hold figure")
+    parser.add_argument("--pin", action="store_true",
+                        help="run the relay on the first CPU and the echo server and the "
+                             "adapter on the second (--cpu; docs/PERFORMANCE.md)")
     parser.add_argument("--tls", action="store_true",
                         help="also measure throughput through a relay with TLS on its "
                              "service port, against the plain relay (the cost of TLS)")

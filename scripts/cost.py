@@ -86,6 +86,9 @@ def build_parser():
                         help="MiB echoed per bulk run, over 8 connections (default 256)")
     parser.add_argument("--seconds", type=int, default=4,
                         help="seconds of each request run (default 4)")
+    parser.add_argument("--pin", action="store_true",
+                        help="the relay on the first CPU, the echo server on the second "
+                             "(as bench.py --pin)")
     return parser
 
 
@@ -97,7 +100,7 @@ def main(argv=None):
     if args.runs < 1 or args.connections < 1 or args.mib < 8:
         print("--runs and --connections must be at least 1, --mib at least 8", file=sys.stderr)
         return 2
-    setup_args = argparse.Namespace(target=None, relay=None)
+    setup_args = argparse.Namespace(target=None, relay=None, pin=args.pin)
     setup = bench.Setup(setup_args)
     try:
         relay = benchkit.tcp_connector(setup.target)

@@ -24,6 +24,11 @@ direct, then again), medians reported:
     python3 scripts/vs_go.py                 # 3 rounds, a table
     python3 scripts/vs_go.py --rounds 1 --only conn,rr_32
     python3 scripts/vs_go.py --json out.json
+    python3 scripts/vs_go.py --pin           # each relay on CPU 0, each service on CPU 1
+
+--pin keeps each relay (Go's and ours) on the first CPU and each service (Go's,
+our echo server, the adapter) on the second, ours with --cpu and Go's with
+taskset; the load generator and the plain echo server may run anywhere.
 """
 
 import argparse
@@ -79,13 +84,33 @@ def measure(figure, address, mib, seconds):
     raise ValueError(figure)
 
 
+def pinning(pin):
+    """(relay CPU, service CPU) as text for --pin, or (None, None); exits if it cannot."""
+    if not pin:
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        sys.exit("vs_go: --pin needs two CPUs; this process may use %s" % cpus)
+    return str(cpus[0]), str(cpus[1])
+
+
+def on_cpu(cpu, argv):
+    """``argv`` run by taskset on ``cpu`` (None: as it is)."""
+    return argv if cpu is None else ["taskset", "-c", cpu] + argv
+
+
+def cpu_option(cpu):
+    return [] if cpu is None else ["--cpu", cpu]
+
+
 class Subjects(Children):
     """The four subjects' processes, started once for all rounds."""
 
-    def __init__(self):
+    def __init__(self, pin=False):
         Children.__init__(self)
         self.addresses = {}
         py = sys.executable
+        relay_cpu, service_cpu = pinning(pin)
         try:
             base = free_port_range(12)
             direct = ("127.0.0.1", base)
@@ -93,21 +118,23 @@ class Subjects(Children):
                          "echo"], wait_for_port=direct)
             self.addresses["direct"] = direct
             go_relay = ("127.0.0.1", base + 1)
-            self._child([os.path.join(GO_PEERS, "bin-v2-relay"), str(base + 1), str(base + 2),
-                         str(base + 3)], wait_for_port=go_relay)
-            go = self._child([os.path.join(GO_PEERS, "bin-v2-service"),
-                              "127.0.0.1:%d" % (base + 1), "echo"])
+            self._child(on_cpu(relay_cpu, [os.path.join(GO_PEERS, "bin-v2-relay"), str(base + 1),
+                                           str(base + 2), str(base + 3)]),
+                        wait_for_port=go_relay)
+            go = self._child(on_cpu(service_cpu, [os.path.join(GO_PEERS, "bin-v2-service"),
+                                                  "127.0.0.1:%d" % (base + 1), "echo"]))
             self.addresses["go"] = benchkit.parse_hostport(go.line)
             ours = ("127.0.0.1", base + 4)
             self._child([py, "-m", "tcprelay.relay", str(base + 4), "--host", "127.0.0.1",
                          "--public-bind", "127.0.0.1", "--ports", "%d-%d" % (base + 5, base + 8),
-                         "--max-clients", "4000", "--log-level", "warning"],
-                        wait_for_port=ours)
+                         "--max-clients", "4000", "--log-level", "warning"]
+                        + cpu_option(relay_cpu), wait_for_port=ours)
             echo = self._child([py, "-m", "tcprelay.echoserver", "127.0.0.1", str(base + 4),
-                                "--log-level", "warning"])
+                                "--log-level", "warning"] + cpu_option(service_cpu))
             self.addresses["ours"] = benchkit.parse_hostport(echo.line)
             adapter = self._child([py, "-m", "tcprelay.adapter", "127.0.0.1", str(base + 4),
-                                   "127.0.0.1:%d" % base, "--log-level", "warning"])
+                                   "127.0.0.1:%d" % base, "--log-level", "warning"]
+                                  + cpu_option(service_cpu))
             self.addresses["adapter"] = benchkit.parse_hostport(adapter.line)
         except BaseException:
             self.stop()
@@ -131,6 +158,9 @@ def main():
     parser.add_argument("--seconds", type=int, default=5,
                         help="length of each rr_32 run (default 5)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON ('-': stdout)")
+    parser.add_argument("--pin", action="store_true",
+                        help="each relay on the first CPU, each service on the second (ours "
+                             "with --cpu, Go's with taskset)")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(GO_PEERS, "bin-loadgen")):
         print("vs_go: the Go peers are not at %s (they come with the project's shared tree, "
@@ -145,7 +175,7 @@ def main():
         if name not in SUBJECTS:
             parser.error("unknown subject %r (subjects: %s)" % (name, ", ".join(SUBJECTS)))
     results = {(f, s): [] for f in figures for s in subjects}
-    setup = Subjects()
+    setup = Subjects(args.pin)
     try:
         time.sleep(0.5)   # let every child settle (registrations done, logs quiet)
         for round_number in range(args.rounds):
@@ -184,8 +214,9 @@ def main():
         header.append("ours/go")
     if "go" in subjects and "adapter" in subjects:
         header.append("adapter/go")
-    print("tcprelay beside the Go relay (medians of %d rounds; rtt in us, ratios above 1 "
-          "mean faster than Go)" % args.rounds)
+    print("tcprelay beside the Go relay (medians of %d rounds%s; rtt in us, ratios above 1 "
+          "mean faster than Go)" % (args.rounds, "; relays on one CPU, services on another"
+                                    if args.pin else ""))
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
