@@ -124,7 +124,13 @@ def _affinity(cpus):
         yield
         return
     before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        log.warning("cannot keep to CPU %s (%s); running on CPU %s", format_cpus(cpus),
+                    exc.strerror or exc, format_cpus(before))
+        yield
+        return
     log.info("running on CPU %s", format_cpus(cpus))
     try:
         yield

@@ -161,3 +161,15 @@ def test_a_cpu_not_available_is_a_usage_error():
     assert run.stderr_lines() == [
         "python3 -m tcprelay.relay: error: argument --cpu: CPU 4096 is not available: this "
         "program may run on %s only (see --help)" % scheduling.format_cpus(os.sched_getaffinity(0))]
+
+
+def test_cpus_refused_by_the_system_are_a_warning_and_the_program_runs_on(monkeypatch, caplog):
+    before = os.sched_getaffinity(0)
+
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    with scheduling.applied("default", {min(before)}):
+        assert os.sched_getaffinity(0) == before
+    assert ("cannot keep to CPU %d (Operation not permitted); running on CPU %s"
+            % (min(before), scheduling.format_cpus(before))) in caplog.text
