@@ -30,18 +30,18 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("batch", "default")
 DEFAULT_POLICY = "batch"
-HELP = ("the CPU scheduling policy of this program's threads: 'batch' keeps a thread "
-        "that wakes another from being preempted by it, which saves a context switch "
-        "per handoff (about a quarter more small requests a second); 'default' leaves "
-        "the policy this program was started with (default: batch; Linux only, "
-        "elsewhere both are the same)")
+HELP = ("the CPU scheduling policy of this program's threads (Linux; elsewhere both are "
+        "the same): 'batch' keeps a thread that wakes another from being preempted by it, "
+        "which saves a context switch per handoff (about a quarter more small requests a "
+        "second); 'default' leaves the policy this program was started with "
+        "(default: batch)")
 
 
 CPU_HELP = ("run this program's threads on these CPUs only, a list like 1 or 0,2 or 0-3 (as "
             "taskset -c). A busy relay or service kept on one CPU handles more small requests "
             "and new connections a second (threads woken on another CPU cost more than the "
-            "work; docs/PERFORMANCE.md); give each such process its own (default: any CPU; "
-            "Linux only)")
+            "work; docs/PERFORMANCE.md); give each such process its own. Linux only "
+            "(default: any CPU)")
 
 
 def supported():
