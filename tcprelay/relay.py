@@ -16,7 +16,6 @@ writer threads.
 """
 
 import argparse
-import contextlib
 import errno
 import logging
 import signal
@@ -556,21 +555,6 @@ def _public_bind_problem(host):
     return None
 
 
-def _check_open_file_limit(args):
-    """Raise the soft open-file limit to the hard one; warn if the limits cannot fit."""
-    resources.preload_thread_exit()
-    limit = resources.raise_open_file_limit()
-    need = resources.descriptors_needed(args.max_services, args.max_clients, args.max_waiting)
-    if limit is not None and limit < need:
-        # A warning if one busy service can reach the limit; else worth knowing only.
-        one_service = resources.descriptors_needed(1, args.max_clients, args.max_waiting)
-        log.log(logging.WARNING if limit < one_service else logging.INFO,
-                "the open file limit is %d, but --max-services %d with --max-clients %d "
-                "may need about %d; past the limit new connections wait until others "
-                "close. Raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd) "
-                "or lower --max-clients", limit, args.max_services, args.max_clients, need)
-
-
 def _settings(parser, args):
     """The public ports, the secret and the TLS context the options give
     (exits with a usage error if they do not fit)."""
@@ -664,17 +648,10 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     ports, secret, tls_context = _settings(parser, args)
-    with scheduling.applied(args.cpu_policy, args.cpu), _thread_stack_size(THREAD_STACK_SIZE):
-        return _run(args, ports, secret, tls_context)
-
-
-@contextlib.contextmanager
-def _thread_stack_size(size):
-    """Threads started in the block get ``size`` bytes of stack; the process's
-    setting comes back afterwards (main() may run inside another program)."""
-    previous = threading.stack_size(size)
+    previous = threading.stack_size(THREAD_STACK_SIZE)   # put back: main() may run in-process
     try:
-        yield
+        with scheduling.applied(args.cpu_policy, args.cpu):
+            return _run(args, ports, secret, tls_context)
     finally:
         threading.stack_size(previous)
 
@@ -684,7 +661,7 @@ def _run(args, ports, secret, tls_context):
     if relay is None:
         return 1
     signalled = _handle_signals(relay)
-    _check_open_file_limit(args)
+    resources.prepare_descriptors(args.max_services, args.max_clients, args.max_waiting)
     log.info("listening for services on %s%s; public ports %s on %s",
              _address(relay.server_address), " (TLS)" if tls_context else "",
              relay.pool.describe(), args.public_bind or "all interfaces")

@@ -105,3 +105,19 @@ def descriptors_needed(max_services, max_clients, max_waiting):
     """Descriptors the relay may need at its configured limits (an estimate)."""
     per_service = FDS_PER_SERVICE + (max_clients or 0)
     return FDS_RESERVED + max_services * per_service + (max_waiting or 0) * FDS_PER_SERVICE
+
+
+def prepare_descriptors(max_services, max_clients, max_waiting):
+    """At the relay's start: raise the soft open-file limit to the hard one, load
+    what a thread's exit needs, and warn if the limit cannot fit the options."""
+    preload_thread_exit()
+    limit = raise_open_file_limit()
+    need = descriptors_needed(max_services, max_clients, max_waiting)
+    if limit is not None and limit < need:
+        # A warning if one busy service can reach the limit; else worth knowing only.
+        one_service = descriptors_needed(1, max_clients, max_waiting)
+        log.log(logging.WARNING if limit < one_service else logging.INFO,
+                "the open file limit is %d, but --max-services %d with --max-clients %d "
+                "may need about %d; past the limit new connections wait until others "
+                "close. Raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd) "
+                "or lower --max-clients", limit, max_services, max_clients, need)
