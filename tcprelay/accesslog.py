@@ -24,6 +24,7 @@ most once a minute.
 import collections
 import json
 import logging
+import re
 import threading
 import time
 
@@ -85,10 +86,13 @@ def ending(bridge, relay_stopping):
     return RELAY_STOPPING if relay_stopping else SERVICE_GONE
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"\\=]')
+
+
 def quote(value):
     """``value`` (text) as it goes after ``key=``: as is, or a JSON string if it
     would not read back as one token."""
-    if (not value or value == "-" or any(c.isspace() or c in '"\\=' for c in value)
+    if (not value or value == "-" or _NEEDS_QUOTES.search(value)
             or not value.isprintable()):
         return json.dumps(value, ensure_ascii=False)
     return value
@@ -219,6 +223,8 @@ class AccessLog(object):
         """Write ``bridge``'s line: a client of ``link`` (a ``ServiceLink``) that came
         as ``visit``; ``code``: the name of the error code that reset its stream.
         Never raises: it runs where a bridge closes."""
+        if self.file is None and not log.isEnabledFor(logging.INFO):
+            return   # nowhere to go: not even formatted
         try:
             end = ending(bridge, link._closing)
             text = line(visit.address, link.name, link.port, time.monotonic() - visit.started,
