@@ -214,9 +214,9 @@ def test_a_healthy_service_on_a_slow_link_is_not_declared_dead(env, logs):
     # and the relay, clients uploading more than it moves in several
     # heartbeat timeouts. The pongs wait behind the data, and the relay's
     # writers wait for each other; every byte still gets through.
-    keepalive = 1.5
+    keepalive = 1.0
     rate = 128 * 1024
-    clients, size = 6, 96 * 1024    # 576 KiB: about 4.5 s on this link
+    clients, size = 6, 64 * 1024    # 384 KiB: about 3 s on this link
     relay = env.relay(ports=1, keepalive=keepalive, write_timeout=1.0, lease_time=0)
     port = relay.pool.ports[0]
     proxy = throttled(env, relay.server_address, rate)
