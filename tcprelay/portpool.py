@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER = 5.0   # seconds a port that could not be bound is skipped
 
+LINE_OPEN = "open"           # requests join the line and are granted in turn
+LINE_CLOSED = "closed"       # nothing more is granted (the relay is leaving)
+
 
 class PoolError(Exception):
     """A request the pool can never grant (a port outside it, say)."""
@@ -82,6 +85,7 @@ class PortPool(object):
         self._cooldown = {}      # port -> monotonic time it may be tried again
         self._held = {}          # port -> (lease token, monotonic expiry)
         self._line = []          # tickets in arrival order
+        self._line_state = LINE_OPEN
         self._binding = 0        # grants in progress (bind running outside the lock)
 
     @property
@@ -106,9 +110,24 @@ class PortPool(object):
             raise PoolError("port %d is not in this relay's pool (%s)" % (port, self.describe()))
         ticket = Ticket(self, port, lease, prefer)
         with self._cond:
+            if self._line_state is LINE_CLOSED:
+                ticket.cancelled = True   # its wait raises Cancelled at once
+                return ticket
             self._line.append(ticket)
             self._cond.notify_all()
         return ticket
+
+    def close_line(self):
+        """Grant nothing from now on: every ticket in line, and every later
+        request, is cancelled (their waits raise ``Cancelled``). Ports in use
+        stay theirs. For a relay that is leaving: a port given back while it
+        drains must not go to a service that will be told to leave next."""
+        with self._cond:
+            self._line_state = LINE_CLOSED
+            for ticket in self._line:
+                ticket.cancelled = True
+            del self._line[:]
+            self._cond.notify_all()
 
     def release(self, port, hold_for=None, hold_seconds=0.0):
         """Give ``port`` back; with ``hold_for`` only that lease token may take it for a while."""

@@ -259,6 +259,7 @@ class Relay(object):
         wait up to ``timeout`` (default ``drain_timeout``) for open clients to finish.
         True if they all did."""
         self._stop_accepting()
+        self.pool.close_line()   # before any service leaves and frees its port
         with self._lock:
             services = list(self._services)
         log.info("draining: %d services, %d clients open", len(services), self._clients)

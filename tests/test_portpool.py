@@ -183,3 +183,35 @@ def test_limit_caps_ports_in_use_below_the_pool_size(binder):
     assert third.wait(0) is None
     pool.release(9001)
     assert grant(third) == 9001
+
+
+def test_a_closed_line_grants_nothing_more_and_ports_in_use_stay(binder):
+    pool = PortPool([9001, 9002], binder)
+    assert grant(pool.request()) == 9001
+    binder.hold[9002] = threading.Event()
+    binding = pool.request()
+    outcomes = []
+
+    def wait_binding():
+        try:
+            outcomes.append(binding.wait(TIMEOUT))
+        except Cancelled:
+            outcomes.append("cancelled")
+
+    waiter = threading.Thread(target=wait_binding)
+    waiter.start()
+    assert binder.started.setdefault(9002, threading.Event()).wait(TIMEOUT)
+    in_line = pool.request(9001)
+    pool.close_line()
+    with pytest.raises(Cancelled):
+        in_line.wait(TIMEOUT)
+    binder.hold[9002].set()   # its bind ends after the close: the port goes back
+    waiter.join(TIMEOUT)
+    assert outcomes == ["cancelled"]
+    later = pool.request()
+    with pytest.raises(Cancelled):
+        later.wait(TIMEOUT)
+    pool.release(9001)
+    assert pool.stats() == {"free": 2, "in_use": 0, "waiting": 0}
+    with pytest.raises(Cancelled):
+        pool.request().wait(0)

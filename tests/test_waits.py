@@ -28,6 +28,7 @@ from helpers.basics import LOOPBACK, TIMEOUT, Worker, free_port_range, wait_unti
 from helpers.envs import Serving
 from helpers.relay import echo_roundtrip
 from tcprelay import muxado, service
+from tcprelay.servicelink import ServiceLink
 from tcprelay.echoserver import EchoHandler
 from tcprelay.service import RelayGone, RelayServer, connect
 
@@ -231,6 +232,47 @@ def test_a_service_in_line_gets_no_port_while_the_relay_drains(env):
         replies.append(reply["status"])
     assert "ok" not in replies, "a port was handed out while the relay drained: %s" % replies
     client.close()
+    assert draining.finish() is True
+
+
+class InLineLast(set):
+    """The relay's services, those still in line last when iterated."""
+
+    def __iter__(self):
+        return iter(sorted(set.__iter__(self), key=lambda link: link.port is None))
+
+
+def test_a_port_freed_as_the_drain_begins_goes_to_no_service_in_line(env, monkeypatch):
+    # drain() tells the services to leave one by one. One without clients leaves
+    # at once and gives its port back; a service still in line must not get it
+    # before its own turn to be told (found under load: ['ok'] above).
+    relay = env.relay(ports=1, waiting_interval=NOTICE)
+    idle = env.service(relay)
+    idle.register_ok()
+    waiter = env.service(relay)
+    registration = waiter.register({"notices": True})
+    assert registration.reply()["status"] == "waiting"
+    # The order that loses the port: the registered service is told first, and
+    # the one in line only once that one's port is back.
+    relay._services = InLineLast(relay._services)
+    told = ServiceLink.goaway
+
+    def told_last(link):
+        if link.port is None:
+            wait_until(lambda: relay.pool.stats()["in_use"] == 0, what="the port back")
+        told(link)
+    monkeypatch.setattr(ServiceLink, "goaway", told_last)
+    draining = Worker(relay.drain, TIMEOUT, name="drain")
+    replies = []
+    while True:
+        try:
+            reply = registration.reply(timeout=TIMEOUT)
+        except (OSError, muxado.MuxadoError):
+            break
+        if reply is None:
+            break
+        replies.append(reply["status"])
+    assert "ok" not in replies, "a port was handed out while the relay drained: %s" % replies
     assert draining.finish() is True
 
 
