@@ -438,8 +438,9 @@ class ServiceLink(Registrar):
             self._bridges.add(bridge)
             self.clients_served += 1
         relay._client_opened()
-        log.debug("%s: client %s on stream %d", self.label,
-                  _address(client_address), stream.id)
+        if log.isEnabledFor(logging.DEBUG):   # the label and address cost more than a line
+            log.debug("%s: client %s on stream %d", self.label, _address(client_address),
+                      stream.id)
         bridge.start()
 
     def _hand_over(self, client_address):
@@ -473,8 +474,9 @@ class ServiceLink(Registrar):
         if code is not None:
             self.relay.counters.count("streams_reset", code)
         self.relay.access_log.client_ended(self, bridge, visit, code)
-        log.debug("%s: client on stream %d done (%d bytes in, %d out)", self.label,
-                  bridge.stream.id, bridge.bytes_up, bridge.bytes_down)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: client on stream %d done (%d bytes in, %d out)", self.label,
+                      bridge.stream.id, bridge.bytes_up, bridge.bytes_down)
         self.relay._client_closed()
 
     def _session_ended(self, session):
