@@ -247,10 +247,15 @@ class Registrar(object):
         port, listener = granted
         self.port = port
         with self._lock:
+            # In one hold with the listener: goaway() either sees it or is seen here.
             self._listener = listener
-            ended = self._ended
-        if ended:
-            self._stop_listening()   # the session ended as the port came: don't serve it
+            ended, draining = self._ended, self._draining
+        if ended or draining:
+            self._stop_listening()   # the session ended, or the relay is leaving, as the port came
+        if draining:
+            self.relay.counters.count("registrations", "left_line")
+            log.info("%s: left the line (the relay is leaving) as its port came", self.label)
+            return None   # its _finish gives the port back
         return granted
 
     def _join_line(self, request):

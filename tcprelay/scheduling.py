@@ -33,8 +33,9 @@ DEFAULT_POLICY = "batch"
 HELP = ("the CPU scheduling policy of this program's threads (Linux; elsewhere both are "
         "the same): 'batch' keeps a thread that wakes another from being preempted by it, "
         "which saves a context switch per handoff (about a quarter more small requests a "
-        "second); 'default' leaves the policy this program was started with "
-        "(default: batch)")
+        "second); 'default' leaves the policy this program was started with. Only the "
+        "usual policy is replaced: one set by chrt or systemd's CPUSchedulingPolicy= "
+        "stays (default: batch)")
 
 
 CPU_HELP = ("run this program's threads on these CPUs only, a list like 1 or 0,2 or 0-3 (as "
@@ -42,6 +43,11 @@ CPU_HELP = ("run this program's threads on these CPUs only, a list like 1 or 0,2
             "and new connections a second (threads woken on another CPU cost more than the "
             "work; docs/PERFORMANCE.md); give each such process its own. Linux only "
             "(default: any CPU)")
+
+
+# sched_getscheduler ORs this flag into the policy (chrt -R, systemd's
+# CPUSchedulingResetOnFork=); an unprivileged thread may not clear it.
+_RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0)
 
 
 def supported():
@@ -100,7 +106,8 @@ def batch():
     if not supported():
         return False
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        keep = os.sched_getscheduler(0) & _RESET_ON_FORK
+        os.sched_setscheduler(0, os.SCHED_BATCH | keep, os.sched_param(0))
     except OSError as exc:
         log.info("cannot use the batch CPU scheduling policy (%s); running with the "
                  "default one", exc.strerror or exc)
@@ -135,7 +142,10 @@ def _affinity(cpus):
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        try:
+            os.sched_setaffinity(0, before)
+        except OSError as exc:   # those CPUs went offline, or out of our cpuset, meanwhile
+            log.debug("cannot put back CPU %s (%s)", format_cpus(before), exc.strerror or exc)
 
 
 @contextlib.contextmanager
@@ -147,7 +157,7 @@ def _policy(policy):
         before = (os.sched_getscheduler(0), os.sched_getparam(0))
     except OSError:
         before = None
-    changed = before is not None and before[0] != os.SCHED_BATCH and batch()
+    changed = before is not None and _replaceable(before[0]) and batch()
     if changed:
         log.debug("threads run under the batch CPU scheduling policy")
     try:
@@ -158,3 +168,17 @@ def _policy(policy):
                 os.sched_setscheduler(0, before[0], before[1])
             except OSError:
                 pass   # the old policy cannot come back: the thread keeps batch
+
+
+def _replaceable(policy):
+    """Whether batch is to replace ``policy`` (sched_getscheduler's): only the
+    usual one is. A real-time or idle policy was chosen by whoever started us."""
+    policy &= ~_RESET_ON_FORK
+    if policy == os.SCHED_OTHER:
+        return True
+    if policy != os.SCHED_BATCH:
+        names = {getattr(os, "SCHED_" + name, None): name.lower()
+                 for name in ("FIFO", "RR", "IDLE")}
+        log.info("keeping the CPU scheduling policy this program was started with (%s), "
+                 "not batch", names.get(policy, policy))
+    return False

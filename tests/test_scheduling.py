@@ -73,7 +73,10 @@ def test_a_refusal_is_logged_and_the_program_runs_on(default_policy, monkeypatch
 @pytest.mark.parametrize("option, policy", [((), os.SCHED_BATCH),
                                             (("--cpu-policy", "default"), os.SCHED_OTHER)])
 def test_the_relay_and_the_echo_server_run_every_thread_under_their_policy(option, policy,
+                                                                             default_policy,
                                                                              procs):
+    # The children start from this thread under SCHED_OTHER (default_policy),
+    # even when the tests themselves run under batch (chrt -b).
     ports = free_port_range(2)
     relay = procs.relay(ports[0], *quick(*(pool_args(ports[1:]) + list(option))))
     echo, _ = procs.echo(ports[0], *option)
@@ -108,9 +111,18 @@ def thread_affinities(pid):
     return affinities
 
 
-@pytest.mark.parametrize("text, cpus", [("0", {0}), ("0,0", {0}), ("0-0", {0})])
-def test_cpu_lists_read_as_taskset_writes_them(text, cpus):
+@pytest.mark.parametrize("text, cpus", [("0", {0}), ("0,0", {0}), ("0-0", {0}),
+                                        ("0,2", {0, 2}), ("0-3", {0, 1, 2, 3}),
+                                        ("1,3-5,7", {1, 3, 4, 5, 7})])
+def test_cpu_lists_read_as_taskset_writes_them(text, cpus, monkeypatch):
+    # Any machine: a cpuset without CPU 0 (taskset -c 1, a container) included.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert scheduling.cpu_list(text) == cpus
+
+
+def test_a_cpu_list_of_available_cpus_is_taken():
+    cpu = min(os.sched_getaffinity(0))
+    assert scheduling.cpu_list("%d,%d-%d" % (cpu, cpu, cpu)) == {cpu}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -173,3 +185,71 @@ def test_cpus_refused_by_the_system_are_a_warning_and_the_program_runs_on(monkey
         assert os.sched_getaffinity(0) == before
     assert ("cannot keep to CPU %d (Operation not permitted); running on CPU %s"
             % (min(before), scheduling.format_cpus(before))) in caplog.text
+
+
+def in_a_thread_of_its_own(policy, body):
+    """``body()``'s result, run by a new thread under ``policy`` (sched_setscheduler's),
+    which ends with it: nothing to put back in this one."""
+    result = []
+
+    def run():
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+        result.append(body())
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert result, "the thread failed"
+    return result[0]
+
+
+def policies_in_and_after_block(policy, cpus=None):
+    """(the thread's policy in the block, a thread's started there, the thread's after)."""
+    def body():
+        seen = []
+        with scheduling.applied(policy, cpus):
+            inside = os.sched_getscheduler(0)
+            started = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+            started.start()
+            started.join(TIMEOUT)
+        return inside, seen, os.sched_getscheduler(0)
+    return body
+
+
+def test_a_policy_chosen_by_whoever_started_the_program_is_kept(caplog):
+    # chrt -i or systemd's CPUSchedulingPolicy=idle: batch would take its threads out of idle.
+    caplog.set_level(logging.INFO, logger="tcprelay.scheduling")
+    inside, seen, after = in_a_thread_of_its_own(os.SCHED_IDLE,
+                                                  policies_in_and_after_block("batch"))
+    assert (inside, seen, after) == (os.SCHED_IDLE, [os.SCHED_IDLE], os.SCHED_IDLE)
+    assert "keeping the CPU scheduling policy this program was started with (idle)" \
+        in caplog.text
+
+
+def test_reset_on_fork_stays_set_under_batch():
+    # chrt -R, systemd's CPUSchedulingResetOnFork=: an unprivileged thread may not
+    # clear the flag, so batch without it would be refused.
+    flag = os.SCHED_RESET_ON_FORK
+    inside, seen, after = in_a_thread_of_its_own(os.SCHED_OTHER | flag,
+                                                  policies_in_and_after_block("batch"))
+    assert (inside, seen, after) == (os.SCHED_BATCH | flag, [os.SCHED_BATCH],
+                                     os.SCHED_OTHER | flag)
+
+
+def test_cpus_that_cannot_be_put_back_end_the_block_quietly(monkeypatch):
+    # The CPUs of before went offline or out of the cpuset while the program ran.
+    before = os.sched_getaffinity(0)
+    calls = []
+    real = os.sched_setaffinity
+
+    def refuse_the_second(pid, cpus):
+        calls.append(set(cpus))
+        if len(calls) > 1:
+            raise OSError(22, "Invalid argument")
+        real(pid, cpus)
+    monkeypatch.setattr(os, "sched_setaffinity", refuse_the_second)
+    try:
+        with scheduling.applied("default", {min(before)}):
+            pass
+        assert calls == [{min(before)}, before]
+    finally:
+        real(0, before)
