@@ -121,6 +121,8 @@ class Groups(object):
         """Make ``link`` a member of its request's group: the group's port, after
         a wait in line if the group has none yet; None if refused or it left the
         line. It takes no clients before ``enter``."""
+        if not self.relay.pool.line_open:
+            return None   # the relay drains: no port for anyone, an open group's included
         with self._lock:
             group = self._groups.get(request.group)
             if group is None:

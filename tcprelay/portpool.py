@@ -117,6 +117,12 @@ class PortPool(object):
             self._cond.notify_all()
         return ticket
 
+    @property
+    def line_open(self):
+        """False once ``close_line`` ran: nothing will be granted."""
+        with self._cond:
+            return self._line_state is LINE_OPEN
+
     def close_line(self):
         """Grant nothing from now on: every ticket in line, and every later
         request, is cancelled (their waits raise ``Cancelled``). Ports in use

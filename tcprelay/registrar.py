@@ -263,7 +263,9 @@ class Registrar(object):
         relay = self.relay
         lease = prefer = None
         port = request.port
-        if request.lease is not None:
+        # A closed line (the relay drains) grants nothing: a claim would only
+        # close the lease's old connection, whose clients have the drain to finish.
+        if request.lease is not None and relay.pool.line_open:
             lease, prefer = relay.leases.claim(request.lease, self)
             if lease is not None:
                 # A valid lease waits for its own port: an old connection may

@@ -7,19 +7,21 @@ woken thread needs the GIL, which its waker still holds, so it sleeps again
 until the waker blocks, and each handoff costs two context switches instead
 of one. A woken ``SCHED_BATCH`` thread never preempts the running one
 (sched(7); the kernel's ``check_preempt_wakeup`` skips it); its share of the
-CPU and its nice value are unchanged. Measured in docs/PERFORMANCE.md: about
-a quarter more small requests and a fifth more new connections a second.
+CPU and its nice value are unchanged. Measured in docs/PERFORMANCE.md ("Thread
+switches: SCHED_BATCH and one CPU per process"): about 1.4x the small requests
+and new connections a second.
 
 The programs (relay, echo server, adapter, the service CLIs) run with the
 batch policy unless ``--cpu-policy default`` is given. A program using the
-library may do the same with ``batch()`` before it starts its threads.
+library may do the same by entering ``applied("batch")`` (and CPUs, if it
+wants them) before it starts its threads.
 
 ``--cpu`` keeps all of a program's threads on the CPUs given (as ``taskset
 -c`` or systemd's ``CPUAffinity=`` would). Only one thread runs Python code at
 a time, and a thread woken on another CPU costs that CPU a wake-up (an
 interrupt, dear on a virtual machine) and the GIL a trip between CPUs; on one
 CPU small requests and new connections cost half as much, bulk transfers a
-little more (docs/PERFORMANCE.md, "One CPU per process").
+little more when two busy processes share the CPU (docs/PERFORMANCE.md).
 """
 
 import contextlib
@@ -32,8 +34,8 @@ POLICIES = ("batch", "default")
 DEFAULT_POLICY = "batch"
 HELP = ("the CPU scheduling policy of this program's threads (Linux; elsewhere both are "
         "the same): 'batch' keeps a thread that wakes another from being preempted by it, "
-        "which saves a context switch per handoff (about a quarter more small requests a "
-        "second); 'default' leaves the policy this program was started with. Only the "
+        "which saves a context switch per handoff (about 1.4x the small requests and new "
+        "connections a second); 'default' leaves the policy this program was started with. Only the "
         "usual policy is replaced: one set by chrt or systemd's CPUSchedulingPolicy= "
         "stays (default: batch)")
 
@@ -128,6 +130,11 @@ def applied(policy, cpus=None):
 @contextlib.contextmanager
 def _affinity(cpus):
     if cpus is None:
+        yield
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        log.warning("cannot keep to CPU %s: this system has no way to choose CPUs; "
+                    "running on any", format_cpus(cpus))
         yield
         return
     before = os.sched_getaffinity(0)

@@ -6,8 +6,9 @@ import socket
 import pytest
 
 from helpers.basics import LOOPBACK, TIMEOUT, Worker, wait_until
-from helpers.relay import echo_roundtrip
+from helpers.relay import echo_roundtrip, link_of
 from tcprelay import muxado
+from tcprelay.service import RelayGone
 
 
 @pytest.fixture
@@ -59,3 +60,21 @@ def test_a_port_granted_as_the_drain_reaches_its_service_takes_no_client(env, mo
     assert served is None, "a client was relayed while the relay drained (%s)" % replies
     assert "ok" not in replies, "a port was handed out while the relay drained: %s" % replies
     assert drains[0].finish() is True
+
+
+def test_a_lease_presented_once_the_line_closed_leaves_its_holder_connected(env):
+    # A service that reconnects with its lease as the drain begins gets no port
+    # (the line is closed): its old connection, whose clients have the drain to
+    # finish, must not be closed for it.
+    relay = env.relay(ports=2)
+    port = relay.pool.ports[0]
+    holder = env.connect(relay.server_address)
+    assert holder.port == port
+    holder_link = link_of(relay, port)
+    relay.pool.close_line()   # the drain's first step
+    with pytest.raises((RelayGone, muxado.MuxadoError)):   # it ends what it cannot grant
+        env.connect(relay.server_address, lease=holder.lease)
+    assert not holder.session.closed, "the holder's connection was closed for a lease " \
+                                      "that could get no port"
+    assert link_of(relay, port) is holder_link
+    env.assert_reaches(port, holder, b"still here")

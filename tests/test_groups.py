@@ -20,7 +20,7 @@ from helpers.processes import assert_clean_exit, quick
 from helpers.relay import Streamer, connect_client, echo_handler, echo_roundtrip
 from tcprelay import auth, muxado, registration
 from tcprelay.groups import pick
-from tcprelay.service import RegistrationRefused
+from tcprelay.service import RegistrationRefused, RelayGone
 
 KEY = b"the web group's key"
 KEYS = {"web": KEY}
@@ -361,3 +361,17 @@ def test_cli_group_of_two_echo_servers_and_a_wrong_key(procs, tmp_path):
     line = assert_clean_exit(process, 1, "tcprelay.echoserver: ")
     assert "refused us: wrong key for group 'web'" in line, line
     assert "Traceback" not in relay.stderr_text(), relay.stderr_text()
+
+
+def test_a_member_joining_an_open_group_as_the_relay_drains_is_not_let_in(env):
+    relay = group_relay(env, ports=2)
+    member = Member(env, relay).serve()
+    relay.pool.close_line()   # the drain's first step
+    with pytest.raises((RelayGone, muxado.MuxadoError)):
+        env.connect(relay.server_address, group="web", group_key=KEY)
+    assert len(relay.groups.get("web").members) == 1
+    sock = connect_client(member.connection.port)
+    try:
+        assert echo_roundtrip(sock, b"still served") == b"still served"
+    finally:
+        sock.close()

@@ -87,11 +87,27 @@ def test_the_relay_and_the_echo_server_run_every_thread_under_their_policy(optio
         assert set(thread_policies(process.pid).values()) == {policy}, process
 
 
-def test_relay_main_puts_the_process_thread_stack_size_back(tmp_path):
+@pytest.fixture
+def kept_stack_size():
+    """The process's thread stack size, put back even if the test fails."""
+    before = threading.stack_size()
+    yield before
+    threading.stack_size(before)
+
+
+@pytest.fixture
+def kept_affinity():
+    """The test thread's CPUs, put back even if the test fails."""
+    before = os.sched_getaffinity(0)
+    yield before
+    os.sched_setaffinity(0, before)
+
+
+def test_relay_main_puts_the_process_thread_stack_size_back(tmp_path, kept_stack_size):
     # In this process main() gets past its checks, sets the stack size for its
     # threads, and stops at the access log it cannot open.
-    assert relay_module.THREAD_STACK_SIZE != threading.stack_size()   # or this shows nothing
-    stack_before = threading.stack_size()
+    assert relay_module.THREAD_STACK_SIZE != kept_stack_size   # or this shows nothing
+    stack_before = kept_stack_size
     ports = free_port_range(2)
     run = MainRun("tcprelay.relay", [ports[0], "--host", "127.0.0.1", "--public-bind",
                                      "127.0.0.1", "--access-log",
@@ -142,8 +158,8 @@ def test_format_cpus_joins_runs():
     assert scheduling.format_cpus({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
 
 
-def test_cpus_apply_to_the_block_and_its_threads_then_come_back():
-    before = os.sched_getaffinity(0)
+def test_cpus_apply_to_the_block_and_its_threads_then_come_back(kept_affinity):
+    before = kept_affinity
     one = {min(before)}
     seen = []
     with scheduling.applied("default", one):
@@ -253,3 +269,11 @@ def test_cpus_that_cannot_be_put_back_end_the_block_quietly(monkeypatch):
         assert calls == [{min(before)}, before]
     finally:
         real(0, before)
+
+
+def test_cpus_where_they_cannot_be_chosen_are_a_warning(kept_affinity, monkeypatch, caplog):
+    monkeypatch.delattr(os, "sched_setaffinity")
+    with scheduling.applied("default", {min(kept_affinity)}):
+        pass
+    assert ("cannot keep to CPU %d: this system has no way to choose CPUs; running on any"
+            % min(kept_affinity)) in caplog.text
