@@ -27,6 +27,7 @@ little more when two busy processes share the CPU (docs/PERFORMANCE.md).
 import contextlib
 import logging
 import os
+import re
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +70,35 @@ def cpu_list(text):
     import argparse
     if not hasattr(os, "sched_setaffinity"):
         raise argparse.ArgumentTypeError("choosing CPUs needs Linux; leave --cpu out here")
-    cpus = set()
-    try:
-        for part in text.split(","):
-            low, dash, high = part.partition("-")
-            low = int(low)
-            high = int(high) if dash else low
-            if low < 0 or high < low:
-                raise ValueError(part)
-            cpus.update(range(low, high + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a list of CPUs like 1, 0,2 or 0-3" % text)
+    ranges = []
+    for part in text.split(","):
+        match = _CPU_RANGE.match(part.strip())
+        if match is None or int(match.group(2) or match.group(1)) < int(match.group(1)):
+            raise argparse.ArgumentTypeError("%r is not a list of CPUs like 1, 0,2 or 0-3"
+                                             % text)
+        ranges.append((int(match.group(1)), int(match.group(2) or match.group(1))))
     available = os.sched_getaffinity(0)
-    missing = cpus - available
-    if missing:
+    top = max(available)
+    cpus, missing, beyond = set(), set(), []
+    for low, high in ranges:
+        if high > top:   # not expanded: "0-4294967296" must not build a set that large
+            beyond.append((max(low, top + 1), high))
+            high = top
+        span = set(range(low, high + 1))
+        cpus |= span & available
+        missing |= span - available
+    if missing or beyond:
+        count = len(missing) + sum(high - low + 1 for low, high in beyond)
+        named = [format_cpus(missing)] if missing else []
+        named += [str(low) if low == high else "%d-%d" % (low, high) for low, high in beyond]
         raise argparse.ArgumentTypeError(
             "%s %s %s not available: this program may run on %s only"
-            % ("CPU" if len(missing) == 1 else "CPUs", format_cpus(missing),
-               "is" if len(missing) == 1 else "are", format_cpus(available)))
+            % ("CPU" if count == 1 else "CPUs", ",".join(named),
+               "is" if count == 1 else "are", format_cpus(available)))
     return cpus
+
+
+_CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?$")
 
 
 def format_cpus(cpus):

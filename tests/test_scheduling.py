@@ -129,7 +129,7 @@ def thread_affinities(pid):
 
 @pytest.mark.parametrize("text, cpus", [("0", {0}), ("0,0", {0}), ("0-0", {0}),
                                         ("0,2", {0, 2}), ("0-3", {0, 1, 2, 3}),
-                                        ("1,3-5,7", {1, 3, 4, 5, 7})])
+                                        ("1,3-5,7", {1, 3, 4, 5, 7}), (" 0 , 2", {0, 2})])
 def test_cpu_lists_read_as_taskset_writes_them(text, cpus, monkeypatch):
     # Any machine: a cpuset without CPU 0 (taskset -c 1, a container) included.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
@@ -146,6 +146,8 @@ def test_a_cpu_list_of_available_cpus_is_taken():
     ("1-0", "'1-0' is not a list of CPUs like 1, 0,2 or 0-3"),
     ("-1", "'-1' is not a list of CPUs like 1, 0,2 or 0-3"),
     ("0,", "'0,' is not a list of CPUs like 1, 0,2 or 0-3"),
+    ("1_0", "'1_0' is not a list of CPUs like 1, 0,2 or 0-3"),
+    ("\u0661", "'\u0661' is not a list of CPUs like 1, 0,2 or 0-3"),   # int() would take it
     ("4096", "CPU 4096 is not available: this program may run on "),
     ("4096-4097", "CPUs 4096-4097 are not available: this program may run on ")])
 def test_a_wrong_cpu_list_says_what_is_wrong(text, message):
@@ -277,3 +279,19 @@ def test_cpus_where_they_cannot_be_chosen_are_a_warning(kept_affinity, monkeypat
         pass
     assert ("cannot keep to CPU %d: this system has no way to choose CPUs; running on any"
             % min(kept_affinity)) in caplog.text
+
+
+def test_a_huge_cpu_range_is_refused_without_being_counted_out(monkeypatch):
+    # "0-4294967296" once built a set of four billion numbers (a new user's try:
+    # the relay hung, eating memory). Ranges past the last CPU are never expanded.
+    real_range = range
+
+    def small_range(*args):
+        numbers = real_range(*args)
+        assert len(numbers) <= 4096, "expanded %r" % (numbers,)
+        return numbers
+    monkeypatch.setattr(scheduling, "range", small_range, raising=False)
+    top = max(os.sched_getaffinity(0))
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        scheduling.cpu_list("0-4294967296")
+    assert str(caught.value).startswith("CPUs %d-4294967296 are not available: " % (top + 1))
