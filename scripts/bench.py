@@ -223,7 +223,8 @@ def run_hold(setup, connections, seconds):
 def main():
     parser = argparse.ArgumentParser(
         description="Benchmark the relay against a direct connection, on loopback.",
-        epilog="Figures and targets are described in README.md (Performance).")
+        epilog="The figures are described in README.md (Performance), the targets and "
+               "the method in docs/PERFORMANCE.md.")
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes and one run: under 30 s")
     parser.add_argument("--runs", type=int, default=3,

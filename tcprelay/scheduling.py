@@ -44,7 +44,8 @@ HELP = ("the CPU scheduling policy of this program's threads (Linux; elsewhere b
 CPU_HELP = ("run this program's threads on these CPUs only, a list like 1 or 0,2 or 0-3 (as "
             "taskset -c). A busy relay or service kept on one CPU handles more small requests "
             "and new connections a second (threads woken on another CPU cost more than the "
-            "work; docs/PERFORMANCE.md); give each such process its own. Linux only "
+            "work; docs/PERFORMANCE.md); give each such process its own, one nothing else "
+            "keeps busy (beside a busy program, add --cpu-policy default). Linux only "
             "(default: any CPU)")
 
 
@@ -73,9 +74,12 @@ def cpu_list(text):
     ranges = []
     for part in text.split(","):
         match = _CPU_RANGE.match(part.strip())
-        if match is None or int(match.group(2) or match.group(1)) < int(match.group(1)):
+        if match is None:
             raise argparse.ArgumentTypeError("%r is not a list of CPUs like 1, 0,2 or 0-3"
                                              % text)
+        if int(match.group(2) or match.group(1)) < int(match.group(1)):
+            raise argparse.ArgumentTypeError("%r: a range of CPUs goes from low to high, "
+                                             "like 0-3" % text)
         ranges.append((int(match.group(1)), int(match.group(2) or match.group(1))))
     available = os.sched_getaffinity(0)
     top = max(available)
@@ -91,10 +95,14 @@ def cpu_list(text):
         count = len(missing) + sum(high - low + 1 for low, high in beyond)
         named = [format_cpus(missing)] if missing else []
         named += [str(low) if low == high else "%d-%d" % (low, high) for low, high in beyond]
-        raise argparse.ArgumentTypeError(
-            "%s %s %s not available: this program may run on %s only"
-            % ("CPU" if count == 1 else "CPUs", ",".join(named),
-               "is" if count == 1 else "are", format_cpus(available)))
+        if available == set(range(os.cpu_count() or 0)):
+            where = "this machine has CPUs %s" % format_cpus(available)
+        else:
+            where = ("this program may run on %s only (limited when it was started: by "
+                     "taskset, systemd's CPUAffinity= or a cpuset)" % format_cpus(available))
+        raise argparse.ArgumentTypeError("%s %s %s not available: %s" % (
+            "CPU" if count == 1 else "CPUs", ",".join(named),
+            "is" if count == 1 else "are", where))
     return cpus
 
 
@@ -130,12 +138,42 @@ def batch():
 
 @contextlib.contextmanager
 def applied(policy, cpus=None):
-    """Run the block under ``policy`` (one of POLICIES) and on ``cpus`` (a set of
-    CPU numbers, or None for any) on the calling thread, which the threads it
-    starts meanwhile inherit; the calling thread's own settings are put back
-    afterwards (a program's main() called in-process)."""
+    """Run the block under ``policy`` (one of POLICIES) and on ``cpus`` on the
+    calling thread, which the threads it starts meanwhile inherit; the calling
+    thread's own settings are put back afterwards (a program's main() called
+    in-process).
+
+    ``cpus``: None for any, CPU numbers (an int or a set of them), or text as
+    ``--cpu`` takes it ("1", "0,2", "0-3"). Raises ValueError for an unknown
+    policy, no CPUs, or text that is no list of CPUs; CPUs the system refuses
+    are a warning, and the block runs on the CPUs it had.
+    """
+    if policy not in POLICIES:
+        raise ValueError("unknown CPU scheduling policy %r (one of %s)"
+                         % (policy, ", ".join(POLICIES)))
+    cpus = _cpu_set(cpus)
     with _affinity(cpus), _policy(policy):
         yield
+
+
+def _cpu_set(cpus):
+    """``applied``'s ``cpus`` as a set of ints (or None); ValueError if it is none."""
+    if cpus is None:
+        return None
+    if isinstance(cpus, str):
+        if not hasattr(os, "sched_setaffinity"):
+            return {0}   # any number: _affinity says CPUs cannot be chosen here
+        import argparse
+        try:
+            return cpu_list(cpus)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(str(exc))
+    if isinstance(cpus, int):
+        cpus = {cpus}
+    cpus = set(cpus)
+    if not cpus or not all(isinstance(cpu, int) and cpu >= 0 for cpu in cpus):
+        raise ValueError("CPUs are numbers from 0, at least one: not %r" % (cpus,))
+    return cpus
 
 
 @contextlib.contextmanager

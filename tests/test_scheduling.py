@@ -143,13 +143,13 @@ def test_a_cpu_list_of_available_cpus_is_taken():
 
 @pytest.mark.parametrize("text, message", [
     ("x", "'x' is not a list of CPUs like 1, 0,2 or 0-3"),
-    ("1-0", "'1-0' is not a list of CPUs like 1, 0,2 or 0-3"),
+    ("1-0", "'1-0': a range of CPUs goes from low to high, like 0-3"),
     ("-1", "'-1' is not a list of CPUs like 1, 0,2 or 0-3"),
     ("0,", "'0,' is not a list of CPUs like 1, 0,2 or 0-3"),
     ("1_0", "'1_0' is not a list of CPUs like 1, 0,2 or 0-3"),
     ("\u0661", "'\u0661' is not a list of CPUs like 1, 0,2 or 0-3"),   # int() would take it
-    ("4096", "CPU 4096 is not available: this program may run on "),
-    ("4096-4097", "CPUs 4096-4097 are not available: this program may run on ")])
+    ("4096", "CPU 4096 is not available: "),
+    ("4096-4097", "CPUs 4096-4097 are not available: ")])
 def test_a_wrong_cpu_list_says_what_is_wrong(text, message):
     with pytest.raises(argparse.ArgumentTypeError) as caught:
         scheduling.cpu_list(text)
@@ -188,9 +188,45 @@ def test_the_relay_and_the_echo_server_keep_every_thread_on_the_cpu_given(procs)
 def test_a_cpu_not_available_is_a_usage_error():
     run = MainRun("tcprelay.relay", ["8700", "--cpu", "4096"])
     assert run.wait() == 2
-    assert run.stderr_lines() == [
-        "python3 -m tcprelay.relay: error: argument --cpu: CPU 4096 is not available: this "
-        "program may run on %s only (see --help)" % scheduling.format_cpus(os.sched_getaffinity(0))]
+    line, = run.stderr_lines()
+    assert line.startswith("python3 -m tcprelay.relay: error: argument --cpu: CPU 4096 is not "
+                           "available: "), line
+    assert scheduling.format_cpus(os.sched_getaffinity(0)) in line and \
+        line.endswith(" (see --help)"), line
+
+
+@pytest.mark.parametrize("available, said", [
+    ({0, 1}, "CPU 5 is not available: this machine has CPUs 0-1"),
+    ({0}, "CPU 5 is not available: this program may run on 0 only (limited when it was "
+          "started: by taskset, systemd's CPUAffinity= or a cpuset)")])
+def test_cpus_not_available_say_whether_the_machine_or_the_start_limits_them(available, said,
+                                                                             monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(available))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        scheduling.cpu_list("5")
+    assert str(caught.value) == said
+
+
+@pytest.mark.parametrize("policy, cpus, message", [
+    ("fast", None, "unknown CPU scheduling policy 'fast' (one of batch, default)"),
+    ("Batch", None, "unknown CPU scheduling policy 'Batch'"),
+    ("batch", set(), "CPUs are numbers from 0, at least one: not set()"),
+    ("batch", {-1}, "CPUs are numbers from 0, at least one"),
+    ("batch", "x", "'x' is not a list of CPUs like 1, 0,2 or 0-3")])
+def test_applied_refuses_what_is_no_policy_or_no_cpus(policy, cpus, message, kept_affinity):
+    with pytest.raises(ValueError) as caught:
+        with scheduling.applied(policy, cpus):
+            pass
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+@pytest.mark.parametrize("form", ["text", "int"])
+def test_applied_takes_cpus_as_the_option_writes_them_or_as_a_number(form, kept_affinity):
+    cpu = min(kept_affinity)
+    with scheduling.applied("default", str(cpu) if form == "text" else cpu):
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == kept_affinity
 
 
 def test_cpus_refused_by_the_system_are_a_warning_and_the_program_runs_on(monkeypatch, caplog):
