@@ -36,15 +36,7 @@ def test_a_port_granted_as_the_drain_reaches_its_service_takes_no_client(env, mo
     service = env.service(relay)
     registration = service.register({})
     service.serve()
-    replies = []
-    while True:
-        try:
-            reply = registration.reply(timeout=TIMEOUT)
-        except (OSError, muxado.MuxadoError):
-            break
-        if reply is None:
-            break
-        replies.append(reply["status"])
+    replies = registration.statuses()
     assert drains, "the port was never granted"
     served = None
     try:

@@ -55,6 +55,21 @@ def grant(ticket, timeout=TIMEOUT):
     return granted[0]
 
 
+def wait_in_thread(ticket):
+    """``ticket.wait(TIMEOUT)`` on a thread of its own: (the started thread, a list
+    that gets the wait's result, or "cancelled")."""
+    outcome = []
+
+    def wait():
+        try:
+            outcome.append(ticket.wait(TIMEOUT))
+        except Cancelled:
+            outcome.append("cancelled")
+    waiter = threading.Thread(target=wait, name="ticket wait")
+    waiter.start()
+    return waiter, outcome
+
+
 def test_ports_go_lowest_first_then_the_line_waits_in_order(binder):
     pool = PortPool([9003, 9001, 9002], binder)
     assert [grant(pool.request()) for _ in range(3)] == [9001, 9002, 9003]
@@ -156,16 +171,7 @@ def test_cancel_wakes_a_waiter_and_lets_the_next_one_in(binder):
     pool = PortPool([9001], binder)
     assert grant(pool.request()) == 9001
     first, second = pool.request(), pool.request()
-    outcome = []
-
-    def wait_first():
-        try:
-            outcome.append(first.wait(TIMEOUT))
-        except Cancelled:
-            outcome.append("cancelled")
-
-    waiter = threading.Thread(target=wait_first)
-    waiter.start()
+    waiter, outcome = wait_in_thread(first)
     first.cancel()
     first.cancel()   # idempotent
     waiter.join(TIMEOUT)
@@ -189,17 +195,7 @@ def test_a_closed_line_grants_nothing_more_and_ports_in_use_stay(binder):
     pool = PortPool([9001, 9002], binder)
     assert grant(pool.request()) == 9001
     binder.hold[9002] = threading.Event()
-    binding = pool.request()
-    outcomes = []
-
-    def wait_binding():
-        try:
-            outcomes.append(binding.wait(TIMEOUT))
-        except Cancelled:
-            outcomes.append("cancelled")
-
-    waiter = threading.Thread(target=wait_binding)
-    waiter.start()
+    waiter, outcomes = wait_in_thread(pool.request())
     assert binder.started.setdefault(9002, threading.Event()).wait(TIMEOUT)
     in_line = pool.request(9001)
     pool.close_line()

@@ -392,6 +392,18 @@ class Registration(object):
         assert self.reply(timeout) is None, "more after the final reply"
         return waiting, reply
 
+    def statuses(self, timeout=TIMEOUT):
+        """The status of every reply until the stream ends (EOF, a reset, the session's end)."""
+        statuses = []
+        while True:
+            try:
+                reply = self.reply(timeout)
+            except (OSError, muxado.MuxadoError):
+                return statuses
+            if reply is None:
+                return statuses
+            statuses.append(reply["status"])
+
     def close(self):
         self.stream.close()
 
