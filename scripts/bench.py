@@ -158,16 +158,11 @@ class _ProcessWaitingForPort(object):
         env["PYTHONPATH"] = benchkit.ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=benchkit.ROOT, env=env)
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(address, timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > end or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("%s did not start" % " ".join(args))
-                time.sleep(0.05)   # waiting for another process to bind; nothing to join
+        try:
+            benchkit.wait_connectable(address, timeout, died=lambda: self.proc.poll() is not None)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError("%s did not start" % " ".join(args))
 
     @property
     def pid(self):

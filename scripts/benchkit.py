@@ -106,6 +106,20 @@ def parse_hostport(text):
     return (host or "127.0.0.1", int(port))
 
 
+def wait_connectable(address, timeout, died=None):
+    """Return once something accepts connections on ``address``; RuntimeError after
+    ``timeout`` seconds, or at once when ``died()`` (a child's exit, say) is true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or (died is not None and died()):
+                raise RuntimeError("nothing accepts connections on %s:%d" % address[:2])
+            time.sleep(0.05)   # another process is to bind it: nothing to join
+
+
 def tcp_connector(address):
     def connect():
         sock = socket.create_connection(address, timeout=IO_TIMEOUT)

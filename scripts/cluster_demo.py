@@ -132,15 +132,7 @@ def free_port(hosts):
 
 
 def wait_connectable(address, timeout=READY_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(address, timeout=1.0).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("nothing accepts connections on %s:%d" % address)
-            time.sleep(0.05)
+    benchkit.wait_connectable(address, timeout)
 
 
 def start(args, stdout=subprocess.DEVNULL):
