@@ -58,7 +58,11 @@ class Leases(object):
         """(lease token to wait with, preferred port) for ``link``, re-registering
         with ``token``: ``(token, its port)`` while the lease holds, else
         ``(None, the port the token names, or None)``. An old connection still
-        holding the lease is closed."""
+        holding the lease is closed, unless the pool's line is closed (the relay
+        drains): then no port can follow, and its clients keep the drain:
+        ``(None, None)``."""
+        if not self._pool.line_open:
+            return None, None
         with self._lock:
             lease = self._leases.get(token)
             # A lease whose service left holds while the pool holds its port for it.

@@ -263,9 +263,7 @@ class Registrar(object):
         relay = self.relay
         lease = prefer = None
         port = request.port
-        # A closed line (the relay drains) grants nothing: a claim would only
-        # close the lease's old connection, whose clients have the drain to finish.
-        if request.lease is not None and relay.pool.line_open:
+        if request.lease is not None:
             lease, prefer = relay.leases.claim(request.lease, self)
             if lease is not None:
                 # A valid lease waits for its own port: an old connection may
