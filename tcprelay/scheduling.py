@@ -24,6 +24,7 @@ CPU small requests and new connections cost half as much, bulk transfers a
 little more when two busy processes share the CPU (docs/PERFORMANCE.md).
 """
 
+import argparse
 import contextlib
 import logging
 import os
@@ -68,7 +69,6 @@ def add_options(parser):
 def cpu_list(text):
     """The set of CPU numbers in ``text`` ("1", "0,2", "0-3"), each one this process
     may run on; raises argparse.ArgumentTypeError saying what is wrong."""
-    import argparse
     if not hasattr(os, "sched_setaffinity"):
         raise argparse.ArgumentTypeError("choosing CPUs needs Linux; leave --cpu out here")
     ranges = []
@@ -163,7 +163,6 @@ def _cpu_set(cpus):
     if isinstance(cpus, str):
         if not hasattr(os, "sched_setaffinity"):
             return {0}   # any number: _affinity says CPUs cannot be chosen here
-        import argparse
         try:
             return cpu_list(cpus)
         except argparse.ArgumentTypeError as exc:
