@@ -113,7 +113,8 @@ def _same_ports(first, others):
 def serve_all(server, poll_interval, reconnect):
     """``server.serve_forever`` with several relays: each session's loop on a
     thread of its own, until ``shutdown()``; without ``reconnect``, until
-    every relay is gone too (then RelayGone, or the first session's error)."""
+    every relay is gone too (then RelayGone, or the first session's error).
+    ``serve_forever`` resets the server's own state around it."""
     sessions = server.relay_sessions
     threads = []
     try:
@@ -134,9 +135,6 @@ def serve_all(server, poll_interval, reconnect):
             thread.join()
         for session in sessions:
             session._shutdown_requested.clear()   # serve_forever can run again
-        server._shutdown_requested.clear()
-        server._serving.clear()
-        server._stopped.set()
     if stopped:
         return None
     errors = [session.error for session in sessions if session.error is not None]

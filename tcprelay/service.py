@@ -436,10 +436,10 @@ class RelayServer(object):
             poll_interval = 0.5   # never block for good: shutdown() must get through
         self._stopped.clear()
         self._serving.set()
-        if self.relay_sessions is not None:
-            from . import relaysessions
-            return relaysessions.serve_all(self, poll_interval, reconnect)
         try:
+            if self.relay_sessions is not None:
+                from . import relaysessions
+                return relaysessions.serve_all(self, poll_interval, reconnect)
             while not self._shutdown_requested.is_set():
                 if reconnect and self.connection.session.remote_goaway is not None:
                     # The relay is leaving (a restart, say): our clients on it
